@@ -1,0 +1,68 @@
+"""Frozen configuration passed down from the CLI / LLM(...) to every layer."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, independent of where weights came from."""
+
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # HF `rope_scaling` dict frozen as sorted (key, value) pairs, e.g. llama3 scaling.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projection bias (Qwen2)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every engine flag of the CLI; each is also an `LLM(...)` keyword of the same name."""
+
+    model: str | None = None  # HF dir, .gguf file or hub id; None = embedded SmolLM2
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_model_len: int | None = None
+    seed: int = 0
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = default budget
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_logprobs: int = 20
+    attention_backend: str = "auto"  # auto | pallas | xla
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    compilation_cache_dir: str | None = None  # None = ~/.cache/jaxserve/xla
+    checkpoint_cache_dir: str | None = None  # None = ~/.cache/jaxserve/checkpoints
+    guided_decoding_backend: str = "llguidance"
+    precompile: bool = True
+    trust_remote_code: bool = False
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))

@@ -1,0 +1,127 @@
+"""SamplingParams with vLLM's names and defaults, so offline users can switch."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestOutputKind(enum.Enum):
+    CUMULATIVE = 0  # every output carries the whole text so far
+    DELTA = 1  # every output carries only what is new since the last one
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+@dataclass
+class GuidedDecodingParams:
+    """Exactly one constraint may be set (checked by `validate`)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    backend: str | None = None
+    whitespace_pattern: str | None = None
+
+    def constraint_kinds(self) -> list[str]:
+        kinds = []
+        for name in ("json", "regex", "choice", "grammar", "structural_tag"):
+            if getattr(self, name) is not None:
+                kinds.append(name)
+        if self.json_object:
+            kinds.append("json_object")
+        return kinds
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None = up to the context limit
+    min_tokens: int = 0
+    logprobs: int | None = None  # number of top alternatives besides the sampled token
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    guided_decoding: GuidedDecodingParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.best_of is None:
+            self.best_of = self.n
+
+    def validate(self, *, max_logprobs: int = 20, vocab_size: int | None = None) -> None:
+        """Raise ValueError(message) naming the offending parameter."""
+        def bad(msg: str) -> None:
+            raise ValueError(msg)
+
+        if self.n < 1:
+            bad(f"n must be at least 1, got {self.n}.")
+        if self.best_of is not None and self.best_of < self.n:
+            bad(f"best_of must be greater than or equal to n, got n={self.n} and best_of={self.best_of}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if self.repetition_penalty <= 0.0:
+            bad(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        if self.temperature < 0.0:
+            bad(f"temperature must be non-negative, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            bad(f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            bad(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                bad(f"{name} must be non-negative, got {value}.")
+            if value is not None and value > max_logprobs:
+                bad(f"Requested {name} of {value}, which is greater than max allowed: {max_logprobs}")
+        if vocab_size is not None:
+            for tok in list(self.logit_bias or {}) + list(self.allowed_token_ids or []):
+                if not 0 <= tok < vocab_size:
+                    bad(f"token id {tok} out of vocabulary range [0, {vocab_size}).")
+        if self.guided_decoding is not None and len(self.guided_decoding.constraint_kinds()) > 1:
+            bad("You can only use one kind of guided decoding but multiple were specified: "
+                + ", ".join(self.guided_decoding.constraint_kinds()))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
