@@ -1,0 +1,135 @@
+"""The one attention entry point models call: ragged paged attention over a paged KV cache.
+
+`backend` is chosen once per engine (not per call site): "xla" is the pure-JAX path that serves on the
+CPU; "pallas" dispatches to the TPU or GPU kernel for the current platform. Semantics are documented in
+docs/design.md ("Attention boundary").
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Queries processed together against one sequence's KV in the XLA path. Decode-only batches use 1
+# (one token per sequence); mixed batches use a block so a prefill chunk shares each gathered KV chunk.
+MIXED_QUERY_BLOCK = 8
+# Tokens of KV gathered per loop iteration in the XLA path.
+KV_CHUNK_TOKENS = 256
+
+
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
+    """Scatter this step's K/V ([T, Hkv, D]) into their slots; padded tokens target scratch page 0."""
+    num_pages, page_size, hkv, d = k_pages.shape
+    flat = lambda x: x.reshape(num_pages * page_size, hkv, d)
+    k_pages = flat(k_pages).at[slot_mapping].set(k_new.astype(k_pages.dtype)).reshape(k_pages.shape)
+    v_pages = flat(v_pages).at[slot_mapping].set(v_new.astype(v_pages.dtype)).reshape(v_pages.shape)
+    return k_pages, v_pages
+
+
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                           sm_scale: float, sliding_window: int | None = None,
+                           soft_cap: float | None = None, backend: str = "xla",
+                           interpret: bool = False, query_block: int | None = None):
+    if backend == "pallas":
+        return _pallas_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                                 interpret=interpret)
+    if backend != "xla":
+        raise ValueError(f"unknown attention backend {backend!r}; expected 'xla' or 'pallas'")
+    if query_block is None:
+        query_block = 1 if q.shape[0] <= page_indices.shape[0] else MIXED_QUERY_BLOCK
+    return xla_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                      sm_scale=sm_scale, sliding_window=sliding_window,
+                                      soft_cap=soft_cap, query_block=query_block)
+
+
+def _pallas_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+                      sliding_window, soft_cap, interpret):
+    platform = jax.devices()[0].platform
+    if platform == "tpu" or (interpret and platform == "cpu" and _prefer_tpu_kernel_in_interpret()):
+        from .ragged_attention_tpu import ragged_paged_attention_tpu as kernel
+    else:
+        from .ragged_attention_gpu import ragged_paged_attention_gpu as kernel
+    return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                  sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+
+
+def _prefer_tpu_kernel_in_interpret() -> bool:
+    return False
+
+
+def xla_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                               sm_scale: float, sliding_window: int | None = None,
+                               soft_cap: float | None = None, query_block: int = 1):
+    """Blocked online-softmax attention in plain XLA.
+
+    Queries are cut into blocks of `query_block` tokens that each belong to one sequence; every block
+    walks its sequence's pages in chunks of KV_CHUNK_TOKENS (a dynamic-length loop, so cost follows the
+    longest live sequence, not the page-table width).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    num_slots, pages_per_seq = page_indices.shape
+    group = num_heads // num_kv_heads
+    bq = query_block
+    num_blocks = num_tokens if bq == 1 else num_tokens // bq + num_slots
+
+    slot = jnp.arange(num_slots)
+    q_lens = jnp.where(slot < num_seqs[0], cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    blocks_per_seq = (q_lens + bq - 1) // bq
+    block_ends = jnp.cumsum(blocks_per_seq)
+    block = jnp.arange(num_blocks)
+    block_seq = jnp.minimum(jnp.searchsorted(block_ends, block, side="right"), num_slots - 1)
+    block_in_seq = block - (block_ends[block_seq] - blocks_per_seq[block_seq])
+    block_live = block < block_ends[-1]
+
+    row = jnp.arange(bq)
+    offset_in_seq = block_in_seq[:, None] * bq + row[None, :]  # [NB, bq]
+    row_live = block_live[:, None] & (offset_in_seq < q_lens[block_seq][:, None])
+    token = jnp.where(row_live, cu_q_lens[block_seq][:, None] + offset_in_seq, num_tokens)
+    q_pos = kv_lens[block_seq][:, None] - q_lens[block_seq][:, None] + offset_in_seq  # [NB, bq]
+
+    qb = q.at[jnp.minimum(token, num_tokens - 1)].get()  # [NB, bq, H, D]
+    qb = qb.reshape(num_blocks, bq, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
+    seq_pages = page_indices[block_seq]  # [NB, P]
+
+    chunk_pages = max(1, min(pages_per_seq, KV_CHUNK_TOKENS // page_size))
+    num_chunks_static = -(-pages_per_seq // chunk_pages)
+    pad = num_chunks_static * chunk_pages - pages_per_seq
+    if pad:
+        seq_pages = jnp.pad(seq_pages, ((0, 0), (0, pad)))
+    chunk_tokens = chunk_pages * page_size
+    max_kv = jnp.max(jnp.where(row_live, q_pos + 1, 0))
+    num_chunks = (max_kv + chunk_tokens - 1) // chunk_tokens
+
+    def body(c, carry):
+        m, l, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(seq_pages, c * chunk_pages, chunk_pages, axis=1)
+        k = k_pages[pages].reshape(num_blocks, chunk_tokens, num_kv_heads, head_dim)
+        v = v_pages[pages].reshape(num_blocks, chunk_tokens, num_kv_heads, head_dim)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, k.astype(jnp.float32))
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = c * chunk_tokens + jnp.arange(chunk_tokens)
+        visible = kv_pos[None, None, :] <= q_pos[:, :, None]  # [NB, bq, K]
+        if sliding_window is not None:
+            visible &= kv_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        visible &= row_live[:, :, None]
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        correction = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * correction + p.sum(axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p, v.astype(jnp.float32))
+        return m_new, l, acc
+
+    shape = (num_blocks, num_kv_heads, group, bq)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [NB, Hkv, G, bq, D]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(num_blocks * bq, num_heads, head_dim)
+    result = jnp.zeros((num_tokens, num_heads, head_dim), q.dtype)
+    return result.at[token.reshape(-1)].set(out.astype(q.dtype), mode="drop")
