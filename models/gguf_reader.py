@@ -1,0 +1,212 @@
+"""Reading GGUF files: metadata, tensor directory, and tensors as float32 in Hugging Face names/layouts.
+
+We parse the GGUF header ourselves instead of using `gguf.GGUFReader`: the reader builds a Python
+object per array element, which for a 49k-token vocabulary plus its merges costs ~4 s on every open,
+and a server opens the file three times (config, tokenizer, weights). Our parser reads numeric arrays
+with one `np.frombuffer` and takes ~0.2 s. The `gguf` package stays the authority for the quantization
+types, block sizes and dequantization kernels.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# Scalar value types: struct format (little-endian) per GGUFValueType.
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+_NUMPY_DTYPES = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
+
+# Types we promise to load (others `gguf.quants` can dequantize also work, untested).
+SUPPORTED_TENSOR_TYPES = (
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K,
+)
+
+# llama.cpp tensor names (per layer, after `blk.N.`) -> Hugging Face names (after `model.layers.N.`).
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")
+# Tensors llama.cpp adds that have no Hugging Face weight (precomputed llama3 rope frequencies).
+_IGNORED_TENSORS = {"rope_freqs.weight"}
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (outermost first) = reversed GGUF `ne`
+    tensor_type: GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: str
+    version: int
+    metadata: dict[str, Any]  # strings as str, numeric arrays as np.ndarray, string arrays as list[str]
+    tensors: tuple[GGUFTensorInfo, ...]
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def tensor_names(self) -> set[str]:
+        return {t.name for t in self.tensors}
+
+
+class _Cursor:
+    """Sequential little-endian reads over a buffer."""
+
+    def __init__(self, buf: memoryview, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def scalar(self, fmt: str) -> Any:
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error as e:
+            raise ValueError(f"{self.path}: truncated GGUF header") from e
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        vtype = GGUFValueType(vtype)
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            item_type = GGUFValueType(self.scalar("<I"))
+            count = self.scalar("<Q")
+            if item_type in _NUMPY_DTYPES:
+                dtype = np.dtype(_NUMPY_DTYPES[item_type])
+                arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+                self.pos += count * dtype.itemsize
+                return arr
+            return [self.value(item_type) for _ in range(count)]
+        return self.scalar(_SCALAR_FORMATS[vtype])
+
+
+def read_gguf_header(path: str) -> GGUFHeader:
+    """Parse a GGUF file's metadata and tensor directory (no tensor data is read)."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(mm), path)
+    if bytes(cur.buf[:4]) != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (bad magic)")
+    cur.pos = 4
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian or v1 files are not supported)")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    raw_infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar("<I")
+        ne = [cur.scalar("<Q") for _ in range(n_dims)]
+        ttype = GGMLQuantizationType(cur.scalar("<I"))
+        rel_offset = cur.scalar("<Q")
+        raw_infos.append((name, tuple(reversed(ne)), ttype, rel_offset))
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = tuple(GGUFTensorInfo(n, s, t, data_start + off) for n, s, t, off in raw_infos)
+    return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors)
+
+
+def read_gguf_tensor(header: GGUFHeader, info: GGUFTensorInfo) -> np.ndarray:
+    """One tensor dequantized to float32 in numpy order (reversed GGUF dims)."""
+    if info.tensor_type not in GGML_QUANT_SIZES:
+        raise ValueError(f"{info.name}: unknown GGML tensor type {info.tensor_type}")
+    byte_shape = quant_shape_to_byte_shape(info.shape, info.tensor_type)
+    nbytes = int(np.prod(byte_shape))
+    raw = np.memmap(header.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(nbytes,))
+    try:
+        values = dequantize(raw.reshape(byte_shape), info.tensor_type)
+    except NotImplementedError as e:
+        supported = ", ".join(t.name for t in SUPPORTED_TENSOR_TYPES)
+        raise ValueError(f"{info.name}: GGUF tensor type {info.tensor_type.name} is not supported "
+                         f"(supported: {supported})") from e
+    return np.ascontiguousarray(values.reshape(info.shape), dtype=np.float32)
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """Map a llama.cpp tensor name to its Hugging Face name; None for tensors we do not know."""
+    if m := _LAYER_RE.match(name):
+        layer, part, kind = m.groups()
+        if part in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return None
+    if m := _GLOBAL_RE.match(name):
+        part, kind = m.groups()
+        if part in _GLOBAL_NAMES:
+            return f"{_GLOBAL_NAMES[part]}.{kind}"
+    return None
+
+
+def undo_rotary_permutation(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Invert llama.cpp's convert-time Q/K row permutation.
+
+    Hugging Face Llama rotates (first half, second half) of each head; llama.cpp rotates interleaved
+    pairs, so its converter reorders each head's rows from [half0 | half1] into pairs (h0[0], h1[0], ...).
+    Undoing it regroups the pair members back into the two halves. Works on weights [out, in] and biases [out].
+    """
+    out = w.shape[0]
+    head_dim = out // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf_hf_tensors(header: GGUFHeader, num_heads: int, num_kv_heads: int,
+                         progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (hf_name, float32 array) for every known tensor of a llama/qwen2 GGUF."""
+    from tqdm import tqdm
+
+    # Only llama.cpp's llama converter permutes Q/K; its qwen2 converter keeps the HF row order.
+    permuted = header.architecture == "llama"
+    for info in tqdm(header.tensors, desc="Loading GGUF tensors", unit="tensor", disable=not progress):
+        hf_name = gguf_to_hf_name(info.name)
+        if hf_name is None:
+            if info.name in _IGNORED_TENSORS:
+                logger.warning("Ignoring %s: llama3-style rope frequency scaling from GGUF is not supported",
+                               info.name)
+            else:
+                logger.warning("Ignoring unknown GGUF tensor %s", info.name)
+            continue
+        arr = read_gguf_tensor(header, info)
+        if permuted and ".self_attn.q_proj." in hf_name:
+            arr = undo_rotary_permutation(arr, num_heads)
+        elif permuted and ".self_attn.k_proj." in hf_name:
+            arr = undo_rotary_permutation(arr, num_kv_heads)
+        yield hf_name, arr
