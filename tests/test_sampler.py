@@ -1,0 +1,237 @@
+"""The on-device sampler against numpy references of vLLM's formulas (CPU, small vocabularies)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxserve.sampler import (SamplerFlags, apply_penalties, apply_top_k_top_p_min_p, _sample_categorical,
+                              sample)
+from jaxserve.sampling_metadata import (RowSamplingState, build_sampling_tensors, pack_token_mask,
+                                        unpack_token_mask)
+from jaxserve.sampling_params import SamplingParams
+
+SAMPLE = jax.jit(sample, static_argnames="flags")
+
+
+def run(logits: np.ndarray, rows: list[RowSamplingState], bucket: int | None = None, max_logprobs: int = 5):
+    bucket = bucket or len(rows)
+    padded = np.zeros((bucket, logits.shape[1]), np.float32)
+    padded[: logits.shape[0]] = logits
+    tensors, flags = build_sampling_tensors(rows, bucket, logits.shape[1], max_logprobs)
+    return SAMPLE(jnp.asarray(padded), tensors, flags=flags), flags
+
+
+def row(seed: int = 0, prompt=(1, 2, 3), output=(), **params) -> RowSamplingState:
+    return RowSamplingState(SamplingParams(**params), list(prompt), list(output), seed)
+
+
+def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 2.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, vocab)) * scale).astype(np.float32)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z[np.isfinite(z)].max())
+    return e / e.sum()
+
+
+def reference_keep(z: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """vLLM by sorting: top_k, then top_p on the renormalized top-k mass, then min_p."""
+    order = np.argsort(-z, kind="stable")
+    keep = np.ones(z.shape[0], bool)
+    if top_k > 0:
+        keep[order[top_k:]] = False
+    if top_p < 1.0:
+        p = softmax(np.where(keep, z, -np.inf))[order]
+        keep[order[(np.cumsum(p) - p) >= top_p]] = False
+    if min_p > 0.0:
+        p = softmax(np.where(keep, z, -np.inf))
+        keep &= p >= min_p * p.max()
+    return keep
+
+
+def draw_many(logits_row: np.ndarray, num: int, **params) -> np.ndarray:
+    """`num` samples of one distribution: one row per seed in a single call."""
+    rows = [row(seed=s, **params) for s in range(num)]
+    out, _ = run(np.repeat(logits_row[None], num, axis=0), rows)
+    return np.asarray(out.token_ids)
+
+
+def assert_frequencies(tokens: np.ndarray, probs: np.ndarray) -> None:
+    counts = np.bincount(tokens, minlength=probs.shape[0])
+    assert counts[probs == 0].sum() == 0, "sampled a token of probability zero"
+    support = probs > 0
+    expected = probs[support] / probs[support].sum() * tokens.shape[0]
+    assert stats.chisquare(counts[support], expected).pvalue > 1e-3
+
+
+def test_greedy_is_argmax_without_rng_or_filtering():
+    logits = random_logits(6, 300)
+    out, flags = run(logits, [row(temperature=0.0, top_k=3, seed=s) for s in range(6)], bucket=8)
+    assert flags.all_greedy and not flags.needs_filtering and flags.num_logprobs == 0
+    np.testing.assert_array_equal(np.asarray(out.token_ids)[:6], logits.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(out.token_ids)[6:], 0)  # padded rows: argmax of zeros
+
+
+def test_greedy_rows_beside_random_rows_stay_argmax():
+    logits = random_logits(8, 300, seed=1)
+    rows = [row(seed=s, temperature=0.0 if s % 2 else 1.0, top_p=0.5) for s in range(8)]
+    out, flags = run(logits, rows)
+    assert not flags.all_greedy
+    np.testing.assert_array_equal(np.asarray(out.token_ids)[1::2], logits[1::2].argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_sampling_matches_softmax(temperature):
+    logits = random_logits(1, 12, seed=2, scale=1.0)[0]
+    tokens = draw_many(logits, 4000, temperature=temperature)
+    assert_frequencies(tokens, softmax(logits / temperature))
+
+
+@pytest.mark.parametrize("params", [dict(top_k=4), dict(top_p=0.7), dict(min_p=0.1),
+                                    dict(top_k=10, top_p=0.8, min_p=0.1, temperature=0.8)])
+def test_filtered_sampling_keeps_exactly_the_right_tokens_and_mass(params):
+    logits = random_logits(1, 40, seed=3, scale=0.7)[0]
+    temperature = params.get("temperature", 1.0)
+    keep = reference_keep(logits / temperature, params.get("top_k", -1), params.get("top_p", 1.0),
+                          params.get("min_p", 0.0))
+    assert 1 < keep.sum() < 40
+    tokens = draw_many(logits, 4000, **params)
+    assert set(np.unique(tokens)) <= set(np.flatnonzero(keep))
+    assert_frequencies(tokens, np.where(keep, softmax(logits / temperature), 0.0))
+
+
+@pytest.mark.parametrize("window", [8, 64, 1024])
+def test_filter_masks_equal_sorting_reference_in_and_beyond_the_window(window):
+    """window=8 forces the exact bisection fallback for wide nuclei and large top_k; 1024 covers all."""
+    vocab = 1000
+    logits = random_logits(6, vocab, seed=4, scale=1.0)
+    settings = [(5, 1.0, 0.0), (-1, 0.9, 0.0), (300, 1.0, 0.0), (50, 0.6, 0.05), (-1, 1.0, 0.5), (-1, 0.2, 0.0)]
+    rows = [row(top_k=k, top_p=p, min_p=m) for k, p, m in settings]
+    tensors, _ = build_sampling_tensors(rows, 6, vocab, 0)
+    masked = np.asarray(jax.jit(apply_top_k_top_p_min_p, static_argnums=2)(
+        jnp.asarray(logits), jax.tree.map(jnp.asarray, tensors), window))
+    for i, (k, p, m) in enumerate(settings):
+        np.testing.assert_array_equal(np.isfinite(masked[i]), reference_keep(logits[i], k, p, m), err_msg=str(i))
+
+
+def test_penalties_follow_vllm_formulas():
+    vocab = 12
+    logits = random_logits(2, vocab, seed=5)
+    prompt, output = [1, 2, 2, 7], [2, 3, 3, 3, 9]
+    rows = [row(prompt=prompt, output=output, repetition_penalty=1.5, frequency_penalty=0.5,
+                presence_penalty=0.3, temperature=0.0),
+            row(prompt=prompt, output=output, temperature=0.0)]  # no penalties: untouched
+    tensors, flags = build_sampling_tensors(rows, 2, vocab, 0)
+    assert flags.needs_penalties and flags.penalty_window >= len(prompt) + len(output)
+    got = np.asarray(apply_penalties(jnp.asarray(logits), jax.tree.map(jnp.asarray, tensors)))
+
+    expected = logits[0].astype(np.float64)
+    for token in set(prompt) | set(output):
+        expected[token] = expected[token] / 1.5 if expected[token] > 0 else expected[token] * 1.5
+    counts = np.bincount(output, minlength=vocab)
+    expected -= 0.5 * counts + 0.3 * (counts > 0)
+    np.testing.assert_allclose(got[0], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], logits[1])
+    out, _ = run(logits, rows)
+    assert int(out.token_ids[0]) == int(expected.argmax())
+
+
+def test_logit_bias_is_added_to_the_named_tokens():
+    logits = random_logits(2, 50, seed=6)
+    out, flags = run(logits, [row(temperature=0.0, logit_bias={7: 100.0}),
+                              row(temperature=0.0, logit_bias={int(logits[1].argmax()): -100.0})])
+    assert flags.needs_logit_bias
+    assert int(out.token_ids[0]) == 7
+    assert int(out.token_ids[1]) == int(np.argsort(-logits[1])[1])
+
+
+def test_bitmask_pack_roundtrip():
+    allowed = np.random.default_rng(7).random(77) < 0.3
+    packed = pack_token_mask(allowed)
+    assert packed.dtype == np.int32 and packed.shape == (3,)
+    np.testing.assert_array_equal(unpack_token_mask(packed, 77), allowed)
+    assert packed[0] & 1 == allowed[0] and (packed[1] >> 2) & 1 == allowed[34]
+
+
+def test_guided_bitmask_and_allowed_token_ids_are_respected():
+    vocab = 100
+    guided_allowed = np.zeros(vocab, bool)
+    guided_allowed[[3, 40, 63, 64, 99]] = True
+    logits = np.tile(random_logits(1, vocab, seed=8, scale=0.3), (600, 1))
+    rows = [RowSamplingState(SamplingParams(), [1], [], s, bitmask=pack_token_mask(guided_allowed))
+            for s in range(300)]
+    rows += [row(seed=s, allowed_token_ids=[5, 63, 64]) for s in range(300)]
+    out, flags = run(logits, rows)
+    tokens = np.asarray(out.token_ids)
+    assert flags.needs_bitmask
+    assert set(np.unique(tokens[:300])) == {3, 40, 63, 64, 99}  # all allowed ones appear, nothing else
+    assert set(np.unique(tokens[300:])) == {5, 63, 64}
+
+
+def test_min_tokens_forbids_eos_and_stop_tokens_until_reached():
+    vocab = 30
+    logits = np.zeros((4, vocab), np.float32)
+    logits[:, 0] = 50.0  # EOS dominates
+    logits[:, 1] = 40.0  # a stop token next
+    make = lambda output, **kw: RowSamplingState(
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[1], **kw), [5], output, 0, eos_token_ids=(0,))
+    rows = [make([7]), make([7, 8, 9]), make([7], ignore_eos=True), make([7, 8])]
+    out, _ = run(logits, rows)
+    assert np.asarray(out.token_ids).tolist() == [2, 0, 0, 2]
+
+
+def test_same_seed_same_tokens_alone_and_in_a_busy_bucket_at_full_vocab():
+    vocab = 49152
+    logits = random_logits(64, vocab, seed=9, scale=3.0)
+    mine = dict(temperature=0.9, top_p=0.95)
+    alone = []
+    for step in range(3):
+        out, _ = run(logits[:1], [row(seed=1234, output=[11] * step, **mine)], bucket=1)
+        alone.append(int(out.token_ids[0]))
+    for step in range(3):
+        neighbours = [row(seed=s, output=[5] * s, temperature=1.3, top_k=20, repetition_penalty=1.2,
+                          logit_bias={3: 2.0}, allowed_token_ids=list(range(0, vocab, 2)), logprobs=2)
+                      for s in range(63)]
+        rows = neighbours[:17] + [row(seed=1234, output=[11] * step, **mine)] + neighbours[17:]
+        busy = np.concatenate([logits[1:18], logits[:1], logits[18:]])
+        out, flags = run(busy, rows, bucket=64)
+        assert flags.needs_penalties and flags.needs_bitmask and flags.num_logprobs == 5
+        assert int(out.token_ids[17]) == alone[step]
+    assert len(set(alone)) > 1  # the step moves the key
+
+
+def test_logprobs_ranks_and_top_alternatives_come_from_the_raw_logits():
+    logits = random_logits(4, 200, seed=10)
+    rows = [row(seed=s, temperature=1.5, top_k=30, presence_penalty=1.0, output=[1, 2], logprobs=3)
+            for s in range(4)]
+    out, flags = run(logits, rows, max_logprobs=6)
+    reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
+    tokens = np.asarray(out.token_ids)
+    np.testing.assert_allclose(np.asarray(out.logprob), reference[np.arange(4), tokens], rtol=1e-5, atol=1e-5)
+    order = np.argsort(-reference, axis=-1)[:, :6]
+    np.testing.assert_array_equal(np.asarray(out.top_ids), order)
+    np.testing.assert_allclose(np.asarray(out.top_logprobs), np.take_along_axis(reference, order, -1), atol=1e-5)
+    ranks = 1 + (reference > reference[np.arange(4), tokens][:, None]).sum(-1)
+    np.testing.assert_array_equal(np.asarray(out.rank), ranks)
+
+
+def test_categorical_never_returns_a_zero_probability_token_at_the_edges():
+    vocab = 300
+    scaled = np.full((5, vocab), -np.inf, np.float32)
+    scaled[:, [130, 131, 257]] = [0.0, 1.0, -1.0]  # positive mass only in two blocks, gaps around
+    uniforms = jnp.asarray([0.0, 1e-9, 0.5, 1.0 - 2.0 ** -24, 1.0], jnp.float32)
+    tokens = np.asarray(_sample_categorical(jnp.asarray(scaled), uniforms))
+    assert set(tokens.tolist()) <= {130, 131, 257}
+    assert tokens[0] == 130 and tokens[-1] == 257
+
+
+def test_padding_and_identity_rows_keep_flags_cheap():
+    tensors, flags = build_sampling_tensors([row(temperature=0.0)], 4, 64, 20)
+    assert flags == SamplerFlags(all_greedy=True)
+    assert tensors.bitmask.shape == (4, 0) and tensors.penalty_token_ids.shape == (4, 0)
+    with pytest.raises(ValueError):
+        build_sampling_tensors([row()] * 3, 2, 64, 20)
