@@ -26,6 +26,9 @@ def find_safetensors_files(model_dir: str) -> tuple[str, ...]:
             raise FileNotFoundError(f"{index_path} lists shards that are missing: {', '.join(missing)}")
         return tuple(os.path.join(model_dir, s) for s in shards)
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    # Mistral repos ship their original-format `consolidated.safetensors` next to the HF weights.
+    hf_files = [f for f in files if not os.path.basename(f).startswith("consolidated")]
+    files = hf_files or files
     if not files:
         raise FileNotFoundError(
             f"{model_dir} has a config.json but no *.safetensors weights "

@@ -388,3 +388,38 @@ def test_default_model_tokenizer(default_source, tmp_path):
     tok.save_pretrained(str(tmp_path / "tok"))
     again = load_tokenizer(default_source, tokenizer=str(tmp_path / "tok"))
     assert again.encode(text) == ids and again.chat_template == tok.chat_template
+
+
+def test_consolidated_mistral_weights_are_ignored_next_to_hf_weights(tmp_path):
+    tensors = tiny_hf_tensors()
+    write_hf_dir(str(tmp_path / "m"), tiny_hf_config(), tensors)
+    save_file({"layers.0.attention.wq.weight": np.zeros((2, 2), np.float32)},
+              str(tmp_path / "m" / "consolidated.safetensors"))
+    src = resolve_model_source(str(tmp_path / "m"))
+    assert not any(os.path.basename(f).startswith("consolidated") for f in src.files)
+    assert dict(iter_hf_tensors(src)).keys() == tensors.keys()
+
+
+def test_sentencepiece_gguf_tokenizer_adds_bos_and_carries_chat_template(tmp_path):
+    # A llama.cpp "llama" (sentencepiece BPE) vocabulary: control, byte and normal tokens with scores.
+    normal = ["\u2581", "h", "e", "l", "o", "\u2581h", "he", "ll", "\u2581he", "llo", "\u2581hello"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + normal
+    token_types = [2, 3, 3] + [6] * 256 + [1] * len(normal)
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.scores", [-float(i) for i in range(len(tokens))])
+    w.add_array("tokenizer.ggml.token_type", token_types)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    w.add_string("tokenizer.chat_template", template)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    tok = load_tokenizer(resolve_model_source(str(tmp_path / "sp.gguf")))
+    ids = tok.encode("hello")
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "\u2581hello"]  # no add_bos_token key: BOS by default
+    assert tok.decode(ids, skip_special_tokens=True) == "hello"
+    assert tok.chat_template == template and tok.eos_token == "</s>"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user]hi"
