@@ -31,15 +31,20 @@ def smollm2():
     return load_tokenizer(resolve_model_source(None))
 
 
-@pytest.fixture(scope="session")
-def byte_level_bpe() -> Tokenizer:
-    """A tiny GPT-2-style byte-level BPE with special and non-special added tokens."""
+def _trained_byte_level_bpe() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def byte_level_bpe() -> Tokenizer:
+    """A tiny GPT-2-style byte-level BPE with special and non-special added tokens."""
+    tok = _trained_byte_level_bpe()
+    tok.add_special_tokens(["<s>", "</s>"])
     tok.add_tokens(["<tool>"])
     return tok
 
@@ -193,15 +198,6 @@ def test_offset_window_stays_small():
         detok.add_token(token_id)
     assert detok.text == tokenizer.inner.decode(output)
     assert len(output) > 400 and tokenizer.longest_decode <= 24  # the prompt-context search may try 24
-
-
-def _trained_byte_level_bpe() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
 
 
 @PATHS
