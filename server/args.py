@@ -1,0 +1,168 @@
+"""The `jaxserve serve` command line: server flags (vLLM's names) plus one flag per EngineConfig field."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import typing
+
+from jaxserve.config import EngineConfig
+from jaxserve.server.server_config import ServerConfig
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_memory_size(text: str) -> int:
+    """'4GiB', '512MiB', '1.5GB', '1073741824' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use bytes, or e.g. 4GiB, 512MiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _str_list(text: str) -> list[str]:
+    """A JSON list (vLLM's form, e.g. '["*"]') or a comma-separated list."""
+    text = text.strip()
+    if text.startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list):
+            raise argparse.ArgumentTypeError(f"expected a JSON list, got {text!r}")
+        return [str(v) for v in value]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# Help for the engine flags; any EngineConfig field not listed still gets a flag.
+_ENGINE_HELP = {
+    "model": "Hugging Face model directory, .gguf file or hub id (in the local HF cache). "
+             "Default: the embedded SmolLM2-135M-Instruct.",
+    "tokenizer": "Tokenizer directory or hub id, if not the model's own.",
+    "dtype": "Weights and activations dtype: auto, float32, bfloat16, float16.",
+    "max_model_len": "Context length (prompt + output tokens). Default: the model's.",
+    "seed": "Seed of the engine's random generator.",
+    "block_size": "Tokens per KV-cache page.",
+    "kv_cache_memory": "Bytes for the KV cache, e.g. 4GiB, 512MiB or a byte count.",
+    "gpu_memory_utilization": "Fraction of accelerator memory to use when --kv-cache-memory is unset.",
+    "enable_prefix_caching": "Reuse KV pages of shared prompt prefixes.",
+    "max_num_seqs": "Most sequences in one batch.",
+    "max_num_batched_tokens": "Most tokens processed in one engine step.",
+    "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
+    "attention_backend": "Attention implementation: auto, pallas, xla.",
+    "compilation_cache_dir": "Persistent XLA compilation cache directory.",
+    "checkpoint_cache_dir": "Directory for converted-weights checkpoints.",
+    "guided_decoding_backend": "Default guided-decoding backend.",
+    "precompile": "Compile every bucket before serving (slower start, no compile stalls later).",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value_type(annotation: str):
+    """Map a dataclass field annotation (a string under `from __future__ import annotations`)."""
+    parts = {p.strip() for p in annotation.split("|")} - {"None"}
+    if parts == {"bool"}:
+        return bool
+    if parts == {"int"}:
+        return int
+    if parts == {"float"}:
+        return float
+    return str
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine", "Model, memory and batching (EngineConfig).")
+    for f in dataclasses.fields(EngineConfig):
+        help_text = _ENGINE_HELP.get(f.name, f.name.replace("_", " ") + ".")
+        kind = _value_type(f.type if isinstance(f.type, str) else str(f.type))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text += f" (default: {default})"
+        if kind is bool:
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=help_text)
+        elif f.name == "kv_cache_memory":
+            group.add_argument(_flag(f.name), dest=f.name, type=parse_memory_size, default=default,
+                               metavar="SIZE", help=help_text)
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
+                               metavar=f.name.upper(), help=help_text)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    net = parser.add_argument_group("server", "Where and how the HTTP server listens.")
+    net.add_argument("--host", default=d.host, help=f"Interface to bind (default: {d.host}; 0.0.0.0 for all).")
+    net.add_argument("--port", type=int, default=d.port, help=f"Port (default: {d.port}).")
+    net.add_argument("--root-path", default=d.root_path, help="URL prefix when served behind a proxy path.")
+    net.add_argument("--ssl-keyfile", default=None, help="TLS private key file.")
+    net.add_argument("--ssl-certfile", default=None, help="TLS certificate file.")
+    net.add_argument("--max-request-bytes", type=parse_memory_size, default=d.max_request_bytes,
+                     metavar="SIZE", help="Largest request body accepted; larger ones get 413 (default: 16MiB).")
+    api = parser.add_argument_group("api", "What clients see.")
+    api.add_argument("--api-key", default=os.environ.get("JAXSERVE_API_KEY"),
+                     help="Require 'Authorization: Bearer <key>' (also JAXSERVE_API_KEY).")
+    api.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="Model name(s) the API answers to; the first is reported in responses.")
+    api.add_argument("--chat-template", default=None,
+                     help="Chat template as a Jinja file path or inline Jinja text (overrides the model's).")
+    api.add_argument("--response-role", default=d.response_role,
+                     help="Role of generated chat messages (default: assistant).")
+    api.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='Allow tool_choice "auto" (needs --tool-call-parser).')
+    api.add_argument("--tool-call-parser", default=None, help="Parser that extracts tool calls from text.")
+    cors = parser.add_argument_group("cors", "Cross-origin requests.")
+    cors.add_argument("--allowed-origins", type=_str_list, default=list(d.allowed_origins),
+                      help='Allowed origins, JSON list or comma-separated (default: ["*"]).')
+    cors.add_argument("--allowed-methods", type=_str_list, default=list(d.allowed_methods),
+                      help='Allowed methods (default: ["*"]).')
+    cors.add_argument("--allowed-headers", type=_str_list, default=list(d.allowed_headers),
+                      help='Allowed headers (default: ["*"]).')
+    cors.add_argument("--allow-credentials", action="store_true", help="Allow credentials (cookies).")
+    log = parser.add_argument_group("logging")
+    log.add_argument("--log-level", default=d.log_level,
+                     choices=["debug", "info", "warning", "error", "critical"], help="Log level.")
+    log.add_argument("--disable-log-requests", action="store_true", help="Do not log each request.")
+    log.add_argument("--max-log-len", type=int, default=None,
+                     help="Longest prompt prefix shown in request logs (default: unlimited).")
+
+
+def build_parser(prog: str = "jaxserve serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve a model with an OpenAI-compatible API (Completions and Chat).",
+    )
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="The model, as a positional alternative to --model.")
+    add_server_args(parser)
+    add_engine_args(parser)
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    from jaxserve.server.chat_template import load_chat_template
+
+    values = vars(args)
+    engine_kwargs = {name: values[name] for name in EngineConfig.field_names() if name in values}
+    if values.get("model_tag"):
+        if engine_kwargs.get("model") not in (None, values["model_tag"]):
+            raise SystemExit("error: give the model either positionally or with --model, not both")
+        engine_kwargs["model"] = values["model_tag"]
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser")
+    try:
+        template = load_chat_template(args.chat_template)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    server = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key or None,
+        served_model_names=tuple(args.served_model_name or ()), chat_template=template,
+        response_role=args.response_role, allowed_origins=tuple(args.allowed_origins),
+        allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
+        allow_credentials=args.allow_credentials, ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile, root_path=args.root_path.rstrip("/"), log_level=args.log_level,
+        disable_log_requests=args.disable_log_requests, max_log_len=args.max_log_len,
+        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        max_request_bytes=args.max_request_bytes)
+    return EngineConfig(**engine_kwargs), server

@@ -1,0 +1,317 @@
+"""Request models of OpenAI's Completions and Chat Completions APIs plus vLLM's extra parameters.
+
+Field names, types and defaults follow the OpenAI API reference (and vLLM's `extra_body` names).
+`to_sampling_params()` turns a validated request into the engine's `SamplingParams`; anything the
+engine cannot do is refused with a 400 naming the parameter instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams
+from jaxserve.server.errors import bad_request
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+
+
+class OpenAIModel(BaseModel):
+    # Unknown fields are kept (and logged by the app), as OpenAI and vLLM accept them.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class JsonSchemaFormat(OpenAIModel):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's newer spelling of guided decoding: exactly one of these constraints."""
+    json_: str | dict | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+
+
+class _GenerationRequest(OpenAIModel):
+    """Parameters shared by both APIs (OpenAI's and vLLM's sampling extras)."""
+
+    model: str | None = None
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM extras
+    best_of: int | None = None
+    use_beam_search: bool = False
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    request_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+    # --- pieces of to_sampling_params -------------------------------------------------------
+    def _refuse_unsupported(self) -> None:
+        if self.use_beam_search:
+            raise bad_request("use_beam_search: beam search is not supported by jaxserve yet.",
+                              "use_beam_search")
+        if self.length_penalty != 1.0:
+            raise bad_request("length_penalty only applies to beam search (use_beam_search), "
+                              "which is not supported yet.", "length_penalty")
+        if self.early_stopping:
+            raise bad_request("early_stopping only applies to beam search (use_beam_search), "
+                              "which is not supported yet.", "early_stopping")
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise bad_request(f"logit_bias values must be in [-100, 100], got {value}.", "logit_bias")
+            out[token] = value
+        return out
+
+    def guided_decoding(self, extra: GuidedDecodingParams | None = None) -> GuidedDecodingParams | None:
+        """Merge guided_*, response_format, structured_outputs (and tools' constraint) into one."""
+        found: list[tuple[str, str, Any]] = []  # (parameter, constraint kind, value)
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                found.append((f"guided_{kind}", kind, value))
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.response_format.type == "json_object":
+                found.append(("response_format", "json_object", True))
+            else:
+                spec = self.response_format.json_schema
+                if spec is None or spec.json_schema is None:
+                    raise bad_request("response_format of type json_schema needs json_schema.schema.",
+                                      "response_format")
+                found.append(("response_format", "json", spec.json_schema))
+        so = self.structured_outputs
+        if so is not None:
+            for kind, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                ("grammar", so.grammar), ("json_object", so.json_object or None)):
+                if value is not None:
+                    found.append(("structured_outputs", kind, value))
+        if extra is not None:
+            found.extend(("tools", kind, None) for kind in extra.constraint_kinds())
+        if len(found) > 1:
+            names = ", ".join(sorted({f"{p} ({k})" for p, k, _ in found}))
+            raise bad_request(f"Only one kind of guided decoding may be used per request, got: {names}.",
+                              found[1][0])
+        if extra is not None and found:
+            return extra
+        if not found:
+            return None
+        param, kind, value = found[0]
+        if kind == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise bad_request(f"{param} is not valid JSON: {exc}", param)
+        if kind == "choice" and not value:
+            raise bad_request(f"{param} must list at least one choice.", param)
+        params = GuidedDecodingParams(
+            backend=self.guided_decoding_backend,
+            whitespace_pattern=self.guided_whitespace_pattern or (so.whitespace_pattern if so else None))
+        if kind == "json_object":
+            params.json_object = True
+        else:
+            setattr(params, kind, value)
+        return params
+
+    def _sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None,
+                         guided: GuidedDecodingParams | None) -> SamplingParams:
+        self._refuse_unsupported()
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            n=self.n, best_of=self.best_of,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else 1.0,
+            temperature=self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE,
+            top_p=self.top_p if self.top_p is not None else DEFAULT_TOP_P,
+            top_k=self.top_k if self.top_k is not None else -1,
+            min_p=self.min_p if self.min_p is not None else 0.0,
+            seed=self.seed, stop=stop, stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            logit_bias=self._logit_bias(), allowed_token_ids=self.allowed_token_ids,
+            guided_decoding=guided,
+            # The server always consumes deltas: it streams them, or accumulates them while
+            # timing first token / inter-token latency for /metrics.
+            output_kind=RequestOutputKind.DELTA)
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default; an explicit null means "up to the context limit"
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        if self.suffix:
+            raise bad_request("suffix (insertion / fill-in-the-middle) is not supported by jaxserve.",
+                              "suffix")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise bad_request("best_of greater than n is not supported when streaming.", "best_of")
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
+        return self._sampling_params(max_tokens=max_tokens, logprobs=self.logprobs,
+                                     prompt_logprobs=prompt_logprobs, guided=self.guided_decoding())
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str | dict | None = None
+
+
+class ToolCall(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = 0
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = True
+    # vLLM extras
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        if not self.messages:
+            raise ValueError("messages must contain at least one message")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def effective_tool_choice(self) -> str | dict:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def to_sampling_params(self, max_tokens: int | None,
+                           tool_guided: GuidedDecodingParams | None = None) -> SamplingParams:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs,
+                                     prompt_logprobs=self.prompt_logprobs,
+                                     guided=self.guided_decoding(tool_guided))
+
+
+class TokenizeRequest(OpenAIModel):
+    """POST /tokenize: either `prompt` (completions style) or `messages` (chat style)."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]

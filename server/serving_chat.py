@@ -1,0 +1,192 @@
+"""POST /v1/chat/completions: messages through the chat template, replies whole or streamed."""
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator
+
+from sanic import response
+
+from jaxserve.server.chat_template import conversation_from_messages
+from jaxserve.server.chat_tools import ToolMode, guided_tool_calls, tool_call_out, tool_mode_for
+from jaxserve.server.errors import APIError
+from jaxserve.server.protocol import ChatCompletionRequest
+from jaxserve.server.responses import (SSE_DONE, ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
+                                       ChatLogprobContent, ChatLogprobs, ChatMessageOut, ChatStreamChoice,
+                                       DeltaMessage, TopLogprob, UsageInfo, now, random_id, sse)
+from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, ServingContext, clamp_logprob,
+                                            logger, resolve_max_tokens, stream_sse, token_text,
+                                            top_ranked, validate_params)
+
+
+def _chat_logprobs(ctx: ServingContext, token_ids: list[int], positions: list, k: int) -> ChatLogprobs:
+    """The Chat API's logprobs: one entry per token with its bytes and the k most likely tokens."""
+    content = []
+    for tok, position in zip(token_ids, positions):
+        chosen = position.get(tok)
+        text = token_text(ctx.tokenizer, tok, chosen)
+        top = []
+        for alt, lp in top_ranked(position, k):
+            alt_text = token_text(ctx.tokenizer, alt, lp)
+            top.append(TopLogprob(token=alt_text, logprob=clamp_logprob(lp.logprob),
+                                  bytes=list(alt_text.encode("utf-8"))))
+        content.append(ChatLogprobContent(token=text, logprob=clamp_logprob(chosen.logprob) if chosen else
+                                          -9999.0, bytes=list(text.encode("utf-8")), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def _echo_text(request: ChatCompletionRequest, role: str) -> str:
+    """vLLM's chat `echo`: the last message's content, when it is in the reply's own role."""
+    if not request.echo:
+        return ""
+    last = conversation_from_messages(request.messages[-1:])[0]
+    return last["content"] if last["role"] == role else ""
+
+
+def _prompt_logprobs_json(positions) -> list | None:
+    if positions is None:
+        return None
+    return [None if p is None else {str(t): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token} for t, lp in p.items()}
+            for p in positions]
+
+
+async def create_chat_completion(ctx: ServingContext, request: ChatCompletionRequest, http_request):
+    model = ctx.check_model(request.model)
+    tools = tool_mode_for(request, ctx.enable_auto_tool_choice, ctx.tool_call_parser, ctx.tokenizer)
+    prompt_text = ctx.renderer.render(
+        request.messages, chat_template=request.chat_template,
+        chat_template_kwargs=request.chat_template_kwargs,
+        add_generation_prompt=request.add_generation_prompt,
+        continue_final_message=request.continue_final_message, tools=request.tools,
+        documents=request.documents)
+    prompt_ids = ctx.tokenizer.encode(prompt_text, add_special_tokens=request.add_special_tokens)
+    max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_ids), request.requested_max_tokens,
+                                    "messages")
+    params = request.to_sampling_params(max_tokens, tools.guided)
+    validate_params(ctx, params)
+    request_id = request.request_id or random_id("chatcmpl")
+    ctx.log_request(request_id, prompt_text, params)
+    role = ctx.response_role if request.add_generation_prompt else request.messages[-1].role
+    gens = MergedGenerations(ctx, [{"prompt_token_ids": prompt_ids, "prompt": prompt_text}], [params],
+                             request_id)
+    try:
+        await gens.first()
+        if request.stream:
+            await stream_sse(http_request, _stream(ctx, request, model, request_id, role, len(prompt_ids),
+                                                   tools, gens))
+            return None
+        return await _complete(ctx, request, model, request_id, role, len(prompt_ids), tools, gens)
+    finally:
+        await gens.close()
+
+
+def _final_message(ctx, request, role: str, tools: ToolMode, text: str, finish: str | None):
+    """(message, finish_reason) for a finished choice, extracting tool calls as the mode says."""
+    if tools.kind == "guided":
+        calls = guided_tool_calls(text, request)
+        if calls is not None:
+            return ChatMessageOut(role=role, content=None,
+                                  tool_calls=[tool_call_out(c) for c in calls]), "tool_calls"
+    elif tools.kind == "auto":
+        content, calls = tools.new_parser(ctx.tokenizer).extract_tool_calls(text)
+        if calls:
+            return ChatMessageOut(role=role, content=content or None,
+                                  tool_calls=[tool_call_out(c) for c in calls]), "tool_calls"
+    return ChatMessageOut(role=role, content=_echo_text(request, role) + text), finish
+
+
+async def _complete(ctx, request, model, request_id, role, prompt_len, tools, gens):
+    states = [ChoiceState(i) for i in range(request.n)]
+    prompt_logprobs = None
+    async for _, out in gens:
+        prompt_logprobs = prompt_logprobs or out.prompt_logprobs
+        for delta in out.outputs:
+            states[delta.index].add(delta)
+    choices = []
+    for state in states:
+        message, finish = _final_message(ctx, request, role, tools, state.text, state.finish_reason)
+        logprobs = (_chat_logprobs(ctx, state.token_ids, state.logprobs, request.top_logprobs or 0)
+                    if request.logprobs else None)
+        choices.append(ChatChoice(index=state.index, message=message, logprobs=logprobs,
+                                  finish_reason=finish, stop_reason=state.stop_reason))
+    completion_tokens = sum(len(s.token_ids) for s in states)
+    body = ChatCompletionResponse(
+        id=request_id, created=now(), model=model, choices=choices,
+        usage=UsageInfo(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
+                        total_tokens=prompt_len + completion_tokens),
+        prompt_logprobs=None)
+    data = body.model_dump()
+    if request.prompt_logprobs is not None:
+        data["prompt_logprobs"] = _prompt_logprobs_json(prompt_logprobs)
+    return response.json(data)
+
+
+def _parser_delta(raw: dict) -> DeltaMessage:
+    calls = []
+    for call in raw.get("tool_calls") or []:
+        call = dict(call)
+        function = dict(call.get("function") or {})
+        if function.get("arguments") is not None and not isinstance(function["arguments"], str):
+            function["arguments"] = json.dumps(function["arguments"], ensure_ascii=False)
+        calls.append({**call, "function": function})
+    return DeltaMessage(content=raw.get("content"), tool_calls=calls or None)
+
+
+async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: str, role: str,
+                  prompt_len: int, tools: ToolMode, gens: MergedGenerations) -> AsyncIterator[str]:
+    created = now()
+
+    def chunk(index: int, delta: DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
+        return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[
+            ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish,
+                             stop_reason=stop_reason)]).to_sse()
+
+    echo = _echo_text(request, role)
+    for i in range(request.n):  # the role comes first, in a delta of its own, like OpenAI
+        yield chunk(i, DeltaMessage(role=role, content=""))
+        if echo:
+            yield chunk(i, DeltaMessage(content=echo))
+    states = [ChoiceState(i) for i in range(request.n)]
+    parsers = [tools.new_parser(ctx.tokenizer) for _ in states] if tools.kind == "auto" else []
+    called_tools = [False] * request.n
+    try:
+        async for _, out in gens:
+            for delta in out.outputs:
+                state = states[delta.index]
+                previous = state.text
+                state.add(delta)
+                logprobs = (_chat_logprobs(ctx, delta.token_ids, delta.logprobs or [], request.top_logprobs or 0)
+                            if request.logprobs else None)
+                finish = delta.finish_reason
+                if tools.kind == "guided":
+                    message = DeltaMessage()
+                    if finish is not None:  # the constrained text is complete: send the calls whole
+                        calls = guided_tool_calls(state.text, request)
+                        if calls is not None:
+                            message = DeltaMessage(tool_calls=[tool_call_out(c, i) for i, c in enumerate(calls)])
+                            finish = "tool_calls"
+                        else:
+                            message = DeltaMessage(content=state.text)
+                elif tools.kind == "auto":
+                    raw = parsers[delta.index].extract_tool_calls_streaming(previous, state.text, delta.text)
+                    message = _parser_delta(raw) if raw else DeltaMessage()
+                    called_tools[delta.index] |= bool(message.tool_calls)
+                    if finish == "stop" and called_tools[delta.index]:
+                        finish = "tool_calls"
+                else:
+                    message = DeltaMessage(content=delta.text if delta.text or logprobs else None)
+                if message.content is None and message.tool_calls is None and finish is None and not logprobs:
+                    continue
+                yield chunk(delta.index, message, logprobs, finish, delta.stop_reason)
+    except APIError as err:
+        yield sse(err.to_dict())
+    except Exception:
+        logger.exception("request %s failed while streaming", request_id)
+        yield sse(APIError(f"Internal error in request {request_id}.", 500).to_dict())
+    if request.include_usage_in_stream:
+        completion_tokens = sum(len(s.token_ids) for s in states)
+        usage = UsageInfo(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
+                          total_tokens=prompt_len + completion_tokens)
+        yield ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                  usage=usage).to_sse()
+    yield SSE_DONE

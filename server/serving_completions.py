@@ -1,0 +1,164 @@
+"""POST /v1/completions: prompts in, text out (whole, or streamed as server-sent events)."""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from sanic import response
+
+from jaxserve.outputs import RequestOutput
+from jaxserve.server.errors import APIError, bad_request
+from jaxserve.server.protocol import CompletionRequest
+from jaxserve.server.responses import (SSE_DONE, CompletionChoice, CompletionChunk, CompletionLogProbs,
+                                       CompletionResponse, UsageInfo, now, random_id, sse)
+from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, ServingContext, clamp_logprob,
+                                            logger, resolve_max_tokens, stream_sse, token_text,
+                                            top_ranked, validate_params)
+
+
+def _prompts(ctx: ServingContext, request: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """Normalise the four prompt shapes to (text, token ids) pairs, one per prompt."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        raw: list[Any] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        raw = [prompt]
+    else:
+        raw = list(prompt)
+    if not raw:
+        raise bad_request("prompt must not be empty.", "prompt")
+    tokenizer, vocab = ctx.tokenizer, ctx.engine.model_config.vocab_size
+    out = []
+    for p in raw:
+        if isinstance(p, str):
+            ids = tokenizer.encode(p, add_special_tokens=request.add_special_tokens)
+            out.append((p, ids))
+        else:
+            if not p:
+                raise bad_request("prompt token lists must not be empty.", "prompt")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab}).", "prompt")
+            out.append((tokenizer.decode(p), list(p)))
+        if not out[-1][1]:
+            raise bad_request("prompt must contain at least one token.", "prompt")
+    return out
+
+
+def _logprobs(ctx: ServingContext, token_ids: list[int], positions: list, k: int,
+              offset: int) -> CompletionLogProbs:
+    """The Completions API's logprobs: parallel lists, top alternatives as {token: logprob} (+ chosen)."""
+    result = CompletionLogProbs()
+    for tok, position in zip(token_ids, positions):
+        chosen = position.get(tok) if position else None
+        text = token_text(ctx.tokenizer, tok, chosen)
+        result.tokens.append(text)
+        result.text_offset.append(offset)
+        offset += len(text)
+        if position is None:  # the first prompt token has no logprob
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        result.token_logprobs.append(clamp_logprob(chosen.logprob) if chosen else None)
+        top = {token_text(ctx.tokenizer, t, lp): clamp_logprob(lp.logprob) for t, lp in top_ranked(position, k)}
+        if chosen is not None:
+            top[text] = clamp_logprob(chosen.logprob)
+        result.top_logprobs.append(top)
+    return result
+
+
+async def create_completion(ctx: ServingContext, request: CompletionRequest, http_request):
+    model = ctx.check_model(request.model)
+    prompts = _prompts(ctx, request)
+    params = []
+    for text, ids in prompts:
+        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(ids), request.max_tokens, "prompt")
+        p = request.to_sampling_params(max_tokens)
+        validate_params(ctx, p)
+        params.append(p)
+    request_id = request.request_id or random_id("cmpl")
+    for i, ((text, ids), p) in enumerate(zip(prompts, params)):
+        ctx.log_request(f"{request_id}-{i}", text, p)
+    engine_prompts = [{"prompt_token_ids": ids, "prompt": text} for text, ids in prompts]
+    gens = MergedGenerations(ctx, engine_prompts, params, request_id)
+    try:
+        await gens.first()
+        if request.stream:
+            await stream_sse(http_request, _stream(ctx, request, model, request_id, prompts, gens))
+            return None
+        return await _complete(ctx, request, model, request_id, prompts, gens)
+    finally:
+        await gens.close()
+
+
+async def _complete(ctx, request: CompletionRequest, model: str, request_id: str, prompts, gens):
+    n = request.n
+    states = [ChoiceState(i) for i in range(len(prompts) * n)]
+    prompt_lps: dict[int, list] = {}
+    async for prompt_index, out in gens:
+        if out.prompt_logprobs is not None:
+            prompt_lps.setdefault(prompt_index, out.prompt_logprobs)
+        for delta in out.outputs:
+            states[prompt_index * n + delta.index].add(delta)
+    choices = []
+    for state in states:
+        prompt_index = state.index // n
+        prompt_text, prompt_ids = prompts[prompt_index]
+        text, logprobs = state.text, None
+        if request.echo:
+            text = prompt_text + text
+        if request.logprobs is not None:
+            tokens, positions = state.token_ids, state.logprobs
+            if request.echo:
+                tokens = prompt_ids + tokens
+                positions = list(prompt_lps.get(prompt_index) or [None] * len(prompt_ids)) + positions
+            logprobs = _logprobs(ctx, tokens, positions, request.logprobs, 0)
+        choices.append(CompletionChoice(index=state.index, text=text, logprobs=logprobs,
+                                        finish_reason=state.finish_reason, stop_reason=state.stop_reason))
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    completion_tokens = sum(len(s.token_ids) for s in states)
+    body = CompletionResponse(id=request_id, created=now(), model=model, choices=choices,
+                              usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                              total_tokens=prompt_tokens + completion_tokens))
+    return response.json(body.model_dump())
+
+
+async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, prompts,
+                  gens: MergedGenerations) -> AsyncIterator[str]:
+    n, created = request.n, now()
+    offsets = [0] * (len(prompts) * n)
+    started = [False] * (len(prompts) * n)
+    completion_tokens = 0
+    try:
+        async for prompt_index, out in gens:
+            prompt_text, prompt_ids = prompts[prompt_index]
+            for delta in out.outputs:
+                index = prompt_index * n + delta.index
+                text, tokens, positions = delta.text, list(delta.token_ids), list(delta.logprobs or [])
+                if not started[index]:
+                    started[index] = True
+                    if request.echo:
+                        text = prompt_text + text
+                        tokens = prompt_ids + tokens
+                        positions = list(out.prompt_logprobs or [None] * len(prompt_ids)) + positions
+                completion_tokens += len(delta.token_ids)
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = _logprobs(ctx, tokens, positions, request.logprobs, offsets[index])
+                offsets[index] += len(text)
+                if not text and delta.finish_reason is None and not tokens:
+                    continue
+                chunk = CompletionChunk(id=request_id, created=created, model=model, choices=[
+                    CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                     finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)])
+                yield chunk.to_sse()
+    except APIError as err:
+        yield sse(err.to_dict())
+    except Exception:
+        logger.exception("request %s failed while streaming", request_id)
+        yield sse(APIError(f"Internal error in request {request_id}.", 500).to_dict())
+    if request.include_usage_in_stream:
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens)
+        yield CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage).to_sse()
+    yield SSE_DONE
