@@ -1,0 +1,58 @@
+"""The fixed set of step shapes. Every step is padded to one of these, so all are compiled up front."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    out.append(hi)
+    return sorted(set(out))
+
+
+@dataclass(frozen=True)
+class StepShape:
+    num_tokens: int  # T: flat token batch
+    num_seqs: int  # S: sequence slots
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_tokens == self.num_seqs
+
+
+@dataclass(frozen=True)
+class BucketSet:
+    seq_buckets: tuple[int, ...]
+    token_buckets: tuple[int, ...]  # for steps that carry prompt chunks
+
+    @classmethod
+    def for_limits(cls, max_num_seqs: int, max_num_batched_tokens: int) -> "BucketSet":
+        seqs = _powers_of_two(1, max_num_seqs)
+        # Mixed steps use a coarser sequence grid (x4) to keep the number of compiled shapes small.
+        tokens = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
+        return cls(tuple(seqs), tuple(tokens))
+
+    def mixed_seq_buckets(self) -> tuple[int, ...]:
+        coarse = [s for i, s in enumerate(self.seq_buckets) if i % 2 == 0]
+        if self.seq_buckets[-1] not in coarse:
+            coarse.append(self.seq_buckets[-1])
+        return tuple(coarse)
+
+    def bucket_for(self, num_tokens: int, num_seqs: int) -> StepShape:
+        if num_tokens == num_seqs:
+            s = next(b for b in self.seq_buckets if b >= num_seqs)
+            return StepShape(s, s)
+        s = next(b for b in self.mixed_seq_buckets() if b >= num_seqs)
+        t = next(b for b in self.token_buckets if b >= max(num_tokens, s))
+        return StepShape(t, s)
+
+    def all_shapes(self) -> list[StepShape]:
+        shapes = {StepShape(s, s) for s in self.seq_buckets}
+        for t in self.token_buckets:
+            for s in self.mixed_seq_buckets():
+                if s <= t:
+                    shapes.add(StepShape(t, s))
+        return sorted(shapes, key=lambda x: (x.num_tokens, x.num_seqs))

@@ -1,0 +1,127 @@
+"""Start-up: resolve the model, load (or restore) weights, size the KV cache, build the runner."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.buckets import BucketSet
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.model_runner import ModelRunner, RunnerConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 2 * 1024**3
+DEFAULT_CPU_MAX_MODEL_LEN = 8192
+
+
+class CompilationCounter:
+    """Counts XLA backend compilations (JAX reports each through its monitoring events)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        if event == self.EVENT:
+            with self._lock:
+                self.count += 1
+
+
+@dataclass
+class LoadedModel:
+    model_config: ModelConfig
+    tokenizer: object
+    runner: ModelRunner
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    model_name: str
+    compilation_counter: CompilationCounter
+
+
+def enable_compilation_cache(cache_dir: str | None) -> str:
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        return dtype
+    # On the CPU, float32 measured faster than bfloat16 for both decode and prefill (docs/benchmarks.md).
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def resolve_attention_backend(backend: str) -> str:
+    if backend == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    if backend not in ("xla", "pallas"):
+        raise ValueError(f"attention_backend must be auto, pallas or xla, got {backend!r}")
+    return backend
+
+
+def kv_budget_bytes(config: EngineConfig) -> int:
+    if config.kv_cache_memory is not None:
+        return int(config.kv_cache_memory)
+    if jax.default_backend() == "cpu":
+        return DEFAULT_CPU_KV_BYTES
+    stats = jax.devices()[0].memory_stats() or {}
+    limit, in_use = stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
+    return max(int(limit * config.gpu_memory_utilization) - in_use, 0)
+
+
+def load_engine_model(config: EngineConfig) -> LoadedModel:
+    from jaxserve.models.checkpoint_cache import load_or_build, source_identity
+    from jaxserve.models.llama import flat_params_from_hf
+    from jaxserve.models.weights import (iter_hf_tensors, load_model_config, load_tokenizer,
+                                         resolve_model_source)
+
+    if config.max_num_batched_tokens < config.max_num_seqs:
+        raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
+                         f"max_num_seqs ({config.max_num_seqs})")
+    enable_compilation_cache(config.compilation_cache_dir)
+    counter = CompilationCounter()
+    source = resolve_model_source(config.model)
+    model_config = load_model_config(source)
+    tokenizer = load_tokenizer(source, config.tokenizer)
+    dtype = resolve_dtype(config.dtype)
+    key = {"source": source_identity(source), "dtype": dtype, "format": 1}
+    flat = load_or_build(config.checkpoint_cache_dir, key,
+                         lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source)), dtype))
+
+    max_model_len = config.max_model_len or min(model_config.max_position_embeddings, DEFAULT_CPU_MAX_MODEL_LEN
+                                                if jax.default_backend() == "cpu" else 1 << 30)
+    if max_model_len > model_config.max_position_embeddings:
+        logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d", max_model_len,
+                       model_config.max_position_embeddings)
+    page_size = config.block_size
+    pages_per_seq = -(-max_model_len // page_size)
+    per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, dtype)
+    num_pages = kv_budget_bytes(config) // per_page
+    if num_pages < pages_per_seq + 1:
+        raise ValueError(
+            f"The KV cache budget ({kv_budget_bytes(config)} bytes = {num_pages} pages of {page_size} tokens) "
+            f"cannot hold one sequence of max_model_len={max_model_len}; raise --kv-cache-memory or lower "
+            "--max-model-len.")
+    buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
+    runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets,
+                                 resolve_attention_backend(config.attention_backend))
+    runner = ModelRunner(model_config, runner_config, flat)
+    eos = set(model_config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(tokenizer.eos_token_id)
+    logger.info("KV cache: %d pages of %d tokens (%.2f GiB), max_model_len %d, dtype %s", num_pages, page_size,
+                num_pages * per_page / 1024**3, max_model_len, dtype)
+    return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter)

@@ -1,0 +1,182 @@
+"""Pads a scheduled step to its bucket and runs one jitted model step over the paged KV cache.
+
+Host → device: one packed int32 buffer of step metadata per step. The model is a pure function of the
+flattened parameter leaves (no Flax on the hot path); the KV cache is donated and updated in place.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.buckets import BucketSet, StepShape
+from jaxserve.config import ModelConfig
+from jaxserve.models.llama import (AttentionMetadata, abstract_model, logits_from_hidden, scanned_forward,
+                                   scanned_params, split_for_scan)
+from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample
+from jaxserve.sampling_metadata import placeholder_sampling_tensors
+from jaxserve.scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    dtype: str  # float32 | bfloat16 | float16
+    page_size: int
+    num_pages: int
+    pages_per_seq: int  # page-table width = ceil(max_model_len / page_size)
+    buckets: BucketSet
+    attention_backend: str  # xla | pallas
+
+
+def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
+    """Offsets of each field inside the packed int32 metadata buffer (static per bucket)."""
+    t, s = shape.num_tokens, shape.num_seqs
+    sizes = [("token_ids", t), ("positions", t), ("slot_mapping", t), ("kv_lens", s),
+             ("cu_q_lens", s + 1), ("num_seqs", 1), ("logits_indices", s), ("page_indices", s * pages_per_seq)]
+    layout, offset = {}, 0
+    for name, size in sizes:
+        layout[name] = (offset, size)
+        offset += size
+    return layout
+
+
+@dataclass
+class StepInput:
+    """Host-side view of one padded step."""
+
+    shape: StepShape
+    packed: np.ndarray  # int32, laid out by _layout
+    num_seqs: int
+    sample_rows: list[int]  # rows (sequence slots) whose logits are sampled
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, runner_config: RunnerConfig, flat_params: dict[str, np.ndarray],
+                 mesh: jax.sharding.Mesh | None = None):
+        self.model_config = model_config
+        self.config = runner_config
+        self.dtype = jnp.dtype(runner_config.dtype)
+        self.mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        model = abstract_model(model_config, self.dtype, runner_config.attention_backend)
+        self.split = split_for_scan(model)
+        outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
+        self.params = (jax.device_put(outer, replicated), jax.device_put(stacked, replicated))
+        self.kv_cache = self._allocate_kv(replicated)
+        self._step_fns: dict[StepShape, object] = {}
+        self._sample_fn = jax.jit(self._sample, static_argnames=("flags",))
+        self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs, static_argnames=("num_logprobs",))
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def _allocate_kv(self, sharding):
+        cfg, rc = self.model_config, self.config
+        shape = (cfg.num_layers * rc.num_pages, rc.page_size, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
+        return (zeros(), zeros())
+
+    @staticmethod
+    def kv_bytes_per_page(model_config: ModelConfig, page_size: int, dtype: str) -> int:
+        per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
+        return per_token * page_size * jnp.dtype(dtype).itemsize
+
+    # ---- jitted functions -----------------------------------------------------------------------
+    def _build_step(self, shape: StepShape):
+        layout = _layout(shape, self.config.pages_per_seq)
+        pps, num_pages = self.config.pages_per_seq, self.config.num_pages
+
+        def step(params, kv_cache, packed):
+            field = lambda name: jax.lax.dynamic_slice_in_dim(packed, *layout[name])
+            meta = AttentionMetadata(
+                slot_mapping=field("slot_mapping"), kv_lens=field("kv_lens"),
+                page_indices=field("page_indices").reshape(shape.num_seqs, pps),
+                cu_q_lens=field("cu_q_lens"), num_seqs=field("num_seqs"))
+            hidden, kv_cache = scanned_forward(self.split, *params, field("token_ids"), field("positions"),
+                                               kv_cache, meta, num_pages)
+            return hidden[field("logits_indices")], hidden, kv_cache
+
+        return jax.jit(step, donate_argnums=(1,))
+
+    def _sample(self, params, last_hidden, tensors: SamplingTensors, flags: SamplerFlags):
+        logits = logits_from_hidden(self.split, params[0], last_hidden)
+        return sample(logits, tensors, flags)
+
+    def _prompt_logprobs(self, params, hidden, target_ids, num_logprobs: int):
+        """Log-probabilities of each next prompt token (and the top alternatives) for all T positions."""
+        logprobs = jax.nn.log_softmax(logits_from_hidden(self.split, params[0], hidden), axis=-1)
+        chosen = jnp.take_along_axis(logprobs, target_ids[:, None], axis=-1)[:, 0]
+        rank = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logprobs, max(num_logprobs, 1))
+        return chosen, rank, top_ids, top_lp
+
+    def step_fn(self, shape: StepShape):
+        fn = self._step_fns.get(shape)
+        if fn is None:
+            fn = self._step_fns[shape] = self._build_step(shape)
+        return fn
+
+    # ---- host side ------------------------------------------------------------------------------
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInput:
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        shape = self.config.buckets.bucket_for(num_tokens, len(scheduled))
+        layout = _layout(shape, self.config.pages_per_seq)
+        packed = np.zeros(sum(size for _, size in layout.values()), np.int32)
+        view = {name: packed[o:o + n] for name, (o, n) in layout.items()}
+        ps = self.config.page_size
+        cursor = 0
+        sample_rows = []
+        page_rows = view["page_indices"].reshape(shape.num_seqs, self.config.pages_per_seq)
+        for row, item in enumerate(scheduled):
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            positions = np.arange(start, start + n, dtype=np.int32)
+            pages = np.asarray(seq.pages, np.int32)
+            view["token_ids"][cursor:cursor + n] = seq.token_slice(start, start + n)
+            view["positions"][cursor:cursor + n] = positions
+            view["slot_mapping"][cursor:cursor + n] = pages[positions // ps] * ps + positions % ps
+            view["kv_lens"][row] = start + n
+            view["cu_q_lens"][row + 1] = cursor + n
+            view["logits_indices"][row] = cursor + n - 1
+            page_rows[row, :len(pages)] = pages
+            cursor += n
+            if item.samples:
+                sample_rows.append(row)
+        view["cu_q_lens"][len(scheduled) + 1:] = cursor
+        view["num_seqs"][0] = len(scheduled)
+        return StepInput(shape, packed, len(scheduled), sample_rows)
+
+    def execute(self, step: StepInput):
+        """Dispatches the model step; returns device arrays (last-token hidden [S, H], all hidden [T, H])."""
+        fn = self.step_fn(step.shape)
+        last_hidden, hidden, self.kv_cache = fn(self.params, self.kv_cache, jnp.asarray(step.packed))
+        return last_hidden, hidden
+
+    def sample(self, last_hidden, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
+        return self._sample_fn(self.params, last_hidden, tensors, flags=flags)
+
+    def prompt_logprobs(self, hidden, target_ids: np.ndarray, num_logprobs: int):
+        return self._prompt_logprobs_fn(self.params, hidden, jnp.asarray(target_ids), num_logprobs=num_logprobs)
+
+    def precompile(self, shapes: list[StepShape], sampler_flags: list[SamplerFlags], progress: bool = True) -> float:
+        """Compile every bucket now (a dummy all-padding step each); returns seconds spent."""
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        vocab = self.model_config.vocab_size
+        sampled_sizes = set()
+        for shape in tqdm(shapes, desc="compiling step shapes", disable=not progress, unit="shape"):
+            layout = _layout(shape, self.config.pages_per_seq)
+            packed = np.zeros(sum(size for _, size in layout.values()), np.int32)
+            last_hidden, _ = self.execute(StepInput(shape, packed, 0, []))
+            if shape.num_seqs not in sampled_sizes:
+                sampled_sizes.add(shape.num_seqs)
+                for flags in sampler_flags:
+                    tensors = placeholder_sampling_tensors(flags, shape.num_seqs, vocab)
+                    self.sample(last_hidden, tensors, flags)
+        jax.block_until_ready(self.kv_cache)
+        return time.perf_counter() - start

@@ -1,0 +1,257 @@
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM2) as one Flax NNX definition.
+
+The module is only the definition: the engine splits it into (graphdef, state) once and jits a pure
+function over the flattened state, so Flax never sits on the per-step hot path.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.pallas_kernels.attention import ragged_paged_attention, write_kv
+
+
+class AttentionMetadata(NamedTuple):
+    """Per-step, per-token and per-sequence arrays every layer's attention reads."""
+
+    slot_mapping: jax.Array  # [T] where each new token's K/V goes
+    kv_lens: jax.Array  # [S]
+    page_indices: jax.Array  # [S, pages_per_seq]
+    cu_q_lens: jax.Array  # [S + 1]
+    num_seqs: jax.Array  # [1]
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies, with the llama3 / linear scalings HF applies."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling_dict() or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif kind not in ("default", None):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: [T, heads, head_dim], rotate-half convention (as HF's Llama)."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _linear(din, dout, bias, dtype, rngs):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, backend: str, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.backend = backend
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
+        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.o_proj = _linear(cfg.num_heads * d, h, False, dtype, rngs)
+
+    def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
+        cfg, t = self.cfg, x.shape[0]
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping)
+        out = ragged_paged_attention(
+            q, k_pages, v_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
+            sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, backend=self.backend)
+        return self.o_proj(out.reshape(t, -1)), (k_pages, v_pages)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, backend: str, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, backend, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, kv_cache, meta):
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_backend: str = "xla",
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, attention_backend, rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(
+            cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def __call__(self, token_ids, positions, kv_caches, meta: AttentionMetadata):
+        """Returns the final hidden states [T, hidden] and the updated per-layer (k, v) pages."""
+        x = self.embed_tokens(token_ids)
+        new_caches = []
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, kv_cache = layer(x, positions, kv_cache, meta)
+            new_caches.append(kv_cache)
+        return self.norm(x), new_caches
+
+    def compute_logits(self, hidden):
+        if self.lm_head is None:
+            logits = hidden @ self.embed_tokens.embedding[...].T
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+
+class ScannedModel(NamedTuple):
+    """The model split for a jitted forward that scans one layer definition over stacked layer weights.
+
+    Compiling one layer body instead of num_layers copies keeps compile time small; the KV cache of all
+    layers is one array per K/V, [num_layers * num_pages, page_size, kv_heads, head_dim], and layer l uses
+    pages [l * num_pages, (l + 1) * num_pages) so the attention boundary stays per-layer.
+    """
+
+    outer_graphdef: object  # the model without its layers
+    outer_treedef: object
+    layer_graphdef: object
+    layer_treedef: object
+    layer_paths: tuple  # parameter paths inside one layer, in leaf order
+    outer_paths: tuple
+
+
+def split_for_scan(model: LlamaForCausalLM) -> ScannedModel:
+    layer_graphdef, layer_state = nnx.split(model.layers[0])
+    layers = model.layers
+    model.layers = nnx.List([])
+    try:
+        outer_graphdef, outer_state = nnx.split(model)
+    finally:
+        model.layers = layers
+    return ScannedModel(outer_graphdef, jax.tree.structure(outer_state), layer_graphdef,
+                        jax.tree.structure(layer_state),
+                        tuple(p for p, _ in nnx.to_flat_state(layer_state)),
+                        tuple(p for p, _ in nnx.to_flat_state(outer_state)))
+
+
+def scanned_params(split: ScannedModel, flat_params: dict[str, np.ndarray], num_layers: int):
+    """(outer leaves, stacked layer leaves [num_layers, ...]) from the flat "/"-joined parameter dict."""
+    key = lambda path: "/".join(map(str, path))
+    outer = [flat_params[key(p)] for p in split.outer_paths]
+    stacked = [np.stack([flat_params[f"layers/{i}/" + key(p)] for i in range(num_layers)])
+               for p in split.layer_paths]
+    return outer, stacked
+
+
+def scanned_forward(split: ScannedModel, outer_leaves, layer_leaves, token_ids, positions, kv_cache,
+                    meta: AttentionMetadata, num_pages: int):
+    """Final hidden states [T, hidden] and the updated (k, v) cache, one scanned layer body."""
+    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    page_size = kv_cache[0].shape[1]
+
+    def body(carry, xs):
+        x, k_all, v_all = carry
+        leaves, layer_index = xs
+        layer = nnx.merge(split.layer_graphdef, jax.tree.unflatten(split.layer_treedef, leaves))
+        first_page = layer_index * num_pages
+        layer_meta = meta._replace(page_indices=meta.page_indices + first_page,
+                                   slot_mapping=meta.slot_mapping + first_page * page_size)
+        x, (k_all, v_all) = layer(x, positions, (k_all, v_all), layer_meta)
+        return (x, k_all, v_all), None
+
+    x = outer.embed_tokens(token_ids)
+    num_layers = layer_leaves[0].shape[0]
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv_cache), (layer_leaves, jnp.arange(num_layers)))
+    return outer.norm(x), (k_all, v_all)
+
+
+def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
+    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    return outer.compute_logits(hidden)
+
+
+def abstract_model(cfg: ModelConfig, dtype, attention_backend: str) -> LlamaForCausalLM:
+    """The model's structure with shapes only, no parameter memory."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0)))
+
+
+def hf_name_for(path: tuple) -> tuple[str, bool]:
+    """Map an NNX parameter path to its Hugging Face tensor name, and whether HF stores it transposed."""
+    names = [str(p) for p in path]
+    leaf = names[-1]
+    if names[0] == "embed_tokens":
+        return "model.embed_tokens.weight", False
+    if names[0] == "lm_head":
+        return "lm_head.weight", True
+    if names[0] == "norm":
+        return "model.norm.weight", False
+    # ("layers", i, module[, submodule], leaf)
+    prefix = f"model.layers.{names[1]}." + ".".join(names[2:-1])
+    if leaf == "kernel":
+        return prefix + ".weight", True
+    if leaf == "bias":
+        return prefix + ".bias", False
+    return prefix + ".weight", False
+
+
+def flat_params_from_hf(cfg: ModelConfig, tensors, dtype) -> dict[str, np.ndarray]:
+    """HF-named float32 tensors → {"/"-joined NNX path: array in the model's layout and dtype}."""
+    model = abstract_model(cfg, dtype, "xla")
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = hf_name_for(path)
+        if name not in tensors:
+            raise ValueError(f"checkpoint has no tensor {name!r} needed by {cfg.architecture}")
+        arr = np.asarray(tensors[name])
+        arr = arr.T if transposed else arr
+        if arr.shape != var.shape:
+            raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {var.shape}")
+        out["/".join(map(str, path))] = arr.astype(jnp.dtype(dtype))
+    return out
