@@ -279,6 +279,22 @@ def load_model_config(source: ModelSource) -> ModelConfig:
                           _read_json(os.path.join(source.path, "generation_config.json")))
 
 
+_HF_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16", "float32": "float32",
+              "float": "float32"}
+
+
+def checkpoint_dtype(source: ModelSource) -> str | None:
+    """The dtype a HF checkpoint declares (`dtype` / `torch_dtype` in config.json), for `dtype="auto"`.
+
+    None for GGUF files (their tensors are quantized; the caller picks a compute dtype).
+    """
+    if source.is_gguf:
+        return None
+    cfg = _read_json(os.path.join(source.path, "config.json")) or {}
+    declared = str(cfg.get("dtype") or cfg.get("torch_dtype") or "").removeprefix("torch.")
+    return _HF_DTYPES.get(declared)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -290,10 +306,18 @@ def tokenizer_from_gguf(header: GGUFHeader):
     it to the same tokenizer builders transformers uses (they only need `tokenizers`).
     """
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
 
     meta = header.metadata
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    except ImportError:  # a transformers without this module: its own GGUF path (needs torch)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(header.path), gguf_file=os.path.basename(header.path))
+        if meta.get("tokenizer.chat_template") and not getattr(tok, "chat_template", None):
+            tok.chat_template = meta["tokenizer.chat_template"]
+        return tok
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{header.path} has no tokenizer; pass --tokenizer")
 

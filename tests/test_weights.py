@@ -423,3 +423,14 @@ def test_sentencepiece_gguf_tokenizer_adds_bos_and_carries_chat_template(tmp_pat
     assert tok.decode(ids, skip_special_tokens=True) == "hello"
     assert tok.chat_template == template and tok.eos_token == "</s>"
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user]hi"
+
+
+def test_checkpoint_dtype(tmp_path):
+    from jaxserve.models.weights import checkpoint_dtype
+
+    write_hf_dir(str(tmp_path / "a"), tiny_hf_config(torch_dtype="bfloat16"), tiny_hf_tensors())
+    write_hf_dir(str(tmp_path / "b"), tiny_hf_config(dtype="float16"), tiny_hf_tensors())
+    write_hf_dir(str(tmp_path / "c"), tiny_hf_config(), tiny_hf_tensors())
+    write_tiny_gguf(tmp_path / "d.gguf")
+    got = [checkpoint_dtype(resolve_model_source(str(tmp_path / n))) for n in ("a", "b", "c", "d.gguf")]
+    assert got == ["bfloat16", "float16", None, None]
