@@ -28,6 +28,9 @@ import numpy as np
 from jaxserve.sampling_params import GuidedDecodingParams
 
 LLGUIDANCE_BACKEND_NAMES = ("llguidance", "guidance", "auto")
+# JSON whitespace between tokens when the request names no pattern: any JSON blank, like vLLM, but at most
+# 64 per gap — small models otherwise fall into endless newlines and never close the object.
+DEFAULT_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,64}"
 # A GBNF rule line looks like `name ::= ...`; Lark uses `name:`.
 _GBNF_RULE = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)
 
@@ -343,8 +346,10 @@ def _grammar_text(kind: str, text: str, whitespace_pattern: str | None, no_ws: b
             options["whitespace_pattern"] = whitespace_pattern
         elif no_ws:
             options["whitespace_flexible"] = False
+        else:
+            options["whitespace_pattern"] = DEFAULT_JSON_WHITESPACE
         try:
-            return LLMatcher.grammar_from_json_schema(text, overrides=options or None)
+            return LLMatcher.grammar_from_json_schema(text, overrides=options)
         except ValueError as e:
             raise ValueError(f"Invalid JSON schema: {e}") from None
     if kind == "regex":

@@ -179,13 +179,16 @@ def test_whitespace_pattern_is_honoured(compiler, tokenizer, preference):
                                  "[") == [" "]
     assert _blank_tokens_allowed(compiler.matcher_for(G(json=schema, backend="llguidance:disable-any-whitespace")),
                                  tokenizer, "[") == []
-    # A model that loves blanks still produces compact, valid JSON under an empty pattern
-    # (no free-form strings in this schema, where blanks would be legitimate content).
+    # A model that loves blanks still finishes valid JSON (blanks per gap are bounded by default), and
+    # produces compact JSON under an empty pattern (no free-form strings here, where blanks are content).
     schema = {"type": "array", "maxItems": 3, "items": {"type": "object", "additionalProperties": False,
               "properties": {"k": {"enum": ["a", "b"]}, "v": {"type": "integer"}}, "required": ["k", "v"]}}
     blank_lover = preference.copy()
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     blank_lover[[i for i, t in enumerate(texts) if t and not t.strip()]] += 12.0
+    padded = generate(compiler.matcher_for(G(json=schema)), tokenizer, blank_lover, 1, max_steps=2000)
+    assert re.search(r"\s{20}", padded)
+    jsonschema.validate(json.loads(padded), schema)
     tight = generate(compiler.matcher_for(G(json=schema, whitespace_pattern="")), tokenizer, blank_lover, 1)
     assert not re.search(r"\s", tight), tight
     jsonschema.validate(json.loads(tight), schema)
