@@ -101,6 +101,20 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
+    def _string_array(self, count: int) -> list[str]:
+        # The vocabulary and merges are ~100k strings: a tight loop, no per-item dispatch.
+        buf, pos, out = self.buf, self.pos, []
+        unpack = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                out.append(str(buf[pos + 8:pos + 8 + n], "utf-8", "replace"))
+                pos += 8 + n
+        except struct.error as e:
+            raise ValueError(f"{self.path}: truncated GGUF header") from e
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         vtype = GGUFValueType(vtype)
         if vtype == GGUFValueType.STRING:
@@ -113,6 +127,8 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
                 self.pos += count * dtype.itemsize
                 return arr
+            if item_type == GGUFValueType.STRING:
+                return self._string_array(count)
             return [self.value(item_type) for _ in range(count)]
         return self.scalar(_SCALAR_FORMATS[vtype])
 
