@@ -128,13 +128,28 @@ def apply_top_k_top_p_min_p(scaled: jax.Array, t: SamplingTensors, window: int) 
     """Mask (to -inf) tokens removed by top_k, then top_p (on the top-k renormalized mass), then min_p.
 
     Sorting [64, 49152] on the CPU costs over a second, so the cut-offs are found in a `lax.top_k`
-    window of `window` candidates. A row whose cut-off lies beyond the window (top_k > window, or a
-    nucleus wider than the window) sends the whole step through an exact bisection over the full
-    vocabulary instead (a batch-level `lax.cond`, so the usual case never pays for it).
+    window of `window` candidates. When a row's cut-off lies beyond the window (top_k > window, or a
+    nucleus wider than the window) the step takes an exact bisection over the full vocabulary instead
+    (batch-level `lax.cond`s, so a step whose rows all fit the window never pays for it).
     """
-    num_rows, vocab = scaled.shape
+    cut = filter_cutoffs(scaled, t, window)
+    # min_p is relative to the most likely token, which top_k / top_p always keep.
+    min_p_threshold = cut.row_max + jnp.log(t.min_p)  # log(0) = -inf keeps everything
+    threshold = jnp.maximum(jnp.where(jnp.isnan(cut.threshold), -jnp.inf, cut.threshold), min_p_threshold)
+    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+
+
+class FilterCutoffs(NamedTuple):
+    threshold: jax.Array  # f32[S]: tokens with scaled logit >= threshold survive top_k and top_p
+    row_max: jax.Array  # f32[S]
+    k_in_window: jax.Array  # bool[S]: the top_k cut-off was found in the window
+    p_in_window: jax.Array  # bool[S]: the top_p cut-off was found in the window
+
+
+def filter_cutoffs(scaled: jax.Array, t: SamplingTensors, window: int) -> FilterCutoffs:
+    vocab = scaled.shape[-1]
     window = max(1, min(window, vocab))
-    values, _ = lax.top_k(scaled, window)  # [S, K] descending
+    values, _ = _top_k(scaled, window)  # [S, K] descending
     row_max = values[:, :1]
     safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     log_total = jnp.log(jnp.sum(jnp.exp(scaled - safe_max), axis=-1, keepdims=True)) + safe_max
@@ -142,40 +157,46 @@ def apply_top_k_top_p_min_p(scaled: jax.Array, t: SamplingTensors, window: int) 
     k = jnp.where((t.top_k > 0) & (t.top_k < vocab), t.top_k, vocab)
     has_k = k < vocab
     has_p = t.top_p < 1.0
-    positions = jnp.arange(window)
-    in_top_k = positions[None, :] < k[:, None]
+    in_top_k = jnp.arange(window)[None, :] < k[:, None]
     window_probs = jnp.where(in_top_k, jnp.exp(values - log_total), 0.0)
     top_k_mass = jnp.where(has_k, window_probs.sum(-1), 1.0)  # exact when k <= window
     mass_before = jnp.cumsum(window_probs, axis=-1) - window_probs
     keep_p = in_top_k & (mass_before < t.top_p[:, None] * top_k_mass[:, None])
     num_kept = jnp.maximum(keep_p.sum(-1), 1)
 
-    k_covered = k <= window
-    p_covered = ~has_p | (num_kept < window) | (has_k & k_covered)
+    k_in_window = ~has_k | (k <= window)
+    # The nucleus is known once a window token falls out of it, or when top_k already bounds it.
+    p_in_window = ~has_p | (num_kept < window) | (has_k & (k <= window))
     kth_value = jnp.take_along_axis(values, jnp.clip(k - 1, 0, window - 1)[:, None], axis=-1)[:, 0]
+    k_threshold = jnp.where(has_k, kth_value, -jnp.inf)
     nucleus_value = jnp.take_along_axis(values, (num_kept - 1)[:, None], axis=-1)[:, 0]
-    window_threshold = jnp.where(has_p, nucleus_value, jnp.where(has_k, kth_value, -jnp.inf))
+    window_threshold = jnp.where(has_p, nucleus_value, k_threshold)
 
-    covered = jnp.all(k_covered & p_covered)
-    threshold = lax.cond(covered, lambda: window_threshold,
-                         lambda: _bisect_thresholds(scaled, k, has_k, has_p, t.top_p, log_total))
-    # min_p is relative to the most likely token, which top_k / top_p always keep.
-    min_p_threshold = row_max[:, 0] + jnp.log(t.min_p)  # log(0) = -inf keeps everything
-    threshold = jnp.maximum(jnp.where(jnp.isnan(threshold), -jnp.inf, threshold), min_p_threshold)
-    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+    def exact() -> jax.Array:
+        keys = _float_order_key(scaled)
+        exact_k = lax.cond(jnp.all(k_in_window), lambda: k_threshold,
+                           lambda: _exact_top_k_threshold(keys, k, has_k))
+        probs = jnp.where(scaled >= exact_k[:, None], jnp.exp(scaled - log_total), 0.0)
+        p_key = _largest_key_with_weight(keys, probs, t.top_p * probs.sum(-1))
+        return jnp.where(has_p, jnp.maximum(_key_to_float(p_key), exact_k), exact_k)
+
+    threshold = lax.cond(jnp.all(k_in_window & p_in_window), lambda: window_threshold, exact)
+    return FilterCutoffs(threshold, row_max[:, 0], k_in_window, p_in_window)
 
 
-def _bisect_thresholds(scaled, k, has_k, has_p, top_p, log_total) -> jax.Array:
-    """Exact top_k / top_p cut-off values over the full vocabulary, by bisection on the float order."""
-    keys = _float_order_key(scaled)
-    ones = jnp.ones_like(scaled)
-    k_key = _largest_key_with_weight(keys, ones, k.astype(jnp.float32))
-    in_top_k = keys >= k_key[:, None]
-    probs = jnp.where(in_top_k, jnp.exp(scaled - log_total), 0.0)
-    top_k_mass = probs.sum(-1)
-    p_key = _largest_key_with_weight(keys, probs, top_p * top_k_mass)
-    k_threshold = jnp.where(has_k, _key_to_float(k_key), -jnp.inf)
-    return jnp.where(has_p, jnp.maximum(_key_to_float(p_key), k_threshold), k_threshold)
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k behind an optimization barrier.
+
+    On the CPU, top_k lowers to sort + slice, which XLA turns back into a fast partial top-k only
+    while nothing else reads the sort; slicing its values twice (e.g. [:, :1] and [:, -1:]) silently
+    leaves a full sort of [S, V] (2.7 s instead of 50 ms at [64, 49152]). The barrier keeps it fast.
+    """
+    return lax.optimization_barrier(lax.top_k(x, k))
+
+
+def _exact_top_k_threshold(keys: jax.Array, k: jax.Array, has_k: jax.Array) -> jax.Array:
+    k_key = _largest_key_with_weight(keys, jnp.ones(keys.shape, jnp.float32), k.astype(jnp.float32))
+    return jnp.where(has_k, _key_to_float(k_key), -jnp.inf)
 
 
 def _largest_key_with_weight(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
@@ -254,6 +275,6 @@ def _with_logprobs(raw: jax.Array, tokens: jax.Array, num_logprobs: int) -> Samp
     token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     if num_logprobs <= 0:
         return SamplerOutput(tokens, token_logprob)
-    top_logprobs, top_ids = lax.top_k(logprobs, num_logprobs)
+    top_logprobs, top_ids = _top_k(logprobs, num_logprobs)
     rank = 1 + jnp.sum(logprobs > token_logprob[:, None], axis=-1).astype(jnp.int32)
     return SamplerOutput(tokens, token_logprob, top_ids.astype(jnp.int32), top_logprobs, rank)

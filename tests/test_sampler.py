@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxserve.sampler import (SamplerFlags, apply_penalties, apply_top_k_top_p_min_p, _sample_categorical,
-                              sample)
+from jaxserve.sampler import (SamplerFlags, apply_penalties, apply_top_k_top_p_min_p, filter_cutoffs,
+                              _sample_categorical, sample)
 from jaxserve.sampling_metadata import (RowSamplingState, build_sampling_tensors, pack_token_mask,
                                         unpack_token_mask)
 from jaxserve.sampling_params import SamplingParams
@@ -106,16 +106,29 @@ def test_filtered_sampling_keeps_exactly_the_right_tokens_and_mass(params):
 
 @pytest.mark.parametrize("window", [8, 64, 1024])
 def test_filter_masks_equal_sorting_reference_in_and_beyond_the_window(window):
-    """window=8 forces the exact bisection fallback for wide nuclei and large top_k; 1024 covers all."""
+    """Small windows push wide nuclei and large top_k onto the exact bisection; 1024 holds them all."""
     vocab = 1000
     logits = random_logits(6, vocab, seed=4, scale=1.0)
     settings = [(5, 1.0, 0.0), (-1, 0.9, 0.0), (300, 1.0, 0.0), (50, 0.6, 0.05), (-1, 1.0, 0.5), (-1, 0.2, 0.0)]
     rows = [row(top_k=k, top_p=p, min_p=m) for k, p, m in settings]
     tensors, _ = build_sampling_tensors(rows, 6, vocab, 0)
-    masked = np.asarray(jax.jit(apply_top_k_top_p_min_p, static_argnums=2)(
-        jnp.asarray(logits), jax.tree.map(jnp.asarray, tensors), window))
+    tensors, scaled = jax.tree.map(jnp.asarray, tensors), jnp.asarray(logits)
+    masked = np.asarray(jax.jit(apply_top_k_top_p_min_p, static_argnums=2)(scaled, tensors, window))
     for i, (k, p, m) in enumerate(settings):
         np.testing.assert_array_equal(np.isfinite(masked[i]), reference_keep(logits[i], k, p, m), err_msg=str(i))
+    cut = filter_cutoffs(scaled, tensors, window)
+    in_window = np.asarray(cut.k_in_window & cut.p_in_window)
+    assert in_window.all() == (window == 1024)
+    assert in_window[[0, 4]].all()  # top_k=5 and min_p alone always fit
+
+
+def test_exact_path_with_only_top_p_beyond_the_window():
+    logits = random_logits(3, 500, seed=11, scale=0.5)
+    rows = [row(top_p=0.95), row(top_k=4, top_p=0.5), row(top_p=0.3, min_p=0.2)]
+    tensors, _ = build_sampling_tensors(rows, 3, 500, 0)
+    masked = np.asarray(apply_top_k_top_p_min_p(jnp.asarray(logits), jax.tree.map(jnp.asarray, tensors), 16))
+    for i, (k, p, m) in enumerate([(-1, 0.95, 0.0), (4, 0.5, 0.0), (-1, 0.3, 0.2)]):
+        np.testing.assert_array_equal(np.isfinite(masked[i]), reference_keep(logits[i], k, p, m))
 
 
 def test_penalties_follow_vllm_formulas():

@@ -1,0 +1,111 @@
+"""Per-call time of each jitted sampler variant, and the host cost of building one step's tensors.
+
+    .venv/bin/python benchmarks/sampler.py [--sizes 1 8 32 64] [--vocab 49152] [--repeats 7]
+
+Prints a markdown table (median milliseconds per call, after compilation) for docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.sampler import sample
+from jaxserve.sampling_metadata import RowSamplingState, build_sampling_tensors, pack_token_mask
+from jaxserve.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20
+PROMPT_LEN, OUTPUT_LEN = 512, 128
+
+
+def variant_params(vocab: int) -> dict[str, tuple[dict, str]]:
+    """name → (SamplingParams keywords of every row, which logits to use)."""
+    even_tokens = list(range(0, vocab, 2))
+    return {
+        "greedy": (dict(temperature=0.0), "peaked"),
+        "temperature": (dict(temperature=0.8), "peaked"),
+        "top_k=50 top_p=0.9": (dict(temperature=0.8, top_k=50, top_p=0.9), "peaked"),
+        "top_p=0.9 (in window)": (dict(temperature=0.8, top_p=0.9), "peaked"),
+        "top_p=0.9 (flat: exact fallback)": (dict(temperature=1.0, top_p=0.9), "flat"),
+        "min_p=0.05": (dict(temperature=0.8, min_p=0.05), "peaked"),
+        "penalties (W=1024)": (dict(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.2,
+                                    presence_penalty=0.2), "peaked"),
+        "logit_bias + allowed_token_ids": (dict(temperature=0.8, logit_bias={1: 1.0, 2: -1.0},
+                                                allowed_token_ids=even_tokens), "peaked"),
+        "greedy + logprobs=20": (dict(temperature=0.0, logprobs=5), "peaked"),
+        "everything": (dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                            presence_penalty=0.2, logit_bias={1: 1.0}, allowed_token_ids=even_tokens,
+                            logprobs=5), "peaked"),
+    }
+
+
+def make_rows(params: dict, count: int, vocab: int, rng: np.random.Generator) -> list[RowSamplingState]:
+    return [RowSamplingState(SamplingParams(**params), rng.integers(0, vocab, PROMPT_LEN),
+                             rng.integers(0, vocab, OUTPUT_LEN), seed=i) for i in range(count)]
+
+
+def make_logits(kind: str, size: int, vocab: int, rng: np.random.Generator) -> jax.Array:
+    # "peaked" resembles a confident LM step (most mass on a few tokens); "flat" spreads it widely.
+    scale = 8.0 if kind == "peaked" else 1.0
+    return jnp.asarray(rng.standard_normal((size, vocab)).astype(np.float32) * scale)
+
+
+def time_call(fn, *args, repeats: int, **kwargs) -> float:
+    jax.block_until_ready(fn(*args, **kwargs))  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args, **kwargs))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def time_host_build(rows, size: int, vocab: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        build_sampling_tensors(rows, size, vocab, MAX_LOGPROBS)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    jitted = jax.jit(sample, static_argnames="flags")
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, V={args.vocab}, "
+          f"penalty rows: prompt {PROMPT_LEN} + output {OUTPUT_LEN} tokens\n")
+    print("| variant | " + " | ".join(f"S={s}" for s in args.sizes) + " |")
+    print("|---|" + "---:|" * len(args.sizes))
+    host_rows = {}
+    for name, (params, logits_kind) in variant_params(args.vocab).items():
+        cells = []
+        for size in args.sizes:
+            rows = make_rows(params, size, args.vocab, rng)
+            tensors, flags = build_sampling_tensors(rows, size, args.vocab, MAX_LOGPROBS)
+            tensors = jax.device_put(tensors)
+            logits = make_logits(logits_kind, size, args.vocab, rng)
+            cells.append(f"{time_call(jitted, logits, tensors, repeats=args.repeats, flags=flags):.2f}")
+            host_rows[name] = rows
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+    size = max(args.sizes)
+    print(f"\nHost build_sampling_tensors for {size} rows (median ms):")
+    for name in ("greedy", "everything"):
+        print(f"- {name}: {time_host_build(host_rows[name], size, args.vocab, args.repeats):.3f} ms")
+    guided = [RowSamplingState(SamplingParams(temperature=0.8), [1], [2], seed=i,
+                               bitmask=pack_token_mask(rng.random(args.vocab) < 0.5)) for i in range(size)]
+    print(f"- guided bitmask rows: {time_host_build(guided, size, args.vocab, args.repeats):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
