@@ -204,6 +204,7 @@ class GuidedDecodingCompiler:
         self._check_backend(self._default_backend.name)
         self._lock = threading.Lock()
         self._ll_tokenizer: Any = None
+        self._outlines_vocab: Any = None
         self._executor: Any = None
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self.cache_hits = 0
@@ -215,7 +216,8 @@ class GuidedDecodingCompiler:
         spec = _BackendSpec.parse(params.backend or "", self._default_backend)
         self._check_backend(spec.name)
         kind, key_text = _constraint_key(params)
-        key = (kind, key_text, params.whitespace_pattern, spec.disable_any_whitespace)
+        outlines = spec.name == "outlines"
+        key = (outlines, kind, key_text, params.whitespace_pattern, spec.disable_any_whitespace)
         with self._lock:
             template = self._cache.get(key)
             if template is not None:
@@ -223,11 +225,16 @@ class GuidedDecodingCompiler:
                 self.cache_hits += 1
             else:
                 self.cache_misses += 1
-                template = self._compile(kind, key_text, params.whitespace_pattern, spec.disable_any_whitespace)
+                compile_fn = self._compile_outlines if outlines else self._compile
+                template = compile_fn(kind, key_text, params.whitespace_pattern, spec.disable_any_whitespace)
                 self._cache[key] = template
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
             ll_vocab = self._ll_tokenizer.vocab_size
+        if outlines:
+            from jaxserve.guided_outlines import OutlinesMatcher
+
+            return OutlinesMatcher(template, self._outlines_vocab, self.vocab_size)
         # deep_copy shares the compiled lexer/parser tables; only the parse state is per request.
         return GuidedMatcher(template.deep_copy(), self.vocab_size, ll_vocab, self.eos_token_ids)
 
@@ -235,7 +242,7 @@ class GuidedDecodingCompiler:
         """Raise ValueError if the constraint does not compile (fills the cache as a side effect)."""
         self.matcher_for(params)
 
-    def fill_bitmasks(self, rows: Sequence[tuple[GuidedMatcher, int]], bitmask: np.ndarray) -> None:
+    def fill_bitmasks(self, rows: Sequence[tuple[Any, int]], bitmask: np.ndarray) -> None:
         """Fill `bitmask[row]` for every (matcher, row) pair, in parallel threads where possible."""
         if not rows:
             return
@@ -263,10 +270,17 @@ class GuidedDecodingCompiler:
     def _check_backend(name: str) -> None:
         if name in LLGUIDANCE_BACKEND_NAMES:
             return
-        if name in ("outlines", "xgrammar", "lm-format-enforcer"):
+        if name == "outlines":
+            from jaxserve.guided_outlines import outlines_available
+
+            if outlines_available():
+                return
+            raise ValueError("guided_decoding_backend 'outlines' needs the outlines-core package, which is "
+                             "not installed; use 'llguidance'.")
+        if name in ("xgrammar", "lm-format-enforcer"):
             raise ValueError(f"guided_decoding_backend '{name}' is not available in this server; "
-                             f"use 'llguidance'.")
-        raise ValueError(f"Unknown guided_decoding_backend '{name}'; supported: llguidance.")
+                             f"use 'llguidance' or 'outlines'.")
+        raise ValueError(f"Unknown guided_decoding_backend '{name}'; supported: llguidance, outlines.")
 
     def _get_ll_tokenizer(self) -> Any:
         if self._ll_tokenizer is None:
@@ -283,6 +297,13 @@ class GuidedDecodingCompiler:
 
             self._executor = llguidance.LLExecutor()
         return self._executor
+
+    def _compile_outlines(self, kind: str, text: str, whitespace_pattern: str | None, no_ws: bool) -> Any:
+        from jaxserve.guided_outlines import OutlinesVocabulary, compile_outlines
+
+        if self._outlines_vocab is None:
+            self._outlines_vocab = OutlinesVocabulary(self._get_ll_tokenizer(), self.eos_token_ids)
+        return compile_outlines(self._outlines_vocab, kind, text, whitespace_pattern, no_ws)
 
     def _compile(self, kind: str, text: str, whitespace_pattern: str | None, no_ws: bool) -> Any:
         import llguidance

@@ -369,3 +369,56 @@ def test_host_cost_per_token_for_a_json_schema(compiler, tokenizer, preference):
     print(f"\njson schema: {steps} tokens, fill_bitmask {1e6 * fill_s / steps:.0f} us/token, "
           f"accept_token {1e6 * accept_s / steps:.0f} us/token")
     assert (fill_s + accept_s) / steps < 0.05
+
+
+# ---------------------------------------------------------------- the optional outlines-core backend
+@pytest.fixture(scope="module")
+def outlines_compiler(tokenizer):
+    pytest.importorskip("outlines_core")
+    return GuidedDecodingCompiler(tokenizer, MODEL_VOCAB, backend="outlines")
+
+
+def test_outlines_choice_regex_and_json(outlines_compiler, tokenizer, preference):
+    for seed in range(3):
+        assert generate(outlines_compiler.matcher_for(G(choice=["red", "green"])), tokenizer, preference,
+                        seed) in ("red", "green")
+        text = generate(outlines_compiler.matcher_for(G(regex=r"[0-9]{3}-[a-z]{2,4}")), tokenizer, preference, seed)
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", text)
+        # (not "bounded_int": outlines-core's schema→regex ignores integer minimum/maximum)
+        for name in ("flat", "enum", "nested", "array_of_objects"):
+            text = generate(outlines_compiler.matcher_for(G(json=SCHEMAS[name])), tokenizer, preference, seed)
+            jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+def test_outlines_per_request_backend_and_termination(compiler, tokenizer):
+    m = compiler.matcher_for(G(choice=["yes", "no"], backend="outlines"))
+    assert type(m).__name__ == "OutlinesMatcher"
+    toks = tokenizer.encode("yes", add_special_tokens=False)
+    assert m.accept_tokens(toks) == len(toks) and m.is_terminated() and m.is_accepting()
+    row = allocate_bitmask(1, MODEL_VOCAB)[0]
+    m.fill_bitmask(row)
+    assert np.flatnonzero(bitmask_to_allowed_numpy(row, MODEL_VOCAB)).tolist() == [tokenizer.eos_token_id]
+    m.rollback(len(toks))
+    assert not m.is_accepting() and m.validate_tokens(toks) == len(toks)
+    assert not m.accept_token(tokenizer.encode("maybe", add_special_tokens=False)[0]) and m.error
+
+
+@pytest.mark.parametrize("params, needle", [
+    (G(grammar="start: \"a\""), "does not support grammar"),
+    (G(regex="(("), "Invalid regex"),
+    (G(json={"type": "foo"}), "Invalid JSON schema"),
+])
+def test_outlines_errors(outlines_compiler, params, needle):
+    with pytest.raises(ValueError, match=needle):
+        outlines_compiler.matcher_for(params)
+
+
+def test_outlines_masks_match_llguidance_for_a_regex(compiler, outlines_compiler, tokenizer):
+    a, b = compiler.matcher_for(G(regex=r"(cat|dog)s?")), outlines_compiler.matcher_for(G(regex=r"(cat|dog)s?"))
+    rows = allocate_bitmask(2, MODEL_VOCAB)
+    for tok in [None] + tokenizer.encode("cat", add_special_tokens=False):
+        if tok is not None:
+            assert a.accept_token(tok) and b.accept_token(tok)
+        a.fill_bitmask(rows[0])
+        b.fill_bitmask(rows[1])
+        np.testing.assert_array_equal(rows[0], rows[1])
