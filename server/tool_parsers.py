@@ -8,7 +8,9 @@ then `{"index", "function": {"arguments": fragment}}` while the argument JSON ar
 """
 from __future__ import annotations
 
+import ast
 import json
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -182,13 +184,17 @@ class ToolParser:
     def split(self, text: str, final: bool) -> SplitText:
         raise NotImplementedError
 
+    def read_call(self, text: str, start: int) -> PartialCall | None:
+        """The call whose text starts at text[start], as far as it goes (JSON objects by default)."""
+        return partial_call(text, start, self.name_keys, self.argument_keys)
+
     # -------- non-streaming
     def extract_tool_calls(self, text: str) -> tuple[str | None, list[dict]]:
         """(content or None, OpenAI tool_calls); unparseable call text falls back to plain content."""
         parts = self.split(text, final=True)
         calls = []
         for start in parts.call_starts:
-            call = partial_call(text, start, self.name_keys, self.argument_keys)
+            call = self.read_call(text, start)
             if call is None or call.name is None or not call.arguments_complete:
                 continue
             try:
@@ -227,7 +233,7 @@ class ToolParser:
             self._sent_content = len(parts.content)
         tool_deltas = []
         for index, start in enumerate(parts.call_starts):
-            call = partial_call(text, start, self.name_keys, self.argument_keys)
+            call = self.read_call(text, start)
             if call is None or call.name is None:
                 break  # later calls must wait for this one's name, to keep indices in order
             if index == len(self._sent):
@@ -312,7 +318,7 @@ class Llama3JsonToolParser(ToolParser):
         if text[i] != "{":
             return SplitText(text, [], False)
         starts = _object_sequence(text, i, ";")
-        first = partial_call(text, starts[0], self.name_keys, self.argument_keys)
+        first = self.read_call(text, starts[0])
         if first is None or (first.complete and first.name is None):
             return SplitText(text, [], False)  # JSON, but not a tool call
         return SplitText("", starts, True)
@@ -347,10 +353,87 @@ class JsonArrayToolParser(ToolParser):
         return SplitText("" if not final else text, [], False)
 
 
+class PythonicToolParser(ToolParser):
+    """Python call lists: `[get_weather(city="Oslo"), add(a=1, b=2)]` (Llama 3.2 / 4 style), optionally
+    wrapped in `<|python_start|>`/`<|python_end|>`. A call's arguments are sent whole once it closes."""
+
+    start_marker = "<|python_start|>"
+
+    def split(self, text: str, final: bool) -> SplitText:
+        i = _skip_ws(text, 0)
+        if text.startswith(self.start_marker, i):
+            i = _skip_ws(text, i + len(self.start_marker))
+        elif not final and self.start_marker.startswith(text[i:]):
+            return SplitText("", [], False)
+        if i >= len(text):
+            return SplitText("" if not final else text, [], False)
+        if text[i] != "[":
+            return SplitText(text, [], False)
+        head = re.match(r"\[\s*([A-Za-z_][\w.]*)?(\s*\()?", text[i:])
+        if not head.group(2):  # not (yet) `[name(`
+            undecided = not final and head.end() == len(text) - i
+            return SplitText("" if undecided else text, [], False)
+        return SplitText("", _python_call_starts(text, i + 1), True)
+
+    def read_call(self, text: str, start: int) -> PartialCall | None:
+        name_match = re.match(r"([A-Za-z_][\w.]*)\s*\(", text[start:])
+        if name_match is None:
+            return None
+        end = _python_expr_end(text, start)
+        if end is None:
+            return PartialCall(name_match.group(1), "", False, False)
+        try:
+            call = ast.parse(text[start:end].strip(), mode="eval").body
+            if not isinstance(call, ast.Call) or call.args:
+                return None
+            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+            return PartialCall(name_match.group(1), json.dumps(arguments, ensure_ascii=False), True, True)
+        except (SyntaxError, ValueError, TypeError):
+            return None
+
+
+def _python_expr_end(text: str, i: int) -> int | None:
+    """End of the Python expression from text[i] up to a depth-0 ',' or ']' (None if unfinished)."""
+    depth, quote = 0, None
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            if depth == 0:
+                return i
+            depth -= 1
+        elif c == "," and depth == 0:
+            return i
+        i += 1
+    return None
+
+
+def _python_call_starts(text: str, i: int) -> list[int]:
+    starts = []
+    while True:
+        i = _skip_ws(text, i)
+        if i >= len(text) or text[i] == "]":
+            return starts
+        starts.append(i)
+        end = _python_expr_end(text, i)
+        if end is None or text[end] == "]":
+            return starts
+        i = end + 1
+
+
 TOOL_PARSERS: dict[str, Callable[[Any], ToolParser]] = {
     "hermes": HermesToolParser,
     "llama3_json": Llama3JsonToolParser,
     "mistral": MistralToolParser,
+    "pythonic": PythonicToolParser,
 }
 
 

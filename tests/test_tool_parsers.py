@@ -272,3 +272,16 @@ def test_named_tool_call_generated_under_guidance_validates(compiler):
         text = compiler.tokenizer.decode(sample_tokens(compiler, guided_params_for_tools(TOOLS, named), seed))
         [call] = tool_calls_from_guided_output(text, TOOLS, named)
         jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_pythonic_calls():
+    text = '[get_weather(city="Oslo, \'NO\'", unit="c"), add(a=1, b=2), now()]'
+    check_both_ways("pythonic", text, None, [("get_weather", {"city": "Oslo, 'NO'", "unit": "c"}),
+                                             ("add", {"a": 1, "b": 2}), ("now", {})])
+    check_both_ways("pythonic", '<|python_start|>[add(a=[1, 2], b={"k": None})]<|python_end|>', None,
+                    [("add", {"a": [1, 2], "b": {"k": None}})])
+
+
+def test_pythonic_plain_text_and_plain_lists_are_content():
+    for text in ["It is sunny.", "[1, 2, 3]", "[citation needed]"]:
+        check_both_ways("pythonic", text, text, [])
