@@ -34,7 +34,8 @@ class SamplerFlags:
     needs_penalties: bool = False
     needs_logit_bias: bool = False
     needs_bitmask: bool = False
-    num_logprobs: int = 0  # 0, or the server's max_logprobs (fixed so the output shape is fixed)
+    # 0 (no row wants logprobs: none computed), or the server's max_logprobs (fixed output shape).
+    num_logprobs: int = 0
     penalty_window: int = 0  # W of penalty_token_ids [S, W] (bucketed); 0 when no penalties
     logit_bias_width: int = 0  # B of logit_bias_ids [S, B] (bucketed); 0 when no logit bias
     filter_window: int = 0  # K of the lax.top_k candidate window used by top_k / top_p
@@ -61,7 +62,7 @@ class SamplingTensors(NamedTuple):
 
 class SamplerOutput(NamedTuple):
     token_ids: jax.Array  # i32[S]
-    logprob: jax.Array  # f32[S] raw-distribution logprob of the sampled token
+    logprob: jax.Array | None  # f32[S] raw-distribution logprob of the sampled token (num_logprobs > 0)
     top_ids: jax.Array | None = None  # i32[S, K] when num_logprobs > 0
     top_logprobs: jax.Array | None = None  # f32[S, K]
     rank: jax.Array | None = None  # i32[S], 1-based rank of the sampled token
@@ -77,9 +78,8 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
     if flags.needs_penalties:
         logits = apply_penalties(logits, tensors)
 
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if flags.all_greedy:
-        tokens = greedy_tokens
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         is_greedy = tensors.temperature < GREEDY_TEMPERATURE
         temperature = jnp.where(is_greedy, 1.0, tensors.temperature)
@@ -87,7 +87,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
         if flags.needs_filtering:
             scaled = apply_top_k_top_p_min_p(scaled, tensors, flags.filter_window)
         uniforms = _row_uniforms(tensors.seed, tensors.step)
-        tokens = jnp.where(is_greedy, greedy_tokens, _sample_categorical(scaled, uniforms))
+        tokens = _sample_categorical(scaled, uniforms, is_greedy)
     return _with_logprobs(raw, tokens, flags.num_logprobs)
 
 
@@ -238,17 +238,22 @@ def _row_uniforms(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(one)(seed, step)
 
 
-def _sample_categorical(scaled: jax.Array, uniforms: jax.Array) -> jax.Array:
+def _sample_categorical(scaled: jax.Array, uniforms: jax.Array, is_greedy: jax.Array | None = None) -> jax.Array:
     """Exact categorical draw from softmax(scaled) by inverting the CDF with one uniform per row.
 
     Two levels keep it cheap and accurate: pick the block of CDF_BLOCK tokens whose cumulative mass
     crosses u * total, then the token inside that block. The chosen token always has positive mass:
     it is the first position whose cumulative sum exceeds the target.
+    Greedy rows put mass 1 on every maximum and draw u = 0, which picks the first maximum: exactly
+    argmax, without a separate (slow on the CPU) argmax pass over the batch.
     """
     num_rows, vocab = scaled.shape
     row_max = jnp.max(scaled, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.exp(scaled - row_max)
+    if is_greedy is not None:
+        probs = jnp.where(is_greedy[:, None], (scaled == row_max).astype(jnp.float32), probs)
+        uniforms = jnp.where(is_greedy, 0.0, uniforms)
     padded_vocab = -(-vocab // CDF_BLOCK) * CDF_BLOCK
     probs = jnp.pad(probs, ((0, 0), (0, padded_vocab - vocab))).reshape(num_rows, -1, CDF_BLOCK)
     block_mass = probs.sum(-1)  # [S, NB]
@@ -270,11 +275,11 @@ def _sample_categorical(scaled: jax.Array, uniforms: jax.Array) -> jax.Array:
 
 
 def _with_logprobs(raw: jax.Array, tokens: jax.Array, num_logprobs: int) -> SamplerOutput:
+    if num_logprobs <= 0:  # nobody asked for logprobs: skip the [S, V] logsumexp
+        return SamplerOutput(tokens, None)
     log_total = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
     logprobs = raw - log_total  # fused by XLA into the consumers below, never materialized twice
     token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    if num_logprobs <= 0:
-        return SamplerOutput(tokens, token_logprob)
     top_logprobs, top_ids = _top_k(logprobs, num_logprobs)
     rank = 1 + jnp.sum(logprobs > token_logprob[:, None], axis=-1).astype(jnp.int32)
     return SamplerOutput(tokens, token_logprob, top_ids.astype(jnp.int32), top_logprobs, rank)

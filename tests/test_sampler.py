@@ -9,8 +9,8 @@ from scipy import stats
 
 from jaxserve.sampler import (SamplerFlags, apply_penalties, apply_top_k_top_p_min_p, filter_cutoffs,
                               _sample_categorical, sample)
-from jaxserve.sampling_metadata import (RowSamplingState, build_sampling_tensors, pack_token_mask,
-                                        unpack_token_mask)
+from jaxserve.sampling_metadata import (RowSamplingState, allowed_token_mask, build_sampling_tensors,
+                                        pack_token_mask, unpack_token_mask)
 from jaxserve.sampling_params import SamplingParams
 
 SAMPLE = jax.jit(sample, static_argnames="flags")
@@ -72,12 +72,14 @@ def test_greedy_is_argmax_without_rng_or_filtering():
     logits = random_logits(6, 300)
     out, flags = run(logits, [row(temperature=0.0, top_k=3, seed=s) for s in range(6)], bucket=8)
     assert flags.all_greedy and not flags.needs_filtering and flags.num_logprobs == 0
+    assert out.logprob is None and out.top_ids is None  # nobody asked: no logsumexp over the vocab
     np.testing.assert_array_equal(np.asarray(out.token_ids)[:6], logits.argmax(-1))
     np.testing.assert_array_equal(np.asarray(out.token_ids)[6:], 0)  # padded rows: argmax of zeros
 
 
 def test_greedy_rows_beside_random_rows_stay_argmax():
     logits = random_logits(8, 300, seed=1)
+    logits[3, [17, 250]] = logits[3].max() + 1.0  # a tie: argmax takes the first
     rows = [row(seed=s, temperature=0.0 if s % 2 else 1.0, top_p=0.5) for s in range(8)]
     out, flags = run(logits, rows)
     assert not flags.all_greedy
@@ -178,6 +180,8 @@ def test_guided_bitmask_and_allowed_token_ids_are_respected():
     rows = [RowSamplingState(SamplingParams(), [1], [], s, bitmask=pack_token_mask(guided_allowed))
             for s in range(300)]
     rows += [row(seed=s, allowed_token_ids=[5, 63, 64]) for s in range(300)]
+    for r in rows[450:]:  # the engine's per-request precomputed mask gives the same result
+        r.allowed_mask = allowed_token_mask(r.params, vocab)
     out, flags = run(logits, rows)
     tokens = np.asarray(out.token_ids)
     assert flags.needs_bitmask
