@@ -246,8 +246,9 @@ class GuidedDecodingCompiler:
         """Fill `bitmask[row]` for every (matcher, row) pair, in parallel threads where possible."""
         if not rows:
             return
-        if bitmask.dtype != np.int32 or bitmask.ndim != 2 or not bitmask.flags["C_CONTIGUOUS"]:
-            raise ValueError("bitmask must be a C-contiguous int32 [S, W] array")
+        if bitmask.dtype != np.int32 or bitmask.ndim != 2 or not bitmask.flags["C_CONTIGUOUS"] \
+                or bitmask.shape[1] != bitmask_width(self.vocab_size):
+            raise ValueError(f"bitmask must be a C-contiguous int32 [S, {bitmask_width(self.vocab_size)}] array")
         direct = [(m.ll_matcher, i) for m, i in rows if m.direct_fill]
         if len(direct) > 1:
             import llguidance.numpy as llnp
