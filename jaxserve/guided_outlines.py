@@ -111,7 +111,10 @@ class OutlinesMatcher:
             self._guide.write_mask_into(self._scratch.ctypes.data, self._scratch.size, 4)
             n = min(row.shape[0], self._scratch.shape[0])
             row[:n] = self._scratch[:n]
+            eos_allowed = self._guide.is_finished()
         else:
+            eos_allowed = True
+        if eos_allowed:  # outlines-core knows one EOS id; the model may have several
             for eos in self.eos_token_ids:
                 row.view(np.uint32)[eos // 32] |= np.uint32(1 << (eos % 32))
         _clear_bits_from(row, self.vocab_size)

@@ -1,6 +1,7 @@
 """Guided decoding matchers driven by a simulated model over the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import time
@@ -422,3 +423,16 @@ def test_outlines_masks_match_llguidance_for_a_regex(compiler, outlines_compiler
         a.fill_bitmask(rows[0])
         b.fill_bitmask(rows[1])
         np.testing.assert_array_equal(rows[0], rows[1])
+
+
+def test_several_eos_tokens_are_all_allowed_at_the_end(tokenizer):
+    c = GuidedDecodingCompiler(tokenizer, MODEL_VOCAB, eos_token_ids=[tokenizer.eos_token_id, 0])
+    for backend in ("llguidance", "outlines"):
+        if backend == "outlines" and not importlib.util.find_spec("outlines_core"):
+            continue
+        m = c.matcher_for(G(choice=["yes", "no"], backend=backend))
+        m.accept_tokens(tokenizer.encode("no", add_special_tokens=False))
+        row = allocate_bitmask(1, MODEL_VOCAB)[0]
+        m.fill_bitmask(row)
+        assert np.flatnonzero(bitmask_to_allowed_numpy(row, MODEL_VOCAB)).tolist() == sorted([0, tokenizer.eos_token_id])
+        assert m.accept_token(0) and m.is_terminated() and m.error is None
