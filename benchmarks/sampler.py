@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.sampler import sample
-from jaxserve.sampling_metadata import RowSamplingState, build_sampling_tensors, pack_token_mask
+from jaxserve.sampling_metadata import (RowSamplingState, allowed_token_mask, build_sampling_tensors,
+                                        pack_token_mask)
 from jaxserve.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
@@ -36,7 +37,7 @@ def variant_params(vocab: int) -> dict[str, tuple[dict, str]]:
                                     presence_penalty=0.2), "peaked"),
         "logit_bias + allowed_token_ids": (dict(temperature=0.8, logit_bias={1: 1.0, 2: -1.0},
                                                 allowed_token_ids=even_tokens), "peaked"),
-        "greedy + logprobs=20": (dict(temperature=0.0, logprobs=5), "peaked"),
+        "greedy + logprobs (K=20)": (dict(temperature=0.0, logprobs=5), "peaked"),
         "everything": (dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
                             presence_penalty=0.2, logit_bias={1: 1.0}, allowed_token_ids=even_tokens,
                             logprobs=5), "peaked"),
@@ -44,8 +45,14 @@ def variant_params(vocab: int) -> dict[str, tuple[dict, str]]:
 
 
 def make_rows(params: dict, count: int, vocab: int, rng: np.random.Generator) -> list[RowSamplingState]:
-    return [RowSamplingState(SamplingParams(**params), rng.integers(0, vocab, PROMPT_LEN),
-                             rng.integers(0, vocab, OUTPUT_LEN), seed=i) for i in range(count)]
+    """Rows as the engine would hold them: token lists, the allowed mask precomputed per request."""
+    rows = []
+    for i in range(count):
+        sampling = SamplingParams(**params)
+        rows.append(RowSamplingState(sampling, rng.integers(0, vocab, PROMPT_LEN).tolist(),
+                                     rng.integers(0, vocab, OUTPUT_LEN).tolist(), seed=i,
+                                     allowed_mask=allowed_token_mask(sampling, vocab)))
+    return rows
 
 
 def make_logits(kind: str, size: int, vocab: int, rng: np.random.Generator) -> jax.Array:

@@ -133,10 +133,11 @@ def test_exact_path_with_only_top_p_beyond_the_window():
         np.testing.assert_array_equal(np.isfinite(masked[i]), reference_keep(logits[i], k, p, m))
 
 
-def test_penalties_follow_vllm_formulas():
+@pytest.mark.parametrize("prompt_len", [4, 40000])  # windows of 64 (one packed scatter) and 65536 (two)
+def test_penalties_follow_vllm_formulas(prompt_len):
     vocab = 12
     logits = random_logits(2, vocab, seed=5)
-    prompt, output = [1, 2, 2, 7], [2, 3, 3, 3, 9]
+    prompt, output = [1, 2, 2] + [7] * (prompt_len - 3), [2, 3, 3, 3, 9]
     rows = [row(prompt=prompt, output=output, repetition_penalty=1.5, frequency_penalty=0.5,
                 presence_penalty=0.3, temperature=0.0),
             row(prompt=prompt, output=output, temperature=0.0)]  # no penalties: untouched
