@@ -71,10 +71,12 @@ class SamplerOutput(NamedTuple):
 def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
     raw = logits.astype(jnp.float32)
     logits = raw
-    if flags.needs_bitmask:
-        logits = apply_bitmask(logits, tensors.bitmask)
+    # Bias before mask gives the same logits either way (-inf + b = -inf); scattering into the raw
+    # logits first lets the mask fuse into what follows (the other order measured 3x slower at S=64).
     if flags.needs_logit_bias:
         logits = apply_logit_bias(logits, tensors.logit_bias_ids, tensors.logit_bias_values)
+    if flags.needs_bitmask:
+        logits = apply_bitmask(logits, tensors.bitmask)
     if flags.needs_penalties:
         logits = apply_penalties(logits, tensors)
 
@@ -84,10 +86,11 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
         is_greedy = tensors.temperature < GREEDY_TEMPERATURE
         temperature = jnp.where(is_greedy, 1.0, tensors.temperature)
         scaled = logits / temperature[:, None]
-        if flags.needs_filtering:
-            scaled = apply_top_k_top_p_min_p(scaled, tensors, flags.filter_window)
         uniforms = _row_uniforms(tensors.seed, tensors.step)
-        tokens = _sample_categorical(scaled, uniforms, is_greedy)
+        threshold = row_max = None
+        if flags.needs_filtering:
+            threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
+        tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
     return _with_logprobs(raw, tokens, flags.num_logprobs)
 
 
@@ -142,11 +145,21 @@ def apply_top_k_top_p_min_p(scaled: jax.Array, t: SamplingTensors, window: int) 
     nucleus wider than the window) the step takes an exact bisection over the full vocabulary instead
     (batch-level `lax.cond`s, so a step whose rows all fit the window never pays for it).
     """
+    threshold, _ = filter_threshold(scaled, t, window)
+    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+
+
+def filter_threshold(scaled: jax.Array, t: SamplingTensors, window: int) -> tuple[jax.Array, jax.Array]:
+    """(threshold, row max) per row: the tokens that survive top_k, top_p and min_p are scaled >= threshold.
+
+    The sampler applies the threshold inside its CDF walk rather than materializing a masked copy
+    of [S, V] (that copy measured 2x slower at S=64 on the CPU).
+    """
     cut = filter_cutoffs(scaled, t, window)
     # min_p is relative to the most likely token, which top_k / top_p always keep.
     min_p_threshold = cut.row_max + jnp.log(t.min_p)  # log(0) = -inf keeps everything
     threshold = jnp.maximum(jnp.where(jnp.isnan(cut.threshold), -jnp.inf, cut.threshold), min_p_threshold)
-    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+    return threshold, cut.row_max
 
 
 class FilterCutoffs(NamedTuple):
@@ -248,22 +261,30 @@ def _row_uniforms(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(one)(seed, step)
 
 
-def _sample_categorical(scaled: jax.Array, uniforms: jax.Array, is_greedy: jax.Array | None = None) -> jax.Array:
+def _sample_categorical(scaled: jax.Array, uniforms: jax.Array, is_greedy: jax.Array | None = None,
+                        threshold: jax.Array | None = None, row_max: jax.Array | None = None) -> jax.Array:
     """Exact categorical draw from softmax(scaled) by inverting the CDF with one uniform per row.
 
     Two levels keep it cheap and accurate: pick the block of CDF_BLOCK tokens whose cumulative mass
     crosses u * total, then the token inside that block. The chosen token always has positive mass:
     it is the first position whose cumulative sum exceeds the target.
-    Greedy rows put mass 1 on every maximum and draw u = 0, which picks the first maximum: exactly
-    argmax, without a separate (slow on the CPU) argmax pass over the batch.
+    Greedy rows put mass 1 on every maximum, 0 elsewhere, and draw u = 0, which picks the first
+    maximum: argmax, without a separate (slow on the CPU) argmax pass over the batch.
+    Tokens below the optional per-row `threshold` (top_k / top_p / min_p) get no mass.
     """
     num_rows, vocab = scaled.shape
-    row_max = jnp.max(scaled, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    probs = jnp.exp(scaled - row_max)
+    row_max = jnp.max(scaled, axis=-1) if row_max is None else row_max
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)[:, None]
+    shifted = scaled - row_max  # exactly 0 at the maxima (x - y == 0 only when x == y)
+    if threshold is not None:
+        shifted = jnp.where(scaled >= threshold[:, None], shifted, -jnp.inf)
     if is_greedy is not None:
-        probs = jnp.where(is_greedy[:, None], (scaled == row_max).astype(jnp.float32), probs)
+        # Greedy rows: scale the gaps so that exp leaves 1 at the maxima and 0 elsewhere (any gap of a
+        # normal float is >= 1e-13 or so, times 1e30 underflows exp). One expression keeps the fusion
+        # intact: a separate `scaled == row_max` branch measured 3x slower at S=64 behind a bitmask.
+        shifted = shifted * jnp.where(is_greedy, 1e30, 1.0)[:, None]
         uniforms = jnp.where(is_greedy, 0.0, uniforms)
+    probs = jnp.exp(shifted)
     padded_vocab = -(-vocab // CDF_BLOCK) * CDF_BLOCK
     probs = jnp.pad(probs, ((0, 0), (0, padded_vocab - vocab))).reshape(num_rows, -1, CDF_BLOCK)
     block_mass = probs.sum(-1)  # [S, NB]
