@@ -310,7 +310,8 @@ def _with_logprobs(raw: jax.Array, tokens: jax.Array, num_logprobs: int) -> Samp
         return SamplerOutput(tokens, None)
     log_total = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
     logprobs = raw - log_total  # fused by XLA into the consumers below, never materialized twice
-    token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = _top_k(logprobs, num_logprobs)
+    token_logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - log_total[:, 0]
+    top_raw, top_ids = _top_k(raw, num_logprobs)  # on the raw input: no [S, V] copy to sort
+    top_logprobs = top_raw - log_total
     rank = 1 + jnp.sum(logprobs > token_logprob[:, None], axis=-1).astype(jnp.int32)
     return SamplerOutput(tokens, token_logprob, top_ids.astype(jnp.int32), top_logprobs, rank)
