@@ -188,8 +188,9 @@ def filter_cutoffs(scaled: jax.Array, t: SamplingTensors, window: int) -> Filter
     num_kept = jnp.maximum(keep_p.sum(-1), 1)
 
     k_in_window = ~has_k | (k <= window)
-    # The nucleus is known once a window token falls out of it, or when top_k already bounds it.
-    p_in_window = ~has_p | (num_kept < window) | (has_k & (k <= window))
+    # The nucleus is known when top_k bounds it inside the window, or (without top_k) once a window
+    # token falls out of it. With top_k beyond the window the top-k mass itself is unknown.
+    p_in_window = ~has_p | jnp.where(has_k, k <= window, num_kept < window)
     kth_value = jnp.take_along_axis(values, jnp.clip(k - 1, 0, window - 1)[:, None], axis=-1)[:, 0]
     k_threshold = jnp.where(has_k, kth_value, -jnp.inf)
     nucleus_value = jnp.take_along_axis(values, (num_kept - 1)[:, None], axis=-1)[:, 0]
@@ -199,9 +200,13 @@ def filter_cutoffs(scaled: jax.Array, t: SamplingTensors, window: int) -> Filter
         keys = _float_order_key(scaled)
         exact_k = lax.cond(jnp.all(k_in_window), lambda: k_threshold,
                            lambda: _exact_top_k_threshold(keys, k, has_k))
-        probs = jnp.where(scaled >= exact_k[:, None], jnp.exp(scaled - log_total), 0.0)
-        p_key = _largest_key_with_weight(keys, probs, t.top_p * probs.sum(-1))
-        return jnp.where(has_p, jnp.maximum(_key_to_float(p_key), exact_k), exact_k)
+
+        def exact_nucleus() -> jax.Array:
+            probs = jnp.where(scaled >= exact_k[:, None], jnp.exp(scaled - log_total), 0.0)
+            return _key_to_float(_largest_key_with_weight(keys, probs, t.top_p * probs.sum(-1)))
+
+        nucleus = lax.cond(jnp.all(p_in_window), lambda: nucleus_value, exact_nucleus)
+        return jnp.where(has_p, jnp.maximum(nucleus, exact_k), exact_k)
 
     threshold = lax.cond(jnp.all(k_in_window & p_in_window), lambda: window_threshold, exact)
     return FilterCutoffs(threshold, row_max[:, 0], k_in_window, p_in_window)

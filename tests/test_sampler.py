@@ -110,10 +110,13 @@ def test_filtered_sampling_keeps_exactly_the_right_tokens_and_mass(params):
 def test_filter_masks_equal_sorting_reference_in_and_beyond_the_window(window):
     """Small windows push wide nuclei and large top_k onto the exact bisection; 1024 holds them all."""
     vocab = 1000
-    logits = random_logits(6, vocab, seed=4, scale=1.0)
-    settings = [(5, 1.0, 0.0), (-1, 0.9, 0.0), (300, 1.0, 0.0), (50, 0.6, 0.05), (-1, 1.0, 0.5), (-1, 0.2, 0.0)]
+    logits = random_logits(8, vocab, seed=4, scale=1.0)
+    logits[7] = logits[7] * 0.01  # five tokens far ahead of a flat tail (see the test below)
+    logits[7, [3, 100, 400, 555, 999]] += 6.0
+    settings = [(5, 1.0, 0.0), (-1, 0.9, 0.0), (300, 1.0, 0.0), (50, 0.6, 0.05), (-1, 1.0, 0.5), (-1, 0.2, 0.0),
+                (300, 0.3, 0.0), (300, 0.55, 0.0)]
     rows = [row(top_k=k, top_p=p, min_p=m) for k, p, m in settings]
-    tensors, _ = build_sampling_tensors(rows, 6, vocab, 0)
+    tensors, _ = build_sampling_tensors(rows, 8, vocab, 0)
     tensors, scaled = jax.tree.map(jnp.asarray, tensors), jnp.asarray(logits)
     masked = np.asarray(jax.jit(apply_top_k_top_p_min_p, static_argnums=2)(scaled, tensors, window))
     for i, (k, p, m) in enumerate(settings):
@@ -122,6 +125,20 @@ def test_filter_masks_equal_sorting_reference_in_and_beyond_the_window(window):
     in_window = np.asarray(cut.k_in_window & cut.p_in_window)
     assert in_window.all() == (window == 1024)
     assert in_window[[0, 4]].all()  # top_k=5 and min_p alone always fit
+
+
+def test_top_p_under_a_top_k_wider_than_the_window_uses_the_whole_top_k_mass():
+    """Alone in its step (no other row forces the exact path): the nucleus fits the window, but its
+    mass is relative to all 300 top-k tokens, which the window does not hold."""
+    logits = random_logits(1, 1000, seed=4, scale=0.01)
+    logits[0, [3, 100, 400, 555, 999]] += 6.0
+    tensors, _ = build_sampling_tensors([row(top_k=300, top_p=0.55)], 1, 1000, 0)
+    tensors = jax.tree.map(jnp.asarray, tensors)
+    masked = np.asarray(apply_top_k_top_p_min_p(jnp.asarray(logits), tensors, 64))
+    expected = reference_keep(logits[0], 300, 0.55, 0.0)
+    assert expected.sum() == 4
+    np.testing.assert_array_equal(np.isfinite(masked[0]), expected)
+    assert not bool(filter_cutoffs(jnp.asarray(logits), tensors, 64).p_in_window[0])
 
 
 def test_exact_path_with_only_top_p_beyond_the_window():
