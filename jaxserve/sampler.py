@@ -91,7 +91,9 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
         if flags.needs_filtering:
             threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
         tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
-    return _with_logprobs(raw, tokens, flags.num_logprobs)
+    if flags.num_logprobs <= 0:  # nobody asked for logprobs: skip the [S, V] logsumexp
+        return SamplerOutput(tokens, None)
+    return token_logprobs(raw, tokens, flags.num_logprobs)
 
 
 # ---------------------------------------------------------------- logit processors
@@ -310,13 +312,17 @@ def _sample_categorical(scaled: jax.Array, uniforms: jax.Array, is_greedy: jax.A
     return (block * CDF_BLOCK + offset).astype(jnp.int32)
 
 
-def _with_logprobs(raw: jax.Array, tokens: jax.Array, num_logprobs: int) -> SamplerOutput:
-    if num_logprobs <= 0:  # nobody asked for logprobs: skip the [S, V] logsumexp
-        return SamplerOutput(tokens, None)
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> SamplerOutput:
+    """Raw-distribution logprob and 1-based rank of `token_ids` [N] under `logits` [N, V], plus the top
+    `num_logprobs` alternatives when > 0. `sample` uses it for the sampled tokens; the runner can use it
+    for prompt_logprobs (the logits at prompt position i scored against prompt token i + 1)."""
+    raw = logits.astype(jnp.float32)
+    token_ids = token_ids.astype(jnp.int32)
     log_total = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
-    logprobs = raw - log_total  # fused by XLA into the consumers below, never materialized twice
-    token_logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - log_total[:, 0]
-    top_raw, top_ids = _top_k(raw, num_logprobs)  # on the raw input: no [S, V] copy to sort
-    top_logprobs = top_raw - log_total
+    logprobs = raw - log_total  # fused by XLA into the rank count, never materialized
+    token_logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total[:, 0]
     rank = 1 + jnp.sum(logprobs > token_logprob[:, None], axis=-1).astype(jnp.int32)
-    return SamplerOutput(tokens, token_logprob, top_ids.astype(jnp.int32), top_logprobs, rank)
+    if num_logprobs <= 0:
+        return SamplerOutput(token_ids, token_logprob, rank=rank)
+    top_raw, top_ids = _top_k(raw, num_logprobs)  # on the raw input: no [N, V] copy to sort
+    return SamplerOutput(token_ids, token_logprob, top_ids.astype(jnp.int32), top_raw - log_total, rank)

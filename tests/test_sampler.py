@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from jaxserve.sampler import (SamplerFlags, apply_penalties, apply_top_k_top_p_min_p, filter_cutoffs,
-                              _sample_categorical, sample)
+                              _sample_categorical, sample, token_logprobs)
 from jaxserve.sampling_metadata import (RowSamplingState, allowed_token_mask, build_sampling_tensors,
                                         pack_token_mask, unpack_token_mask)
 from jaxserve.sampling_params import SamplingParams
@@ -252,6 +252,16 @@ def test_logprobs_ranks_and_top_alternatives_come_from_the_raw_logits():
     np.testing.assert_allclose(np.asarray(out.top_logprobs), np.take_along_axis(reference, order, -1), atol=1e-5)
     ranks = 1 + (reference > reference[np.arange(4), tokens][:, None]).sum(-1)
     np.testing.assert_array_equal(np.asarray(out.rank), ranks)
+
+
+def test_token_logprobs_for_prompt_positions_without_alternatives():
+    logits = random_logits(5, 64, seed=12)
+    targets = np.array([3, 0, 63, 17, 17])
+    out = jax.jit(token_logprobs, static_argnums=2)(jnp.asarray(logits), jnp.asarray(targets), 0)
+    reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))[np.arange(5), targets]
+    np.testing.assert_allclose(np.asarray(out.logprob), reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.rank), 1 + (logits > logits[np.arange(5), targets][:, None]).sum(-1))
+    assert out.top_ids is None
 
 
 def test_categorical_never_returns_a_zero_probability_token_at_the_edges():
