@@ -114,6 +114,38 @@ def _row_bitmask(row: RowSamplingState, vocab_size: int, out: np.ndarray) -> Non
         np.bitwise_and.at(as_uint, forbidden >> 5, clear)
 
 
+def _penalty_arrays(rows: list[RowSamplingState], used: list[bool], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[S, W] prompt+output token ids (-1 padding) and their is-output flags; W = 0 when unused."""
+    window = 0
+    if any(used):
+        needed = max(len(r.prompt_token_ids) + len(r.output_token_ids) for r, u in zip(rows, used) if u)
+        window = bucket_width(needed, MIN_PENALTY_WINDOW)
+    ids = np.full((size, window), -1, np.int32)
+    is_output = np.zeros((size, window), bool)
+    for i, row in enumerate(rows):
+        if used[i]:
+            num_prompt, num_output = len(row.prompt_token_ids), len(row.output_token_ids)
+            ids[i, :num_prompt] = row.prompt_token_ids
+            ids[i, num_prompt:num_prompt + num_output] = row.output_token_ids
+            is_output[i, num_prompt:num_prompt + num_output] = True
+    return ids, is_output
+
+
+def _logit_bias_arrays(rows: list[RowSamplingState], used: list[bool], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[S, B] sparse logit_bias ids (-1 padding) and values; B = 0 when unused."""
+    width = 0
+    if any(used):
+        width = bucket_width(max(len(r.params.logit_bias) for r, u in zip(rows, used) if u), MIN_LOGIT_BIAS_WIDTH)
+    ids = np.full((size, width), -1, np.int32)
+    values = np.zeros((size, width), np.float32)
+    for i, row in enumerate(rows):
+        if used[i]:
+            bias = row.params.logit_bias
+            ids[i, :len(bias)] = np.fromiter(bias.keys(), np.int64, len(bias))
+            values[i, :len(bias)] = np.fromiter(bias.values(), np.float64, len(bias))
+    return ids, values
+
+
 def build_sampling_tensors(rows: list[RowSamplingState], bucket_size: int, vocab_size: int,
                            max_logprobs: int) -> tuple[SamplingTensors, SamplerFlags]:
     """Padded numpy SamplingTensors for rows[0..len(rows)) in a bucket of `bucket_size`, and their flags."""
@@ -151,34 +183,9 @@ def build_sampling_tensors(rows: list[RowSamplingState], bucket_size: int, vocab
             frequency[i] = params.frequency_penalty
             repetition[i] = params.repetition_penalty
 
-    penalty_window = 0
-    if any(penalties):
-        needed = max(len(r.prompt_token_ids) + len(r.output_token_ids)
-                     for r, used in zip(rows, penalties) if used)
-        penalty_window = bucket_width(needed, MIN_PENALTY_WINDOW)
-    penalty_ids = np.full((size, penalty_window), -1, np.int32)
-    penalty_is_output = np.zeros((size, penalty_window), bool)
-    for i, row in enumerate(rows):
-        if penalties[i]:
-            num_prompt, num_output = len(row.prompt_token_ids), len(row.output_token_ids)
-            penalty_ids[i, :num_prompt] = row.prompt_token_ids
-            penalty_ids[i, num_prompt:num_prompt + num_output] = row.output_token_ids
-            penalty_is_output[i, num_prompt:num_prompt + num_output] = True
-
-    bias_width = 0
-    if any(biased):
-        bias_width = bucket_width(max(len(r.params.logit_bias) for r in rows if r.params.logit_bias),
-                                  MIN_LOGIT_BIAS_WIDTH)
-    bias_ids = np.full((size, bias_width), -1, np.int32)
-    bias_values = np.zeros((size, bias_width), np.float32)
-    for i, row in enumerate(rows):
-        if biased[i]:
-            bias = row.params.logit_bias
-            bias_ids[i, :len(bias)] = np.fromiter(bias.keys(), np.int64, len(bias))
-            bias_values[i, :len(bias)] = np.fromiter(bias.values(), np.float64, len(bias))
-
-    needs_bitmask = any(masked)
-    bitmask = np.full((size, bitmask_words(vocab_size) if needs_bitmask else 0), -1, np.int32)
+    penalty_ids, penalty_is_output = _penalty_arrays(rows, penalties, size)
+    bias_ids, bias_values = _logit_bias_arrays(rows, biased, size)
+    bitmask = np.full((size, bitmask_words(vocab_size) if any(masked) else 0), -1, np.int32)
     for i, row in enumerate(rows):
         if masked[i]:
             _row_bitmask(row, vocab_size, bitmask[i])
@@ -194,10 +201,10 @@ def build_sampling_tensors(rows: list[RowSamplingState], bucket_size: int, vocab
         needs_filtering=any(filtering),
         needs_penalties=any(penalties),
         needs_logit_bias=any(biased),
-        needs_bitmask=needs_bitmask,
+        needs_bitmask=any(masked),
         num_logprobs=max_logprobs if wants_logprobs and max_logprobs > 0 else 0,
-        penalty_window=penalty_window,
-        logit_bias_width=bias_width,
+        penalty_window=penalty_ids.shape[1],
+        logit_bias_width=bias_ids.shape[1],
         filter_window=filter_window,
     )
     tensors = SamplingTensors(

@@ -10,7 +10,7 @@ from scipy import stats
 from jaxserve.sampler import (SamplerFlags, apply_penalties, apply_top_k_top_p_min_p, filter_cutoffs,
                               _sample_categorical, sample, token_logprobs)
 from jaxserve.sampling_metadata import (RowSamplingState, allowed_token_mask, build_sampling_tensors,
-                                        pack_token_mask, unpack_token_mask)
+                                        pack_token_mask, placeholder_sampling_tensors, unpack_token_mask)
 from jaxserve.sampling_params import SamplingParams
 
 SAMPLE = jax.jit(sample, static_argnames="flags")
@@ -280,3 +280,13 @@ def test_padding_and_identity_rows_keep_flags_cheap():
     assert tensors.bitmask.shape == (4, 0) and tensors.penalty_token_ids.shape == (4, 0)
     with pytest.raises(ValueError):
         build_sampling_tensors([row()] * 3, 2, 64, 20)
+
+
+def test_placeholder_tensors_match_real_ones_so_warm_up_compiles_the_same_variant():
+    rows = [row(temperature=0.7, top_k=100, top_p=0.9, repetition_penalty=1.1, logit_bias={1: 2.0},
+                allowed_token_ids=[1, 2, 3], logprobs=2, output=[4] * 70)]
+    tensors, flags = build_sampling_tensors(rows, 8, 1000, 5)
+    assert (flags.filter_window, flags.penalty_window, flags.logit_bias_width) == (128, 128, 8)
+    placeholder = placeholder_sampling_tensors(flags, 8, 1000)
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+    assert shapes(placeholder) == shapes(tensors)
