@@ -69,10 +69,11 @@ class SamplerOutput(NamedTuple):
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
+    """One token per row of `logits` [S, V]; `flags` must be static under jit."""
     raw = logits.astype(jnp.float32)
     logits = raw
-    # Bias before mask gives the same logits either way (-inf + b = -inf); scattering into the raw
-    # logits first lets the mask fuse into what follows (the other order measured 3x slower at S=64).
+    # Bias then mask equals mask then bias (-inf + b = -inf); scattering into the raw logits first
+    # leaves the elementwise mask free to fuse into its consumers.
     if flags.needs_logit_bias:
         logits = apply_logit_bias(logits, tensors.logit_bias_ids, tensors.logit_bias_values)
     if flags.needs_bitmask:
