@@ -34,8 +34,7 @@ class SamplerFlags:
     needs_penalties: bool = False
     needs_logit_bias: bool = False
     needs_bitmask: bool = False
-    # 0 (no row wants logprobs: none computed), or the server's max_logprobs (fixed output shape).
-    num_logprobs: int = 0
+    num_logprobs: int = 0  # 0, or the server's max_logprobs (fixed so the output shape is fixed)
     penalty_window: int = 0  # W of penalty_token_ids [S, W] (bucketed); 0 when no penalties
     logit_bias_width: int = 0  # B of logit_bias_ids [S, B] (bucketed); 0 when no logit bias
     filter_window: int = 0  # K of the lax.top_k candidate window used by top_k / top_p
@@ -62,10 +61,10 @@ class SamplingTensors(NamedTuple):
 
 class SamplerOutput(NamedTuple):
     token_ids: jax.Array  # i32[S]
-    logprob: jax.Array | None  # f32[S] raw-distribution logprob of the sampled token (num_logprobs > 0)
+    logprob: jax.Array  # f32[S] raw-distribution logprob of the sampled token
     top_ids: jax.Array | None = None  # i32[S, K] when num_logprobs > 0
     top_logprobs: jax.Array | None = None  # f32[S, K]
-    rank: jax.Array | None = None  # i32[S], 1-based rank of the sampled token
+    rank: jax.Array | None = None  # i32[S], 1-based rank of the sampled token (num_logprobs > 0)
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
@@ -92,8 +91,6 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
         if flags.needs_filtering:
             threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
         tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
-    if flags.num_logprobs <= 0:  # nobody asked for logprobs: skip the [S, V] logsumexp
-        return SamplerOutput(tokens, None)
     return token_logprobs(raw, tokens, flags.num_logprobs)
 
 
@@ -314,16 +311,16 @@ def _sample_categorical(scaled: jax.Array, uniforms: jax.Array, is_greedy: jax.A
 
 
 def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> SamplerOutput:
-    """Raw-distribution logprob and 1-based rank of `token_ids` [N] under `logits` [N, V], plus the top
-    `num_logprobs` alternatives when > 0. `sample` uses it for the sampled tokens; the runner can use it
-    for prompt_logprobs (the logits at prompt position i scored against prompt token i + 1)."""
+    """Raw-distribution logprob of `token_ids` [N] under `logits` [N, V]; when num_logprobs > 0 also
+    their 1-based rank and the top `num_logprobs` alternatives. `sample` uses it for the sampled
+    tokens; the runner can use it for prompt_logprobs (position i's logits against prompt token i+1)."""
     raw = logits.astype(jnp.float32)
     token_ids = token_ids.astype(jnp.int32)
     log_total = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
     logprobs = raw - log_total  # fused by XLA into the rank count, never materialized
     token_logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total[:, 0]
+    if num_logprobs <= 0:  # the sampled token's logprob only (cumulative_logprob); no rank count
+        return SamplerOutput(token_ids, token_logprob)
     rank = 1 + jnp.sum(logprobs > token_logprob[:, None], axis=-1).astype(jnp.int32)
-    if num_logprobs <= 0:
-        return SamplerOutput(token_ids, token_logprob, rank=rank)
     top_raw, top_ids = _top_k(raw, num_logprobs)  # on the raw input: no [N, V] copy to sort
     return SamplerOutput(token_ids, token_logprob, top_ids.astype(jnp.int32), top_raw - log_total, rank)

@@ -72,7 +72,9 @@ def test_greedy_is_argmax_without_rng_or_filtering():
     logits = random_logits(6, 300)
     out, flags = run(logits, [row(temperature=0.0, top_k=3, seed=s) for s in range(6)], bucket=8)
     assert flags.all_greedy and not flags.needs_filtering and flags.num_logprobs == 0
-    assert out.logprob is None and out.top_ids is None  # nobody asked: no logsumexp over the vocab
+    assert out.top_ids is None and out.rank is None  # nobody asked: no top-k, no rank count
+    reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))[np.arange(6), logits.argmax(-1)]
+    np.testing.assert_allclose(np.asarray(out.logprob)[:6], reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out.token_ids)[:6], logits.argmax(-1))
     np.testing.assert_array_equal(np.asarray(out.token_ids)[6:], 0)  # padded rows: argmax of zeros
 
@@ -254,14 +256,14 @@ def test_logprobs_ranks_and_top_alternatives_come_from_the_raw_logits():
     np.testing.assert_array_equal(np.asarray(out.rank), ranks)
 
 
-def test_token_logprobs_for_prompt_positions_without_alternatives():
+def test_token_logprobs_for_prompt_positions():
     logits = random_logits(5, 64, seed=12)
     targets = np.array([3, 0, 63, 17, 17])
-    out = jax.jit(token_logprobs, static_argnums=2)(jnp.asarray(logits), jnp.asarray(targets), 0)
-    reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))[np.arange(5), targets]
-    np.testing.assert_allclose(np.asarray(out.logprob), reference, rtol=1e-5, atol=1e-5)
+    out = jax.jit(token_logprobs, static_argnums=2)(jnp.asarray(logits), jnp.asarray(targets), 1)
+    reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
+    np.testing.assert_allclose(np.asarray(out.logprob), reference[np.arange(5), targets], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out.rank), 1 + (logits > logits[np.arange(5), targets][:, None]).sum(-1))
-    assert out.top_ids is None
+    np.testing.assert_array_equal(np.asarray(out.top_ids)[:, 0], logits.argmax(-1))
 
 
 def test_categorical_never_returns_a_zero_probability_token_at_the_edges():
