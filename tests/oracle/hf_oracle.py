@@ -5,7 +5,8 @@ Runs under .venv-oracle (Python 3.11 + torch CPU; see mk/oracle.mk), never in th
 stdin holds one job object, or a list of jobs (run in order in one process, sharing loaded models and
 tokenizers, which saves the ~3 s torch import and repeated model loads); stdout gets the matching
 result object or list.  Arrays travel in wire.py's base64 form.  Any failure: traceback on stderr,
-exit status 1.  With --serve it instead answers one request per line until stdin closes (see serve()).
+exit status 1.  GGUF conversions are cached on disk when ORACLE_CACHE_DIR is set (gguf_cache.py;
+the client sets it to build/oracle-cache).  With --serve it instead answers one request per line until stdin closes (see serve()).
 
 Jobs (model = a HF directory; gguf_file = optional GGUF file name inside it, dequantised by
 transformers):
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import transformers
 
+from gguf_cache import load_gguf_cached, save_dequantized_model, save_tokenizer
 from tiny_checkpoint import make_tiny
 from wire import encode_array
 
@@ -51,18 +53,27 @@ class LoadedObjects:
     def model(self, model_dir: str, gguf_file: str | None) -> torch.nn.Module:
         key = (os.path.abspath(model_dir), gguf_file)
         if key not in self._models:
-            kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-            # eager attention: the plainest float32 math (explicit softmax), the reference we want.
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.float32, attn_implementation="eager", **kwargs)
+            def load(source: str, gguf_file: str | None = None) -> torch.nn.Module:
+                kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+                # eager attention: the plainest float32 math (explicit softmax): the reference.
+                return transformers.AutoModelForCausalLM.from_pretrained(
+                    source, dtype=torch.float32, attn_implementation="eager", **kwargs)
+            if gguf_file:
+                model = load_gguf_cached("model", model_dir, gguf_file, load, save_dequantized_model)
+            else:
+                model = load(model_dir)
             self._models[key] = model.eval()
         return self._models[key]
 
     def tokenizer(self, model_dir: str, gguf_file: str | None):
         key = (os.path.abspath(model_dir), gguf_file)
         if key not in self._tokenizers:
-            kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-            self._tokenizers[key] = transformers.AutoTokenizer.from_pretrained(model_dir, **kwargs)
+            load = transformers.AutoTokenizer.from_pretrained
+            if gguf_file:
+                self._tokenizers[key] = load_gguf_cached("tokenizer", model_dir, gguf_file, load,
+                                                         save_tokenizer)
+            else:
+                self._tokenizers[key] = load(model_dir)
         return self._tokenizers[key]
 
 
