@@ -70,16 +70,18 @@ def time_ms(step, state, iters, repeats=5):
 
 
 def check_against_reference(rng, interpret):
-    """float32, ragged: q lens 1..40, a page-boundary kv len, padded slots, window and soft cap."""
-    batch = make_batch(rng, [1, 7, 40, 1], [33, 16, 64, 5], num_heads=8, num_kv_heads=2,
-                       head_dim=64, page_size=16, dtype=jnp.float32, num_seq_slots=6,
-                       num_tokens=56)
+    """float32, ragged: q lens 1..40, a page-boundary kv len, padded slots, window and soft cap;
+    GQA 4:1 with head_dim 64 and SmolLM2's 9 q / 3 kv heads (a group of 3 rows per token)."""
     worst = 0.0
-    for options in ({}, {"sliding_window": 20}, {"soft_cap": 5.0}):
-        want = ref_ragged_paged_attention(**batch, sm_scale=0.125, **options)
-        got = ragged_paged_attention_gpu(**batch, sm_scale=0.125, interpret=interpret,
-                                         **options)
-        worst = max(worst, float(jnp.max(jnp.abs(want - got))))
+    for num_heads, num_kv_heads in ((8, 2), (9, 3)):
+        batch = make_batch(rng, [1, 7, 40, 1], [33, 16, 64, 5], num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, head_dim=64, page_size=16,
+                           dtype=jnp.float32, num_seq_slots=6, num_tokens=56)
+        for options in ({}, {"sliding_window": 20}, {"soft_cap": 5.0}):
+            want = ref_ragged_paged_attention(**batch, sm_scale=0.125, **options)
+            got = ragged_paged_attention_gpu(**batch, sm_scale=0.125, interpret=interpret,
+                                             **options)
+            worst = max(worst, float(jnp.max(jnp.abs(want - got))))
     print(f"float32 kernel vs reference: max |diff| = {worst:.2e}")
     assert worst < 1e-4, worst
 
