@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -269,3 +271,22 @@ def test_length_spec():
     for bad in ("uniform:4:2", "uniform:0:3", "uniform:a:3", "zipf:1:2"):
         with pytest.raises(ValueError):
             bench.LengthSpec.parse(5, bad)
+
+
+def test_roofline_probe_reports_positive_rates(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "roofline.py"
+    spec = importlib.util.spec_from_file_location("roofline", path)
+    roofline = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "roofline", roofline)  # dataclasses look their module up there
+    spec.loader.exec_module(roofline)
+    out = tmp_path / "roofline.json"
+    assert roofline.main(["--size-mb", "4", "--sizes", "32", "--dtypes", "float32", "--budget-s", "0.01",
+                          "--json-out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    units = Counter(r["unit"] for r in data["results"])
+    assert units == {"GB/s": 7, "GFLOP/s": 5, "us/call": 2}
+    assert all(r["best_rate"] > 0 and r["best_s"] <= r["median_s"] for r in data["results"])
+    assert data["machine"]["cpu_count"] >= 1
