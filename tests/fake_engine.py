@@ -91,6 +91,7 @@ class FakeAsyncEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.seen_params: list[SamplingParams] = []
+        self.seen_prompts: list = []
         self._stats = FakeEngineStats()
         # Plain word tokens to walk over (no special or digit tokens), so outputs decode cleanly.
         self._words = [i for i in range(300, 3000)
@@ -138,6 +139,7 @@ class FakeAsyncEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens is too long")
         self.seen_params.append(sampling_params)
+        self.seen_prompts.append(prompt)
         self.running.add(request_id)
         self._stats.prompt_tokens_total += len(prompt_ids)
         params = sampling_params

@@ -26,6 +26,9 @@ def free_port() -> int:
 async def serve_in_process(app: Sanic):
     """Serve `app` on the running event loop; yields its base URL (http://127.0.0.1:PORT)."""
     port = free_port()
+    # Sanic's touch-up recompiles its protocol classes once per process; a second in-process app
+    # in the same process trips over that, and it is only a speed optimisation.
+    app.config.TOUCHUP = False
     server = await app.create_server(host="127.0.0.1", port=port, return_asyncio_server=True,
                                      access_log=False)
     await server.startup()

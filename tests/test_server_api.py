@@ -1,0 +1,287 @@
+"""The HTTP API over a fake engine (in-process server, official openai client): completions formats,
+streaming, errors, auth, CORS, body limits, disconnects, tokenize, metrics."""
+import asyncio
+import contextlib
+import json
+
+import httpx
+import openai
+import pytest
+
+from fake_engine import FakeAsyncEngine, load_default_tokenizer
+from server_utils import serve_in_process
+
+from jaxserve.server.app import attach_engine, build_app
+from jaxserve.server.server_config import ServerConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_default_tokenizer()
+
+
+@contextlib.asynccontextmanager
+async def running(engine, config=None):
+    app = build_app(engine, config or ServerConfig())
+    async with serve_in_process(app) as url:
+        yield url
+
+
+@pytest.fixture
+async def fake(tokenizer):
+    engine = FakeAsyncEngine(tokenizer)
+    async with running(engine) as url:
+        yield url, engine
+
+
+def client(url, key="none"):
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+async def sse_events(url, path, body, headers=None):
+    """Raw SSE lines of one streaming request (to check the wire format itself)."""
+    async with httpx.AsyncClient(timeout=30) as h:
+        async with h.stream("POST", url + path, json=body, headers=headers) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            return [line async for line in resp.aiter_lines() if line]
+
+
+async def test_completion_shape_and_usage(fake, tokenizer):
+    url, _ = fake
+    prompt = "The capital of France is"
+    r = await client(url).completions.create(model="fake-model", prompt=prompt, max_tokens=7, seed=1)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == "fake-model"
+    assert len(r.choices) == 1 and r.choices[0].finish_reason == "length" and r.choices[0].text
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert r.usage.completion_tokens == 7 and r.usage.total_tokens == r.usage.prompt_tokens + 7
+
+
+async def test_prompt_shapes_and_choice_indices(fake, tokenizer):
+    url, engine = fake
+    c = client(url)
+    ids = tokenizer.encode("Hello there")
+    r = await c.completions.create(model="fake-model", prompt=["a b", "c d e"], max_tokens=2, n=2, seed=0)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == len(tokenizer.encode("a b")) + len(tokenizer.encode("c d e"))
+    assert r.usage.completion_tokens == 8
+    r = await c.completions.create(model="fake-model", prompt=ids, max_tokens=2)
+    assert engine.seen_prompts[-1]["prompt_token_ids"] == ids and r.usage.prompt_tokens == len(ids)
+    r = await c.completions.create(model="fake-model", prompt=[ids, ids[:1]], max_tokens=2, echo=True)
+    assert r.choices[0].text.startswith("Hello there") and r.choices[1].text.startswith("Hello")
+
+
+async def test_echo_and_completion_logprobs_format(fake, tokenizer):
+    url, _ = fake
+    prompt = "one two three"
+    prompt_ids = tokenizer.encode(prompt)
+    r = await client(url).completions.create(model="fake-model", prompt=prompt, max_tokens=4, logprobs=3,
+                                             echo=True, seed=2)
+    ch = r.choices[0]
+    assert ch.text.startswith(prompt)
+    lp = ch.logprobs
+    n = len(prompt_ids) + 4
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == ch.text
+    for i in range(n - 1):
+        assert lp.text_offset[i + 1] - lp.text_offset[i] == len(lp.tokens[i])
+    for token, top, value in zip(lp.tokens[1:], lp.top_logprobs[1:], lp.token_logprobs[1:]):
+        assert 3 <= len(top) <= 4 and top[token] == value  # the chosen token is always present
+
+
+async def test_streaming_completion_wire_format(fake):
+    url, _ = fake
+    body = {"model": "fake-model", "prompt": "Hi", "max_tokens": 5, "stream": True, "seed": 4,
+            "stream_options": {"include_usage": True}}
+    lines = await sse_events(url, "/v1/completions", body)
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    text_chunks, usage = chunks[:-1], chunks[-1]
+    assert len(text_chunks) == 5  # token by token
+    assert [c["choices"][0]["finish_reason"] for c in text_chunks] == [None] * 4 + ["length"]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    whole = await client(url).completions.create(model="fake-model", prompt="Hi", max_tokens=5, seed=4)
+    assert "".join(c["choices"][0]["text"] for c in text_chunks) == whole.choices[0].text
+
+
+async def test_streaming_n_choices_interleave(fake):
+    url, _ = fake
+    stream = await client(url).completions.create(model="fake-model", prompt="Hi", max_tokens=3, n=3,
+                                                  stream=True, seed=5)
+    seen, finished = [], {}
+    async for chunk in stream:
+        for ch in chunk.choices:
+            seen.append(ch.index)
+            if ch.finish_reason:
+                finished[ch.index] = finished.get(ch.index, 0) + 1
+    assert sorted(set(seen)) == [0, 1, 2] and finished == {0: 1, 1: 1, 2: 1}
+    assert seen[:3] == [0, 1, 2]  # interleaved, not one choice after another
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "logprobs": 30}, "logprobs"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 600}, "max_tokens"),
+    ({"prompt": [], "max_tokens": 1}, "prompt"),
+    ({"prompt": [10**7]}, "prompt"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "x", "suffix": "!"}, "suffix"),
+    ({"max_tokens": 3}, "prompt"),
+])
+async def test_invalid_parameters_answer_400(fake, body, param):
+    url, _ = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "BadRequestError" and err["message"]
+
+
+async def test_malformed_json_and_client_error_types(fake):
+    url, _ = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/completions", content=b'{"prompt": ')
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        r = await h.post(url + "/v1/completions", content=b"[1, 2]")
+        assert r.status_code == 400
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(url).completions.create(model="fake-model", prompt="x", max_tokens=1000)
+    assert "maximum context length is 512" in str(err.value)
+    with pytest.raises(openai.NotFoundError):
+        await client(url).completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.NotFoundError):
+        await client(url).models.retrieve("gpt-4")
+    assert (await client(url).models.retrieve("fake-model")).id == "fake-model"
+
+
+async def test_engine_value_error_is_a_400_streaming_or_not(tokenizer):
+    class PickyEngine(FakeAsyncEngine):
+        async def generate(self, prompt, params, request_id):
+            if params.guided_decoding is not None:
+                raise ValueError("guided_json: invalid JSON schema")
+            async for out in super().generate(prompt, params, request_id):
+                yield out
+
+    async with running(PickyEngine(tokenizer)) as url:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                await client(url).completions.create(model="fake-model", prompt="x", stream=stream,
+                                                     extra_body={"guided_json": {"type": "object"}})
+            assert "invalid JSON schema" in str(err.value)
+
+
+async def test_api_key_guards_api_routes_only(tokenizer):
+    async with running(FakeAsyncEngine(tokenizer), ServerConfig(api_key="sekrit")) as url:
+        with pytest.raises(openai.AuthenticationError):
+            await client(url, "wrong").models.list()
+        assert (await client(url, "sekrit").models.list()).data[0].id == "fake-model"
+        async with httpx.AsyncClient() as h:
+            assert (await h.post(url + "/v1/completions", json={"prompt": "x"})).status_code == 401
+            assert (await h.post(url + "/tokenize", json={"prompt": "x"})).status_code == 401
+            for open_path in ("/health", "/metrics", "/version"):
+                assert (await h.get(url + open_path)).status_code == 200
+
+
+async def test_oversized_body_is_413(tokenizer):
+    async with running(FakeAsyncEngine(tokenizer), ServerConfig(max_request_bytes=2000)) as url:
+        host, port = url[len("http://"):].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b" " * 500)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413")
+        assert json.loads(body)["error"]["code"] == 413
+        async with httpx.AsyncClient() as h:  # the server is fine afterwards
+            assert (await h.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})).status_code == 200
+
+
+async def test_health_is_503_until_an_engine_is_ready(tokenizer):
+    app = build_app(None, ServerConfig())
+    async with serve_in_process(app) as url, httpx.AsyncClient() as h:
+        assert (await h.get(url + "/health")).status_code == 503
+        r = await h.post(url + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503
+        engine = FakeAsyncEngine(tokenizer)
+        engine.ready = False
+        attach_engine(app, engine)
+        assert (await h.get(url + "/health")).status_code == 503
+        engine.ready = True
+        assert (await h.get(url + "/health")).status_code == 200
+
+
+async def test_disconnects_abort_the_engine_request(tokenizer):
+    engine = FakeAsyncEngine(tokenizer, step_delay=0.02)
+    async with running(engine) as url, httpx.AsyncClient(timeout=30) as h:
+        async with h.stream("POST", url + "/v1/completions",
+                            json={"prompt": "x", "max_tokens": 300, "stream": True}) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    break  # leave after the first chunk
+        task = asyncio.create_task(h.post(url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 300}))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        for _ in range(50):
+            if len(engine.aborted) == 2 and not engine.running:
+                break
+            await asyncio.sleep(0.1)
+        assert len(engine.aborted) == 2 and not engine.running
+        metrics = (await h.get(url + "/metrics")).text
+        assert 'jaxserve:request_aborted_total{model_name="fake-model"} 2.0' in metrics
+        assert 'jaxserve:num_requests_running{model_name="fake-model"} 0.0' in metrics
+
+
+async def test_metrics_report_engine_stats_and_latencies(fake):
+    url, _ = fake
+    await client(url).completions.create(model="fake-model", prompt="x", max_tokens=3)
+    async with httpx.AsyncClient() as h:
+        text = (await h.get(url + "/metrics")).text
+    for name in ("jaxserve:num_requests_waiting", "jaxserve:kv_cache_usage_perc", "jaxserve:prefix_cache_hit_rate",
+                 "jaxserve:prompt_tokens_total", "jaxserve:generation_tokens_total", "jaxserve:xla_compilations_total",
+                 "jaxserve:num_preemptions_total"):
+        assert name in text, name
+    assert 'jaxserve:time_to_first_token_seconds_count{model_name="fake-model"} 1.0' in text
+    assert 'jaxserve:time_per_output_token_seconds_count{model_name="fake-model"} 2.0' in text
+    assert 'jaxserve:request_success_total{finished_reason="length",model_name="fake-model"} 1.0' in text
+
+
+async def test_tokenize_detokenize_models_version(fake, tokenizer):
+    url, _ = fake
+    async with httpx.AsyncClient() as h:
+        r = (await h.post(url + "/tokenize", json={"prompt": "Hello world"})).json()
+        assert r["tokens"] == tokenizer.encode("Hello world") and r["count"] == len(r["tokens"])
+        assert r["max_model_len"] == 512
+        assert (await h.post(url + "/detokenize", json={"tokens": r["tokens"]})).json() == {"prompt": "Hello world"}
+        chat = (await h.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})).json()
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                 add_generation_prompt=True)
+        assert chat["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+        assert (await h.post(url + "/detokenize", json={"tokens": [-1]})).status_code == 400
+        assert "version" in (await h.get(url + "/version")).json()
+    models = await client(url).models.list()
+    assert [m.id for m in models.data] == ["fake-model"]
+
+
+async def test_cors_and_root_path_and_served_names(tokenizer):
+    config = ServerConfig(allowed_origins=("http://ok.example",), root_path="/proxy",
+                          served_model_names=("alias-a", "alias-b"))
+    async with running(FakeAsyncEngine(tokenizer), config) as url, httpx.AsyncClient() as h:
+        pre = await h.options(url + "/v1/completions", headers={
+            "Origin": "http://ok.example", "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "http://ok.example"
+        r = await h.get(url + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = await h.get(url + "/proxy/v1/models", headers={"Origin": "http://ok.example"})
+        assert [m["id"] for m in r.json()["data"]] == ["alias-a", "alias-b"]
+        assert r.headers["access-control-allow-origin"] == "http://ok.example"
+    async with running(FakeAsyncEngine(tokenizer), ServerConfig(served_model_names=("a", "b"))) as url:
+        r = await client(url).completions.create(model="b", prompt="x", max_tokens=1)
+        assert r.model == "b"

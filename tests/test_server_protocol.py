@@ -1,0 +1,126 @@
+"""Request models -> SamplingParams, without a server: defaults, mappings, and clear refusals."""
+import pytest
+
+from jaxserve.sampling_params import RequestOutputKind
+from jaxserve.server.errors import APIError
+from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from jaxserve.server.serving_common import resolve_max_tokens
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def test_completion_defaults_follow_openai():
+    req = CompletionRequest(prompt="x")
+    assert req.max_tokens == 16 and req.n == 1 and req.echo is False and req.logprobs is None
+    params = req.to_sampling_params(req.max_tokens)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (1.0, 1.0, -1, 0.0)
+    assert params.max_tokens == 16 and params.stop == [] and params.logprobs is None
+    assert params.output_kind == RequestOutputKind.DELTA
+
+
+def test_explicit_null_max_tokens_means_context_limit():
+    req = CompletionRequest.model_validate({"prompt": "x", "max_tokens": None})
+    assert req.max_tokens is None
+    assert resolve_max_tokens(512, 12, req.max_tokens, "prompt") == 500
+
+
+def test_too_long_request_names_token_counts():
+    with pytest.raises(APIError) as err:
+        resolve_max_tokens(512, 500, 20, "messages")
+    assert err.value.status == 400
+    assert "512" in err.value.message and "520" in err.value.message and "500 in the messages" in err.value.message
+
+
+def test_vllm_extras_reach_sampling_params():
+    req = CompletionRequest.model_validate({
+        "prompt": "x", "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "stop": "END",
+        "stop_token_ids": [7], "include_stop_str_in_output": True, "ignore_eos": True, "min_tokens": 2,
+        "skip_special_tokens": False, "spaces_between_special_tokens": False, "seed": 3,
+        "logit_bias": {"42": -100}, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+        "prompt_logprobs": 2, "allowed_token_ids": [1, 2, 3]})
+    p = req.to_sampling_params(16)
+    assert (p.top_k, p.min_p, p.repetition_penalty, p.seed) == (5, 0.1, 1.2, 3)
+    assert p.stop == ["END"] and p.stop_token_ids == [7] and p.include_stop_str_in_output
+    assert p.ignore_eos and p.min_tokens == 2 and not p.skip_special_tokens
+    assert not p.spaces_between_special_tokens and p.logit_bias == {42: -100.0}
+    assert (p.presence_penalty, p.frequency_penalty, p.prompt_logprobs) == (0.5, -0.5, 2)
+    assert p.allowed_token_ids == [1, 2, 3]
+
+
+def test_completion_echo_with_logprobs_asks_for_prompt_logprobs():
+    p = CompletionRequest(prompt="x", echo=True, logprobs=3).to_sampling_params(4)
+    assert p.logprobs == 3 and p.prompt_logprobs == 3
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"length_penalty": 0.5}, "length_penalty"),
+    ({"early_stopping": True}, "early_stopping"),
+    ({"suffix": "tail"}, "suffix"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 500}}, "logit_bias"),
+    ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+])
+def test_unsupported_or_conflicting_parameters_are_refused(body, param):
+    req = CompletionRequest.model_validate({"prompt": "x", **body})
+    with pytest.raises(APIError) as err:
+        req.to_sampling_params(16)
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_guided_parameters_map_to_one_constraint():
+    p = CompletionRequest(prompt="x", guided_choice=["yes", "no"]).to_sampling_params(4)
+    assert p.guided_decoding.choice == ["yes", "no"] and p.guided_decoding.constraint_kinds() == ["choice"]
+    p = CompletionRequest(prompt="x", guided_json='{"type": "object"}', guided_decoding_backend="llguidance",
+                          guided_whitespace_pattern=" ?").to_sampling_params(4)
+    g = p.guided_decoding
+    assert g.json == {"type": "object"} and g.backend == "llguidance" and g.whitespace_pattern == " ?"
+    p = CompletionRequest(prompt="x", guided_grammar="start: 'a'").to_sampling_params(4)
+    assert p.guided_decoding.grammar == "start: 'a'"
+
+
+def test_response_format_and_structured_outputs():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}})
+    assert req.to_sampling_params(8).guided_decoding.json == schema
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "response_format": {"type": "json_object"}})
+    assert req.to_sampling_params(8).guided_decoding.json_object is True
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "response_format": {"type": "text"}})
+    assert req.to_sampling_params(8).guided_decoding is None
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "structured_outputs": {"regex": "[0-9]+"}})
+    assert req.to_sampling_params(8).guided_decoding.regex == "[0-9]+"
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "structured_outputs": {"regex": "a"},
+                                                "guided_choice": ["b"]})
+    with pytest.raises(APIError):
+        req.to_sampling_params(8)
+
+
+def test_chat_logprobs_and_max_completion_tokens():
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "logprobs": True, "top_logprobs": 4,
+                                                "max_tokens": 9, "max_completion_tokens": 7})
+    assert req.requested_max_tokens == 7
+    assert req.to_sampling_params(7).logprobs == 4
+    assert ChatCompletionRequest.model_validate({"messages": MSGS}).to_sampling_params(5).logprobs is None
+    assert ChatCompletionRequest.model_validate({"messages": MSGS}).requested_max_tokens is None
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": []},
+    {"messages": MSGS, "top_logprobs": 2},
+    {"messages": MSGS, "continue_final_message": True},  # add_generation_prompt defaults to true
+    {"messages": [{"role": "narrator", "content": "x"}]},
+    {"messages": MSGS, "stream_options": {"include_usage": True}},  # only with stream
+])
+def test_invalid_chat_requests_fail_validation(body):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_tool_choice_defaults():
+    assert ChatCompletionRequest.model_validate({"messages": MSGS}).effective_tool_choice == "none"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert ChatCompletionRequest.model_validate({"messages": MSGS, "tools": tools}).effective_tool_choice == "auto"
