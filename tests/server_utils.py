@@ -38,6 +38,9 @@ async def serve_in_process(app: Sanic):
         yield f"http://127.0.0.1:{port}"
     finally:
         await server.before_stop()
+        # Drop idle keep-alive connections (clients' pools) so closing does not wait for them.
+        for conn in list(server.connections):
+            conn.close_if_idle()
         await server.close()
         await server.after_stop()
 
