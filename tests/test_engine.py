@@ -1,0 +1,126 @@
+"""Engine behaviour on a tiny random checkpoint: batching, seeds, preemption, compilation, stops."""
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+
+ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def llm(random_llama_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ckpt")
+    return LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(cache), **ENGINE_ARGS)
+
+
+def prompts(n, seed=0, lo=3, hi=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, 40000, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def test_batched_greedy_equals_one_at_a_time(llm):
+    ps = prompts(6)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in ps]
+    together = [o.outputs[0].token_ids for o in llm.generate(ps, params)]
+    assert together == alone
+    assert all(len(t) == 10 for t in together)
+
+
+def test_seed_reproduces_alone_and_in_a_busy_batch(llm):
+    target = prompts(1, seed=5)[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([target], seeded)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.7, max_tokens=int(n), ignore_eos=True) for n in (3, 20, 7, 15)]
+    busy = llm.generate(prompts(4, seed=9) + [target], others + [seeded])
+    assert busy[-1].outputs[0].token_ids == alone
+    other_seed = llm.generate([target], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12,
+                                                       ignore_eos=True))[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_n_outputs_differ_and_are_indexed(llm):
+    out = llm.generate(prompts(1, seed=3), SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7,
+                                                          ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_prefix_cache_hit_gives_identical_output(llm):
+    shared = prompts(1, seed=11, lo=30, hi=31)[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.generate([shared], params)[0]
+    hits_before = llm.engine.kv_cache.stats.hits
+    second = llm.generate([shared], params)[0]
+    assert llm.engine.kv_cache.stats.hits - hits_before >= 28  # 7 full pages of 4 reused
+    assert second.num_cached_tokens >= 28
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    p = prompts(1, seed=2)[0]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    stop_at = free.token_ids[3]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                           stop_token_ids=[stop_at]))[0].outputs[0]
+    assert out.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    assert free.finish_reason == "length"
+
+
+def test_logprobs_are_consistent(llm):
+    out = llm.generate(prompts(1, seed=4), SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                                          ignore_eos=True))[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for tok, position in zip(out.token_ids, out.logprobs):
+        assert position[tok].rank == 1  # greedy picks the top token
+        values = sorted((lp.logprob for lp in position.values()), reverse=True)
+        assert values[0] == pytest.approx(position[tok].logprob)
+        assert len(position) == 3 and all(v <= 0 for v in values)
+
+
+def test_prompt_logprobs_cover_every_prompt_token(llm):
+    p = prompts(1, seed=6, lo=20, hi=21)[0]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+    assert len(out.prompt_logprobs) == len(p) and out.prompt_logprobs[0] is None
+    for tok, position in zip(p[1:], out.prompt_logprobs[1:]):
+        assert tok in position and position[tok].logprob <= 0
+
+
+def test_invalid_requests_raise_clear_errors(llm):
+    with pytest.raises(ValueError, match="maximum context length is 256"):
+        llm.generate(["hi"], SamplingParams(max_tokens=1000))
+    with pytest.raises(ValueError, match="top_p"):
+        llm.generate(["hi"], SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams())
+
+
+def test_preemption_keeps_outputs_exact(random_llama_dir, tmp_path):
+    # 24 usable pages of 4 tokens: 4 sequences of ~40 tokens cannot all stay resident.
+    small = LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(tmp_path), kv_cache_memory=None,
+                **{**ENGINE_ARGS, "max_model_len": 64}, precompile=False)
+    per_page = small.engine.runner.kv_bytes_per_page(small.engine.model_config, 4, "float32")
+    tight = LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(tmp_path), kv_cache_memory=25 * per_page,
+                **{**ENGINE_ARGS, "max_model_len": 64}, precompile=False)
+    ps = prompts(4, seed=8, lo=10, hi=20)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in small.generate(ps, params)]
+    got = [o.outputs[0].token_ids for o in tight.generate(ps, params)]
+    assert tight.engine.scheduler.num_preemptions_total > 0
+    assert got == want
+    assert tight.engine.kv_cache.num_free_pages == tight.engine.kv_cache.num_pages - 1
+
+
+def test_no_compilation_after_warmup(llm):
+    before = llm.engine.stats().num_compilations
+    rng = np.random.default_rng(0)
+    for request in range(12):
+        p = prompts(1, seed=100 + request, lo=1, hi=120)[0]
+        llm.engine.add_request(f"mixed-{request}", p, SamplingParams(
+            temperature=float(rng.choice([0.0, 0.8])), max_tokens=int(rng.integers(1, 30)), ignore_eos=True))
+        for _ in range(int(rng.integers(0, 4))):  # arrivals between steps
+            llm.engine.step()
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.engine.stats().num_compilations == before
