@@ -124,7 +124,8 @@ class LLMEngine:
             from jaxserve.guided import GuidedDecodingCompiler
 
             self._guided = GuidedDecodingCompiler(self.tokenizer, self.model_config.vocab_size,
-                                                  backend=self.config.guided_decoding_backend)
+                                                  backend=self.config.guided_decoding_backend,
+                                                  eos_token_ids=list(self.eos_token_ids))
         return self._guided.matcher_for(params.guided_decoding)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -146,8 +147,7 @@ class LLMEngine:
             return []
         step = self.runner.prepare(out.scheduled)
         last_hidden, hidden = self.runner.execute(step)  # async dispatch: the host goes on meanwhile
-        sampled_items = [out.scheduled[row] for row in step.sample_rows]
-        rows = [self._row_state(item.seq) for item in out.scheduled]
+        rows = [self._row_state(item.seq, item.samples) for item in out.scheduled]
         tensors, flags = build_sampling_tensors(rows, step.shape.num_seqs, self.model_config.vocab_size,
                                                 self.config.max_logprobs)
         sampled = self.runner.sample(last_hidden, tensors, flags)
@@ -181,12 +181,11 @@ class LLMEngine:
                 outputs.append(output)
             if state.finished:
                 self.requests.pop(state.request_id, None)
-        del sampled_items
         return outputs
 
-    def _row_state(self, seq: Sequence) -> RowSamplingState:
+    def _row_state(self, seq: Sequence, samples: bool) -> RowSamplingState:
         state = self.requests.get(seq.request_id)
-        bitmask = state.bitmask_for(seq, self.model_config.vocab_size) if state else None
+        bitmask = state.bitmask_for(seq, self.model_config.vocab_size, samples) if state else None
         return RowSamplingState(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids, seq.seed,
                                 bitmask, self.eos_token_ids)
 

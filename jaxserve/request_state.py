@@ -61,9 +61,10 @@ class RequestState:
         self.streams.append(StreamState(seq, detok, stop, matcher,
                                         logprobs=[] if p.logprobs is not None else None))
 
-    def bitmask_for(self, seq: Sequence, vocab_size: int) -> np.ndarray | None:
+    def bitmask_for(self, seq: Sequence, vocab_size: int, samples: bool) -> np.ndarray | None:
+        """The guided-decoding mask for this step's sampled token (None when unconstrained or not sampling)."""
         stream = self.streams[seq.index]
-        if stream.matcher is None or seq.in_prefill:
+        if stream.matcher is None or not samples:
             return None
         row = np.zeros(-(-vocab_size // 32), np.int32)
         stream.matcher.fill_bitmask(row)
