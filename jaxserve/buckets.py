@@ -30,13 +30,17 @@ class BucketSet:
 
     @classmethod
     def for_limits(cls, max_num_seqs: int, max_num_batched_tokens: int) -> "BucketSet":
-        seqs = _powers_of_two(1, max_num_seqs)
+        # No 1-token step shape: XLA turns a one-row cache write or gather into ops that copy the whole
+        # KV cache every layer (seconds per step with a large cache); one padded row avoids it.
+        seqs = _powers_of_two(min(2, max_num_seqs), max_num_seqs)
         # Mixed steps use a coarser sequence grid (x4) to keep the number of compiled shapes small.
         tokens = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
         return cls(tuple(seqs), tuple(tokens))
 
     def mixed_seq_buckets(self) -> tuple[int, ...]:
         coarse = [s for i, s in enumerate(self.seq_buckets) if i % 2 == 0]
+        if self.seq_buckets[0] > 1:
+            coarse[0] = 1  # a lone prompt chunk (T > 1) is fine with one sequence slot
         if self.seq_buckets[-1] not in coarse:
             coarse.append(self.seq_buckets[-1])
         return tuple(coarse)

@@ -22,8 +22,11 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
     """Scatter this step's K/V ([T, Hkv, D]) into their slots; padded tokens target scratch page 0."""
     num_pages, page_size, hkv, d = k_pages.shape
     flat = lambda x: x.reshape(num_pages * page_size, hkv, d)
-    k_pages = flat(k_pages).at[slot_mapping].set(k_new.astype(k_pages.dtype)).reshape(k_pages.shape)
-    v_pages = flat(v_pages).at[slot_mapping].set(v_new.astype(v_pages.dtype)).reshape(v_pages.shape)
+    # Slots are always in range (padding targets page 0).
+    write = lambda pages, new: flat(pages).at[slot_mapping].set(
+        new.astype(pages.dtype), mode="promise_in_bounds").reshape(pages.shape)
+
+    k_pages, v_pages = write(k_pages, k_new), write(v_pages, v_new)
     return k_pages, v_pages
 
 
