@@ -1,0 +1,154 @@
+"""The real `jaxserve` server (subprocess, default SmolLM2 model) driven by the official OpenAI client."""
+import asyncio
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from server_utils import jaxserve_subprocess
+
+MODEL = "SmolLM2-135M-Instruct"
+SERVER_ARGS = ("--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+               "--kv-cache-memory", "256MiB", "--api-key", "test-key")
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    with jaxserve_subprocess(*SERVER_ARGS, timeout=900) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+
+
+def chat(client, content, **kw):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_chat_answers_and_counts_usage(client):
+    r = chat(client, "What is the capital of France?", max_tokens=20, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_usage_equals_tokenizer_counts(client, base_url):
+    r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=7, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    tok = httpx.post(base_url + "/tokenize", json={"model": MODEL, "prompt": "The quick brown fox"},
+                     headers={"Authorization": "Bearer test-key"}).json()
+    assert r.usage.prompt_tokens == tok["count"]
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+
+
+def test_streaming_matches_non_streaming(client):
+    kw = dict(model=MODEL, prompt="1, 2, 3,", max_tokens=12, temperature=0)
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] == "length" and all(f is None for f in finals[:-1])
+
+
+def test_stop_string_cuts_text(client):
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=["7"])
+    assert r.choices[0].finish_reason == "stop" and "7" not in r.choices[0].text
+    assert r.choices[0].text.strip().startswith("5")
+
+
+def test_seed_reproduces_and_n_choices(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=42, n=3)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+
+
+def test_logprobs_formats(client):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, logprobs=2, temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3 and all(len(t) >= 2 for t in lp.top_logprobs)
+    c = chat(client, "Hi", max_tokens=3, logprobs=True, top_logprobs=3, temperature=0)
+    content = c.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
+
+
+def test_guided_choice_regex_and_json(client):
+    r = chat(client, "Is the sky blue? Answer yes or no.", max_tokens=5, extra_body={"guided_choice": ["yes", "no"]})
+    assert r.choices[0].message.content in ("yes", "no")
+    r = chat(client, "Give me a phone number.", max_tokens=20, extra_body={"guided_regex": r"[0-9]{3}-[0-9]{4}"})
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", r.choices[0].message.content)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = chat(client, "Describe a person as JSON.", max_tokens=60,
+             response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+             extra_body={"guided_whitespace_pattern": r"[ ]?"})
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_forced_tool_call(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+
+
+def test_errors(client, base_url):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10_000)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(base_url + "/health").status_code == 200
+
+
+def test_disconnect_frees_pages(base_url):
+    headers = {"Authorization": "Bearer test-key"}
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "stream": True,
+            "extra_body": None, "ignore_eos": True}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break
+    for _ in range(100):
+        metrics = httpx.get(base_url + "/metrics").text
+        running = re.search(r"^jaxserve:num_requests_running\{[^}]*\} (\S+)", metrics, re.M)
+        usage = re.search(r"^jaxserve:kv_cache_usage_perc\{[^}]*\} (\S+)", metrics, re.M)
+        if running and float(running.group(1)) == 0 and float(usage.group(1)) == 0:
+            return
+        import time
+        time.sleep(0.2)
+    pytest.fail("the aborted request still holds KV pages")
+
+
+def test_32_concurrent_streams_complete(base_url):
+    async def one(client, i):
+        stream = await client.completions.create(model=MODEL, prompt=f"Count from {i}:", max_tokens=8,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    sync = openai.OpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+    for i in (0, 17, 31):  # same input, same output under concurrency
+        alone = sync.completions.create(model=MODEL, prompt=f"Count from {i}:", max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].text
+        assert results[i] == alone
+    assert all(results)
