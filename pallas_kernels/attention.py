@@ -50,16 +50,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
 def _pallas_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
                       sliding_window, soft_cap, interpret):
     platform = jax.devices()[0].platform
-    if platform == "tpu" or (interpret and platform == "cpu" and _prefer_tpu_kernel_in_interpret()):
+    if platform == "tpu":
         from .ragged_attention_tpu import ragged_paged_attention_tpu as kernel
     else:
         from .ragged_attention_gpu import ragged_paged_attention_gpu as kernel
+    # On the CPU a Pallas kernel can only run in the interpreter (tests, small shapes).
+    interpret = interpret or platform == "cpu"
     return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
                   sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
-
-
-def _prefer_tpu_kernel_in_interpret() -> bool:
-    return False
 
 
 def xla_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,

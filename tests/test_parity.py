@@ -77,3 +77,13 @@ def test_default_gguf_first_step_logits_match_transformers(oracle, tmp_path):
     assert got.token_ids == list(want[0]["tokens"][:4])
     for tok_id, lp in zip(want[0]["top_ids"][0], want[0]["top_logprobs"][0]):
         assert math.isclose(got.logprobs[0][int(tok_id)].logprob, float(lp), abs_tol=5e-4)
+
+
+def test_pallas_backend_in_interpret_mode_matches_transformers(tiny_llama, oracle, tmp_path):
+    prompts = make_prompts(seed=2)[:2]
+    steps = 3
+    expected = oracle.greedy(tiny_llama, prompts, steps, top_k=TOP, full_logits="none")
+    llm = LLM(model=str(tiny_llama), checkpoint_cache_dir=str(tmp_path), precompile=False,
+              attention_backend="pallas", **{**ARGS, "block_size": 16})
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == [list(e["tokens"][:steps]) for e in expected]
