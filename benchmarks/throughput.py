@@ -1,0 +1,77 @@
+"""Offline decode/prefill step times of the engine on the default model, next to the machine's roofline.
+
+    .venv/bin/python benchmarks/throughput.py [--dtype float32] [--batches 1 2 4 8 16 32 64]
+
+Decode: `batch` sequences with 128-token prompts each generate 128 tokens (ignore_eos); the time per step
+is the decode phase's wall time over its steps. Prefill: one 512-token prompt.
+Achieved GB/s = bytes the step must read (weights + live KV) / step time; GFLOP/s = 2 x params x tokens / time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from jaxserve import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=max(args.batches),
+              max_num_batched_tokens=512)
+    eng = llm.engine
+    cfg = eng.model_config
+    params = sum(int(np.prod(a.shape)) for a in eng.runner.params[0] + eng.runner.params[1])
+    itemsize = np.dtype(eng.runner.dtype).itemsize
+    weight_bytes = params * itemsize
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batches:
+        prompts = [rng.integers(100, 40000, size=args.prompt_len).tolist() for _ in range(batch)]
+        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm
+        for i, p in enumerate(prompts):
+            eng.add_request(f"b{batch}-{i}", p, sp)
+        steps, decode_time, first = 0, 0.0, True
+        while eng.has_unfinished_requests():
+            t = time.perf_counter()
+            eng.step()
+            dt = time.perf_counter() - t
+            if all(not s.in_prefill for s in eng.scheduler.running) and not eng.scheduler.waiting and not first:
+                steps += 1
+                decode_time += dt
+            first = False
+        step_ms = 1000 * decode_time / max(steps, 1)
+        kv_bytes = batch * (args.prompt_len + args.output_len / 2) * kv_per_token
+        rows.append({"batch": batch, "step_ms": round(step_ms, 2), "tok_per_s": round(batch * 1000 / step_ms, 1),
+                     "GB_per_s": round((weight_bytes + kv_bytes) / step_ms / 1e6, 1),
+                     "GFLOP_per_s": round(2 * params * batch / step_ms / 1e6, 1)})
+        print(rows[-1], flush=True)
+    prompt = rng.integers(100, 40000, size=512).tolist()
+    llm.generate([prompt], SamplingParams(max_tokens=1))
+    t = time.perf_counter()
+    llm.generate([rng.integers(100, 40000, size=512).tolist()], SamplingParams(max_tokens=1))
+    prefill_ms = 1000 * (time.perf_counter() - t)
+    prefill = {"prefill_tokens": 512, "ms": round(prefill_ms, 1), "tok_per_s": round(512 * 1000 / prefill_ms, 1),
+               "GFLOP_per_s": round(2 * params * 512 / prefill_ms / 1e6, 1)}
+    print(prefill)
+    print("| batch | step ms | tok/s | GB/s | GFLOP/s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['step_ms']} | {r['tok_per_s']} | {r['GB_per_s']} | {r['GFLOP_per_s']} |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"dtype": args.dtype, "decode": rows, "prefill": prefill}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
