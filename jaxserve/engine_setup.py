@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxserve.buckets import BucketSet
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model_runner import ModelRunner, RunnerConfig
+from jaxserve.models.sharding import plan_tensor_parallel, tensor_parallel_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     if config.max_num_batched_tokens < config.max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
                          f"max_num_seqs ({config.max_num_seqs})")
+    if config.data_parallel_size != 1:
+        raise ValueError("data_parallel_size > 1 is not implemented yet; use tensor_parallel_size")
+    mesh = tensor_parallel_mesh(config.tensor_parallel_size)  # raises when JAX sees too few devices
     enable_compilation_cache(config.compilation_cache_dir)
     counter = CompilationCounter()
     source = resolve_model_source(config.model)
@@ -109,7 +113,9 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     page_size = config.block_size
     pages_per_seq = -(-max_model_len // page_size)
     per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, dtype)
-    num_pages = kv_budget_bytes(config) // per_page
+    # The KV budget is per device; split by KV head, each device holds 1/tp of every page.
+    kv_split = mesh.size if plan_tensor_parallel(model_config, mesh.size).kv_heads else 1
+    num_pages = kv_budget_bytes(config) // (per_page // kv_split)
     if num_pages < pages_per_seq + 1:
         raise ValueError(
             f"The KV cache budget ({kv_budget_bytes(config)} bytes = {num_pages} pages of {page_size} tokens) "
@@ -118,10 +124,11 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets,
                                  resolve_attention_backend(config.attention_backend))
-    runner = ModelRunner(model_config, runner_config, flat)
+    runner = ModelRunner(model_config, runner_config, flat, mesh)
     eos = set(model_config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(tokenizer.eos_token_id)
-    logger.info("KV cache: %d pages of %d tokens (%.2f GiB), max_model_len %d, dtype %s", num_pages, page_size,
-                num_pages * per_page / 1024**3, max_model_len, dtype)
+    logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device), max_model_len %d, dtype %s, "
+                "tensor parallel %d", num_pages, page_size, num_pages * per_page / kv_split / 1024**3,
+                max_model_len, dtype, mesh.size)
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter)

@@ -17,6 +17,8 @@ from jaxserve.buckets import BucketSet, StepShape
 from jaxserve.config import ModelConfig
 from jaxserve.models.llama import (AttentionMetadata, abstract_model, logits_from_hidden, scanned_forward,
                                    scanned_params, split_for_scan)
+from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, plan_tensor_parallel,
+                                      tensor_parallel_mesh)
 from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample
 from jaxserve.sampling_metadata import placeholder_sampling_tensors
 from jaxserve.scheduler import ScheduledSeq
@@ -62,13 +64,19 @@ class ModelRunner:
         self.model_config = model_config
         self.config = runner_config
         self.dtype = jnp.dtype(runner_config.dtype)
-        self.mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # Tensor parallelism: the mesh's size is the TP degree; parameters and the KV cache are placed with
+        # NamedShardings (models/sharding.py) and XLA partitions the jitted step and inserts the collectives.
+        self.mesh = mesh or tensor_parallel_mesh(1)
+        self.tp_plan = plan_tensor_parallel(model_config, self.mesh.size)
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         model = abstract_model(model_config, self.dtype, runner_config.attention_backend)
         self.split = split_for_scan(model)
         outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
-        self.params = (jax.device_put(outer, replicated), jax.device_put(stacked, replicated))
-        self.kv_cache = self._allocate_kv(replicated)
+        outer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.outer_paths, stacked=False)
+        layer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=True)
+        self.params = (jax.device_put(outer, outer_shardings), jax.device_put(stacked, layer_shardings))
+        self.kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec(self.tp_plan))
+        self.kv_cache = self._allocate_kv(self.kv_sharding)
         self._step_fns: dict[StepShape, object] = {}
         self._sample_fn = jax.jit(self._sample, static_argnames=("flags",))
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs, static_argnames=("num_logprobs",))
@@ -100,7 +108,10 @@ class ModelRunner:
                                                kv_cache, meta, num_pages)
             return hidden[field("logits_indices")], hidden, kv_cache
 
-        return jax.jit(step, donate_argnums=(1,))
+        # The cache comes back with the sharding it went in with, so donation reuses its buffers in place;
+        # hidden states come back replicated for the sampler.
+        kv_out = (self.kv_sharding, self.kv_sharding)
+        return jax.jit(step, donate_argnums=(1,), out_shardings=(self.replicated, self.replicated, kv_out))
 
     def _sample(self, params, last_hidden, tensors: SamplingTensors, flags: SamplerFlags):
         logits = logits_from_hidden(self.split, params[0], last_hidden)

@@ -1,0 +1,104 @@
+"""Tensor parallelism: where each parameter and the KV cache live on a 1-D device mesh (axis "model").
+
+Megatron-style layout, so each decoder layer needs one all-reduce after attention and one after the MLP
+(XLA inserts them when the jitted step runs on sharded inputs; there are no hand-written collectives):
+- q/k/v and gate/up projections are column-parallel: their output features (heads / MLP columns) are split;
+- o and down projections are row-parallel: their input features are split, the partial sums all-reduced;
+- the embedding and the LM head are split by vocabulary row; norms are replicated;
+- the KV cache [layers * pages, page_size, kv_heads, head_dim] is split by KV head, like k/v_proj.
+
+A dimension the mesh does not divide is replicated instead (with a logged reason): for example 3 KV heads on
+4 devices keeps K/V projections and the whole KV cache on every device, which costs memory but stays exact.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxserve.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_AXIS = "model"
+
+# Parameter roles by the NNX path of one decoder layer's module (the stacked layer leaves add a leading
+# [num_layers] axis, which is never split).
+_COLUMN_PARALLEL = {("self_attn", "q_proj"): "q_heads", ("self_attn", "k_proj"): "kv_heads",
+                    ("self_attn", "v_proj"): "kv_heads", ("mlp", "gate_proj"): "mlp", ("mlp", "up_proj"): "mlp"}
+_ROW_PARALLEL = {("self_attn", "o_proj"): "q_heads", ("mlp", "down_proj"): "mlp"}
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """Which model dimensions a mesh of `size` devices splits; the rest are replicated."""
+
+    size: int
+    q_heads: bool  # q_proj columns / o_proj rows, by attention head
+    kv_heads: bool  # k/v_proj columns and the KV cache, by KV head
+    mlp: bool  # gate/up columns / down rows, by intermediate feature
+    vocab: bool  # embedding rows / LM head columns
+    reasons: tuple[str, ...] = ()  # why a dimension stayed replicated
+
+    def splits(self, group: str) -> bool:
+        return getattr(self, group)
+
+
+def plan_tensor_parallel(cfg: ModelConfig, size: int) -> TensorParallelPlan:
+    """Split every dimension `size` divides evenly (heads as whole heads); explain each one that is not."""
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+    checks = {"q_heads": (cfg.num_heads, "attention heads"), "kv_heads": (cfg.num_kv_heads, "KV heads"),
+              "mlp": (cfg.intermediate_size, "MLP intermediate features"), "vocab": (cfg.vocab_size, "vocabulary")}
+    flags, reasons = {}, []
+    for group, (count, what) in checks.items():
+        flags[group] = size == 1 or count % size == 0
+        if not flags[group]:
+            reasons.append(f"{count} {what} do not split over {size} devices: replicated")
+    plan = TensorParallelPlan(size, reasons=tuple(reasons), **flags)
+    for reason in plan.reasons:
+        logger.warning("tensor parallel %d: %s", size, reason)
+    return plan
+
+
+def param_partition_spec(path: tuple, plan: TensorParallelPlan, stacked: bool) -> PartitionSpec:
+    """The PartitionSpec of one parameter, by its NNX path (`stacked`: it has a leading [num_layers] axis).
+
+    Kernels are nnx.Linear's [in, out]; biases [out]; the embedding [vocab, hidden].
+    """
+    names = tuple(str(p) for p in path)
+    module, leaf = names[:-1], names[-1]
+    lead = (None,) if stacked else ()
+    axis = MODEL_AXIS
+    if module == ("embed_tokens",):
+        return PartitionSpec(*lead, axis if plan.vocab else None, None)
+    if module == ("lm_head",):
+        return PartitionSpec(*lead, None, axis if plan.vocab else None)
+    if module in _COLUMN_PARALLEL and plan.splits(_COLUMN_PARALLEL[module]):
+        return PartitionSpec(*lead, None, axis) if leaf == "kernel" else PartitionSpec(*lead, axis)
+    if module in _ROW_PARALLEL and plan.splits(_ROW_PARALLEL[module]) and leaf == "kernel":
+        return PartitionSpec(*lead, axis, None)
+    return PartitionSpec()  # norms, row-parallel biases and anything the plan replicates
+
+
+def kv_cache_partition_spec(plan: TensorParallelPlan) -> PartitionSpec:
+    """[layers * pages, page_size, kv_heads, head_dim]: by KV head, like the K/V projections that fill it."""
+    return PartitionSpec(None, None, MODEL_AXIS, None) if plan.kv_heads else PartitionSpec()
+
+
+def tensor_parallel_mesh(size: int, devices: list | None = None) -> Mesh:
+    """A 1-D mesh over the first `size` devices (all processes' devices on a multi-host run)."""
+    devices = jax.devices() if devices is None else devices
+    if size > len(devices):
+        raise ValueError(f"tensor_parallel_size={size} needs {size} devices but JAX sees {len(devices)} "
+                         f"({devices[0].platform}); on the CPU, XLA_FLAGS=--xla_force_host_platform_device_count"
+                         f"={size} before JAX starts gives {size} virtual devices")
+    return Mesh(np.array(devices[:size]), (MODEL_AXIS,))
+
+
+def param_shardings(mesh: Mesh, plan: TensorParallelPlan, paths, stacked: bool) -> list[NamedSharding]:
+    """One NamedSharding per parameter leaf, in the order of `paths`."""
+    return [NamedSharding(mesh, param_partition_spec(p, plan, stacked)) for p in paths]

@@ -1,0 +1,65 @@
+"""Runs in a fresh process with 8 virtual CPU devices (XLA_FLAGS must be set before JAX starts).
+
+Usage: python tensor_parallel_worker.py OUT_DIR TP_SIZE[,TP_SIZE...]
+Builds two tiny random checkpoints (Llama and Qwen2 with q/k/v bias), generates greedily at each tensor
+parallel size and writes {model: {tp: {tokens, logprobs, kv_spec, shard_shapes}}} to OUT_DIR/results.json.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from random_checkpoint import saved_default_tokenizer, write_random_llama  # noqa: E402
+
+# Llama: 4 heads / 2 KV heads, so TP 2 splits KV heads and TP 4 must replicate them.
+# Qwen2: 6 heads / 2 KV heads and an untied LM head, so TP 4 replicates attention entirely.
+MODELS = {
+    "llama": dict(hidden=64, heads=4, kv_heads=2, intermediate=128),
+    "qwen2": dict(hidden=48, heads=6, kv_heads=2, intermediate=96, qkv_bias=True, tied=False),
+}
+ENGINE_ARGS = dict(dtype="float32", precompile=False, max_model_len=128, max_num_seqs=4,
+                   max_num_batched_tokens=32, block_size=4, kv_cache_memory=2 * 2**20)
+PROMPTS = [[100 + 37 * i % 40000 for i in range(n)] for n in (5, 19, 41)]
+NEW_TOKENS, TOP = 6, 4
+
+
+def run_model(llm) -> dict:
+    from jaxserve import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP)
+    outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+    runner = llm.engine.runner
+    q_kernel = runner.params[1][runner.split.layer_paths.index(("self_attn", "q_proj", "kernel"))]
+    return {
+        "tokens": [o.token_ids for o in outs],
+        "logprobs": [[{str(t): lp.logprob for t, lp in pos.items()} for pos in o.logprobs] for o in outs],
+        "kv_spec": list(runner.kv_cache[0].sharding.spec),  # [] = replicated
+        "kv_shard_shape": list(runner.kv_cache[0].addressable_shards[0].data.shape),
+        "q_kernel_shard_shape": list(q_kernel.addressable_shards[0].data.shape),
+        "embed_shard_shape": list(runner.params[0][0].addressable_shards[0].data.shape),
+        "mesh_size": runner.mesh.size,
+    }
+
+
+def main(out_dir: str, tp_sizes: str) -> None:
+    from jaxserve import LLM
+
+    root = Path(out_dir)
+    tokenizer = saved_default_tokenizer(root)
+    results = {}
+    for name, shape in MODELS.items():
+        model_dir = write_random_llama(root / name, tokenizer, seed=len(name), layers=2, **shape)
+        results[name] = {}
+        for tp in map(int, tp_sizes.split(",")):
+            llm = LLM(model=str(model_dir), checkpoint_cache_dir=str(root / "ckpt"), tensor_parallel_size=tp,
+                      **ENGINE_ARGS)
+            results[name][tp] = run_model(llm)
+            del llm
+    (root / "results.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,104 @@
+"""Tensor parallelism: partition specs per parameter, and TP 1/2/4 on virtual CPU devices equal one device.
+
+The engine runs in a subprocess (tensor_parallel_worker.py) because the 8 virtual devices need XLA_FLAGS
+before JAX initialises, and this pytest process has already started JAX with one device.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxserve.config import ModelConfig
+from jaxserve.models.sharding import (kv_cache_partition_spec, param_partition_spec, plan_tensor_parallel,
+                                      tensor_parallel_mesh)
+
+TP_SIZES = (1, 2, 4)
+LOGPROB_TOL = 1e-4
+
+
+def tiny_config(heads=4, kv_heads=2, intermediate=128, vocab=1000):
+    return ModelConfig("llama", vocab, 64, intermediate, 2, heads, kv_heads, 64 // heads)
+
+
+def test_megatron_layout_when_everything_divides():
+    plan = plan_tensor_parallel(tiny_config(), 2)
+    assert plan.reasons == ()
+    spec = lambda *path, stacked=True: param_partition_spec(path, plan, stacked)
+    for proj in ("q_proj", "k_proj", "v_proj"):  # column-parallel: output features split
+        assert spec("self_attn", proj, "kernel") == P(None, None, "model")
+        assert spec("self_attn", proj, "bias") == P(None, "model")
+    assert spec("mlp", "gate_proj", "kernel") == spec("mlp", "up_proj", "kernel") == P(None, None, "model")
+    # Row-parallel: input features split.
+    assert spec("self_attn", "o_proj", "kernel") == spec("mlp", "down_proj", "kernel") == P(None, "model", None)
+    assert spec("input_layernorm", "weight") == P()
+    assert spec("embed_tokens", "embedding", stacked=False) == P("model", None)
+    assert spec("lm_head", "kernel", stacked=False) == P(None, "model")
+    assert spec("norm", "weight", stacked=False) == P()
+    assert kv_cache_partition_spec(plan) == P(None, None, "model", None)
+
+
+def test_dimensions_the_mesh_does_not_divide_are_replicated_with_a_reason(caplog):
+    plan = plan_tensor_parallel(tiny_config(heads=6, kv_heads=2, intermediate=96, vocab=1001), 4)
+    assert (plan.q_heads, plan.kv_heads, plan.mlp, plan.vocab) == (False, False, True, False)
+    assert len(plan.reasons) == 3 and all("replicated" in r for r in plan.reasons)
+    assert any("2 KV heads" in r.getMessage() for r in caplog.records)
+    assert param_partition_spec(("self_attn", "k_proj", "kernel"), plan, True) == P()
+    assert param_partition_spec(("self_attn", "o_proj", "kernel"), plan, True) == P()
+    assert param_partition_spec(("mlp", "down_proj", "kernel"), plan, True) == P(None, "model", None)
+    assert all(axis is None for axis in param_partition_spec(("embed_tokens", "embedding"), plan, False))
+    assert kv_cache_partition_spec(plan) == P()
+
+
+def test_more_devices_than_jax_sees_is_a_clear_error():
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs 2 devices but JAX sees 1"):
+        tensor_parallel_mesh(2, jax.devices()[:1])
+
+
+def max_logprob_gap(a, b):
+    gap = 0.0
+    for seq_a, seq_b in zip(a, b):
+        for pos_a, pos_b in zip(seq_a, seq_b):
+            shared = pos_a.keys() & pos_b.keys()
+            assert len(shared) >= len(pos_a) - 1  # the same top alternatives (ties at the edge aside)
+            gap = max([gap] + [abs(pos_a[t] - pos_b[t]) for t in shared])
+    return gap
+
+
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tensor_parallel")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    worker = Path(__file__).with_name("tensor_parallel_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(out), ",".join(map(str, TP_SIZES))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_tensor_parallel_matches_one_device(tp_results, model):
+    runs = tp_results[model]
+    single = runs["1"]
+    for tp in TP_SIZES[1:]:
+        run = runs[str(tp)]
+        assert run["mesh_size"] == tp
+        assert run["tokens"] == single["tokens"], tp
+        assert max_logprob_gap(single["logprobs"], run["logprobs"]) < LOGPROB_TOL, tp
+        # The weights really are split: embedding rows by vocab (49152 divides by 2 and 4).
+        assert run["embed_shard_shape"][0] == single["embed_shard_shape"][0] // tp
+
+
+def test_kv_heads_split_when_they_divide_and_replicate_when_not(tp_results):
+    llama, qwen = tp_results["llama"], tp_results["qwen2"]
+    # Llama has 4 heads / 2 KV heads, [layers*pages, page, kv_heads, head_dim] per device:
+    assert llama["2"]["kv_spec"] == [None, None, "model", None]
+    assert llama["2"]["kv_shard_shape"][2] == 1 and llama["2"]["q_kernel_shard_shape"][2] == 32
+    assert llama["4"]["kv_spec"] == [] and llama["4"]["kv_shard_shape"][2] == 2
+    assert llama["4"]["q_kernel_shard_shape"][2] == 16  # query heads still split 4 ways
+    # Qwen2 has 6 heads: TP 4 replicates the whole attention block.
+    assert qwen["4"]["q_kernel_shard_shape"][2] == 48 and qwen["4"]["kv_shard_shape"][2] == 2
