@@ -84,9 +84,9 @@ def _final_message(ctx, request, role: str, tools: ToolMode, text: str, finish: 
     """(message, finish_reason) for a finished choice, extracting tool calls as the mode says."""
     if tools.kind == "guided":
         calls = guided_tool_calls(text, request)
-        if calls is not None:
-            return ChatMessageOut(role=role, content=None,
-                                  tool_calls=[tool_call_out(c) for c in calls]), "tool_calls"
+        if calls:  # a truncated forced answer parses to no call: it is returned as content, "length"
+            return ChatMessageOut(role=role, content=None, tool_calls=[tool_call_out(c) for c in calls]), \
+                "tool_calls" if finish == "stop" else finish
     elif tools.kind == "auto":
         content, calls = tools.new_parser(ctx.tokenizer).extract_tool_calls(text)
         if calls:

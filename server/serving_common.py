@@ -85,7 +85,15 @@ def validate_params(ctx: ServingContext, params: SamplingParams) -> None:
             raise bad_request(f"stop_token_ids: token id {tok} out of vocabulary range.", "stop_token_ids")
 
 
+_GUIDED_ERROR_PARAMS = {"Invalid regex": "guided_regex", "Invalid JSON schema": "guided_json",
+                        "Invalid GBNF grammar": "guided_grammar", "Invalid Lark grammar": "guided_grammar",
+                        "Invalid grammar": "guided_grammar"}
+
+
 def _param_named_in(message: str) -> str | None:
+    for prefix, param in _GUIDED_ERROR_PARAMS.items():
+        if message.startswith(prefix):
+            return param
     word = message.split(" ", 1)[0].strip(":")
     if word == "Requested":  # "Requested logprobs of 30, which is greater than max allowed"
         word = message.split(" ")[1]

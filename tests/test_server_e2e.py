@@ -152,3 +152,60 @@ def test_32_concurrent_streams_complete(base_url):
                                         extra_body={"ignore_eos": True}).choices[0].text
         assert results[i] == alone
     assert all(results)
+
+
+def test_chat_stream_role_first_and_n_interleaved(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
+                                                 max_tokens=6, stream=True, n=2, temperature=1.0, seed=1))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    indices = [c.choices[0].index for c in chunks if c.choices]
+    assert set(indices) == {0, 1}
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]
+
+
+def test_continue_final_message_with_echo(client):
+    r = client.chat.completions.create(
+        model=MODEL, max_tokens=5, temperature=0,
+        messages=[{"role": "user", "content": "Name a color"}, {"role": "assistant", "content": "The color is"}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False, "echo": True})
+    assert r.choices[0].message.content.startswith("The color is")
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(extra_body={"use_beam_search": True}), "use_beam_search"),
+    (dict(suffix="x"), "suffix"),
+    (dict(logprobs=50), "logprobs"),
+    (dict(n=0), "n"),
+    (dict(extra_body={"guided_regex": "(["}), "guided_regex"),
+    (dict(extra_body={"guided_choice": ["a"], "guided_regex": "a"}), None),
+])
+def test_bad_parameters_name_themselves(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=3, **kwargs)
+    if param:
+        assert info.value.body["param"] == param
+
+
+def test_tokenize_detokenize_round_trip(base_url):
+    headers = {"Authorization": "Bearer test-key"}
+    tok = httpx.post(base_url + "/tokenize", json={"model": MODEL, "prompt": "Hello world"}, headers=headers).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    text = httpx.post(base_url + "/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}, headers=headers).json()
+    assert text["prompt"] == "Hello world"
+
+
+def test_required_tool_choice_parses_or_reports_length(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}}}]
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=tools, tool_choice="required", max_tokens=60, temperature=0,
+                                       extra_body={"guided_whitespace_pattern": r"[ ]?"})
+    choice = r.choices[0]
+    if choice.finish_reason == "tool_calls":
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), tools[0]["function"]["parameters"])
+    else:
+        assert choice.finish_reason == "length" and not choice.message.tool_calls
