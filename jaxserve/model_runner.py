@@ -17,8 +17,8 @@ from jaxserve.buckets import BucketSet, StepShape
 from jaxserve.config import ModelConfig
 from jaxserve.models.llama import (AttentionMetadata, abstract_model, logits_from_hidden, scanned_forward,
                                    scanned_params, split_for_scan)
-from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, plan_tensor_parallel,
-                                      tensor_parallel_mesh)
+from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
+                                      plan_tensor_parallel, tensor_parallel_mesh)
 from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample
 from jaxserve.sampling_metadata import placeholder_sampling_tensors
 from jaxserve.scheduler import ScheduledSeq
@@ -74,7 +74,7 @@ class ModelRunner:
         outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
         outer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.outer_paths, stacked=False)
         layer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=True)
-        self.params = (jax.device_put(outer, outer_shardings), jax.device_put(stacked, layer_shardings))
+        self.params = (place_sharded(outer, outer_shardings), place_sharded(stacked, layer_shardings))
         self.kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec(self.tp_plan))
         self.kv_cache = self._allocate_kv(self.kv_sharding)
         self._step_fns: dict[StepShape, object] = {}

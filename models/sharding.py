@@ -102,3 +102,24 @@ def tensor_parallel_mesh(size: int, devices: list | None = None) -> Mesh:
 def param_shardings(mesh: Mesh, plan: TensorParallelPlan, paths, stacked: bool) -> list[NamedSharding]:
     """One NamedSharding per parameter leaf, in the order of `paths`."""
     return [NamedSharding(mesh, param_partition_spec(p, plan, stacked)) for p in paths]
+
+
+def place_sharded(arrays: list[np.ndarray], shardings: list[NamedSharding]) -> list[jax.Array]:
+    """Host arrays → global device arrays, each device receiving only its own slice.
+
+    On a multi-host mesh every process calls this with the same (possibly memory-mapped) host arrays and
+    copies only the slices of its local devices, so no device ever holds a whole split tensor.
+    """
+    return [jax.make_array_from_callback(a.shape, s, lambda index, a=a: np.asarray(a[index]))
+            for a, s in zip(arrays, shardings)]
+
+
+def initialize_multihost(coordinator: str, num_hosts: int, host_index: int) -> None:
+    """Joins this process to a multi-host JAX runtime; jax.devices() then lists every host's devices.
+
+    Must run before anything else touches JAX. On the CPU the cross-process collectives go through gloo.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_hosts, process_id=host_index)
+    logger.info("host %d of %d joined %s: %d devices in all, %d local", host_index, num_hosts, coordinator,
+                len(jax.devices()), len(jax.local_devices()))

@@ -1,8 +1,10 @@
 """Runs in a fresh process with 8 virtual CPU devices (XLA_FLAGS must be set before JAX starts).
 
-Usage: python tensor_parallel_worker.py OUT_DIR TP_SIZE[,TP_SIZE...]
+Usage: python tensor_parallel_worker.py OUT_DIR TP_SIZE[,TP_SIZE...] [--bench]
 Builds two tiny random checkpoints (Llama and Qwen2 with q/k/v bias), generates greedily at each tensor
 parallel size and writes {model: {tp: {tokens, logprobs, kv_spec, shard_shapes}}} to OUT_DIR/results.json.
+With --bench it instead times one decode step and one prefill step of a small random Llama at each size
+(the numbers in docs/benchmarks.md, "Tensor parallelism").
 """
 from __future__ import annotations
 
@@ -61,5 +63,49 @@ def main(out_dir: str, tp_sizes: str) -> None:
     (root / "results.json").write_text(json.dumps(results))
 
 
+BENCH_MODEL = dict(layers=8, hidden=512, heads=8, kv_heads=4, intermediate=1536)
+
+
+def bench(out_dir: str, tp_sizes: str, repeats: int = 20) -> None:
+    """Median wall time of the jitted model step plus greedy sampling, on all-padding steps of fixed shape."""
+    import statistics
+    import time
+
+    import jax
+    import numpy as np
+
+    from jaxserve import LLM
+    from jaxserve.buckets import StepShape
+    from jaxserve.model_runner import StepInput, _layout
+    from jaxserve.sampler import SamplerFlags
+    from jaxserve.sampling_metadata import placeholder_sampling_tensors
+
+    root = Path(out_dir)
+    model_dir = write_random_llama(root / "bench", saved_default_tokenizer(root), **BENCH_MODEL)
+    flags = SamplerFlags()
+    print(f"model {BENCH_MODEL}, {len(jax.devices())} devices")
+    for tp in map(int, tp_sizes.split(",")):
+        llm = LLM(model=str(model_dir), checkpoint_cache_dir=str(root / "ckpt"), tensor_parallel_size=tp,
+                  dtype="float32", precompile=False, max_model_len=512, max_num_seqs=8,
+                  max_num_batched_tokens=256, block_size=16, kv_cache_memory=64 * 2**20)
+        runner = llm.engine.runner
+        row = [f"tp {tp}"]
+        for shape in (StepShape(8, 8), StepShape(256, 2)):  # decode of 8 sequences; a 256-token prefill
+            packed = np.zeros(sum(n for _, n in _layout(shape, runner.config.pages_per_seq).values()), np.int32)
+            tensors = placeholder_sampling_tensors(flags, shape.num_seqs, runner.model_config.vocab_size)
+            times = []
+            for _ in range(repeats + 2):  # the first two compile and warm up
+                start = time.perf_counter()
+                last_hidden, _ = runner.execute(StepInput(shape, packed, 0, []))
+                jax.block_until_ready(runner.sample(last_hidden, tensors, flags))
+                times.append(time.perf_counter() - start)
+            row.append(f"T={shape.num_tokens}: {1000 * statistics.median(times[2:]):.1f} ms")
+        print(", ".join(row), flush=True)
+        del llm, runner
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if "--bench" in sys.argv:
+        bench(*[a for a in sys.argv[1:] if a != "--bench"])
+    else:
+        main(*sys.argv[1:])

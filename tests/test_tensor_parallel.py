@@ -1,10 +1,12 @@
-"""Tensor parallelism: partition specs per parameter, and TP 1/2/4 on virtual CPU devices equal one device.
+"""Tensor parallelism: partition specs per parameter; TP 1/2/4 on virtual CPU devices, and a two-process
+multi-host run on localhost, equal one device.
 
 The engine runs in a subprocess (tensor_parallel_worker.py) because the 8 virtual devices need XLA_FLAGS
 before JAX initialises, and this pytest process has already started JAX with one device.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
+
+from random_checkpoint import saved_default_tokenizer, write_random_llama  # tests/ is on sys.path (conftest)
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_partition_spec, plan_tensor_parallel,
@@ -102,3 +106,33 @@ def test_kv_heads_split_when_they_divide_and_replicate_when_not(tp_results):
     assert llama["4"]["q_kernel_shard_shape"][2] == 16  # query heads still split 4 ways
     # Qwen2 has 6 heads: TP 4 replicates the whole attention block.
     assert qwen["4"]["q_kernel_shard_shape"][2] == 48 and qwen["4"]["kv_shard_shape"][2] == 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_host_tensor_parallel_matches_one_device(tmp_path):
+    """Two processes on localhost, 2 CPU devices each, one 4-way mesh joined by jax.distributed (gloo)."""
+    model = write_random_llama(tmp_path / "model", saved_default_tokenizer(tmp_path), heads=8, kv_heads=4)
+    worker = [sys.executable, str(Path(__file__).with_name("multihost_worker.py")), str(tmp_path), str(model)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    single = subprocess.run(worker + ["single"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+    coordinator = f"127.0.0.1:{free_port()}"
+    host_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    hosts = [subprocess.Popen(worker + ["host", str(i), "2", coordinator, "4"], env=host_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in hosts:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+    want = json.loads((tmp_path / "single.json").read_text())
+    for i in range(2):
+        got = json.loads((tmp_path / f"host{i}.json").read_text())
+        assert (got["devices"], got["local"], got["mesh"]) == (4, 2, 4)
+        assert got["kv_local_shards"] == 2  # each host holds its 2 devices' KV heads, not the whole cache
+        assert got["tokens"] == want["tokens"]
+        assert max(abs(a - b) for ga, wa in zip(got["logprobs"], want["logprobs"])
+                   for a, b in zip(ga, wa)) < LOGPROB_TOL
