@@ -124,3 +124,25 @@ def test_no_compilation_after_warmup(llm):
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     assert llm.engine.stats().num_compilations == before
+
+
+def test_guided_and_unguided_rows_share_a_batch(llm):
+    import json
+    import re
+
+    from jaxserve import GuidedDecodingParams
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    guided = [GuidedDecodingParams(choice=["red", "green", "blue"]), GuidedDecodingParams(regex="[a-c]{3}-[0-9]{2}"),
+              GuidedDecodingParams(json=schema, whitespace_pattern="")]
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ps = prompts(5, seed=21)
+    alone = [llm.generate([p], plain)[0].outputs[0].token_ids for p in ps[3:]]
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=40, guided_decoding=g) for i, g in enumerate(guided)]
+    outs = llm.generate(ps, params + [plain, plain])
+    assert outs[0].outputs[0].text in ("red", "green", "blue")
+    assert re.fullmatch("[a-c]{3}-[0-9]{2}", outs[1].outputs[0].text)
+    assert 0 <= json.loads(outs[2].outputs[0].text)["n"] <= 99
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs[:3])
+    assert [o.outputs[0].token_ids for o in outs[3:]] == alone
