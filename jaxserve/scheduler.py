@@ -89,7 +89,9 @@ class Scheduler:
                 seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.kv_cache.page_size
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, seq.num_computed_tokens + num_new):
-                break  # keep its cached pages; try again next step
+                # Hand its prefix pages back (they stay cached) so running sequences can use them.
+                self._release(seq)
+                break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -107,11 +109,14 @@ class Scheduler:
         seq.pages.extend(pages)
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
         self.kv_cache.free(seq.pages)
         seq.pages = []
         seq.num_computed_tokens = 0
         seq.num_registered_pages = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.num_preemptions_total += 1

@@ -1,0 +1,74 @@
+"""Scheduler and page allocator as plain Python (no JAX)."""
+from jaxserve.kv_cache_manager import KVCacheManager, page_hashes
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler, SchedulerConfig
+from jaxserve.sequence import Sequence, SequenceStatus
+
+
+def seq(i, n_prompt, start=0):
+    return Sequence(i, f"r{i}", 0, list(range(start, start + n_prompt)), SamplingParams(), 0.0, 0)
+
+
+def run_step(sched, sample_token=7):
+    out = sched.schedule()
+    sampled = [item.seq for item in out.scheduled if item.samples]
+    sched.after_step(out.scheduled)
+    for s in sampled:
+        s.output_token_ids.append(sample_token)
+    return out
+
+
+def test_page_hashes_chain_the_whole_prefix():
+    a, b = page_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4), page_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert len(a) == 2 and a[1] != b[1]  # same second page, different prefix
+
+
+def test_prefix_pages_are_shared_refcounted_and_evicted_lru():
+    kv = KVCacheManager(num_pages=6, page_size=4)
+    tokens = list(range(12))
+    pages, hashes = kv.lookup_prefix(tokens)
+    assert pages == []
+    fresh = kv.allocate(3)
+    for page, h in zip(fresh, hashes):
+        kv.register_full_page(page, h)
+    kv.free(fresh)
+    hit, _ = kv.lookup_prefix(tokens)  # last token always recomputed: 2 of 3 pages hit
+    assert hit == fresh[:2] and kv.ref_counts[hit[0]] == 1
+    kv.free(hit)
+    # Allocating everything evicts the cached pages; they are no longer found.
+    taken = kv.allocate(5)
+    assert taken is not None and kv.allocate(1) is None
+    kv.free(taken)
+    assert kv.lookup_prefix(tokens)[0] == []
+
+
+def test_chunked_prefill_under_the_token_budget():
+    kv = KVCacheManager(num_pages=64, page_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=128), kv)
+    long, short = seq(0, 20), seq(1, 3, start=100)
+    sched.add(long)
+    sched.add(short)
+    first = run_step(sched)
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in first.scheduled] == [(0, 8)]
+    second = run_step(sched)
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in second.scheduled] == [(0, 8)]
+    third = run_step(sched)  # 4 prompt tokens left for seq 0, then seq 1 joins with 3 (budget 8)
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in third.scheduled] == [(0, 4), (1, 3)]
+    assert long.output_token_ids == [7] and short.output_token_ids == [7]
+    fourth = run_step(sched)
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in fourth.scheduled] == [(0, 1), (1, 1)]
+
+
+def test_out_of_pages_preempts_the_newest_and_recomputes_it():
+    kv = KVCacheManager(num_pages=7, page_size=4)  # 6 usable pages
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), kv)
+    old, new = seq(0, 11), seq(1, 11, start=50)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # both admitted: 3 pages each
+    assert kv.num_free_pages == 0
+    assert run_step(sched).preempted == []  # 12th tokens still fit in 3 pages each
+    out = run_step(sched)  # old needs a 4th page for its 13th token: new is preempted
+    assert out.preempted == [new] and new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0
+    assert [s.seq for s in out.scheduled] == [old]
+    assert sched.waiting[0] is new and new.output_token_ids == [7, 7]  # its sampled tokens are kept
