@@ -28,21 +28,45 @@ PROMPTS = [[100 + 37 * i % 40000 for i in range(n)] for n in (5, 19, 41)]
 NEW_TOKENS, TOP = 6, 4
 
 
+def step_collectives(runner) -> dict[str, int]:
+    """Collective ops XLA put in the compiled decode step (the scanned layer body appears once)."""
+    import collections
+    import re
+
+    import numpy as np
+
+    from jaxserve.model_runner import _layout
+
+    shape = runner.config.buckets.bucket_for(4, 4)
+    packed = np.zeros(sum(n for _, n in _layout(shape, runner.config.pages_per_seq).values()), np.int32)
+    hlo = runner.step_fn(shape).lower(runner.params, runner.kv_cache, packed).compile().as_text()
+    ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo)
+    return dict(collections.Counter(ops))
+
+
 def run_model(llm) -> dict:
     from jaxserve import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP)
     outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+    # Seeded sampling with filtering and penalties, and prompt logprobs, through the same sharded weights.
+    sampled = llm.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.9, top_k=50, presence_penalty=0.5,
+                                                   seed=7, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                                   prompt_logprobs=2))
     runner = llm.engine.runner
     q_kernel = runner.params[1][runner.split.layer_paths.index(("self_attn", "q_proj", "kernel"))]
     return {
         "tokens": [o.token_ids for o in outs],
+        "sampled_tokens": [o.outputs[0].token_ids for o in sampled],
+        "prompt_logprobs": [[{str(t): lp.logprob for t, lp in pos.items()} for pos in o.prompt_logprobs[1:]]
+                            for o in sampled],
         "logprobs": [[{str(t): lp.logprob for t, lp in pos.items()} for pos in o.logprobs] for o in outs],
         "kv_spec": list(runner.kv_cache[0].sharding.spec),  # [] = replicated
         "kv_shard_shape": list(runner.kv_cache[0].addressable_shards[0].data.shape),
         "q_kernel_shard_shape": list(q_kernel.addressable_shards[0].data.shape),
         "embed_shard_shape": list(runner.params[0][0].addressable_shards[0].data.shape),
         "mesh_size": runner.mesh.size,
+        "collectives": step_collectives(runner),
     }
 
 
@@ -66,8 +90,12 @@ def main(out_dir: str, tp_sizes: str) -> None:
 BENCH_MODEL = dict(layers=8, hidden=512, heads=8, kv_heads=4, intermediate=1536)
 
 
-def bench(out_dir: str, tp_sizes: str, repeats: int = 20) -> None:
-    """Median wall time of the jitted model step plus greedy sampling, on all-padding steps of fixed shape."""
+def bench(out_dir: str, tp_sizes: str, rounds: int = 15) -> None:
+    """Median wall time of the jitted model step plus greedy sampling, on all-padding steps of fixed shape.
+
+    The engines of every size are built first and timed round-robin, so load from other processes on the
+    machine spreads over all sizes alike.
+    """
     import statistics
     import time
 
@@ -82,26 +110,27 @@ def bench(out_dir: str, tp_sizes: str, repeats: int = 20) -> None:
 
     root = Path(out_dir)
     model_dir = write_random_llama(root / "bench", saved_default_tokenizer(root), **BENCH_MODEL)
-    flags = SamplerFlags()
-    print(f"model {BENCH_MODEL}, {len(jax.devices())} devices")
-    for tp in map(int, tp_sizes.split(",")):
-        llm = LLM(model=str(model_dir), checkpoint_cache_dir=str(root / "ckpt"), tensor_parallel_size=tp,
-                  dtype="float32", precompile=False, max_model_len=512, max_num_seqs=8,
-                  max_num_batched_tokens=256, block_size=16, kv_cache_memory=64 * 2**20)
-        runner = llm.engine.runner
-        row = [f"tp {tp}"]
-        for shape in (StepShape(8, 8), StepShape(256, 2)):  # decode of 8 sequences; a 256-token prefill
+    flags, sizes = SamplerFlags(), [int(tp) for tp in tp_sizes.split(",")]
+    shapes = (StepShape(8, 8), StepShape(256, 2))  # decode of 8 sequences; a 256-token prefill
+    runners = {tp: LLM(model=str(model_dir), checkpoint_cache_dir=str(root / "ckpt"), tensor_parallel_size=tp,
+                       dtype="float32", precompile=False, max_model_len=512, max_num_seqs=8,
+                       max_num_batched_tokens=256, block_size=16, kv_cache_memory=64 * 2**20).engine.runner
+               for tp in sizes}
+    times = {(tp, shape): [] for tp in sizes for shape in shapes}
+    for round_index in range(rounds + 2):  # the first two rounds compile and warm up
+        for (tp, shape), samples in times.items():
+            runner = runners[tp]
             packed = np.zeros(sum(n for _, n in _layout(shape, runner.config.pages_per_seq).values()), np.int32)
             tensors = placeholder_sampling_tensors(flags, shape.num_seqs, runner.model_config.vocab_size)
-            times = []
-            for _ in range(repeats + 2):  # the first two compile and warm up
-                start = time.perf_counter()
-                last_hidden, _ = runner.execute(StepInput(shape, packed, 0, []))
-                jax.block_until_ready(runner.sample(last_hidden, tensors, flags))
-                times.append(time.perf_counter() - start)
-            row.append(f"T={shape.num_tokens}: {1000 * statistics.median(times[2:]):.1f} ms")
-        print(", ".join(row), flush=True)
-        del llm, runner
+            start = time.perf_counter()
+            last_hidden, _ = runner.execute(StepInput(shape, packed, 0, []))
+            jax.block_until_ready(runner.sample(last_hidden, tensors, flags))
+            if round_index >= 2:
+                samples.append(time.perf_counter() - start)
+    print(f"model {BENCH_MODEL}, {len(jax.devices())} devices, median of {rounds}")
+    for tp in sizes:
+        print(f"tp {tp}: " + ", ".join(f"T={shape.num_tokens}: {1000 * statistics.median(times[tp, shape]):.1f} ms"
+                                       for shape in shapes), flush=True)
 
 
 if __name__ == "__main__":

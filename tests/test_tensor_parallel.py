@@ -93,6 +93,8 @@ def test_tensor_parallel_matches_one_device(tp_results, model):
         assert run["mesh_size"] == tp
         assert run["tokens"] == single["tokens"], tp
         assert max_logprob_gap(single["logprobs"], run["logprobs"]) < LOGPROB_TOL, tp
+        assert run["sampled_tokens"] == single["sampled_tokens"], tp  # seeded top-p/top-k/penalties
+        assert max_logprob_gap(single["prompt_logprobs"], run["prompt_logprobs"]) < LOGPROB_TOL, tp
         # The weights really are split: embedding rows by vocab (49152 divides by 2 and 4).
         assert run["embed_shard_shape"][0] == single["embed_shard_shape"][0] // tp
 
@@ -104,6 +106,12 @@ def test_kv_heads_split_when_they_divide_and_replicate_when_not(tp_results):
     assert llama["2"]["kv_shard_shape"][2] == 1 and llama["2"]["q_kernel_shard_shape"][2] == 32
     assert llama["4"]["kv_spec"] == [] and llama["4"]["kv_shard_shape"][2] == 2
     assert llama["4"]["q_kernel_shard_shape"][2] == 16  # query heads still split 4 ways
+    # Fully split (TP 2): XLA's partitioned step all-reduces after attention and after the MLP (inside the
+    # scanned layer body) and after the vocab-split embedding lookup, and gathers nothing: no weight or KV
+    # page is ever copied whole to each device.
+    assert llama["1"]["collectives"] == {}
+    assert llama["2"]["collectives"].get("all-reduce", 0) >= 3
+    assert "all-gather" not in llama["2"]["collectives"], llama["2"]["collectives"]
     # Qwen2 has 6 heads: TP 4 replicates the whole attention block.
     assert qwen["4"]["q_kernel_shard_shape"][2] == 48 and qwen["4"]["kv_shard_shape"][2] == 2
 
