@@ -68,6 +68,8 @@ class ModelRunner:
         # NamedShardings (models/sharding.py) and XLA partitions the jitted step and inserts the collectives.
         self.mesh = mesh or tensor_parallel_mesh(1)
         self.tp_plan = plan_tensor_parallel(model_config, self.mesh.size)
+        for reason in self.tp_plan.reasons:
+            logger.warning("tensor parallel %d: %s", self.mesh.size, reason)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         model = abstract_model(model_config, self.dtype, runner_config.attention_backend)
         self.split = split_for_scan(model)

@@ -48,7 +48,8 @@ class TensorParallelPlan:
 
 
 def plan_tensor_parallel(cfg: ModelConfig, size: int) -> TensorParallelPlan:
-    """Split every dimension `size` divides evenly (heads as whole heads); explain each one that is not."""
+    """Split every dimension `size` divides evenly (heads as whole heads); explain each one that is not
+    (the model runner logs the reasons)."""
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
     checks = {"q_heads": (cfg.num_heads, "attention heads"), "kv_heads": (cfg.num_kv_heads, "KV heads"),
@@ -58,10 +59,7 @@ def plan_tensor_parallel(cfg: ModelConfig, size: int) -> TensorParallelPlan:
         flags[group] = size == 1 or count % size == 0
         if not flags[group]:
             reasons.append(f"{count} {what} do not split over {size} devices: replicated")
-    plan = TensorParallelPlan(size, reasons=tuple(reasons), **flags)
-    for reason in plan.reasons:
-        logger.warning("tensor parallel %d: %s", size, reason)
-    return plan
+    return TensorParallelPlan(size, reasons=tuple(reasons), **flags)
 
 
 def param_partition_spec(path: tuple, plan: TensorParallelPlan, stacked: bool) -> PartitionSpec:
