@@ -113,9 +113,12 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     page_size = config.block_size
     pages_per_seq = -(-max_model_len // page_size)
     per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, dtype)
-    # The KV budget is per device; split by KV head, each device holds 1/tp of every page.
+    # Split by KV head, each device holds 1/tp of every page; replicated, each holds all of it. An
+    # accelerator's budget is its own memory; CPU devices (virtual ones included) all share the host's RAM.
     kv_split = mesh.size if plan_tensor_parallel(model_config, mesh.size).kv_heads else 1
-    num_pages = kv_budget_bytes(config) // (per_page // kv_split)
+    device_bytes_per_page = per_page // kv_split
+    budget_bytes_per_page = device_bytes_per_page * (mesh.size if jax.default_backend() == "cpu" else 1)
+    num_pages = kv_budget_bytes(config) // budget_bytes_per_page
     if num_pages < pages_per_seq + 1:
         raise ValueError(
             f"The KV cache budget ({kv_budget_bytes(config)} bytes = {num_pages} pages of {page_size} tokens) "
@@ -129,6 +132,6 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(tokenizer.eos_token_id)
     logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device), max_model_len %d, dtype %s, "
-                "tensor parallel %d", num_pages, page_size, num_pages * per_page / kv_split / 1024**3,
+                "tensor parallel %d", num_pages, page_size, num_pages * device_bytes_per_page / 1024**3,
                 max_model_len, dtype, mesh.size)
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter)

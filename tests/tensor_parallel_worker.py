@@ -66,6 +66,7 @@ def run_model(llm) -> dict:
         "q_kernel_shard_shape": list(q_kernel.addressable_shards[0].data.shape),
         "embed_shard_shape": list(runner.params[0][0].addressable_shards[0].data.shape),
         "mesh_size": runner.mesh.size,
+        "num_pages": runner.config.num_pages,
         "collectives": step_collectives(runner),
     }
 

@@ -106,6 +106,10 @@ def test_kv_heads_split_when_they_divide_and_replicate_when_not(tp_results):
     assert llama["2"]["kv_shard_shape"][2] == 1 and llama["2"]["q_kernel_shard_shape"][2] == 32
     assert llama["4"]["kv_spec"] == [] and llama["4"]["kv_shard_shape"][2] == 2
     assert llama["4"]["q_kernel_shard_shape"][2] == 16  # query heads still split 4 ways
+    # CPU devices share the host's RAM, so the KV budget is the host's: split pages cost the same in all,
+    # replicated ones TP times as much.
+    assert llama["2"]["num_pages"] == llama["1"]["num_pages"]
+    assert llama["4"]["num_pages"] == llama["1"]["num_pages"] // 4
     # Fully split (TP 2): XLA's partitioned step all-reduces after attention and after the MLP (inside the
     # scanned layer body) and after the vocab-split embedding lookup, and gathers nothing: no weight or KV
     # page is ever copied whole to each device.
