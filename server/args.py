@@ -50,6 +50,8 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "Most tokens processed in one engine step.",
     "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
     "attention_backend": "Attention implementation: auto, pallas, xla.",
+    "tensor_parallel_size": "Devices to shard the model over (Megatron-style tensor parallelism over a JAX mesh).",
+    "data_parallel_size": "Engine replicas on disjoint device groups (only 1 is supported yet).",
     "compilation_cache_dir": "Persistent XLA compilation cache directory.",
     "checkpoint_cache_dir": "Directory for converted-weights checkpoints.",
     "guided_decoding_backend": "Default guided-decoding backend.",
