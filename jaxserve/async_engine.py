@@ -114,7 +114,9 @@ class AsyncLLMEngine:
                 except Exception as e:  # validated already; anything left is reported to that caller
                     self._deliver(request_id, ValueError(str(e)))
             elif kind == "abort":
-                self.engine.abort_request(payload)
+                output = self.engine.abort_request(payload)
+                if output is not None:  # a caller still waiting gets a final "abort" output, not a hang
+                    self._deliver(payload, output)
 
     def _run(self) -> None:
         try:
