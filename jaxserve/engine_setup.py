@@ -56,13 +56,18 @@ def enable_compilation_cache(cache_dir: str | None) -> str:
     return cache_dir
 
 
-def resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str, declared: str | None = None) -> str:
+    """The weights' dtype. `auto`: bfloat16 on the CPU; elsewhere the checkpoint's half type, else bfloat16."""
     if dtype != "auto":
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         return dtype
-    # On the CPU, float32 measured faster than bfloat16 for both decode and prefill (docs/benchmarks.md).
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    # On the CPU the activations and KV cache stay float32 (see load_engine_model), and bfloat16 weights with
+    # float32-accumulating dots measured faster than float32 weights: 1.5-2x per decode step at small batch,
+    # a little for prefill (docs/benchmarks.md). XLA CPU has no fast float16 dot.
+    if jax.default_backend() != "cpu" and declared in ("bfloat16", "float16"):
+        return declared
+    return "bfloat16"
 
 
 def resolve_attention_backend(backend: str) -> str:
@@ -86,7 +91,7 @@ def kv_budget_bytes(config: EngineConfig) -> int:
 def load_engine_model(config: EngineConfig) -> LoadedModel:
     from jaxserve.models.checkpoint_cache import load_or_build, source_identity
     from jaxserve.models.llama import flat_params_from_hf
-    from jaxserve.models.weights import (iter_hf_tensors, load_model_config, load_tokenizer,
+    from jaxserve.models.weights import (checkpoint_dtype, iter_hf_tensors, load_model_config, load_tokenizer,
                                          resolve_model_source)
 
     if config.max_num_batched_tokens < config.max_num_seqs:
@@ -100,7 +105,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     source = resolve_model_source(config.model)
     model_config = load_model_config(source)
     tokenizer = load_tokenizer(source, config.tokenizer)
-    dtype = resolve_dtype(config.dtype)
+    dtype = resolve_dtype(config.dtype, checkpoint_dtype(source))
     key = {"source": source_identity(source), "dtype": dtype, "format": 1}
     flat = load_or_build(config.checkpoint_cache_dir, key,
                          lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source)), dtype))
@@ -112,7 +117,11 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                        model_config.max_position_embeddings)
     page_size = config.block_size
     pages_per_seq = -(-max_model_len // page_size)
-    per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, dtype)
+    on_cpu = jax.default_backend() == "cpu"
+    # Hidden states and the KV cache stay float32 on the CPU whatever the weights' dtype: XLA CPU has no fast
+    # bfloat16 elementwise/attention path; its bfloat16 dots accumulate into float32 (models/llama.Linear).
+    activation_dtype = "float32" if on_cpu else dtype
+    per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, activation_dtype)
     # Split by KV head, each device holds 1/tp of every page; replicated, each holds all of it. An
     # accelerator's budget is its own memory; CPU devices (virtual ones included) all share the host's RAM.
     kv_split = mesh.size if plan_tensor_parallel(model_config, mesh.size).kv_heads else 1
@@ -126,7 +135,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
             "--max-model-len.")
     buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets,
-                                 resolve_attention_backend(config.attention_backend))
+                                 resolve_attention_backend(config.attention_backend), activation_dtype,
+                                 unroll_decode_max_seqs=8 if on_cpu else 0)
     runner = ModelRunner(model_config, runner_config, flat, mesh)
     eos = set(model_config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:

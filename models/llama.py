@@ -71,19 +71,29 @@ class RMSNorm(nnx.Module):
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(din, dout, bias, dtype, rngs):
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+class Linear(nnx.Linear):
+    """A projection whose dot runs in the weights' dtype and accumulates in float32, then returns the
+    activations' dtype. On XLA CPU a bfloat16 x bfloat16 -> float32 dot streams half the bytes of a float32
+    one and is faster from batch 2 up; a bfloat16-output dot is far slower (docs/benchmarks.md)."""
+
+    def __init__(self, din, dout, bias, dtype, activation_dtype, rngs):
+        super().__init__(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                         preferred_element_type=jnp.float32, rngs=rngs)
+        self.activation_dtype = activation_dtype
+
+    def __call__(self, x):
+        return super().__call__(x).astype(self.activation_dtype)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs):
         self.cfg = cfg
         self.backend = backend
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
-        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
-        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
-        self.o_proj = _linear(cfg.num_heads * d, h, False, dtype, rngs)
+        self.q_proj = Linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, act, rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, False, dtype, act, rngs)
 
     def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
@@ -99,21 +109,21 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, rngs)
+    def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, act, rngs)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, backend, rngs)
+        self.self_attn = Attention(cfg, dtype, act, backend, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, act, rngs)
 
     def __call__(self, x, positions, kv_cache, meta):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
@@ -123,20 +133,26 @@ class DecoderLayer(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_backend: str = "xla",
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, activation_dtype=None):
+        """`dtype`: the weights'; `activation_dtype` (default: the same): hidden states and the KV cache."""
         rngs = rngs or nnx.Rngs(0)
+        act = activation_dtype or dtype
         self.cfg = cfg
+        self.activation_dtype = act
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, attention_backend, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs)
                                 for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear(
-            cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs)
+
+    def embed(self, token_ids):
+        return jnp.take(self.embed_tokens.embedding[...], token_ids, axis=0).astype(self.activation_dtype)
 
     def __call__(self, token_ids, positions, kv_caches, meta: AttentionMetadata):
         """Returns the final hidden states [T, hidden] and the updated per-layer (k, v) pages."""
-        x = self.embed_tokens(token_ids)
+        x = self.embed(token_ids)
         new_caches = []
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, kv_cache = layer(x, positions, kv_cache, meta)
@@ -144,11 +160,11 @@ class LlamaForCausalLM(nnx.Module):
         return self.norm(x), new_caches
 
     def compute_logits(self, hidden):
-        if self.lm_head is None:
-            logits = hidden @ self.embed_tokens.embedding[...].T
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        embedding = self.embed_tokens.embedding[...]
+        return jax.lax.dot_general(hidden.astype(embedding.dtype), embedding, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
 
 
 class ScannedModel(NamedTuple):
@@ -190,26 +206,51 @@ def scanned_params(split: ScannedModel, flat_params: dict[str, np.ndarray], num_
     return outer, stacked
 
 
+def _layer_meta(meta: AttentionMetadata, layer_index, num_pages: int, page_size: int) -> AttentionMetadata:
+    """Layer l's pages are [l * num_pages, (l + 1) * num_pages) of the combined cache."""
+    first_page = layer_index * num_pages
+    return meta._replace(page_indices=meta.page_indices + first_page,
+                         slot_mapping=meta.slot_mapping + first_page * page_size)
+
+
+def _merge_layer(split: ScannedModel, leaves):
+    return nnx.merge(split.layer_graphdef, jax.tree.unflatten(split.layer_treedef, leaves))
+
+
 def scanned_forward(split: ScannedModel, outer_leaves, layer_leaves, token_ids, positions, kv_cache,
                     meta: AttentionMetadata, num_pages: int):
-    """Final hidden states [T, hidden] and the updated (k, v) cache, one scanned layer body."""
+    """Final hidden states [T, hidden] and the updated (k, v) cache, one scanned layer body.
+
+    `layer_leaves` are stacked [num_layers, ...]. Compiles fast; XLA CPU copies each layer's weight slice
+    before its dots, which costs ~40% of a small-batch step (see unrolled_forward).
+    """
     outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
     page_size = kv_cache[0].shape[1]
 
     def body(carry, xs):
         x, k_all, v_all = carry
         leaves, layer_index = xs
-        layer = nnx.merge(split.layer_graphdef, jax.tree.unflatten(split.layer_treedef, leaves))
-        first_page = layer_index * num_pages
-        layer_meta = meta._replace(page_indices=meta.page_indices + first_page,
-                                   slot_mapping=meta.slot_mapping + first_page * page_size)
-        x, (k_all, v_all) = layer(x, positions, (k_all, v_all), layer_meta)
+        layer_meta = _layer_meta(meta, layer_index, num_pages, page_size)
+        x, (k_all, v_all) = _merge_layer(split, leaves)(x, positions, (k_all, v_all), layer_meta)
         return (x, k_all, v_all), None
 
-    x = outer.embed_tokens(token_ids)
+    x = outer.embed(token_ids)
     num_layers = layer_leaves[0].shape[0]
     (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv_cache), (layer_leaves, jnp.arange(num_layers)))
     return outer.norm(x), (k_all, v_all)
+
+
+def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_ids, positions, kv_cache,
+                     meta: AttentionMetadata, num_pages: int):
+    """As scanned_forward, with one array per layer weight and the layers unrolled: the dots read the
+    weights in place (no per-layer slice copy), at the price of a longer compile."""
+    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    page_size = kv_cache[0].shape[1]
+    x, cache = outer.embed(token_ids), tuple(kv_cache)
+    for index, leaves in enumerate(per_layer_leaves):
+        x, cache = _merge_layer(split, leaves)(x, positions, cache, _layer_meta(meta, index, num_pages,
+                                                                                 page_size))
+    return outer.norm(x), cache
 
 
 def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
@@ -217,9 +258,9 @@ def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
     return outer.compute_logits(hidden)
 
 
-def abstract_model(cfg: ModelConfig, dtype, attention_backend: str) -> LlamaForCausalLM:
+def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None) -> LlamaForCausalLM:
     """The model's structure with shapes only, no parameter memory."""
-    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0), activation_dtype))
 
 
 def hf_name_for(path: tuple) -> tuple[str, bool]:

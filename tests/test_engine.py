@@ -146,3 +146,43 @@ def test_guided_and_unguided_rows_share_a_batch(llm):
     assert 0 <= json.loads(outs[2].outputs[0].text)["n"] <= 99
     assert all(o.outputs[0].finish_reason == "stop" for o in outs[:3])
     assert [o.outputs[0].token_ids for o in outs[3:]] == alone
+
+
+def test_unrolled_and_scanned_decode_steps_agree(llm):
+    """Small decode steps run the layers unrolled over per-layer weights; larger ones scan stacked weights."""
+    import dataclasses
+
+    runner = llm.engine.runner
+    assert runner.config.unroll_decode_max_seqs >= 4  # the CPU default, so the first run below is unrolled
+    ps = prompts(3, seed=21)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    unrolled = llm.generate(ps, params)
+    config = runner.config
+    try:
+        runner.config = dataclasses.replace(config, unroll_decode_max_seqs=0)
+        runner._step_fns.clear()
+        scanned = llm.generate(ps, params)
+    finally:
+        runner.config = config
+        runner._step_fns.clear()
+    for a, b in zip(unrolled, scanned):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        np.testing.assert_allclose(a.outputs[0].cumulative_logprob, b.outputs[0].cumulative_logprob, atol=1e-4)
+
+
+def test_auto_dtype_is_bfloat16_weights_with_float32_activations_on_cpu(random_llama_dir):
+    import jax.numpy as jnp
+
+    from jaxserve.engine_setup import resolve_dtype
+
+    assert resolve_dtype("auto", "float16") == "bfloat16"  # this suite runs on the CPU backend
+    assert resolve_dtype("float32", "bfloat16") == "float32"
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("int4")
+    auto = LLM(model=str(random_llama_dir), checkpoint_cache_dir=None, precompile=False, max_model_len=64,
+               max_num_seqs=2, max_num_batched_tokens=16, block_size=4)
+    runner = auto.engine.runner
+    assert runner.params[0][0].dtype == jnp.bfloat16
+    assert runner.kv_cache[0].dtype == jnp.float32
+    out = auto.generate([prompts(1)[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4
