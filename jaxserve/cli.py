@@ -2,7 +2,8 @@
 
 The HTTP server runs in this single process with the engine: Sanic's event loop handles requests while
 the engine steps in its own thread, so the loop never waits on a model step. The server listens at
-once (so /health can say 503 while loading) and loads the engine in a worker thread.
+once (so /health can say 503 while loading) and loads the engine in a worker thread. On a multi-host run
+only host 0 serves; `--host-index I > 0` joins jax.distributed and replays host 0's steps (multihost.py).
 """
 from __future__ import annotations
 
@@ -36,11 +37,11 @@ def run_server(engine_config, server_config) -> int:
     failure: list[BaseException] = []
 
     async def load_engine(app) -> None:
-        from jaxserve.async_engine import AsyncLLMEngine
+        from jaxserve.data_parallel import build_async_engine
         try:
             loop = asyncio.get_running_loop()
             # Loading and compiling take a while; a worker thread keeps the loop answering /health.
-            engine = await loop.run_in_executor(None, AsyncLLMEngine, engine_config)
+            engine = await loop.run_in_executor(None, build_async_engine, engine_config)
             await engine.start()
             attach_engine(app, engine)
         except Exception as exc:
@@ -88,4 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     engine_config, server_config = configs_from_args(args)
     _configure_logging(server_config.log_level)
+    if engine_config.num_hosts > 1:
+        from jaxserve.multihost import join_hosts, run_follower
+
+        try:
+            join_hosts(engine_config)  # before anything starts JAX's backend
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}")
+        if engine_config.host_index > 0:  # no HTTP server: load the shards and replay host 0's steps
+            return run_follower(engine_config)
     return run_server(engine_config, server_config)

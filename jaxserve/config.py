@@ -54,6 +54,14 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | pallas | xla
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Which replica's device group (devices [rank * tp, (rank + 1) * tp)) this engine uses; the data-parallel
+    # router (jaxserve/data_parallel.py) sets it, one engine per rank. Not a CLI flag.
+    data_parallel_rank: int | None = None
+    # Multi-host (jax.distributed): host 0's HOST:PORT, the number of processes and this one's index.
+    # Host 0 serves and schedules; the others replay its model steps (jaxserve/multihost.py).
+    distributed_coordinator: str | None = None
+    num_hosts: int = 1
+    host_index: int = 0
     compilation_cache_dir: str | None = None  # None = ~/.cache/jaxserve/xla
     checkpoint_cache_dir: str | None = None  # None = ~/.cache/jaxserve/checkpoints
     guided_decoding_backend: str = "llguidance"

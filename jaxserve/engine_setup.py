@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jaxserve.buckets import BucketSet
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model_runner import ModelRunner, RunnerConfig
-from jaxserve.models.sharding import plan_tensor_parallel, tensor_parallel_mesh
+from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
+from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,13 @@ def resolve_attention_backend(backend: str) -> str:
     return backend
 
 
-def kv_budget_bytes(config: EngineConfig) -> int:
+def kv_budget_bytes(config: EngineConfig, device=None) -> int:
+    """`device`: one of this engine's own (a host's local one on multi-host, its group's with data parallel)."""
     if config.kv_cache_memory is not None:
         return int(config.kv_cache_memory)
     if jax.default_backend() == "cpu":
         return DEFAULT_CPU_KV_BYTES
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}
     limit, in_use = stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
     return max(int(limit * config.gpu_memory_utilization) - in_use, 0)
 
@@ -97,9 +99,13 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     if config.max_num_batched_tokens < config.max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
                          f"max_num_seqs ({config.max_num_seqs})")
-    if config.data_parallel_size != 1:
-        raise ValueError("data_parallel_size > 1 is not implemented yet; use tensor_parallel_size")
-    mesh = tensor_parallel_mesh(config.tensor_parallel_size)  # raises when JAX sees too few devices
+    multihost = join_hosts(config)  # jax.distributed first: it must precede any use of the backend
+    # This engine's devices: a data-parallel replica owns its own group of tensor_parallel_size devices.
+    devices = replica_devices(jax.devices(), config.tensor_parallel_size, config.data_parallel_size,
+                              config.data_parallel_rank)
+    mesh = tensor_parallel_mesh(config.tensor_parallel_size, devices)  # raises when JAX sees too few devices
+    if multihost:
+        check_mesh_spans_hosts(mesh, config.num_hosts)
     enable_compilation_cache(config.compilation_cache_dir)
     counter = CompilationCounter()
     source = resolve_model_source(config.model)
@@ -107,8 +113,10 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     tokenizer = load_tokenizer(source, config.tokenizer)
     dtype = resolve_dtype(config.dtype, checkpoint_dtype(source))
     key = {"source": source_identity(source), "dtype": dtype, "format": 1}
-    flat = load_or_build(config.checkpoint_cache_dir, key,
-                         lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source)), dtype))
+    build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source)), dtype)
+    # Multi-host: every host converts for itself. orbax's save synchronizes all processes, so hosts whose
+    # caches differ (one restores, one builds) would wait on each other forever.
+    flat = build() if multihost else load_or_build(config.checkpoint_cache_dir, key, build)
 
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings, DEFAULT_CPU_MAX_MODEL_LEN
                                                 if jax.default_backend() == "cpu" else 1 << 30)
@@ -127,10 +135,15 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     kv_split = mesh.size if plan_tensor_parallel(model_config, mesh.size).kv_heads else 1
     device_bytes_per_page = per_page // kv_split
     budget_bytes_per_page = device_bytes_per_page * (mesh.size if jax.default_backend() == "cpu" else 1)
-    num_pages = kv_budget_bytes(config) // budget_bytes_per_page
+    budget = kv_budget_bytes(config, mesh.local_devices[0])
+    if on_cpu:  # data-parallel replicas on the CPU share the host's RAM, as TP's virtual devices do
+        budget //= config.data_parallel_size
+    num_pages = budget // budget_bytes_per_page
+    if multihost:  # one global KV array: every host sizes it alike, to the host with the least free memory
+        num_pages = agree_on_minimum(num_pages)
     if num_pages < pages_per_seq + 1:
         raise ValueError(
-            f"The KV cache budget ({kv_budget_bytes(config)} bytes = {num_pages} pages of {page_size} tokens) "
+            f"The KV cache budget ({budget} bytes = {num_pages} pages of {page_size} tokens) "
             f"cannot hold one sequence of max_model_len={max_model_len}; raise --kv-cache-memory or lower "
             "--max-model-len.")
     buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
@@ -138,6 +151,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                                  resolve_attention_backend(config.attention_backend), activation_dtype,
                                  unroll_decode_max_seqs=8 if on_cpu else 0)
     runner = ModelRunner(model_config, runner_config, flat, mesh)
+    if multihost:  # host 0: a runner that sends each call to the followers; others: a Follower to run()
+        runner = connect_hosts(runner, config)
     eos = set(model_config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(tokenizer.eos_token_id)

@@ -97,6 +97,25 @@ def tensor_parallel_mesh(size: int, devices: list | None = None) -> Mesh:
     return Mesh(np.array(devices[:size]), (MODEL_AXIS,))
 
 
+def replica_devices(devices: list, tensor_parallel: int, data_parallel: int, rank: int | None) -> list:
+    """Data parallelism: replica `rank` of `data_parallel` owns devices [rank * tp, (rank + 1) * tp), so the
+    replicas' meshes are disjoint. With one replica, all devices (the mesh takes the first tp)."""
+    if data_parallel < 1:
+        raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel}")
+    if data_parallel == 1:
+        return devices
+    if rank is None or not 0 <= rank < data_parallel:
+        raise ValueError(f"data_parallel_size={data_parallel} runs one engine per replica behind the server's "
+                         f"router (jaxserve.data_parallel); each engine needs data_parallel_rank in "
+                         f"[0, {data_parallel}), got {rank}")
+    need = data_parallel * tensor_parallel
+    if need > len(devices):
+        raise ValueError(f"data_parallel_size={data_parallel} x tensor_parallel_size={tensor_parallel} needs {need} "
+                         f"devices but JAX sees {len(devices)} ({devices[0].platform}); on the CPU, "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before JAX starts gives {need}")
+    return devices[rank * tensor_parallel:(rank + 1) * tensor_parallel]
+
+
 def param_shardings(mesh: Mesh, plan: TensorParallelPlan, paths, stacked: bool) -> list[NamedSharding]:
     """One NamedSharding per parameter leaf, in the order of `paths`."""
     return [NamedSharding(mesh, param_partition_spec(p, plan, stacked)) for p in paths]

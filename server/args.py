@@ -50,8 +50,15 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "Most tokens processed in one engine step.",
     "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
     "attention_backend": "Attention implementation: auto, pallas, xla.",
-    "tensor_parallel_size": "Devices to shard the model over (Megatron-style tensor parallelism over a JAX mesh).",
-    "data_parallel_size": "Engine replicas on disjoint device groups (only 1 is supported yet).",
+    "tensor_parallel_size": "Devices to shard the model over (Megatron-style tensor parallelism over a JAX "
+                            "mesh); with several hosts, all hosts' devices together.",
+    "data_parallel_size": "Engine replicas, each on its own tensor_parallel_size devices, behind one server; "
+                          "requests go to the least-loaded replica.",
+    "distributed_coordinator": "Multi-host: host 0's HOST:PORT for jax.distributed (also JAXSERVE_COORDINATOR); "
+                               "the same on every host.",
+    "num_hosts": "Multi-host: number of hosts (processes) sharing the mesh (also JAXSERVE_NUM_HOSTS).",
+    "host_index": "Multi-host: this host's index (also JAXSERVE_HOST_INDEX). Host 0 serves HTTP and schedules; "
+                  "the others only replay its model steps.",
     "compilation_cache_dir": "Persistent XLA compilation cache directory.",
     "checkpoint_cache_dir": "Directory for converted-weights checkpoints.",
     "guided_decoding_backend": "Default guided-decoding backend.",
@@ -75,12 +82,28 @@ def _value_type(annotation: str):
     return str
 
 
+# Flags of the "distributed" group, and the environment variables that give their defaults (a launcher can
+# set them per host instead of templating each host's command line).
+_DISTRIBUTED = ("tensor_parallel_size", "data_parallel_size", "distributed_coordinator", "num_hosts", "host_index")
+_ENV_DEFAULTS = {"distributed_coordinator": "JAXSERVE_COORDINATOR", "num_hosts": "JAXSERVE_NUM_HOSTS",
+                 "host_index": "JAXSERVE_HOST_INDEX"}
+_NOT_FLAGS = ("data_parallel_rank",)  # set per replica by the data-parallel router
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine", "Model, memory and batching (EngineConfig).")
+    engine = parser.add_argument_group("engine", "Model, memory and batching (EngineConfig).")
+    distributed = parser.add_argument_group(
+        "distributed", "Tensor / data parallelism and multi-host serving (jax.distributed).")
     for f in dataclasses.fields(EngineConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        group = distributed if f.name in _DISTRIBUTED else engine
         help_text = _ENGINE_HELP.get(f.name, f.name.replace("_", " ") + ".")
         kind = _value_type(f.type if isinstance(f.type, str) else str(f.type))
         default = f.default if f.default is not dataclasses.MISSING else None
+        if os.environ.get(_ENV_DEFAULTS.get(f.name, "")):
+            # argparse converts a string default with the flag's type: a bad variable fails like a bad flag.
+            default = os.environ[_ENV_DEFAULTS[f.name]]
         help_text += f" (default: {default})"
         if kind is bool:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,

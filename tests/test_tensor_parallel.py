@@ -148,3 +148,44 @@ def test_two_host_tensor_parallel_matches_one_device(tmp_path):
         assert got["tokens"] == want["tokens"]
         assert max(abs(a - b) for ga, wa in zip(got["logprobs"], want["logprobs"])
                    for a, b in zip(ga, wa)) < LOGPROB_TOL
+
+
+def test_two_host_serving_matches_one_process(tmp_path):
+    """The real engine across two processes: host 0 runs LLM(...).generate (scheduler, sampler inputs,
+    prompt logprobs, precompile) and the other host is `python -m jaxserve` with JAXSERVE_* variables,
+    which must replay host 0's steps instead of serving HTTP, and stop when host 0 is done."""
+    from multihost_worker import SERVING_FLAGS
+
+    model = write_random_llama(tmp_path / "model", saved_default_tokenizer(tmp_path), heads=8, kv_heads=4)
+    worker = [sys.executable, str(Path(__file__).with_name("multihost_worker.py")), str(tmp_path), str(model)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    coordinator = f"127.0.0.1:{free_port()}"
+    host_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in SERVING_FLAGS.items()]
+    follower_env = {**host_env, "JAXSERVE_COORDINATOR": coordinator, "JAXSERVE_NUM_HOSTS": "2",
+                    "JAXSERVE_HOST_INDEX": "1"}
+    procs = {
+        "single": subprocess.Popen(worker + ["llm"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True),
+        "leader": subprocess.Popen(worker + ["llm-leader", "2", coordinator, "4"], env=host_env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+        "follower": subprocess.Popen(
+            [sys.executable, "-m", "jaxserve", "--model", str(model), "--tensor-parallel-size", "4", "--precompile",
+             f"--checkpoint-cache-dir={tmp_path / 'ckpt-follower'}", f"--compilation-cache-dir={tmp_path / 'xla-f'}",
+             *flags], env=follower_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+    }
+    logs = {}
+    for name, proc in procs.items():
+        _, logs[name] = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, logs[name][-4000:])
+    assert "following host 0's steps" in logs["follower"] and "Starting jaxserve" not in logs["follower"]
+    assert "host 1: stopped after" in logs["follower"]  # host 0 said stop; the follower did not hang
+    want = json.loads((tmp_path / "llm.json").read_text())
+    got = json.loads((tmp_path / "llm-leader.json").read_text())
+    assert (got["mesh"], got["runner"], want["mesh"]) == (4, "LeaderRunner", 1)
+    for g, w in zip(got["requests"], want["requests"], strict=True):
+        assert g["tokens"] == w["tokens"]
+        assert max_logprob_gap([w["logprobs"]], [g["logprobs"]]) < LOGPROB_TOL
+        assert max_logprob_gap([w["prompt_logprobs"]], [g["prompt_logprobs"]]) < LOGPROB_TOL
+    assert [len(r["tokens"]) for r in got["requests"]] == [8, 6, 5, 7]
+    assert len(got["requests"][0]["logprobs"]) == 8 and len(got["requests"][2]["prompt_logprobs"]) == 2
