@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxserve.buckets import BucketSet
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.executable_cache import ExecutableCache
 from jaxserve.model_runner import ModelRunner, RunnerConfig
 from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
 from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
@@ -106,7 +107,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     mesh = tensor_parallel_mesh(config.tensor_parallel_size, devices)  # raises when JAX sees too few devices
     if multihost:
         check_mesh_spans_hosts(mesh, config.num_hosts)
-    enable_compilation_cache(config.compilation_cache_dir)
+    cache_dir = enable_compilation_cache(config.compilation_cache_dir)
     counter = CompilationCounter()
     source = resolve_model_source(config.model)
     model_config = load_model_config(source)
@@ -150,7 +151,13 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets,
                                  resolve_attention_backend(config.attention_backend), activation_dtype,
                                  unroll_decode_max_seqs=8 if on_cpu else 0)
-    runner = ModelRunner(model_config, runner_config, flat, mesh)
+    # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
+    # their device assignment, and a multi-host start must compile in lockstep).
+    executables = None
+    if mesh.size == 1 and jax.process_count() == 1:
+        executables = ExecutableCache(os.path.join(cache_dir, "jaxserve-executables"),
+                                      {"model": repr(model_config), "runner": repr(runner_config)})
+    runner = ModelRunner(model_config, runner_config, flat, mesh, executables)
     if multihost:  # host 0: a runner that sends each call to the followers; others: a Follower to run()
         runner = connect_hosts(runner, config)
     eos = set(model_config.eos_token_ids)

@@ -5,6 +5,7 @@ flattened parameter leaves (no Flax on the hot path); the KV cache is donated an
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 
 from jaxserve.buckets import BucketSet, StepShape
 from jaxserve.config import ModelConfig
+from jaxserve.executable_cache import ExecutableCache
 from jaxserve.models.llama import (AttentionMetadata, abstract_model, logits_from_hidden, scanned_forward,
                                    scanned_params, split_for_scan, unrolled_forward)
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
@@ -65,7 +67,7 @@ class StepInput:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, runner_config: RunnerConfig, flat_params: dict[str, np.ndarray],
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, executable_cache: ExecutableCache | None = None):
         self.model_config = model_config
         self.config = runner_config
         self.dtype = jnp.dtype(runner_config.dtype)
@@ -90,16 +92,18 @@ class ModelRunner:
                                   for i in range(model_config.num_layers))
         self.kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec(self.tp_plan))
         self.kv_cache = self._allocate_kv(self.kv_sharding)
-        self._step_fns: dict[StepShape, object] = {}
+        self.executable_cache = executable_cache
+        self._step_fns: dict[StepShape, object] = {}  # lazily jitted, or compiled ahead by precompile()
         self._sample_fn = jax.jit(self._sample, static_argnames=("flags",))
+        self._compiled_samplers: dict[tuple[SamplerFlags, int], object] = {}
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs, static_argnames=("num_logprobs",))
 
     # ---- KV cache -------------------------------------------------------------------------------
     def _allocate_kv(self, sharding):
         cfg, rc = self.model_config, self.config
         shape = (cfg.num_layers * rc.num_pages, rc.page_size, cfg.num_kv_heads, cfg.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.activation_dtype), out_shardings=sharding)
-        return (zeros(), zeros())
+        return (jnp.zeros(shape, self.activation_dtype, device=sharding),
+                jnp.zeros(shape, self.activation_dtype, device=sharding))
 
     @staticmethod
     def kv_bytes_per_page(model_config: ModelConfig, page_size: int, dtype: str) -> int:
@@ -192,26 +196,42 @@ class ModelRunner:
         return last_hidden, hidden
 
     def sample(self, last_hidden, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
+        compiled = self._compiled_samplers.get((flags, last_hidden.shape[0]))
+        if compiled is not None:
+            try:
+                return compiled(self.params[0], last_hidden, tensors)
+            except TypeError:  # tensors shaped unlike the warm-up placeholders: the jitted path handles any
+                pass
         return self._sample_fn(self.params[0], last_hidden, tensors, flags=flags)
 
     def prompt_logprobs(self, hidden, target_ids: np.ndarray, num_logprobs: int):
         return self._prompt_logprobs_fn(self.params[0], hidden, jnp.asarray(target_ids), num_logprobs=num_logprobs)
 
     def precompile(self, shapes: list[StepShape], sampler_flags: list[SamplerFlags], progress: bool = True) -> float:
-        """Compile every bucket now (a dummy all-padding step each); returns seconds spent."""
+        """Compile every bucket's step and the given sampler variants ahead of time (or load them from the
+        executable cache); returns seconds spent."""
         from tqdm import tqdm
 
         start = time.perf_counter()
-        vocab = self.model_config.vocab_size
-        sampled_sizes = set()
         for shape in tqdm(shapes, desc="compiling step shapes", disable=not progress, unit="shape"):
-            layout = _layout(shape, self.config.pages_per_seq)
-            packed = np.zeros(sum(size for _, size in layout.values()), np.int32)
-            last_hidden, _ = self.execute(StepInput(shape, packed, 0, []))
-            if shape.num_seqs not in sampled_sizes:
-                sampled_sizes.add(shape.num_seqs)
-                for flags in sampler_flags:
-                    tensors = placeholder_sampling_tensors(flags, shape.num_seqs, vocab)
-                    self.sample(last_hidden, tensors, flags)
-        jax.block_until_ready(self.kv_cache)
+            packed = np.zeros(sum(size for _, size in _layout(shape, self.config.pages_per_seq).values()), np.int32)
+            self._step_fns[shape] = self._ahead_of_time(
+                f"step-{shape.num_tokens}x{shape.num_seqs}",
+                lambda: self._build_step(shape).lower(*self.step_params(shape), self.kv_cache, packed))
+        for num_seqs in sorted({shape.num_seqs for shape in shapes}):
+            hidden = jax.ShapeDtypeStruct((num_seqs, self.model_config.hidden_size), self.activation_dtype,
+                                          sharding=self.replicated)
+            for flags in sampler_flags:
+                tensors = placeholder_sampling_tensors(flags, num_seqs, self.model_config.vocab_size)
+                self._compiled_samplers[(flags, num_seqs)] = self._ahead_of_time(
+                    f"sample-{num_seqs}-{hashlib.sha256(repr(flags).encode()).hexdigest()[:12]}",
+                    lambda: self._sample_fn.lower(self.params[0], hidden, tensors, flags=flags))
         return time.perf_counter() - start
+
+    def _ahead_of_time(self, name: str, lower):
+        compiled = self.executable_cache.load(name) if self.executable_cache else None
+        if compiled is None:
+            compiled = lower().compile()
+            if self.executable_cache:
+                self.executable_cache.save(name, compiled)
+        return compiled

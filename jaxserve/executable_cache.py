@@ -1,0 +1,68 @@
+"""Compiled step and sampler executables kept on disk, so a warm start neither traces nor compiles.
+
+XLA's persistent compilation cache only skips the compile: every start still traces and lowers each step
+shape (about a second each, several for the unrolled decode shapes). Serialized executables skip both.
+The key covers everything a compiled step depends on: the JAX version and devices, the model and runner
+configs, and the source of the packages that build the step, so a code change starts a fresh directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+# The packages whose code ends up inside a compiled step or sampler.
+_SOURCE_PACKAGES = ("jaxserve", "jaxserve.models", "jaxserve.pallas_kernels")
+
+
+def source_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for package in _SOURCE_PACKAGES:
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class ExecutableCache:
+    def __init__(self, directory: str, key: dict):
+        devices = [(d.platform, d.device_kind) for d in jax.devices()]
+        full_key = repr(sorted({**key, "jax": jax.__version__, "devices": devices,
+                                "source": source_fingerprint()}.items()))
+        self.directory = Path(directory) / hashlib.sha256(full_key.encode()).hexdigest()[:24]
+
+    def load(self, name: str):
+        """The executable saved under `name`, or None (missing, or written by an incompatible runtime)."""
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        path = self.directory / f"{name}.bin"
+        if not path.exists():
+            return None
+        try:
+            with open(path, "rb") as f:
+                blob = pickle.load(f)
+            return deserialize_and_load(blob["executable"], blob["in_tree"], blob["out_tree"])
+        except Exception as exc:  # a stale or truncated file must never stop a start
+            logger.warning("ignoring cached executable %s: %s", path, exc)
+            return None
+
+    def save(self, name: str, compiled) -> None:
+        from jax.experimental.serialize_executable import serialize
+
+        try:
+            executable, in_tree, out_tree = serialize(compiled)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, delete=False) as f:
+                pickle.dump({"executable": executable, "in_tree": in_tree, "out_tree": out_tree}, f)
+            os.replace(f.name, self.directory / f"{name}.bin")  # atomic: concurrent starts never see half a file
+        except Exception as exc:
+            logger.warning("could not cache executable %s: %s", name, exc)
