@@ -150,11 +150,12 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets,
                                  resolve_attention_backend(config.attention_backend), activation_dtype,
-                                 unroll_decode_max_seqs=8 if on_cpu else 0)
+                                 unroll_decode_max_seqs=2 if on_cpu else 0)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
-    # their device assignment, and a multi-host start must compile in lockstep).
+    # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
+    # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.
     executables = None
-    if mesh.size == 1 and jax.process_count() == 1:
+    if mesh.size == 1 and jax.process_count() == 1 and mesh.devices.flat[0] == jax.devices()[0]:
         executables = ExecutableCache(os.path.join(cache_dir, "jaxserve-executables"),
                                       {"model": repr(model_config), "runner": repr(runner_config)})
     runner = ModelRunner(model_config, runner_config, flat, mesh, executables)

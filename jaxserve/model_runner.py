@@ -17,8 +17,8 @@ import numpy as np
 from jaxserve.buckets import BucketSet, StepShape
 from jaxserve.config import ModelConfig
 from jaxserve.executable_cache import ExecutableCache
-from jaxserve.models.llama import (AttentionMetadata, abstract_model, logits_from_hidden, scanned_forward,
-                                   scanned_params, split_for_scan, unrolled_forward)
+from jaxserve.models.llama import (AttentionMetadata, abstract_split, logits_from_hidden, scanned_forward,
+                                   scanned_params, unrolled_forward)
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
                                       plan_tensor_parallel, tensor_parallel_mesh)
 from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample
@@ -39,7 +39,8 @@ class RunnerConfig:
     activation_dtype: str | None = None  # hidden states and KV cache; None = dtype
     # Decode-only steps of at most this many sequences run the layers unrolled over per-layer weight arrays
     # (kept beside the stacked ones). On XLA CPU a 2-sequence step drops from 75 to 49 ms (no per-layer
-    # weight-slice copies); at 32+ sequences it gains nothing, and a step compiles ~4x slower. 0 = never.
+    # weight-slice copies); at 8+ sequences it gains little, while a step compiles ~4x slower and takes ~1 s
+    # to load from the executable cache (vs 0.05 s). 0 = never.
     unroll_decode_max_seqs: int = 0
 
 
@@ -79,8 +80,7 @@ class ModelRunner:
         for reason in self.tp_plan.reasons:
             logger.warning("tensor parallel %d: %s", self.mesh.size, reason)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        model = abstract_model(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype)
-        self.split = split_for_scan(model)
+        self.split = abstract_split(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype)
         outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
         outer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.outer_paths, stacked=False)
         layer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=True)
@@ -210,28 +210,38 @@ class ModelRunner:
     def precompile(self, shapes: list[StepShape], sampler_flags: list[SamplerFlags], progress: bool = True) -> float:
         """Compile every bucket's step and the given sampler variants ahead of time (or load them from the
         executable cache); returns seconds spent."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
 
         start = time.perf_counter()
-        for shape in tqdm(shapes, desc="compiling step shapes", disable=not progress, unit="shape"):
+        jobs = []  # (name, lower, store)
+        for shape in shapes:
             packed = np.zeros(sum(size for _, size in _layout(shape, self.config.pages_per_seq).values()), np.int32)
-            self._step_fns[shape] = self._ahead_of_time(
-                f"step-{shape.num_tokens}x{shape.num_seqs}",
-                lambda: self._build_step(shape).lower(*self.step_params(shape), self.kv_cache, packed))
+            jobs.append((f"step-{shape.num_tokens}x{shape.num_seqs}",
+                         lambda shape=shape, packed=packed: self._build_step(shape).lower(
+                             *self.step_params(shape), self.kv_cache, packed),
+                         lambda fn, shape=shape: self._step_fns.__setitem__(shape, fn)))
         for num_seqs in sorted({shape.num_seqs for shape in shapes}):
             hidden = jax.ShapeDtypeStruct((num_seqs, self.model_config.hidden_size), self.activation_dtype,
                                           sharding=self.replicated)
             for flags in sampler_flags:
                 tensors = placeholder_sampling_tensors(flags, num_seqs, self.model_config.vocab_size)
-                self._compiled_samplers[(flags, num_seqs)] = self._ahead_of_time(
-                    f"sample-{num_seqs}-{hashlib.sha256(repr(flags).encode()).hexdigest()[:12]}",
-                    lambda: self._sample_fn.lower(self.params[0], hidden, tensors, flags=flags))
-        return time.perf_counter() - start
-
-    def _ahead_of_time(self, name: str, lower):
-        compiled = self.executable_cache.load(name) if self.executable_cache else None
-        if compiled is None:
+                jobs.append((f"sample-{num_seqs}-{hashlib.sha256(repr(flags).encode()).hexdigest()[:12]}",
+                             lambda hidden=hidden, tensors=tensors, flags=flags: self._sample_fn.lower(
+                                 self.params[0], hidden, tensors, flags=flags),
+                             lambda fn, key=(flags, num_seqs): self._compiled_samplers.__setitem__(key, fn)))
+        cached = [None] * len(jobs)
+        if self.executable_cache:  # deserializing is mostly native code: threads overlap it
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                cached = list(pool.map(self.executable_cache.load, [name for name, _, _ in jobs]))
+        for (_, _, store), hit in zip(jobs, cached):
+            if hit is not None:
+                store(hit)
+        missing = [job for job, hit in zip(jobs, cached) if hit is None]
+        for name, lower, store in tqdm(missing, desc="compiling", disable=not progress or not missing, unit="fn"):
             compiled = lower().compile()
             if self.executable_cache:
                 self.executable_cache.save(name, compiled)
-        return compiled
+            store(compiled)
+        return time.perf_counter() - start

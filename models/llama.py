@@ -5,6 +5,7 @@ function over the flattened state, so Flax never sits on the per-step hot path.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -181,6 +182,13 @@ class ScannedModel(NamedTuple):
     layer_treedef: object
     layer_paths: tuple  # parameter paths inside one layer, in leaf order
     outer_paths: tuple
+
+
+def abstract_split(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None) -> ScannedModel:
+    """split_for_scan of the abstract model. Every layer shares one definition, so a one-layer model is
+    enough (building all layers' abstract parameters costs most of a second at start-up)."""
+    one_layer = dataclasses.replace(cfg, num_layers=1)
+    return split_for_scan(abstract_model(one_layer, dtype, attention_backend, activation_dtype))
 
 
 def split_for_scan(model: LlamaForCausalLM) -> ScannedModel:
