@@ -117,7 +117,8 @@ def test_two_replicas_match_one_engine_and_share_the_requests(random_llama_dir, 
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "results.json").read_text())
-    one, two = result["dp1"], result["dp2"]
-    assert two["tokens"] == one["tokens"] and len(one["tokens"]) == 6
-    assert two["routed"] == [3, 3] and all(n > 0 for n in two["generated_per_replica"])
-    assert two["devices"] == [[0, 1], [2, 3]]  # TP 2 inside each replica, disjoint groups
+    for tp, groups in ((1, [[0], [1]]), (2, [[0, 1], [2, 3]])):  # disjoint device groups
+        one, two = result[f"dp1-tp{tp}"], result[f"dp2-tp{tp}"]
+        assert two["tokens"] == one["tokens"] and len(one["tokens"]) == 6
+        assert two["routed"] == [3, 3] and all(n > 0 for n in two["generated_per_replica"])
+        assert two["devices"] == groups
