@@ -8,6 +8,7 @@ by one replica helps only the requests routed to it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -64,16 +65,22 @@ class DataParallelEngine:
         self.in_flight[index] += 1
         self.routed[index] += 1
         try:
-            async for output in self.replicas[index].generate(prompt, sampling_params, request_id):
-                yield output
+            # aclosing: when the caller goes away, the replica's stream closes now (and aborts the request)
+            # rather than whenever the garbage collector finalizes it.
+            async with contextlib.aclosing(self.replicas[index].generate(prompt, sampling_params,
+                                                                         request_id)) as stream:
+                async for output in stream:
+                    yield output
         finally:
             self.in_flight[index] -= 1
             self._owner.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
+        """To the replica serving it; an id no longer (or never) routed goes to all, where unknown ids are
+        no-ops, so an abort racing the end of its stream is never lost."""
         index = self._owner.get(request_id)
-        if index is not None:
-            await self.replicas[index].abort(request_id)
+        for replica in self.replicas if index is None else [self.replicas[index]]:
+            await replica.abort(request_id)
 
     def stats(self):
         """The replicas' EngineStats combined: counts summed, KV usage (and rates) averaged. Compilations are

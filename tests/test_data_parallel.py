@@ -68,6 +68,16 @@ async def test_abort_reaches_the_replica_serving_the_request(tokenizer):
     assert dp.in_flight == [0, 0]
 
 
+async def test_a_consumer_that_leaves_closes_the_replica_stream_at_once(tokenizer):
+    dp = router(tokenizer, step_delay=0.02)
+    stream = dp.generate("Hello there", SamplingParams(max_tokens=100), "gone")
+    await anext(stream)
+    await stream.aclose()  # the client disconnected
+    assert dp.replicas[0].running == set() and dp.in_flight == [0, 0]
+    await dp.abort("gone")  # a late abort reaches every replica (a no-op there), not nowhere
+    assert [r.aborted for r in dp.replicas] == [["gone"], ["gone"]]
+
+
 async def test_stats_combine_the_replicas(tokenizer):
     dp = router(tokenizer)
     await asyncio.gather(collect(dp, "a", 3), collect(dp, "b", 5))
