@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 
 from jaxserve.async_engine import AsyncLLMEngine, EngineDeadError
@@ -17,12 +18,16 @@ from jaxserve.config import EngineConfig
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 
 class DataParallelEngine:
     def __init__(self, config: EngineConfig, replicas: list | None = None):
         if replicas is None:  # built one after another: each loads its weights and compiles its own steps
             replicas = [AsyncLLMEngine(config.replace(data_parallel_rank=rank))
                         for rank in range(config.data_parallel_size)]
+            logger.info("data parallel: %d replicas on devices %s", len(replicas),
+                        [[d.id for d in r.engine.runner.mesh.devices.flat] for r in replicas])
         self.replicas = replicas
         self.config = self.engine_config = config
         first = replicas[0]
