@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 # The packages whose code ends up inside a compiled step or sampler.
 _SOURCE_PACKAGES = ("jaxserve", "jaxserve.models", "jaxserve.pallas_kernels")
 
+# Every executable this process compiled or loaded, by file path, kept for the life of the process. XLA CPU
+# registers a loaded executable's kernels by name process-wide: loading a file whose twin (compiled here, or
+# loaded by an earlier engine) is later freed leaves the survivor's kernels unresolvable ("function ... not
+# found"). Sharing one object per file avoids twins; it holds a few MB per distinct engine config.
+_PROCESS_EXECUTABLES: dict[str, object] = {}
+
 
 def source_fingerprint() -> str:
     digest = hashlib.sha256()
@@ -45,12 +51,15 @@ class ExecutableCache:
         from jax.experimental.serialize_executable import deserialize_and_load
 
         path = self.directory / f"{name}.bin"
+        if str(path) in _PROCESS_EXECUTABLES:
+            return _PROCESS_EXECUTABLES[str(path)]
         if not path.exists():
             return None
         try:
             with open(path, "rb") as f:
                 blob = pickle.load(f)
-            return deserialize_and_load(blob["executable"], blob["in_tree"], blob["out_tree"])
+            executable = deserialize_and_load(blob["executable"], blob["in_tree"], blob["out_tree"])
+            return _PROCESS_EXECUTABLES.setdefault(str(path), executable)
         except Exception as exc:  # a stale or truncated file must never stop a start
             logger.warning("ignoring cached executable %s: %s", path, exc)
             return None
@@ -58,6 +67,7 @@ class ExecutableCache:
     def save(self, name: str, compiled) -> None:
         from jax.experimental.serialize_executable import serialize
 
+        _PROCESS_EXECUTABLES[str(self.directory / f"{name}.bin")] = compiled
         try:
             executable, in_tree, out_tree = serialize(compiled)
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,15 @@ def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
     return layout
 
 
+def _renamed(fn, name: str):
+    """`fn` under another __name__ (jax.jit names the compiled module after it)."""
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    return wrapper
+
+
 @dataclass
 class StepInput:
     """Host-side view of one padded step."""
@@ -96,6 +105,7 @@ class ModelRunner:
         self._step_fns: dict[StepShape, object] = {}  # lazily jitted, or compiled ahead by precompile()
         self._sample_fn = jax.jit(self._sample, static_argnames=("flags",))
         self._compiled_samplers: dict[tuple[SamplerFlags, int], object] = {}
+        self.num_compiled_ahead = 0  # by the last precompile(); the rest came from the executable cache
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs, static_argnames=("num_logprobs",))
 
     # ---- KV cache -------------------------------------------------------------------------------
@@ -112,7 +122,7 @@ class ModelRunner:
         return per_token * page_size * jnp.dtype(dtype).itemsize
 
     # ---- jitted functions -----------------------------------------------------------------------
-    def _build_step(self, shape: StepShape):
+    def _build_step(self, shape: StepShape, name: str = "step"):
         layout = _layout(shape, self.config.pages_per_seq)
         pps, num_pages = self.config.pages_per_seq, self.config.num_pages
         forward = unrolled_forward if self._unrolled(shape) else scanned_forward
@@ -130,6 +140,7 @@ class ModelRunner:
         # The cache comes back with the sharding it went in with, so donation reuses its buffers in place;
         # hidden states come back replicated for the sampler.
         kv_out = (self.kv_sharding, self.kv_sharding)
+        step.__name__ = step.__qualname__ = name  # the compiled module's name
         return jax.jit(step, donate_argnums=(2,), out_shardings=(self.replicated, self.replicated, kv_out))
 
     def _unrolled(self, shape: StepShape) -> bool:
@@ -191,8 +202,9 @@ class ModelRunner:
     def execute(self, step: StepInput):
         """Dispatches the model step; returns device arrays (last-token hidden [S, H], all hidden [T, H])."""
         fn = self.step_fn(step.shape)
-        last_hidden, hidden, self.kv_cache = fn(*self.step_params(step.shape), self.kv_cache,
-                                                jnp.asarray(step.packed))
+        # device_put, not jnp.asarray: the latter compiles a copy per buffer size on first use.
+        packed = jax.device_put(step.packed, self.replicated)
+        last_hidden, hidden, self.kv_cache = fn(*self.step_params(step.shape), self.kv_cache, packed)
         return last_hidden, hidden
 
     def sample(self, last_hidden, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
@@ -205,7 +217,8 @@ class ModelRunner:
         return self._sample_fn(self.params[0], last_hidden, tensors, flags=flags)
 
     def prompt_logprobs(self, hidden, target_ids: np.ndarray, num_logprobs: int):
-        return self._prompt_logprobs_fn(self.params[0], hidden, jnp.asarray(target_ids), num_logprobs=num_logprobs)
+        return self._prompt_logprobs_fn(self.params[0], hidden, jax.device_put(target_ids, self.replicated),
+                                        num_logprobs=num_logprobs)
 
     def precompile(self, shapes: list[StepShape], sampler_flags: list[SamplerFlags], progress: bool = True) -> float:
         """Compile every bucket's step and the given sampler variants ahead of time (or load them from the
@@ -217,19 +230,20 @@ class ModelRunner:
         start = time.perf_counter()
         jobs = []  # (name, lower, store)
         for shape in shapes:
+            name = f"step_{shape.num_tokens}x{shape.num_seqs}"
             packed = np.zeros(sum(size for _, size in _layout(shape, self.config.pages_per_seq).values()), np.int32)
-            jobs.append((f"step-{shape.num_tokens}x{shape.num_seqs}",
-                         lambda shape=shape, packed=packed: self._build_step(shape).lower(
-                             *self.step_params(shape), self.kv_cache, packed),
+            jobs.append((name, lambda shape=shape, packed=packed, name=name: self._build_step(
+                shape, self._module_name(name)).lower(*self.step_params(shape), self.kv_cache, packed),
                          lambda fn, shape=shape: self._step_fns.__setitem__(shape, fn)))
         for num_seqs in sorted({shape.num_seqs for shape in shapes}):
             hidden = jax.ShapeDtypeStruct((num_seqs, self.model_config.hidden_size), self.activation_dtype,
                                           sharding=self.replicated)
             for flags in sampler_flags:
+                name = f"sample_{num_seqs}_{hashlib.sha256(repr(flags).encode()).hexdigest()[:12]}"
                 tensors = placeholder_sampling_tensors(flags, num_seqs, self.model_config.vocab_size)
-                jobs.append((f"sample-{num_seqs}-{hashlib.sha256(repr(flags).encode()).hexdigest()[:12]}",
-                             lambda hidden=hidden, tensors=tensors, flags=flags: self._sample_fn.lower(
-                                 self.params[0], hidden, tensors, flags=flags),
+                jobs.append((name, lambda hidden=hidden, tensors=tensors, flags=flags, name=name: jax.jit(
+                    _renamed(self._sample, self._module_name(name)), static_argnames=("flags",)).lower(
+                        self.params[0], hidden, tensors, flags=flags),
                              lambda fn, key=(flags, num_seqs): self._compiled_samplers.__setitem__(key, fn)))
         cached = [None] * len(jobs)
         if self.executable_cache:  # deserializing is mostly native code: threads overlap it
@@ -239,9 +253,24 @@ class ModelRunner:
             if hit is not None:
                 store(hit)
         missing = [job for job, hit in zip(jobs, cached) if hit is None]
+        self.num_compiled_ahead = len(missing)
         for name, lower, store in tqdm(missing, desc="compiling", disable=not progress or not missing, unit="fn"):
-            compiled = lower().compile()
+            compiled = lower().compile(self._compiler_options())
             if self.executable_cache:
                 self.executable_cache.save(name, compiled)
             store(compiled)
         return time.perf_counter() - start
+
+    def _module_name(self, name: str) -> str:
+        """A compiled module's name, unique per executable-cache key: executables deserialized into one
+        process share a kernel-symbol namespace on XLA CPU, and two modules with the same name but other
+        contents resolve each other's kernels ("function ... not found")."""
+        key = self.executable_cache.directory.name[:8] if self.executable_cache else "local"
+        return f"{name}_{key}"
+
+    @staticmethod
+    def _compiler_options() -> dict:
+        # Kernel symbols prefixed by the module name (see _module_name).
+        if jax.default_backend() == "cpu":
+            return {"xla_cpu_generate_unique_c_style_kernel_entry_points": True}
+        return {}

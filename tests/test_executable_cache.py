@@ -1,4 +1,9 @@
 """Serialized step/sampler executables: a warm start loads them instead of tracing and compiling."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from jaxserve import LLM, SamplingParams
@@ -14,27 +19,42 @@ def _greedy(llm):
     return [o.outputs[0].token_ids for o in outs]
 
 
+WARM_START = """
+import json, sys
+from jaxserve import LLM
+from tests.test_executable_cache import ARGS, _greedy
+llm = LLM(model=sys.argv[1], compilation_cache_dir=sys.argv[2], **ARGS)
+counter = llm.engine.loaded.compilation_counter
+at_start = counter.count
+tokens = _greedy(llm)
+print(json.dumps({"compiled_ahead": llm.engine.runner.num_compiled_ahead, "tokens": tokens,
+                  "compiled_while_serving": counter.count - at_start}))
+"""
+
+
 def test_warm_start_loads_executables_without_compiling(random_llama_dir, tmp_path):
     cache = str(tmp_path / "xla")
     cold = LLM(model=str(random_llama_dir), compilation_cache_dir=cache, **ARGS)
     saved = list((tmp_path / "xla" / "jaxserve-executables").glob("*/*.bin"))
     shapes = cold.engine.runner.config.buckets.all_shapes()
-    assert len([p for p in saved if p.name.startswith("step-")]) == len(shapes)
+    assert len([p for p in saved if p.name.startswith("step_")]) == len(shapes)
     expected = _greedy(cold)
-    del cold
-
-    warm = LLM(model=str(random_llama_dir), compilation_cache_dir=cache, **ARGS)
-    counter = warm.engine.loaded.compilation_counter
-    assert counter.count == 0  # every step shape and warm-up sampler came from disk
-    assert _greedy(warm) == expected
-    assert counter.count == 0
+    # A fresh process, as a restarted server: every step shape and warm-up sampler comes from disk.
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", WARM_START, str(random_llama_dir), cache], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    warm = json.loads(run.stdout.strip().splitlines()[-1])
+    assert warm["compiled_ahead"] == 0, run.stderr[-3000:]
+    assert warm["compiled_while_serving"] == 0
+    assert warm["tokens"] == expected
 
 
 def test_unreadable_entries_are_ignored(tmp_path):
     cache = ExecutableCache(str(tmp_path), {"model": "m"})
     cache.directory.mkdir(parents=True)
-    (cache.directory / "step-4x4.bin").write_bytes(b"not a pickle")
-    assert cache.load("step-4x4") is None
+    (cache.directory / "step_4x4.bin").write_bytes(b"not a pickle")
+    assert cache.load("step_4x4") is None
     assert cache.load("missing") is None
 
 
