@@ -39,7 +39,8 @@ _ENGINE_HELP = {
     "model": "Hugging Face model directory, .gguf file or hub id (in the local HF cache). "
              "Default: the embedded SmolLM2-135M-Instruct.",
     "tokenizer": "Tokenizer directory or hub id, if not the model's own.",
-    "dtype": "Weights and activations dtype: auto, float32, bfloat16, float16.",
+    "dtype": "Weights dtype: auto (bfloat16 on CPU, else the checkpoint's half type), float32, bfloat16, float16. "
+             "On CPU the activations and KV cache stay float32.",
     "max_model_len": "Context length (prompt + output tokens). Default: the model's.",
     "seed": "Seed of the engine's random generator.",
     "block_size": "Tokens per KV-cache page.",
