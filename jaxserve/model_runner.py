@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -255,18 +256,21 @@ class ModelRunner:
         missing = [job for job, hit in zip(jobs, cached) if hit is None]
         self.num_compiled_ahead = len(missing)
         for name, lower, store in tqdm(missing, desc="compiling", disable=not progress or not missing, unit="fn"):
-            compiled = lower().compile(self._compiler_options())
-            if self.executable_cache:
-                self.executable_cache.save(name, compiled)
-            store(compiled)
+            store(self._compile(name, lower))
         return time.perf_counter() - start
 
+    def _compile(self, name: str, lower):
+        compiled = lower().compile(self._compiler_options())
+        if self.executable_cache:
+            self.executable_cache.save(name, compiled)
+        return compiled
+
     def _module_name(self, name: str) -> str:
-        """A compiled module's name, unique per executable-cache key: executables deserialized into one
-        process share a kernel-symbol namespace on XLA CPU, and two modules with the same name but other
-        contents resolve each other's kernels ("function ... not found")."""
-        key = self.executable_cache.directory.name[:8] if self.executable_cache else "local"
-        return f"{name}_{key}"
+        """A compiled module's name, unique to this compile: executables deserialized into one process share a
+        kernel-symbol namespace on XLA CPU (two modules of one name resolve each other's kernels: "function ...
+        not found"), and a module that XLA's persistent cache already holds comes back from it in a form that
+        serializes without its kernels. A fresh name per compile avoids both."""
+        return f"{name}_{secrets.token_hex(6)}"
 
     @staticmethod
     def _compiler_options() -> dict:
