@@ -145,7 +145,9 @@ def load_local_tokenizer(spec: str | None) -> TextTokenizer:
     try:  # the project's weights API knows GGUF, HF dirs and the embedded default model
         from jaxserve.models.weights import load_tokenizer, resolve_model_source
 
-        return _hf_tokenizer(load_tokenizer(resolve_model_source(spec)), spec or "default model")
+        if spec is None:
+            return _hf_tokenizer(load_tokenizer(resolve_model_source(None)), "default model")
+        return _hf_tokenizer(load_tokenizer(None, spec), spec)  # a tokenizer needs no model config
     except ImportError:
         if spec is None:
             raise

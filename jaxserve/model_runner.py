@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -224,7 +225,7 @@ class ModelRunner:
     def precompile(self, shapes: list[StepShape], sampler_flags: list[SamplerFlags], progress: bool = True) -> float:
         """Compile every bucket's step and the given sampler variants ahead of time (or load them from the
         executable cache); returns seconds spent."""
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         from tqdm import tqdm
 
@@ -255,8 +256,15 @@ class ModelRunner:
                 store(hit)
         missing = [job for job, hit in zip(jobs, cached) if hit is None]
         self.num_compiled_ahead = len(missing)
-        for name, lower, store in tqdm(missing, desc="compiling", disable=not progress or not missing, unit="fn"):
-            store(self._compile(name, lower))
+        # XLA compiles outside the GIL: on a many-core host (an accelerator's) compiles overlap almost fully;
+        # tracing and lowering still take turns.
+        workers = max(1, min(len(missing), (os.cpu_count() or 1), 8))
+        with ThreadPoolExecutor(max_workers=workers) as pool, \
+                tqdm(total=len(missing), desc="compiling", disable=not progress or not missing, unit="fn") as bar:
+            futures = {pool.submit(self._compile, name, lower): store for name, lower, store in missing}
+            for future in as_completed(futures):
+                futures[future](future.result())
+                bar.update()
         return time.perf_counter() - start
 
     def _compile(self, name: str, lower):

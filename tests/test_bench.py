@@ -263,6 +263,18 @@ def test_prompts_have_exact_token_lengths_under_a_real_bpe(tmp_path):
         assert exact and len(tok.encode(text)) == length
 
 
+def test_a_tokenizer_directory_needs_no_model_config(tmp_path):
+    """`--tokenizer DIR` takes a saved tokenizer (tokenizer.json + tokenizer_config.json) without config.json."""
+    from transformers import PreTrainedTokenizerFast
+
+    saved = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_file=str(_bpe_tokenizer(tmp_path))).save_pretrained(saved)
+    assert not (saved / "config.json").exists()
+    tok = bench.load_local_tokenizer(str(saved))
+    ids = tok.encode("alpha beta gamma")
+    assert ids and tok.decode(ids) == "alpha beta gamma"
+
+
 def test_length_spec():
     assert bench.LengthSpec.parse(5, None) == bench.LengthSpec(5, 5)
     spec = bench.LengthSpec.parse(5, "uniform:2:4")
