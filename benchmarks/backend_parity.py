@@ -1,11 +1,13 @@
 """Greedy decoding with the Pallas attention kernels against the XLA path, both inside the whole engine.
 
     python benchmarks/backend_parity.py --model DIR [--dtype float32] [--prompts 8] [--tokens 32]
+        [--backends pallas,xla] [--save run.json] [--reference cpu.json] [--compare other_run.json]
 
-Runs the same prompts through two engines in one process (attention_backend pallas, then xla) and reports, per
-prompt, how many greedy tokens agree and the largest |logprob| difference over the agreeing prefix. On an
-accelerator this checks the compiled kernels in their real setting (paged KV written by the engine, chunked
-prefill, ragged decode batches); on the CPU the kernels run interpreted, so keep the model tiny there.
+Runs the same prompts through one engine per attention backend, in one process, and reports per prompt how
+many greedy tokens agree with the first backend's (or with `--reference`, a `--save`d run from another process,
+e.g. the CPU's) and the largest |logprob| difference over the agreeing prefix. On an accelerator this checks the
+compiled kernels in their real setting (paged KV written by the engine, chunked prefill, ragged decode
+batches); on the CPU the kernels run interpreted, so keep the model tiny there.
 """
 from __future__ import annotations
 
@@ -27,6 +29,18 @@ def run(backend: str, args, prompts):
             for o in outs]
 
 
+def compare(name: str, got, want, lengths) -> list[dict]:
+    rows = []
+    for n, (gt, gl), (wt, wl) in zip(lengths, got, want):
+        agree = next((i for i, (a, b) in enumerate(zip(gt, wt)) if a != b), len(gt))
+        diff = max((abs(a - b) for a, b in zip(gl[:agree], wl[:agree])), default=0.0)
+        rows.append({"prompt_len": n, "tokens_agree": agree, "of": len(gt), "max_logprob_diff": round(diff, 5)})
+        print(rows[-1], flush=True)
+    print(f"{name}: greedy tokens agreeing {sum(r['tokens_agree'] for r in rows)}/{sum(r['of'] for r in rows)}; "
+          f"max |logprob diff| {max(r['max_logprob_diff'] for r in rows):.2e}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -34,25 +48,32 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--kv-bytes", type=int, default=2 << 30)
-    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--backends", default="pallas,xla")
+    ap.add_argument("--save", default=None, help="write every backend's tokens and logprobs here")
+    ap.add_argument("--reference", default=None, help="compare against the first backend of this --save file")
+    ap.add_argument("--compare", default=None, help="a --save file to compare instead of running engines")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     # Ragged lengths that cross page boundaries and need several prefill chunks.
     lengths = [int(n) for n in rng.integers(5, 600, size=args.prompts)]
     prompts = [rng.integers(100, 40000, size=n).tolist() for n in lengths]
-    pallas, xla = run("pallas", args, prompts), run("xla", args, prompts)
-    rows = []
-    for n, (pt, pl), (xt, xl) in zip(lengths, pallas, xla):
-        agree = next((i for i, (a, b) in enumerate(zip(pt, xt)) if a != b), len(pt))
-        diff = max((abs(a - b) for a, b in zip(pl[:agree], xl[:agree])), default=0.0)
-        rows.append({"prompt_len": n, "tokens_agree": agree, "of": len(pt), "max_logprob_diff": round(diff, 5)})
-        print(rows[-1], flush=True)
-    total = sum(r["tokens_agree"] for r in rows)
-    print(f"greedy tokens agreeing: {total}/{sum(r['of'] for r in rows)}; "
-          f"max |logprob diff| {max(r['max_logprob_diff'] for r in rows):.2e}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"dtype": args.dtype, "rows": rows}, f, indent=2)
+    if args.compare:  # no engine: compare two saved runs
+        with open(args.compare) as f:
+            results = json.load(f)["results"]
+    else:
+        results = {b: run(b, args, prompts) for b in args.backends.split(",")}
+    backends = list(results)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump({"dtype": args.dtype, "lengths": lengths, "results": results}, f)
+    if args.reference:
+        with open(args.reference) as f:
+            ref = json.load(f)
+        want = next(iter(ref["results"].values()))
+        for b in backends:
+            compare(f"{b} vs reference", results[b], want, lengths)
+    for b in backends[1:]:
+        compare(f"{b} vs {backends[0]}", results[b], results[backends[0]], lengths)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ class BucketSet:
     def for_limits(cls, max_num_seqs: int, max_num_batched_tokens: int) -> "BucketSet":
         # No 1-token step shape: XLA turns a one-row cache write or gather into ops that copy the whole
         # KV cache every layer (seconds per step with a large cache); one padded row avoids it.
-        seqs = _powers_of_two(min(2, max_num_seqs), max_num_seqs)
+        # `--max-num-seqs 1` too: padding its decode steps to 2 slots measured ~700x faster on the CPU.
+        seqs = _powers_of_two(2, max(2, max_num_seqs))
         # Mixed steps use a coarser sequence grid (x4) to keep the number of compiled shapes small.
         tokens = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
         return cls(tuple(seqs), tuple(tokens))

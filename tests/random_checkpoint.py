@@ -23,10 +23,10 @@ def saved_default_tokenizer(root: Path) -> Path:
 
 def write_random_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64,
                        heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 49152,
-                       max_positions: int = 1024, qkv_bias: bool = False, tied: bool = True) -> Path:
+                       max_positions: int = 1024, qkv_bias: bool = False, tied: bool = True, std: float = 0.2) -> Path:
     rng = np.random.default_rng(seed)
     head_dim = hidden // heads
-    w = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)
+    w = lambda *shape: (rng.standard_normal(shape) * std).astype(np.float32)
     tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": 1 + w(hidden) * 0.1}
     for i in range(layers):
         p = f"model.layers.{i}."
