@@ -1,0 +1,83 @@
+#!/bin/bash
+# The whole engine and server on a GPU (see README.md here). Logs and JSON land in $OUT (all.tgz).
+# Stages have their own time limits so that one hang cannot eat the lease.
+set -u
+cd "$(dirname "$0")/../.."
+RESULT=${OUT:-/tmp/gpu_out}; mkdir -p "$RESULT"
+OUT=/tmp/gpu_logs; rm -rf $OUT; mkdir -p $OUT   # many files: packed into $RESULT/all.tgz at each stage
+START=$(date +%s)
+say() {
+  echo "[t+$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"
+  cp "$OUT/summary.txt" "$RESULT/"; tar czf "$RESULT/all.tgz" -C $OUT .
+}
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+PY=${PY:-python3}
+SMALL=${SMALL:-0}   # SMALL=1: tiny shapes, for a dry run on the CPU
+
+say "install"
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+$PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/jx . \
+  > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+export PYTHONPATH=/tmp/jx:/tmp/site
+nvidia-smi -L 2>/dev/null | tee -a "$OUT/summary.txt"
+$PY -c "import jax, flax, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'transformers',
+transformers.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+
+say "random checkpoints"
+$PY - <<EOF || exit 1
+import sys; sys.path.insert(0, 'tests')
+from pathlib import Path
+from random_checkpoint import write_random_llama
+tok = Path('.gpu/tokenizer')
+if $SMALL:
+    write_random_llama(Path('/tmp/smol'), tok, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
+    write_random_llama(Path('/tmp/llama1b'), tok, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256)
+else:  # SmolLM2-135M's shapes, then Llama-3.2-1B's (with SmolLM2's vocabulary)
+    write_random_llama(Path('/tmp/smol'), tok, layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536,
+                       max_positions=8192)
+    write_random_llama(Path('/tmp/llama1b'), tok, layers=16, hidden=2048, heads=32, kv_heads=8,
+                       intermediate=8192, max_positions=8192, tied=False)
+EOF
+BATCHES="1 16 64 256"; [ "$SMALL" = 1 ] && BATCHES="1 4"
+
+say "parity: pallas vs xla attention in the engine (smol, float32)"
+timeout 150 $PY benchmarks/backend_parity.py --model /tmp/smol --json-out "$OUT/parity.json" 2>&1 \
+  | grep -E "^\{|greedy|Error|error" | tail -12 | tee -a "$OUT/summary.txt"
+
+
+serve() {  # $1: log name; sets SERVER_PID and UP_S (seconds to /health)
+  /tmp/jx/bin/jaxserve serve --model /tmp/smol --port 8000 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+    --gpu-memory-utilization 0.5 --disable-log-requests > "$OUT/$1.log" 2>&1 &
+  SERVER_PID=$!
+  local t0=$(date +%s.%N)
+  for i in $(seq 1 480); do
+    curl -sf http://127.0.0.1:8000/health > /dev/null && break
+    kill -0 $SERVER_PID 2>/dev/null || { say "server died"; tail -20 "$OUT/$1.log"; return 1; }
+    sleep 0.5
+  done
+  UP_S=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")
+}
+
+say "server cold start (smol)"
+serve serve_cold && say "to /health: $UP_S s"
+for c in 1 32 256; do
+  n=$(( c == 1 ? 8 : 2 * c ))
+  timeout 120 /tmp/jx/bin/jaxserve bench --base-url http://127.0.0.1:8000 --ignore-eos --prompt-len 128 \
+    --output-len 128 --concurrency $c --num-requests $n --warmup 1 --tokenizer .gpu/tokenizer \
+    --json-out "$OUT/bench_c$c.json" > "$OUT/bench_c$c.log" 2>&1
+  say "bench c=$c rc=$?"; grep -E "failed|output_tok_per_s|ttft_ms|tpot_ms" "$OUT/bench_c$c.log" | tee -a "$OUT/summary.txt"
+done
+kill $SERVER_PID; wait $SERVER_PID 2>/dev/null
+say "server warm start"
+serve serve_warm && say "to /health: $UP_S s"
+timeout 60 /tmp/jx/bin/jaxserve bench --base-url http://127.0.0.1:8000 --ignore-eos --prompt-len 128 \
+  --output-len 32 --concurrency 4 --num-requests 8 --tokenizer .gpu/tokenizer > "$OUT/bench_warm.log" 2>&1
+say "warm bench rc=$?"; grep -E "failed|output_tok_per_s" "$OUT/bench_warm.log" | tee -a "$OUT/summary.txt"
+kill $SERVER_PID; wait $SERVER_PID 2>/dev/null
+for m in llama1b smol; do
+  say "offline decode: $m"
+  timeout 170 $PY benchmarks/throughput.py --model /tmp/$m --dtype bfloat16 --batches $BATCHES \
+    --json-out "$OUT/throughput_$m.json" > "$OUT/throughput_$m.log" 2>&1
+  say "rc=$?"; grep -E "^\||prefill" "$OUT/throughput_$m.log" | tee -a "$OUT/summary.txt"
+done
+say "done"
