@@ -47,6 +47,7 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     model_name: str
     compilation_counter: CompilationCounter
+    checkpoint_bytes_read: int | None = None  # sharded loads: bytes this host read from the checkpoint
 
 
 def enable_compilation_cache(cache_dir: str | None) -> str:
@@ -94,8 +95,9 @@ def kv_budget_bytes(config: EngineConfig, device=None) -> int:
 def load_engine_model(config: EngineConfig) -> LoadedModel:
     from jaxserve.models.checkpoint_cache import load_or_build, source_identity
     from jaxserve.models.llama import flat_params_from_hf
-    from jaxserve.models.weights import (checkpoint_dtype, iter_hf_tensors, load_model_config, load_tokenizer,
-                                         resolve_model_source)
+    from jaxserve.models.lazy_tensors import CheckpointFiles
+    from jaxserve.models.weights import (checkpoint_dtype, iter_hf_tensors, lazy_hf_tensors, load_model_config,
+                                         load_tokenizer, resolve_model_source)
 
     if config.max_num_batched_tokens < config.max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
@@ -115,9 +117,18 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, checkpoint_dtype(source))
     key = {"source": source_identity(source), "dtype": dtype, "format": 1}
     build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source)), dtype)
-    # Multi-host: every host converts for itself. orbax's save synchronizes all processes, so hosts whose
-    # caches differ (one restores, one builds) would wait on each other forever.
-    flat = build() if multihost else load_or_build(config.checkpoint_cache_dir, key, build)
+    checkpoint_files = None
+    if not source.is_gguf and (mesh.size > 1 or multihost):
+        # Sharded: each device's slice is read from the safetensors files when it is placed, so no host holds
+        # a whole split weight and each host reads only its own devices' slices.
+        checkpoint_files = CheckpointFiles()
+        flat = flat_params_from_hf(model_config, lazy_hf_tensors(source, checkpoint_files), dtype)
+    elif multihost:
+        # GGUF tensors dequantize whole: every host converts for itself. orbax's save synchronizes all
+        # processes, so hosts whose caches differ (one restores, one builds) would wait on each other forever.
+        flat = build()
+    else:
+        flat = load_or_build(config.checkpoint_cache_dir, key, build)
 
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings, DEFAULT_CPU_MAX_MODEL_LEN
                                                 if jax.default_backend() == "cpu" else 1 << 30)
@@ -159,6 +170,9 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         executables = ExecutableCache(os.path.join(cache_dir, "jaxserve-executables"),
                                       {"model": repr(model_config), "runner": repr(runner_config)})
     runner = ModelRunner(model_config, runner_config, flat, mesh, executables)
+    if checkpoint_files is not None:
+        logger.info("read %.1f MiB of the %.1f MiB checkpoint for this host's shards",
+                    checkpoint_files.bytes_read / 2**20, checkpoint_files.total_bytes() / 2**20)
     if multihost:  # host 0: a runner that sends each call to the followers; others: a Follower to run()
         runner = connect_hosts(runner, config)
     eos = set(model_config.eos_token_ids)
@@ -167,4 +181,5 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device), max_model_len %d, dtype %s, "
                 "tensor parallel %d", num_pages, page_size, num_pages * device_bytes_per_page / 1024**3,
                 max_model_len, dtype, mesh.size)
-    return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter)
+    return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter,
+                       checkpoint_files.bytes_read if checkpoint_files else None)

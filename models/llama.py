@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
+from jaxserve.models.lazy_tensors import StackedTensors, is_lazy
 from jaxserve.pallas_kernels.attention import ragged_paged_attention, write_kv
 
 
@@ -206,11 +207,14 @@ def split_for_scan(model: LlamaForCausalLM) -> ScannedModel:
 
 
 def scanned_params(split: ScannedModel, flat_params: dict[str, np.ndarray], num_layers: int):
-    """(outer leaves, stacked layer leaves [num_layers, ...]) from the flat "/"-joined parameter dict."""
+    """(outer leaves, stacked layer leaves [num_layers, ...]) from the flat "/"-joined parameter dict (lazy
+    checkpoint tensors stay lazy: stacked views that read only what a device's shard needs)."""
     key = lambda path: "/".join(map(str, path))
     outer = [flat_params[key(p)] for p in split.outer_paths]
-    stacked = [np.stack([flat_params[f"layers/{i}/" + key(p)] for i in range(num_layers)])
-               for p in split.layer_paths]
+    stacked = []
+    for p in split.layer_paths:
+        layers = [flat_params[f"layers/{i}/" + key(p)] for i in range(num_layers)]
+        stacked.append(StackedTensors(tuple(layers)) if is_lazy(layers[0]) else np.stack(layers))
     return outer, stacked
 
 
@@ -298,7 +302,8 @@ def flat_params_from_hf(cfg: ModelConfig, tensors, dtype) -> dict[str, np.ndarra
         name, transposed = hf_name_for(path)
         if name not in tensors:
             raise ValueError(f"checkpoint has no tensor {name!r} needed by {cfg.architecture}")
-        arr = np.asarray(tensors[name])
+        arr = tensors[name]
+        arr = arr if is_lazy(arr) else np.asarray(arr)  # lazy: read later, one device's slice at a time
         arr = arr.T if transposed else arr
         if arr.shape != var.shape:
             raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {var.shape}")

@@ -20,7 +20,9 @@ import numpy as np
 
 from jaxserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from jaxserve.models.gguf_reader import GGUFHeader, iter_gguf_hf_tensors, read_gguf_header
-from jaxserve.models.hf_reader import SAFETENSORS_INDEX, find_safetensors_files, iter_safetensors
+from jaxserve.models.hf_reader import (_SKIPPED_SUFFIXES, SAFETENSORS_INDEX, find_safetensors_files,
+                                      iter_safetensors)
+from jaxserve.models.lazy_tensors import CheckpointFiles, CheckpointTensor, safetensors_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +373,16 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
 
 # ---------------------------------------------------------------------------------------------------------
 # Tensors
+
+def lazy_hf_tensors(source: ModelSource, files: CheckpointFiles) -> dict[str, CheckpointTensor]:
+    """A safetensors checkpoint's tensors by HF name, each read only where indexed (models/lazy_tensors.py)."""
+    if source.is_gguf:
+        raise ValueError("GGUF tensors are quantized whole; read them with iter_hf_tensors")
+    config = load_model_config(source)
+    skip = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
+    shards = tuple(f for f in source.files if f.endswith(".safetensors"))
+    return safetensors_tensors(shards, skip, _SKIPPED_SUFFIXES, files)
+
 
 def iter_hf_tensors(source: ModelSource) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (hf_name, float32 array) in Hugging Face names and [out, in] layouts.

@@ -69,6 +69,7 @@ def run_model(llm) -> dict:
         "mesh_size": runner.mesh.size,
         "num_pages": runner.config.num_pages,
         "collectives": step_collectives(runner),
+        "checkpoint_bytes_read": llm.engine.loaded.checkpoint_bytes_read,
     }
 
 
@@ -85,6 +86,7 @@ def main(out_dir: str, tp_sizes: str) -> None:
             llm = LLM(model=str(model_dir), checkpoint_cache_dir=str(root / "ckpt"), tensor_parallel_size=tp,
                       **ENGINE_ARGS)
             results[name][tp] = run_model(llm)
+            results[name][tp]["checkpoint_bytes"] = (model_dir / "model.safetensors").stat().st_size
             del llm
     (root / "results.json").write_text(json.dumps(results))
 

@@ -120,6 +120,16 @@ def test_kv_heads_split_when_they_divide_and_replicate_when_not(tp_results):
     assert qwen["4"]["q_kernel_shard_shape"][2] == 48 and qwen["4"]["kv_shard_shape"][2] == 2
 
 
+def test_sharded_weights_are_read_slice_by_slice(tp_results):
+    for model, runs in tp_results.items():
+        assert runs["1"]["checkpoint_bytes_read"] is None  # one device: whole tensors (and the converted cache)
+        for tp in TP_SIZES[1:]:
+            read, size = runs[str(tp)]["checkpoint_bytes_read"], runs[str(tp)]["checkpoint_bytes"]
+            # Each device reads only its slice of a split weight, so the file is read about once in all
+            # (replicated norms and KV projections are small); whole tensors per device would read it tp times.
+            assert 0.95 * size < read < 1.5 * size, (model, tp, read, size)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
