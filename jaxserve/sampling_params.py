@@ -114,6 +114,8 @@ class SamplingParams:
                 bad(f"{name} must be non-negative, got {value}.")
             if value is not None and value > max_logprobs:
                 bad(f"Requested {name} of {value}, which is greater than max allowed: {max_logprobs}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            bad("allowed_token_ids must list at least one token id when given.")
         if vocab_size is not None:
             for tok in list(self.logit_bias or {}) + list(self.allowed_token_ids or []):
                 if not 0 <= tok < vocab_size:

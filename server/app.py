@@ -86,7 +86,7 @@ def _parse(request: Request, model_cls):
 async def health(request: Request):
     state: AppState = request.app.ctx.state
     if state.engine is not None and getattr(state.engine, "ready", False):
-        return response.empty(status=200)
+        return response.raw(b"", status=200, content_type="text/plain")
     return error_response(APIError("The model is still loading.", 503))
 
 

@@ -58,7 +58,7 @@ class _GenerationRequest(OpenAIModel):
     presence_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)  # int64, as vLLM
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -202,6 +202,11 @@ class _GenerationRequest(OpenAIModel):
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage_in_stream(self) -> bool:
+        """stream_options.continuous_usage_stats: every chunk carries its choice's usage so far."""
+        return self.include_usage_in_stream and bool(self.stream_options.continuous_usage_stats)
+
 
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions."""
@@ -212,6 +217,12 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (vLLM's prompt scoring, as lm-eval's loglikelihood uses): the reply
+        is the prompt alone; the engine still runs one step, which computes the prompt logprobs."""
+        return self.echo and self.max_tokens == 0
 
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
         if self.suffix:

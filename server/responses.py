@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_serializer
 
 
 def random_id(prefix: str) -> str:
@@ -20,6 +20,11 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
 # --- Completions -------------------------------------------------------------------------------
@@ -36,6 +41,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, in whole responses only
 
 
 class CompletionResponse(BaseModel):
@@ -65,6 +71,10 @@ class ChatMessageOut(BaseModel):
     role: str
     content: str | None = None
     tool_calls: list[ToolCallOut] = Field(default_factory=list)
+
+    @field_serializer("tool_calls")
+    def _without_index(self, calls: list[ToolCallOut]) -> list[dict]:
+        return [c.model_dump(exclude={"index"}) for c in calls]  # `index` belongs to streamed deltas
 
 
 class TopLogprob(BaseModel):
@@ -134,7 +144,7 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionChunk(CompletionResponse):
     def to_sse(self) -> str:
-        data = self.model_dump()
+        data = self.model_dump(exclude={"choices": {"__all__": {"prompt_logprobs"}}})
         if data["usage"] is None:
             del data["usage"]
         return sse(data)

@@ -14,8 +14,8 @@ from jaxserve.server.responses import (SSE_DONE, ChatChoice, ChatCompletionChunk
                                        ChatLogprobContent, ChatLogprobs, ChatMessageOut, ChatStreamChoice,
                                        DeltaMessage, TopLogprob, UsageInfo, now, random_id, sse)
 from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, ServingContext, clamp_logprob,
-                                            logger, resolve_max_tokens, stream_sse, token_text,
-                                            top_ranked, validate_params)
+                                            logger, prompt_logprobs_json, resolve_max_tokens, stream_sse,
+                                            token_text, top_ranked, validate_params)
 
 
 def _chat_logprobs(ctx: ServingContext, token_ids: list[int], positions: list, k: int) -> ChatLogprobs:
@@ -40,14 +40,6 @@ def _echo_text(request: ChatCompletionRequest, role: str) -> str:
         return ""
     last = conversation_from_messages(request.messages[-1:])[0]
     return last["content"] if last["role"] == role else ""
-
-
-def _prompt_logprobs_json(positions) -> list | None:
-    if positions is None:
-        return None
-    return [None if p is None else {str(t): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
-                                             "decoded_token": lp.decoded_token} for t, lp in p.items()}
-            for p in positions]
 
 
 async def create_chat_completion(ctx: ServingContext, request: ChatCompletionRequest, http_request):
@@ -110,14 +102,11 @@ async def _complete(ctx, request, model, request_id, role, prompt_len, tools, ge
         choices.append(ChatChoice(index=state.index, message=message, logprobs=logprobs,
                                   finish_reason=finish, stop_reason=state.stop_reason))
     completion_tokens = sum(len(s.token_ids) for s in states)
-    body = ChatCompletionResponse(
-        id=request_id, created=now(), model=model, choices=choices,
-        usage=UsageInfo(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
-                        total_tokens=prompt_len + completion_tokens),
-        prompt_logprobs=None)
+    body = ChatCompletionResponse(id=request_id, created=now(), model=model, choices=choices,
+                                  usage=UsageInfo.of(prompt_len, completion_tokens), prompt_logprobs=None)
     data = body.model_dump()
     if request.prompt_logprobs is not None:
-        data["prompt_logprobs"] = _prompt_logprobs_json(prompt_logprobs)
+        data["prompt_logprobs"] = prompt_logprobs_json(prompt_logprobs)
     return response.json(data)
 
 
@@ -135,9 +124,12 @@ def _parser_delta(raw: dict) -> DeltaMessage:
 async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: str, role: str,
                   prompt_len: int, tools: ToolMode, gens: MergedGenerations) -> AsyncIterator[str]:
     created = now()
+    states = [ChoiceState(i) for i in range(request.n)]
 
     def chunk(index: int, delta: DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
-        return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[
+        usage = (UsageInfo.of(prompt_len, len(states[index].token_ids))
+                 if request.continuous_usage_in_stream else None)
+        return ChatCompletionChunk(id=request_id, created=created, model=model, usage=usage, choices=[
             ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish,
                              stop_reason=stop_reason)]).to_sse()
 
@@ -146,7 +138,6 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
         yield chunk(i, DeltaMessage(role=role, content=""))
         if echo:
             yield chunk(i, DeltaMessage(content=echo))
-    states = [ChoiceState(i) for i in range(request.n)]
     parsers = [tools.new_parser(ctx.tokenizer) for _ in states] if tools.kind == "auto" else []
     called_tools = [False] * request.n
     try:
@@ -184,9 +175,7 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
         logger.exception("request %s failed while streaming", request_id)
         yield sse(APIError(f"Internal error in request {request_id}.", 500).to_dict())
     if request.include_usage_in_stream:
-        completion_tokens = sum(len(s.token_ids) for s in states)
-        usage = UsageInfo(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
-                          total_tokens=prompt_len + completion_tokens)
+        usage = UsageInfo.of(prompt_len, sum(len(s.token_ids) for s in states))
         yield ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                   usage=usage).to_sse()
     yield SSE_DONE

@@ -40,8 +40,10 @@ class ServingContext:
         return self.served_model_names[0]
 
     def check_model(self, requested: str | None) -> str:
-        if requested is None or requested in self.served_model_names:
-            return self.model_name if requested is None else requested
+        if not requested:  # absent, null or "" mean the default model, as in vLLM
+            return self.model_name
+        if requested in self.served_model_names:
+            return requested
         raise not_found(f"The model `{requested}` does not exist.", "model")
 
     def max_logprobs(self) -> int:
@@ -222,6 +224,15 @@ def token_text(tokenizer, token_id: int, logprob) -> str:
 
 def clamp_logprob(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
+
+
+def prompt_logprobs_json(positions) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: logprob, rank, text}."""
+    if positions is None:
+        return None
+    return [None if p is None else {str(t): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token} for t, lp in p.items()}
+            for p in positions]
 
 
 def top_ranked(position: dict, k: int) -> list[tuple[int, Any]]:

@@ -11,8 +11,8 @@ from jaxserve.server.protocol import CompletionRequest
 from jaxserve.server.responses import (SSE_DONE, CompletionChoice, CompletionChunk, CompletionLogProbs,
                                        CompletionResponse, UsageInfo, now, random_id, sse)
 from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, ServingContext, clamp_logprob,
-                                            logger, resolve_max_tokens, stream_sse, token_text,
-                                            top_ranked, validate_params)
+                                            logger, prompt_logprobs_json, resolve_max_tokens, stream_sse,
+                                            token_text, top_ranked, validate_params)
 
 
 def _prompts(ctx: ServingContext, request: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -70,8 +70,9 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest, htt
     model = ctx.check_model(request.model)
     prompts = _prompts(ctx, request)
     params = []
+    requested = 1 if request.echo_only else request.max_tokens
     for text, ids in prompts:
-        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(ids), request.max_tokens, "prompt")
+        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(ids), requested, "prompt")
         p = request.to_sampling_params(max_tokens)
         validate_params(ctx, p)
         params.append(p)
@@ -103,23 +104,27 @@ async def _complete(ctx, request: CompletionRequest, model: str, request_id: str
     for state in states:
         prompt_index = state.index // n
         prompt_text, prompt_ids = prompts[prompt_index]
-        text, logprobs = state.text, None
+        text, tokens, positions = _generated(request, state.text, state.token_ids, state.logprobs)
         if request.echo:
             text = prompt_text + text
-        if request.logprobs is not None:
-            tokens, positions = state.token_ids, state.logprobs
-            if request.echo:
-                tokens = prompt_ids + tokens
-                positions = list(prompt_lps.get(prompt_index) or [None] * len(prompt_ids)) + positions
-            logprobs = _logprobs(ctx, tokens, positions, request.logprobs, 0)
+            tokens = prompt_ids + tokens
+            positions = list(prompt_lps.get(prompt_index) or [None] * len(prompt_ids)) + positions
+        logprobs = None if request.logprobs is None else _logprobs(ctx, tokens, positions, request.logprobs, 0)
         choices.append(CompletionChoice(index=state.index, text=text, logprobs=logprobs,
-                                        finish_reason=state.finish_reason, stop_reason=state.stop_reason))
+                                        finish_reason=state.finish_reason, stop_reason=state.stop_reason,
+                                        prompt_logprobs=prompt_logprobs_json(prompt_lps.get(prompt_index))))
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     completion_tokens = sum(len(s.token_ids) for s in states)
     body = CompletionResponse(id=request_id, created=now(), model=model, choices=choices,
-                              usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
+                              usage=UsageInfo.of(prompt_tokens, completion_tokens))
     return response.json(body.model_dump())
+
+
+def _generated(request: CompletionRequest, text: str, tokens: list[int], positions: list):
+    """What a choice shows of its generated text, tokens and logprobs: nothing when `echo_only`."""
+    if request.echo_only:
+        return "", [], []
+    return text, list(tokens), list(positions or [])
 
 
 async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, prompts,
@@ -127,27 +132,29 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
     n, created = request.n, now()
     offsets = [0] * (len(prompts) * n)
     started = [False] * (len(prompts) * n)
-    completion_tokens = 0
+    generated = [0] * (len(prompts) * n)  # completion tokens per choice
     try:
         async for prompt_index, out in gens:
             prompt_text, prompt_ids = prompts[prompt_index]
             for delta in out.outputs:
                 index = prompt_index * n + delta.index
-                text, tokens, positions = delta.text, list(delta.token_ids), list(delta.logprobs or [])
+                text, tokens, positions = _generated(request, delta.text, delta.token_ids, delta.logprobs)
                 if not started[index]:
                     started[index] = True
                     if request.echo:
                         text = prompt_text + text
                         tokens = prompt_ids + tokens
                         positions = list(out.prompt_logprobs or [None] * len(prompt_ids)) + positions
-                completion_tokens += len(delta.token_ids)
+                generated[index] += len(delta.token_ids)
                 logprobs = None
                 if request.logprobs is not None:
                     logprobs = _logprobs(ctx, tokens, positions, request.logprobs, offsets[index])
                 offsets[index] += len(text)
                 if not text and delta.finish_reason is None and not tokens:
                     continue
-                chunk = CompletionChunk(id=request_id, created=created, model=model, choices=[
+                usage = (UsageInfo.of(len(prompt_ids), generated[index])
+                         if request.continuous_usage_in_stream else None)
+                chunk = CompletionChunk(id=request_id, created=created, model=model, usage=usage, choices=[
                     CompletionChoice(index=index, text=text, logprobs=logprobs,
                                      finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)])
                 yield chunk.to_sse()
@@ -157,8 +164,6 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
         logger.exception("request %s failed while streaming", request_id)
         yield sse(APIError(f"Internal error in request {request_id}.", 500).to_dict())
     if request.include_usage_in_stream:
-        prompt_tokens = sum(len(ids) for _, ids in prompts)
-        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          total_tokens=prompt_tokens + completion_tokens)
+        usage = UsageInfo.of(sum(len(ids) for _, ids in prompts), sum(generated))
         yield CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage).to_sse()
     yield SSE_DONE

@@ -285,3 +285,76 @@ async def test_cors_and_root_path_and_served_names(tokenizer):
     async with running(FakeAsyncEngine(tokenizer), ServerConfig(served_model_names=("a", "b"))) as url:
         r = await client(url).completions.create(model="b", prompt="x", max_tokens=1)
         assert r.model == "b"
+
+
+async def test_echo_with_max_tokens_0_returns_the_prompt_alone(fake, tokenizer):
+    """vLLM's prompt scoring (lm-eval's loglikelihood): echo, max_tokens 0, logprobs."""
+    url, _ = fake
+    prompt = "one two three"
+    n = len(tokenizer.encode(prompt))
+    r = await client(url).completions.create(model="fake-model", prompt=prompt, max_tokens=0, echo=True,
+                                             logprobs=1)
+    ch = r.choices[0]
+    assert ch.text == prompt and len(ch.logprobs.tokens) == n and "".join(ch.logprobs.tokens) == prompt
+    assert ch.logprobs.token_logprobs[0] is None and all(v is not None for v in ch.logprobs.token_logprobs[1:])
+    assert r.usage.prompt_tokens == n
+    body = {"model": "fake-model", "prompt": prompt, "max_tokens": 0, "echo": True, "stream": True}
+    chunks = [json.loads(line[6:]) for line in await sse_events(url, "/v1/completions", body)
+              if line != "data: [DONE]"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == prompt
+    async with httpx.AsyncClient() as h:  # without echo, max_tokens 0 is still refused
+        r = await h.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+async def test_completion_prompt_logprobs_are_returned(fake, tokenizer):
+    url, _ = fake
+    prompt = "one two three"
+    async with httpx.AsyncClient() as h:
+        r = (await h.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2,
+                                                          "prompt_logprobs": 1})).json()
+        plain = (await h.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2})).json()
+    lps = r["choices"][0]["prompt_logprobs"]
+    ids = tokenizer.encode(prompt)
+    assert len(lps) == len(ids) and lps[0] is None
+    for tok, position in zip(ids[1:], lps[1:]):
+        assert str(tok) in position  # the prompt's own token, besides the top alternative
+        assert all({"logprob", "rank", "decoded_token"} <= set(v) for v in position.values())
+    assert plain["choices"][0]["prompt_logprobs"] is None
+
+
+@pytest.mark.parametrize("path,extra", [
+    ("/v1/completions", {"prompt": "Hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+])
+async def test_continuous_usage_stats_put_usage_in_every_chunk(fake, path, extra):
+    url, _ = fake
+    body = {**extra, "max_tokens": 3, "n": 2, "stream": True, "seed": 1,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = [json.loads(line[6:]) for line in await sse_events(url, path, body) if line != "data: [DONE]"]
+    *choice_chunks, final = chunks
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 6
+    prompt_tokens = final["usage"]["prompt_tokens"]
+    seen = {0: 0, 1: 0}
+    for c in choice_chunks:
+        index, usage = c["choices"][0]["index"], c["usage"]
+        assert usage["prompt_tokens"] == prompt_tokens
+        assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
+        assert usage["completion_tokens"] >= seen[index]  # this choice's tokens so far
+        seen[index] = usage["completion_tokens"]
+    assert seen == {0: 3, 1: 3}
+    body["stream_options"] = {"include_usage": True}
+    chunks = [json.loads(line[6:]) for line in await sse_events(url, path, body) if line != "data: [DONE]"]
+    assert all("usage" not in c for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_small_request_details_match_vllm(fake):
+    url, engine = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/completions", json={"model": "", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["model"] == "fake-model"  # "" = the default model
+        for bad in ({"allowed_token_ids": []}, {"seed": 1 << 64}):
+            r = await h.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
+        health = await h.get(url + "/health")
+        assert health.status_code == 200 and health.headers["content-type"] != "None"

@@ -124,3 +124,12 @@ def test_tool_choice_defaults():
     assert ChatCompletionRequest.model_validate({"messages": MSGS}).effective_tool_choice == "none"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert ChatCompletionRequest.model_validate({"messages": MSGS, "tools": tools}).effective_tool_choice == "auto"
+
+
+def test_whole_reply_tool_calls_have_no_stream_index():
+    from jaxserve.server.chat_tools import tool_call_out
+    from jaxserve.server.responses import ChatMessageOut, DeltaMessage
+    call = tool_call_out({"name": "f", "arguments": {"a": 1}}, index=0)
+    whole = ChatMessageOut(role="assistant", tool_calls=[call]).model_dump()["tool_calls"][0]
+    assert "index" not in whole and whole["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert DeltaMessage(tool_calls=[call]).model_dump()["tool_calls"][0]["index"] == 0
