@@ -159,8 +159,15 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
             f"cannot hold one sequence of max_model_len={max_model_len}; raise --kv-cache-memory or lower "
             "--max-model-len.")
     buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
-    runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets,
-                                 resolve_attention_backend(config.attention_backend), activation_dtype,
+    attention = resolve_attention_backend(config.attention_backend)
+    if attention == "pallas" and mesh.size > 1 and kv_split == 1:
+        # The kernel runs per device on whole KV heads (pallas_kernels/attention.py); replicated KV heads
+        # would need each device to pick its query heads' KV heads out of all of them.
+        logger.warning("tensor parallel %d: %d KV heads do not split, so attention runs on the XLA path, "
+                       "not the Pallas kernel", mesh.size, model_config.num_kv_heads)
+        attention = "xla"
+    runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets, attention,
+                                 activation_dtype,
                                  unroll_decode_max_seqs=2 if on_cpu else 0)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one

@@ -91,7 +91,9 @@ class ModelRunner:
         for reason in self.tp_plan.reasons:
             logger.warning("tensor parallel %d: %s", self.mesh.size, reason)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.split = abstract_split(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype)
+        sharded_kernel = runner_config.attention_backend == "pallas" and self.mesh.size > 1
+        self.split = abstract_split(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype,
+                                    self.mesh if sharded_kernel else None)
         outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
         outer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.outer_paths, stacked=False)
         layer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=True)

@@ -88,9 +88,10 @@ class Linear(nnx.Linear):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None):
         self.cfg = cfg
         self.backend = backend
+        self.mesh = mesh  # the tensor-parallel mesh a Pallas kernel is mapped over (by KV head), or None
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = Linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, act, rngs)
         self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs)
@@ -106,7 +107,8 @@ class Attention(nnx.Module):
         k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping)
         out = ragged_paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
-            sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, backend=self.backend)
+            sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, backend=self.backend,
+            mesh=self.mesh)
         return self.o_proj(out.reshape(t, -1)), (k_pages, v_pages)
 
 
@@ -121,9 +123,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, act, backend, rngs)
+        self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, act, rngs)
 
@@ -135,15 +137,16 @@ class DecoderLayer(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_backend: str = "xla",
-                 rngs: nnx.Rngs | None = None, activation_dtype=None):
-        """`dtype`: the weights'; `activation_dtype` (default: the same): hidden states and the KV cache."""
+                 rngs: nnx.Rngs | None = None, activation_dtype=None, attention_mesh=None):
+        """`dtype`: the weights'; `activation_dtype` (default: the same): hidden states and the KV cache;
+        `attention_mesh`: a tensor-parallel mesh to map the Pallas attention kernel over (by KV head)."""
         rngs = rngs or nnx.Rngs(0)
         act = activation_dtype or dtype
         self.cfg = cfg
         self.activation_dtype = act
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh)
                                 for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
@@ -185,11 +188,12 @@ class ScannedModel(NamedTuple):
     outer_paths: tuple
 
 
-def abstract_split(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None) -> ScannedModel:
+def abstract_split(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
+                   attention_mesh=None) -> ScannedModel:
     """split_for_scan of the abstract model. Every layer shares one definition, so a one-layer model is
     enough (building all layers' abstract parameters costs most of a second at start-up)."""
     one_layer = dataclasses.replace(cfg, num_layers=1)
-    return split_for_scan(abstract_model(one_layer, dtype, attention_backend, activation_dtype))
+    return split_for_scan(abstract_model(one_layer, dtype, attention_backend, activation_dtype, attention_mesh))
 
 
 def split_for_scan(model: LlamaForCausalLM) -> ScannedModel:
@@ -270,9 +274,11 @@ def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
     return outer.compute_logits(hidden)
 
 
-def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None) -> LlamaForCausalLM:
+def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
+                   attention_mesh=None) -> LlamaForCausalLM:
     """The model's structure with shapes only, no parameter memory."""
-    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0), activation_dtype))
+    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0), activation_dtype,
+                                                   attention_mesh))
 
 
 def hf_name_for(path: tuple) -> tuple[str, bool]:

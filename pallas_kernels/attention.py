@@ -36,11 +36,15 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, backend: str = "xla",
-                           interpret: bool = False, query_block: int | None = None):
+                           interpret: bool = False, query_block: int | None = None, mesh=None):
+    """`mesh`: under tensor parallelism (a 1-D mesh splitting the KV heads), the Pallas kernel runs once per
+    device on its own KV heads and their query heads; XLA cannot partition a kernel call by itself."""
     if backend == "pallas":
-        return _pallas_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                                 interpret=interpret)
+        kernel = functools.partial(_pallas_attention, sm_scale=sm_scale, sliding_window=sliding_window,
+                                   soft_cap=soft_cap, interpret=interpret)
+        if mesh is not None and mesh.size > 1:
+            kernel = _per_kv_head_shard(kernel, mesh)
+        return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if backend != "xla":
         raise ValueError(f"unknown attention backend {backend!r}; expected 'xla' or 'pallas'")
     if query_block is None:
@@ -48,6 +52,16 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     return xla_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                       sm_scale=sm_scale, sliding_window=sliding_window,
                                       soft_cap=soft_cap, query_block=query_block)
+
+
+def _per_kv_head_shard(kernel, mesh):
+    """The kernel mapped over the mesh: heads contiguous per device, so each holds whole GQA groups."""
+    from jax.sharding import PartitionSpec as P
+
+    axis = mesh.axis_names[0]
+    heads, pages, replicated = P(None, axis, None), P(None, None, axis, None), P()
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pages, pages) + (replicated,) * 4,
+                         out_specs=heads, check_vma=False)
 
 
 def _pallas_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,

@@ -88,6 +88,11 @@ def main(out_dir: str, tp_sizes: str) -> None:
             results[name][tp] = run_model(llm)
             results[name][tp]["checkpoint_bytes"] = (model_dir / "model.safetensors").stat().st_size
             del llm
+    # The Pallas kernel (interpreted on the CPU) mapped over a mesh that splits the KV heads.
+    llm = LLM(model=str(root / "llama"), checkpoint_cache_dir=str(root / "ckpt"), tensor_parallel_size=2,
+              attention_backend="pallas", **ENGINE_ARGS)
+    results["llama_pallas_tp2"] = run_model(llm)
+    results["llama_pallas_tp2"]["attention"] = llm.engine.runner.config.attention_backend
     (root / "results.json").write_text(json.dumps(results))
 
 

@@ -99,6 +99,15 @@ def test_tensor_parallel_matches_one_device(tp_results, model):
         assert run["embed_shard_shape"][0] == single["embed_shard_shape"][0] // tp
 
 
+def test_pallas_kernel_per_kv_head_shard_matches_one_device(tp_results):
+    single, run = tp_results["llama"]["1"], tp_results["llama_pallas_tp2"]
+    assert run["attention"] == "pallas" and run["kv_spec"] == [None, None, "model", None]
+    assert run["tokens"] == single["tokens"]
+    assert max_logprob_gap(single["logprobs"], run["logprobs"]) < LOGPROB_TOL
+    assert run["sampled_tokens"] == single["sampled_tokens"]
+    assert "all-gather" not in run["collectives"], run["collectives"]  # no device gathers the KV cache
+
+
 def test_kv_heads_split_when_they_divide_and_replicate_when_not(tp_results):
     llama, qwen = tp_results["llama"], tp_results["qwen2"]
     # Llama has 4 heads / 2 KV heads, [layers*pages, page, kv_heads, head_dim] per device:
@@ -121,7 +130,8 @@ def test_kv_heads_split_when_they_divide_and_replicate_when_not(tp_results):
 
 
 def test_sharded_weights_are_read_slice_by_slice(tp_results):
-    for model, runs in tp_results.items():
+    for model in ("llama", "qwen2"):
+        runs = tp_results[model]
         assert runs["1"]["checkpoint_bytes_read"] is None  # one device: whole tensors (and the converted cache)
         for tp in TP_SIZES[1:]:
             read, size = runs[str(tp)]["checkpoint_bytes_read"], runs[str(tp)]["checkpoint_bytes"]
