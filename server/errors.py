@@ -54,6 +54,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
     for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p is not None)
         param = param or (loc or None)
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        # Pydantic's error type is kept as vLLM reports it ("[type=less_than_equal, ...]").
+        text = f"{err.get('msg')} [type={err.get('type')}]"
+        parts.append(f"{loc}: {text}" if loc else text)
     message = "; ".join(parts) or str(exc)
     return APIError(message, 400, param.split(".")[0] if param else None)

@@ -358,3 +358,22 @@ async def test_small_request_details_match_vllm(fake):
             assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
         health = await h.get(url + "/health")
         assert health.status_code == 200 and health.headers["content-type"] != "None"
+
+
+async def test_custom_roles_reach_the_template_and_long_seeds_are_named(fake, tokenizer):
+    url, _ = fake
+    messages = [{"role": "narrator", "content": "x"}]
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/tokenize", json={"messages": messages})
+        assert r.status_code == 200, r.text
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert r.json()["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+    c = client(url)
+    plain = await c.chat.completions.create(model="fake-model", messages=messages, max_tokens=3, seed=0)
+    parts = await c.chat.completions.create(model="fake-model", max_tokens=3, seed=0, messages=[
+        {"role": "narrator", "content": [{"type": "text", "text": "x"}]}])
+    assert plain.choices[0].message.content == parts.choices[0].message.content
+    for seed in (-(1 << 63) - 1, 1 << 63):  # vLLM's clients look for pydantic's error type
+        with pytest.raises(openai.BadRequestError) as err:
+            await c.chat.completions.create(model="fake-model", messages=messages, seed=seed)
+        assert "greater_than_equal" in err.value.message or "less_than_equal" in err.value.message

@@ -111,7 +111,6 @@ def test_chat_logprobs_and_max_completion_tokens():
     {"messages": []},
     {"messages": MSGS, "top_logprobs": 2},
     {"messages": MSGS, "continue_final_message": True},  # add_generation_prompt defaults to true
-    {"messages": [{"role": "narrator", "content": "x"}]},
     {"messages": MSGS, "stream_options": {"include_usage": True}},  # only with stream
 ])
 def test_invalid_chat_requests_fail_validation(body):
