@@ -77,14 +77,19 @@ def _final_message(ctx, request, role: str, tools: ToolMode, text: str, finish: 
     if tools.kind == "guided":
         calls = guided_tool_calls(text, request)
         if calls:  # a truncated forced answer parses to no call: it is returned as content, "length"
-            return ChatMessageOut(role=role, content=None, tool_calls=[tool_call_out(c) for c in calls]), \
-                "tool_calls" if finish == "stop" else finish
+            return ChatMessageOut(role=role, content="", tool_calls=[tool_call_out(c) for c in calls]), \
+                _forced_finish(request, finish)
     elif tools.kind == "auto":
         content, calls = tools.new_parser(ctx.tokenizer).extract_tool_calls(text)
         if calls:
             return ChatMessageOut(role=role, content=content or None,
                                   tool_calls=[tool_call_out(c) for c in calls]), "tool_calls"
     return ChatMessageOut(role=role, content=_echo_text(request, role) + text), finish
+
+
+def _forced_finish(request: ChatCompletionRequest, finish: str | None) -> str | None:
+    """As OpenAI and vLLM: a named function's call ends with "stop", "required" calls with "tool_calls"."""
+    return "tool_calls" if finish == "stop" and request.effective_tool_choice == "required" else finish
 
 
 async def _complete(ctx, request, model, request_id, role, prompt_len, tools, gens):
@@ -153,9 +158,9 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
                     message = DeltaMessage()
                     if finish is not None:  # the constrained text is complete: send the calls whole
                         calls = guided_tool_calls(state.text, request)
-                        if calls is not None:
+                        if calls:
                             message = DeltaMessage(tool_calls=[tool_call_out(c, i) for i, c in enumerate(calls)])
-                            finish = "tool_calls"
+                            finish = _forced_finish(request, finish)
                         else:
                             message = DeltaMessage(content=state.text)
                 elif tools.kind == "auto":

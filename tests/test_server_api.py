@@ -11,6 +11,7 @@ import pytest
 from fake_engine import FakeAsyncEngine, load_default_tokenizer
 from server_utils import serve_in_process
 
+from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.server.app import attach_engine, build_app
 from jaxserve.server.server_config import ServerConfig
 
@@ -377,3 +378,40 @@ async def test_custom_roles_reach_the_template_and_long_seeds_are_named(fake, to
         with pytest.raises(openai.BadRequestError) as err:
             await c.chat.completions.create(model="fake-model", messages=messages, seed=seed)
         assert "greater_than_equal" in err.value.message or "less_than_equal" in err.value.message
+
+
+class ScriptedEngine(FakeAsyncEngine):
+    """Answers every request with `self.text` in one output that ends with `self.finish`."""
+    text, finish = "", "stop"
+
+    async def generate(self, prompt, params, request_id):
+        ids = self.tokenizer.encode(self.text, add_special_tokens=False)
+        yield RequestOutput(request_id, None, [1], [CompletionOutput(
+            index=0, text=self.text, token_ids=ids, finish_reason=self.finish)], True)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("tool_choice,text,finish,want_finish,want_calls", [
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Paris"}', "stop", "stop", 1),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Paris"}}]', "stop", "tool_calls", 1),
+    ("required", '[{"name": "get_weather", "param', "length", "length", 0),  # cut off: text is content
+])
+async def test_forced_tool_calls_content_and_finish_reason(tokenizer, tool_choice, text, finish, want_finish,
+                                                           want_calls):
+    engine = ScriptedEngine(tokenizer)
+    engine.text, engine.finish = text, finish
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS, "tool_choice": tool_choice}
+    async with running(engine) as url:
+        r = await client(url).chat.completions.create(model="fake-model", **body)
+        message, streamed = r.choices[0].message, await client(url).chat.completions.create(
+            model="fake-model", stream=True, **body)
+        chunks = [c.choices[0] async for c in streamed if c.choices]
+    assert r.choices[0].finish_reason == want_finish and len(message.tool_calls) == want_calls
+    assert message.content == ("" if want_calls else text)  # vLLM's "" beside forced calls
+    assert [c.finish_reason for c in chunks if c.finish_reason] == [want_finish]
+    assert "".join(c.delta.content or "" for c in chunks) == ("" if want_calls else text)
+    streamed_calls = [t for c in chunks for t in c.delta.tool_calls or []]
+    assert [t.function.arguments for t in streamed_calls] == [t.function.arguments for t in message.tool_calls]
