@@ -85,6 +85,9 @@ def _parse(request: Request, model_cls):
 # --- handlers ----------------------------------------------------------------------------------------
 async def health(request: Request):
     state: AppState = request.app.ctx.state
+    error = getattr(state.engine, "error", None)
+    if error is not None:  # a dead engine fails every request: load balancers must stop sending here
+        return error_response(APIError(f"The engine stopped after an error: {error!r}", 503))
     if state.engine is not None and getattr(state.engine, "ready", False):
         return response.raw(b"", status=200, content_type="text/plain")
     return error_response(APIError("The model is still loading.", 503))

@@ -216,6 +216,9 @@ async def test_health_is_503_until_an_engine_is_ready(tokenizer):
         assert (await h.get(url + "/health")).status_code == 503
         engine.ready = True
         assert (await h.get(url + "/health")).status_code == 200
+        engine.error = RuntimeError("Gloo AllGather failed")  # what a dead engine thread leaves behind
+        r = await h.get(url + "/health")
+        assert r.status_code == 503 and "stopped after an error" in r.json()["error"]["message"]
 
 
 async def test_disconnects_abort_the_engine_request(tokenizer):
