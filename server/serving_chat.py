@@ -169,9 +169,9 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
                     called_tools[delta.index] |= bool(message.tool_calls)
                     if finish == "stop" and called_tools[delta.index]:
                         finish = "tool_calls"
-                else:
-                    message = DeltaMessage(content=delta.text if delta.text or logprobs else None)
-                if message.content is None and message.tool_calls is None and finish is None and not logprobs:
+                else:  # "" rather than no content when the last token adds no text, as vLLM
+                    message = DeltaMessage(content=delta.text)
+                if not message.content and message.tool_calls is None and finish is None and not logprobs:
                     continue
                 yield chunk(delta.index, message, logprobs, finish, delta.stop_reason)
     except APIError as err:

@@ -384,13 +384,15 @@ async def test_custom_roles_reach_the_template_and_long_seeds_are_named(fake, to
 
 
 class ScriptedEngine(FakeAsyncEngine):
-    """Answers every request with `self.text` in one output that ends with `self.finish`."""
-    text, finish = "", "stop"
+    """Answers every request with `self.pieces`, one output each; the last ends with `self.finish`."""
+    pieces, finish = [""], "stop"
 
     async def generate(self, prompt, params, request_id):
-        ids = self.tokenizer.encode(self.text, add_special_tokens=False)
-        yield RequestOutput(request_id, None, [1], [CompletionOutput(
-            index=0, text=self.text, token_ids=ids, finish_reason=self.finish)], True)
+        for i, piece in enumerate(self.pieces):
+            last = i == len(self.pieces) - 1
+            ids = self.tokenizer.encode(piece, add_special_tokens=False) or [self.tokenizer.eos_token_id]
+            yield RequestOutput(request_id, None, [1], [CompletionOutput(
+                index=0, text=piece, token_ids=ids, finish_reason=self.finish if last else None)], last)
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -405,7 +407,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 async def test_forced_tool_calls_content_and_finish_reason(tokenizer, tool_choice, text, finish, want_finish,
                                                            want_calls):
     engine = ScriptedEngine(tokenizer)
-    engine.text, engine.finish = text, finish
+    engine.pieces, engine.finish = [text], finish
     body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS, "tool_choice": tool_choice}
     async with running(engine) as url:
         r = await client(url).chat.completions.create(model="fake-model", **body)
@@ -418,3 +420,14 @@ async def test_forced_tool_calls_content_and_finish_reason(tokenizer, tool_choic
     assert "".join(c.delta.content or "" for c in chunks) == ("" if want_calls else text)
     streamed_calls = [t for c in chunks for t in c.delta.tool_calls or []]
     assert [t.function.arguments for t in streamed_calls] == [t.function.arguments for t in message.tool_calls]
+
+
+async def test_chat_stream_final_chunk_has_empty_content_when_the_last_token_adds_none(tokenizer):
+    engine = ScriptedEngine(tokenizer)
+    engine.pieces = ["Hello", ""]  # as when the end-of-sequence token ends the reply
+    async with running(engine) as url:
+        stream = await client(url).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Hi"}], stream=True)
+        chunks = [c.choices[0] async for c in stream]
+    assert [c.delta.content for c in chunks] == ["", "Hello", ""]  # vLLM's shape: never a missing content
+    assert [c.finish_reason for c in chunks] == [None, None, "stop"]
