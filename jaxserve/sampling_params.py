@@ -117,9 +117,10 @@ class SamplingParams:
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             bad("allowed_token_ids must list at least one token id when given.")
         if vocab_size is not None:
-            for tok in list(self.logit_bias or {}) + list(self.allowed_token_ids or []):
-                if not 0 <= tok < vocab_size:
-                    bad(f"token id {tok} out of vocabulary range [0, {vocab_size}).")
+            for name in ("logit_bias", "allowed_token_ids"):
+                for tok in getattr(self, name) or ():
+                    if not 0 <= tok < vocab_size:
+                        bad(f"{name}: token id {tok} out of vocabulary range [0, {vocab_size}).")
         if self.guided_decoding is not None and len(self.guided_decoding.constraint_kinds()) > 1:
             bad("You can only use one kind of guided decoding but multiple were specified: "
                 + ", ".join(self.guided_decoding.constraint_kinds()))

@@ -9,6 +9,7 @@ import hmac
 import importlib.metadata
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from jaxserve.server.serving_completions import create_completion
 from jaxserve.server.server_config import ServerConfig
 
 logger = logging.getLogger("jaxserve.server")
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 # Paths that stay open when an API key is set.
 _OPEN_PATHS = ("/health", "/metrics", "/version")
@@ -73,6 +76,11 @@ def _parse(request: Request, model_cls):
         raise bad_request(f"The request body is not valid JSON: {exc}")
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(request.body):  # paired halves are fine; a lone one cannot be encoded
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("The request body has a lone UTF-16 surrogate escape (\\ud800-\\udfff).")
     try:
         parsed = model_cls.model_validate(data)
     except ValidationError as exc:

@@ -20,7 +20,8 @@ DEFAULT_TOP_P = 1.0
 
 class OpenAIModel(BaseModel):
     # Unknown fields are kept (and logged by the app), as OpenAI and vLLM accept them.
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    # NaN and Infinity (which Python's JSON parser accepts) are refused with a 400.
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
 
 class StreamOptions(OpenAIModel):

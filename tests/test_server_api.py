@@ -431,3 +431,19 @@ async def test_chat_stream_final_chunk_has_empty_content_when_the_last_token_add
         chunks = [c.choices[0] async for c in stream]
     assert [c.delta.content for c in chunks] == ["", "Hello", ""]  # vLLM's shape: never a missing content
     assert [c.finish_reason for c in chunks] == [None, None, "stop"]
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"prompt": "Hi", "temperature": NaN}', "temperature"),
+    (b'{"prompt": "Hi", "top_p": Infinity}', "top_p"),
+    (b'{"prompt": "\\ud800 lone half", "max_tokens": 1}', None),
+    (b'{"prompt": "Hi", "logit_bias": {"99999999": 1}}', "logit_bias"),
+    (b'{"prompt": "Hi", "allowed_token_ids": [99999999]}', "allowed_token_ids"),
+])
+async def test_unusable_values_are_400_not_500(fake, raw, param):
+    url, _ = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/completions", content=raw)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        paired = '{"prompt": "\\ud83d\\ude00", "max_tokens": 1}'.encode()  # an escaped surrogate pair is fine
+        assert (await h.post(url + "/v1/completions", content=paired)).status_code == 200
