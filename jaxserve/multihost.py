@@ -17,10 +17,13 @@ from __future__ import annotations
 import atexit
 import hmac
 import logging
+import os
 import pickle
 import secrets
+import select
 import socket
 import struct
+import threading
 
 import numpy as np
 
@@ -148,7 +151,7 @@ def open_follower_channel(coordinator: str, host_index: int) -> socket.socket:
 class LeaderRunner:
     """Host 0's runner: ModelRunner's interface; each device call goes to the followers, then runs here."""
 
-    def __init__(self, runner, followers: list[socket.socket]):
+    def __init__(self, runner, followers: list[socket.socket], on_follower_lost=None):
         self.runner = runner
         self._followers = followers
         self._closed = False
@@ -160,6 +163,20 @@ class LeaderRunner:
             if _recv_exact(sock, 1) != b"\x01":
                 raise ValueError(f"host {index}'s model or engine flags differ from host 0's; give every host "
                                  "the same model and engine flags")
+        self._on_follower_lost = on_follower_lost or _exit_for_restart
+        threading.Thread(target=self._watch_followers, name="jaxserve-followers", daemon=True).start()
+
+    def _watch_followers(self) -> None:
+        """Followers send nothing after the hello, so a readable socket means one has gone. No step can run
+        without it (over NCCL the next collective would hang; over gloo it fails), so host 0 stops too."""
+        while not self._closed:
+            try:
+                ready, _, _ = select.select(self._followers, [], [], 1.0)
+            except (OSError, ValueError):  # closed under us: host 0 is shutting down
+                return
+            if ready and not self._closed and ready[0].fileno() != -1:
+                self._on_follower_lost(self._followers.index(ready[0]) + 1)
+                return
 
     def __getattr__(self, name):  # config, mesh, model_config, kv_cache, params, ...
         return getattr(self.runner, name)
@@ -200,6 +217,13 @@ class LeaderRunner:
             pass  # a follower already gone
         for sock in self._followers:
             sock.close()
+
+
+def _exit_for_restart(host_index: int) -> None:
+    logger.critical("host %d left (its side channel closed); a multi-host engine cannot run without it: host 0 "
+                    "exits so that every host can be restarted", host_index)
+    logging.shutdown()
+    os._exit(1)
 
 
 class Follower:

@@ -135,3 +135,31 @@ def test_a_follower_stops_when_host_0_goes_away():
     sock.close()  # host 0 died without saying stop
     thread.join(timeout=10)
     assert not thread.is_alive() and box["follower"].calls == 0
+
+
+def test_host_0_stops_when_a_follower_goes_away():
+    """A lost follower would hang (NCCL) or fail (gloo) host 0's next collective: host 0 is told at once."""
+    leader_end, follower_end = socket.socketpair()
+    hello = threading.Thread(target=lambda: Follower(RecordingRunner(), follower_end))
+    hello.start()
+    lost = []
+    leader = LeaderRunner(RecordingRunner(), [leader_end], on_follower_lost=lost.append)
+    hello.join(timeout=10)
+    follower_end.close()  # the follower process died
+    for _ in range(100):
+        if lost:
+            break
+        threading.Event().wait(0.05)
+    assert lost == [1]
+    leader.close()
+
+
+def test_a_clean_stop_is_not_a_lost_follower():
+    sock, box, thread = pair()
+    lost = []
+    leader = LeaderRunner(RecordingRunner(), [sock], on_follower_lost=lost.append)
+    leader.close()  # says stop; the follower then closes its end
+    thread.join(timeout=10)
+    threading.Event().wait(1.5)  # a watchdog pass after the follower's close
+    assert lost == [] and box["follower"].calls == 0
+
