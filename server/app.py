@@ -146,7 +146,9 @@ async def tokenize(request: Request):
         text = body.prompt
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
     tokens = ctx.tokenizer.encode(text, add_special_tokens=add_special)
-    return response.json({"count": len(tokens), "max_model_len": ctx.engine.max_model_len, "tokens": tokens})
+    token_strs = ctx.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+    return response.json({"count": len(tokens), "max_model_len": ctx.engine.max_model_len, "tokens": tokens,
+                          "token_strs": token_strs})
 
 
 async def detokenize(request: Request):

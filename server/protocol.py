@@ -317,6 +317,7 @@ class TokenizeRequest(OpenAIModel):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one_input(self):

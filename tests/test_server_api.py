@@ -262,7 +262,9 @@ async def test_tokenize_detokenize_models_version(fake, tokenizer):
     async with httpx.AsyncClient() as h:
         r = (await h.post(url + "/tokenize", json={"prompt": "Hello world"})).json()
         assert r["tokens"] == tokenizer.encode("Hello world") and r["count"] == len(r["tokens"])
-        assert r["max_model_len"] == 512
+        assert r["max_model_len"] == 512 and r["token_strs"] is None
+        strs = (await h.post(url + "/tokenize", json={"prompt": "Hello world", "return_token_strs": True})).json()
+        assert strs["token_strs"] == tokenizer.convert_ids_to_tokens(r["tokens"])
         assert (await h.post(url + "/detokenize", json={"tokens": r["tokens"]})).json() == {"prompt": "Hello world"}
         chat = (await h.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})).json()
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
