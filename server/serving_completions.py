@@ -133,9 +133,12 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
     offsets = [0] * (len(prompts) * n)
     started = [False] * (len(prompts) * n)
     generated = [0] * (len(prompts) * n)  # completion tokens per choice
+    prompt_lps: dict[int, list] = {}  # they come once per prompt, maybe before some choice's first token
     try:
         async for prompt_index, out in gens:
             prompt_text, prompt_ids = prompts[prompt_index]
+            if out.prompt_logprobs is not None:
+                prompt_lps.setdefault(prompt_index, out.prompt_logprobs)
             for delta in out.outputs:
                 index = prompt_index * n + delta.index
                 text, tokens, positions = _generated(request, delta.text, delta.token_ids, delta.logprobs)
@@ -144,7 +147,7 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
                     if request.echo:
                         text = prompt_text + text
                         tokens = prompt_ids + tokens
-                        positions = list(out.prompt_logprobs or [None] * len(prompt_ids)) + positions
+                        positions = list(prompt_lps.get(prompt_index) or [None] * len(prompt_ids)) + positions
                 generated[index] += len(delta.token_ids)
                 logprobs = None
                 if request.logprobs is not None:

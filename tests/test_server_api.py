@@ -3,6 +3,7 @@ streaming, errors, auth, CORS, body limits, disconnects, tokenize, metrics."""
 import asyncio
 import contextlib
 import json
+import random
 
 import httpx
 import openai
@@ -449,3 +450,28 @@ async def test_unusable_values_are_400_not_500(fake, raw, param):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         paired = '{"prompt": "\\ud83d\\ude00", "max_tokens": 1}'.encode()  # an escaped surrogate pair is fine
         assert (await h.post(url + "/v1/completions", content=paired)).status_code == 200
+
+
+async def test_streamed_echo_logprobs_when_a_choice_starts_after_the_prompt_logprobs(tokenizer):
+    class StaggeredEngine(FakeAsyncEngine):
+        """Choice 0's first token comes with the prompt logprobs, choice 1's in the next output."""
+        async def generate(self, prompt, params, request_id):
+            ids = prompt["prompt_token_ids"]
+            rng = random.Random(0)
+            prompt_lps = [None] + [self._logprobs(t, params.prompt_logprobs, rng) for t in ids[1:]]
+            for index in range(params.n):
+                tok = self._words[index]
+                yield RequestOutput(request_id, None, ids, [CompletionOutput(
+                    index=index, text=tokenizer.decode([tok]), token_ids=[tok],
+                    logprobs=[self._logprobs(tok, params.logprobs, rng)], finish_reason="length")],
+                    index == params.n - 1, prompt_lps if index == 0 else None)
+
+    async with running(StaggeredEngine(tokenizer)) as url:
+        stream = await client(url).completions.create(model="fake-model", prompt="one two three", max_tokens=1,
+                                                      n=2, echo=True, logprobs=1, stream=True)
+        first_chunks = {}
+        async for chunk in stream:
+            first_chunks.setdefault(chunk.choices[0].index, chunk.choices[0])
+    for choice in first_chunks.values():
+        assert choice.logprobs.token_logprobs[0] is None
+        assert all(v is not None for v in choice.logprobs.token_logprobs[1:]), choice.logprobs.token_logprobs
