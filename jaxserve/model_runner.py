@@ -99,9 +99,9 @@ class ModelRunner:
         layer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=True)
         # (outer leaves, stacked layer leaves, per-layer leaves or [] when decode is not unrolled)
         self.params = (place_sharded(outer, outer_shardings), place_sharded(stacked, layer_shardings), [])
-        if runner_config.unroll_decode_max_seqs:
+        if runner_config.unroll_decode_max_seqs:  # sliced on the devices: the checkpoint is not read twice
             one_layer = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=False)
-            self.params[2].extend(place_sharded([a[i] for a in stacked], one_layer)
+            self.params[2].extend([jax.device_put(a[i], s) for a, s in zip(self.params[1], one_layer)]
                                   for i in range(model_config.num_layers))
         self.kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec(self.tp_plan))
         self.kv_cache = self._allocate_kv(self.kv_sharding)
