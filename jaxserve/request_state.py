@@ -89,16 +89,21 @@ class RequestState:
         if stream.matcher is not None:
             stream.matcher.accept_token(token)
             grammar_done = stream.matcher.is_terminated()
+        # A stream cut off inside a character (max_tokens, the context limit, a finished grammar) releases the
+        # bytes the detokenizer held back, as U+FFFD like decode(output_ids); a stop token or string does not.
+        flush = True
         if decision is not None:
             stream.text = decision.text
             seq.finish_reason, seq.stop_reason = decision.finish_reason, decision.stop_reason
+            flush = decision.finish_reason == "length"
         elif grammar_done:
             seq.finish_reason = "stop"
         elif seq.num_tokens >= max_model_len:
             seq.finish_reason = "length"
         else:
             return False
-        stream.text += stream.detokenizer.finish() if decision is None else ""
+        if flush:
+            stream.text += stream.detokenizer.finish()
         return True
 
     def _position_logprobs(self, stream: StreamState, token: int, logprob: float, top) -> dict[int, Logprob]:

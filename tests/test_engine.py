@@ -68,6 +68,18 @@ def test_stop_token_ids_and_max_tokens(llm):
     assert free.finish_reason == "length"
 
 
+def test_output_cut_inside_a_character_keeps_its_bytes(llm):
+    """max_tokens ending inside a multi-byte character: the held bytes come out as U+FFFD, as decode() shows
+    them, instead of an empty text for tokens the client was charged for (token 111 is a lone UTF-8
+    continuation byte in SmolLM2's byte-level vocabulary)."""
+    tok = llm.get_tokenizer()
+    assert tok.decode([111]) == "\ufffd"
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logit_bias={111: 100.0})
+    out = llm.generate([prompts(1, seed=5)[0]], params)[0].outputs[0]
+    assert out.token_ids == [111, 111, 111] and out.finish_reason == "length"
+    assert out.text == tok.decode([111, 111, 111]) == "\ufffd" * 3
+
+
 def test_logprobs_are_consistent(llm):
     out = llm.generate(prompts(1, seed=4), SamplingParams(temperature=0, max_tokens=4, logprobs=3,
                                                           ignore_eos=True))[0].outputs[0]
