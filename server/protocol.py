@@ -83,6 +83,8 @@ class _GenerationRequest(OpenAIModel):
     spaces_between_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
+    # Logprob tokens as "token_id:{id}" (None: the server's --return-tokens-as-token-ids)
+    return_tokens_as_token_ids: bool | None = None
     guided_json: str | dict | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None

@@ -18,15 +18,16 @@ from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, Serv
                                             token_text, top_ranked, validate_params)
 
 
-def _chat_logprobs(ctx: ServingContext, token_ids: list[int], positions: list, k: int) -> ChatLogprobs:
+def _chat_logprobs(ctx: ServingContext, token_ids: list[int], positions: list, k: int,
+                   as_ids: bool = False) -> ChatLogprobs:
     """The Chat API's logprobs: one entry per token with its bytes and the k most likely tokens."""
     content = []
     for tok, position in zip(token_ids, positions):
         chosen = position.get(tok)
-        text = token_text(ctx.tokenizer, tok, chosen)
+        text = token_text(ctx.tokenizer, tok, chosen, as_ids)
         top = []
         for alt, lp in top_ranked(position, k):
-            alt_text = token_text(ctx.tokenizer, alt, lp)
+            alt_text = token_text(ctx.tokenizer, alt, lp, as_ids)
             top.append(TopLogprob(token=alt_text, logprob=clamp_logprob(lp.logprob),
                                   bytes=list(alt_text.encode("utf-8"))))
         content.append(ChatLogprobContent(token=text, logprob=clamp_logprob(chosen.logprob) if chosen else
@@ -102,7 +103,8 @@ async def _complete(ctx, request, model, request_id, role, prompt_len, tools, ge
     choices = []
     for state in states:
         message, finish = _final_message(ctx, request, role, tools, state.text, state.finish_reason)
-        logprobs = (_chat_logprobs(ctx, state.token_ids, state.logprobs, request.top_logprobs or 0)
+        logprobs = (_chat_logprobs(ctx, state.token_ids, state.logprobs, request.top_logprobs or 0,
+                                   ctx.tokens_as_ids(request))
                     if request.logprobs else None)
         choices.append(ChatChoice(index=state.index, message=message, logprobs=logprobs,
                                   finish_reason=finish, stop_reason=state.stop_reason))
@@ -151,7 +153,8 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
                 state = states[delta.index]
                 previous = state.text
                 state.add(delta)
-                logprobs = (_chat_logprobs(ctx, delta.token_ids, delta.logprobs or [], request.top_logprobs or 0)
+                logprobs = (_chat_logprobs(ctx, delta.token_ids, delta.logprobs or [], request.top_logprobs or 0,
+                                           ctx.tokens_as_ids(request))
                             if request.logprobs else None)
                 finish = delta.finish_reason
                 if tools.kind == "guided":

@@ -28,12 +28,18 @@ class ServingContext:
     response_role: str = "assistant"
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    return_tokens_as_token_ids: bool = False
     log_requests: bool = True
     max_log_len: int | None = None
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def tokens_as_ids(self, request) -> bool:
+        """Whether a request's logprob tokens are spelled "token_id:{id}" (the request decides, else the flag)."""
+        asked = request.return_tokens_as_token_ids
+        return self.return_tokens_as_token_ids if asked is None else asked
 
     @property
     def model_name(self) -> str:
@@ -216,7 +222,9 @@ class MergedGenerations:
                 logger.exception("aborting %s failed", rid)
 
 
-def token_text(tokenizer, token_id: int, logprob) -> str:
+def token_text(tokenizer, token_id: int, logprob, as_id: bool = False) -> str:
+    if as_id:
+        return f"token_id:{token_id}"
     if logprob is not None and getattr(logprob, "decoded_token", None) is not None:
         return logprob.decoded_token
     return tokenizer.decode([token_id])

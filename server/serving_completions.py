@@ -45,12 +45,12 @@ def _prompts(ctx: ServingContext, request: CompletionRequest) -> list[tuple[str,
 
 
 def _logprobs(ctx: ServingContext, token_ids: list[int], positions: list, k: int,
-              offset: int) -> CompletionLogProbs:
+              offset: int, as_ids: bool = False) -> CompletionLogProbs:
     """The Completions API's logprobs: parallel lists, top alternatives as {token: logprob} (+ chosen)."""
     result = CompletionLogProbs()
     for tok, position in zip(token_ids, positions):
         chosen = position.get(tok) if position else None
-        text = token_text(ctx.tokenizer, tok, chosen)
+        text = token_text(ctx.tokenizer, tok, chosen, as_ids)
         result.tokens.append(text)
         result.text_offset.append(offset)
         offset += len(text)
@@ -59,7 +59,7 @@ def _logprobs(ctx: ServingContext, token_ids: list[int], positions: list, k: int
             result.top_logprobs.append(None)
             continue
         result.token_logprobs.append(clamp_logprob(chosen.logprob) if chosen else None)
-        top = {token_text(ctx.tokenizer, t, lp): clamp_logprob(lp.logprob) for t, lp in top_ranked(position, k)}
+        top = {token_text(ctx.tokenizer, t, lp, as_ids): clamp_logprob(lp.logprob) for t, lp in top_ranked(position, k)}
         if chosen is not None:
             top[text] = clamp_logprob(chosen.logprob)
         result.top_logprobs.append(top)
@@ -109,7 +109,8 @@ async def _complete(ctx, request: CompletionRequest, model: str, request_id: str
             text = prompt_text + text
             tokens = prompt_ids + tokens
             positions = list(prompt_lps.get(prompt_index) or [None] * len(prompt_ids)) + positions
-        logprobs = None if request.logprobs is None else _logprobs(ctx, tokens, positions, request.logprobs, 0)
+        logprobs = None if request.logprobs is None else _logprobs(ctx, tokens, positions, request.logprobs, 0,
+                                                                  ctx.tokens_as_ids(request))
         choices.append(CompletionChoice(index=state.index, text=text, logprobs=logprobs,
                                         finish_reason=state.finish_reason, stop_reason=state.stop_reason,
                                         prompt_logprobs=prompt_logprobs_json(prompt_lps.get(prompt_index))))
@@ -151,7 +152,8 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
                 generated[index] += len(delta.token_ids)
                 logprobs = None
                 if request.logprobs is not None:
-                    logprobs = _logprobs(ctx, tokens, positions, request.logprobs, offsets[index])
+                    logprobs = _logprobs(ctx, tokens, positions, request.logprobs, offsets[index],
+                                         ctx.tokens_as_ids(request))
                 offsets[index] += len(text)
                 if not text and delta.finish_reason is None and not tokens:
                     continue

@@ -92,6 +92,27 @@ async def test_echo_and_completion_logprobs_format(fake, tokenizer):
         assert 3 <= len(top) <= 4 and top[token] == value  # the chosen token is always present
 
 
+async def test_logprob_tokens_as_token_ids(fake, tokenizer):
+    """vLLM's return_tokens_as_token_ids: "token_id:{id}" keeps tokens that are not valid UTF-8 apart."""
+    url, _ = fake
+    c = client(url)
+    r = await c.completions.create(model="fake-model", prompt="one two", max_tokens=4, logprobs=2, seed=3,
+                                   extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert all(t.startswith("token_id:") for t in lp.tokens) and tokenizer.decode(ids) == r.choices[0].text
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    assert lp.text_offset[1] - lp.text_offset[0] == len(lp.tokens[0])
+    chat = await c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=3, logprobs=True, top_logprobs=2, seed=3,
+                                           extra_body={"return_tokens_as_token_ids": True})
+    content = chat.choices[0].logprobs.content
+    assert content and all(e.token.startswith("token_id:") for e in content)
+    assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)
+    plain = await c.completions.create(model="fake-model", prompt="one two", max_tokens=4, logprobs=2, seed=3)
+    assert plain.choices[0].logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+
+
 async def test_streaming_completion_wire_format(fake):
     url, _ = fake
     body = {"model": "fake-model", "prompt": "Hi", "max_tokens": 5, "stream": True, "seed": 4,
