@@ -96,7 +96,8 @@ class _GenerationRequest(OpenAIModel):
 
     @model_validator(mode="after")
     def _check_stream_options(self):
-        if self.stream_options is not None and not self.stream:
+        # An empty object passes, as in vLLM (it checks the options' truthiness).
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         return self
 

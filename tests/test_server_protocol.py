@@ -119,6 +119,11 @@ def test_invalid_chat_requests_fail_validation(body):
         ChatCompletionRequest.model_validate(body)
 
 
+def test_empty_stream_options_pass_without_stream():
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "stream_options": {}})
+    assert not req.stream and req.to_sampling_params(5).max_tokens == 5
+
+
 def test_tool_choice_defaults():
     assert ChatCompletionRequest.model_validate({"messages": MSGS}).effective_tool_choice == "none"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
