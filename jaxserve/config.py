@@ -48,8 +48,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None = default budget
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int | None = None  # None: 64 on the CPU, 256 on accelerators (with_platform_defaults)
+    max_num_batched_tokens: int | None = None  # None: 512 on the CPU, 2048 (at least max_num_seqs) elsewhere
     max_logprobs: int = 20
     attention_backend: str = "auto"  # auto | pallas | xla
     tensor_parallel_size: int = 1
@@ -70,6 +70,14 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_platform_defaults(self, platform: str) -> "EngineConfig":
+        """Batch limits left unset, for the platform: a 2-core CPU's steps are compute-bound well before 64
+        sequences and 512 tokens; an accelerator's batches are as large as vLLM's defaults."""
+        seqs, tokens = (64, 512) if platform == "cpu" else (256, 2048)
+        seqs = seqs if self.max_num_seqs is None else self.max_num_seqs
+        tokens = max(tokens, seqs) if self.max_num_batched_tokens is None else self.max_num_batched_tokens
+        return self.replace(max_num_seqs=seqs, max_num_batched_tokens=tokens)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -43,8 +43,8 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = (config or EngineConfig()).replace(**kwargs) if kwargs else (config or EngineConfig())
-        self.config = config
         loaded: LoadedModel = load_engine_model(config)
+        self.config = config = loaded.config  # the platform's batch limits filled in
         self.loaded = loaded
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer

@@ -47,6 +47,7 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     model_name: str
     compilation_counter: CompilationCounter
+    config: EngineConfig  # with the platform's defaults filled in
     checkpoint_bytes_read: int | None = None  # sharded loads: bytes this host read from the checkpoint
 
 
@@ -99,10 +100,13 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     from jaxserve.models.weights import (checkpoint_dtype, iter_hf_tensors, lazy_hf_tensors, load_model_config,
                                          load_tokenizer, resolve_model_source)
 
+    multihost = join_hosts(config)  # jax.distributed first: it must precede any use of the backend
+    config = config.with_platform_defaults(jax.default_backend())
+    if min(config.max_num_seqs, config.max_num_batched_tokens) < 1:
+        raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
     if config.max_num_batched_tokens < config.max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
                          f"max_num_seqs ({config.max_num_seqs})")
-    multihost = join_hosts(config)  # jax.distributed first: it must precede any use of the backend
     # This engine's devices: a data-parallel replica owns its own group of tensor_parallel_size devices.
     devices = replica_devices(jax.devices(), config.tensor_parallel_size, config.data_parallel_size,
                               config.data_parallel_rank)
@@ -189,4 +193,4 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                 "tensor parallel %d", num_pages, page_size, num_pages * device_bytes_per_page / 1024**3,
                 max_model_len, dtype, mesh.size)
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter,
-                       checkpoint_files.bytes_read if checkpoint_files else None)
+                       config, checkpoint_files.bytes_read if checkpoint_files else None)

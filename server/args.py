@@ -47,8 +47,9 @@ _ENGINE_HELP = {
     "kv_cache_memory": "Bytes for the KV cache, e.g. 4GiB, 512MiB or a byte count.",
     "gpu_memory_utilization": "Fraction of accelerator memory to use when --kv-cache-memory is unset.",
     "enable_prefix_caching": "Reuse KV pages of shared prompt prefixes.",
-    "max_num_seqs": "Most sequences in one batch.",
-    "max_num_batched_tokens": "Most tokens processed in one engine step.",
+    "max_num_seqs": "Most sequences in one batch. Default: 64 on the CPU, 256 on GPU/TPU.",
+    "max_num_batched_tokens": "Most tokens processed in one engine step. Default: 512 on the CPU, 2048 on "
+                              "GPU/TPU (at least --max-num-seqs).",
     "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
     "attention_backend": "Attention implementation: auto, pallas, xla.",
     "tensor_parallel_size": "Devices to shard the model over (Megatron-style tensor parallelism over a JAX "

@@ -4,6 +4,7 @@ import itertools
 import pytest
 
 from jaxserve.buckets import BucketSet, StepShape
+from jaxserve.config import EngineConfig
 
 
 @pytest.mark.parametrize("max_seqs,max_tokens", [(1, 1), (1, 16), (2, 2), (3, 100), (64, 512), (256, 2048)])
@@ -26,3 +27,13 @@ def test_no_step_shape_has_one_token(max_seqs):
     buckets = BucketSet.for_limits(max_seqs, 512)
     assert all(shape.num_tokens >= 2 for shape in buckets.all_shapes())
     assert buckets.bucket_for(1, 1) == StepShape(2, 2)
+
+
+def test_batch_limits_default_by_platform():
+    cpu, gpu = EngineConfig().with_platform_defaults("cpu"), EngineConfig().with_platform_defaults("gpu")
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (64, 512)
+    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (256, 2048)
+    mine = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64).with_platform_defaults("tpu")
+    assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (8, 64)
+    # A token budget left unset still admits one token of every sequence.
+    assert EngineConfig(max_num_seqs=4096).with_platform_defaults("gpu").max_num_batched_tokens == 4096

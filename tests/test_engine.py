@@ -191,8 +191,11 @@ def test_auto_dtype_is_bfloat16_weights_with_float32_activations_on_cpu(random_l
     assert resolve_dtype("float32", "bfloat16") == "float32"
     with pytest.raises(ValueError, match="dtype must be"):
         resolve_dtype("int4")
+    with pytest.raises(ValueError, match="at least 1"):
+        LLM(model=str(random_llama_dir), max_num_seqs=0)
     auto = LLM(model=str(random_llama_dir), checkpoint_cache_dir=None, precompile=False, max_model_len=64,
-               max_num_seqs=2, max_num_batched_tokens=16, block_size=4)
+               block_size=4)
+    assert (auto.engine.config.max_num_seqs, auto.engine.config.max_num_batched_tokens) == (64, 512)  # CPU's
     runner = auto.engine.runner
     assert runner.params[0][0].dtype == jnp.bfloat16
     assert runner.kv_cache[0].dtype == jnp.float32
