@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxserve.models.lazy_tensors import CheckpointFiles, CheckpointTensor
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 # Buffers some old checkpoints saved alongside the weights; the model recomputes them.
@@ -34,6 +36,20 @@ def find_safetensors_files(model_dir: str) -> tuple[str, ...]:
             f"{model_dir} has a config.json but no *.safetensors weights "
             "(PyTorch .bin checkpoints are not supported; convert them to safetensors)")
     return tuple(files)
+
+
+def lazy_safetensors(files: tuple[str, ...], skip: frozenset[str],
+                     reader: CheckpointFiles) -> dict[str, CheckpointTensor]:
+    """Every tensor of the shards by name, unread (headers only): each is read where it is indexed."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                if name not in skip and not name.endswith(_SKIPPED_SUFFIXES):
+                    out[name] = CheckpointTensor(reader, path, name, tuple(f.get_slice(name).get_shape()))
+    return out
 
 
 def iter_safetensors(files: tuple[str, ...], skip: frozenset[str] = frozenset(),

@@ -88,9 +88,7 @@ class StackedTensors:
     def dtype(self) -> np.dtype:
         return self.parts[0].dtype
 
-    def __getitem__(self, index):
-        if isinstance(index, (int, np.integer)):
-            return self.parts[index]  # one layer, still lazy
+    def __getitem__(self, index) -> np.ndarray:
         index = _full_index(index, self.shape)
         return np.stack([np.asarray(part[index[1:]]) for part in self.parts[index[0]]])
 
@@ -113,18 +111,3 @@ def _full_index(index, shape: tuple[int, ...]) -> tuple[slice, ...]:
     if len(index) > len(shape):
         raise IndexError(f"too many indices ({len(index)}) for shape {shape}")
     return index + tuple(slice(None) for _ in shape[len(index):])
-
-
-def safetensors_tensors(files: tuple[str, ...], skip: frozenset[str], skip_suffixes: tuple[str, ...],
-                        reader: CheckpointFiles) -> dict[str, CheckpointTensor]:
-    """Every tensor of the shards by HF name, unread (the headers only)."""
-    from safetensors import safe_open
-
-    out = {}
-    for path in files:
-        with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                if name in skip or name.endswith(skip_suffixes):
-                    continue
-                out[name] = CheckpointTensor(reader, path, name, tuple(f.get_slice(name).get_shape()))
-    return out

@@ -20,9 +20,8 @@ import numpy as np
 
 from jaxserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from jaxserve.models.gguf_reader import GGUFHeader, iter_gguf_hf_tensors, read_gguf_header
-from jaxserve.models.hf_reader import (_SKIPPED_SUFFIXES, SAFETENSORS_INDEX, find_safetensors_files,
-                                      iter_safetensors)
-from jaxserve.models.lazy_tensors import CheckpointFiles, CheckpointTensor, safetensors_tensors
+from jaxserve.models.hf_reader import SAFETENSORS_INDEX, find_safetensors_files, iter_safetensors, lazy_safetensors
+from jaxserve.models.lazy_tensors import CheckpointFiles, CheckpointTensor
 
 logger = logging.getLogger(__name__)
 
@@ -374,14 +373,18 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
 # ---------------------------------------------------------------------------------------------------------
 # Tensors
 
+def _safetensors_shards(source: ModelSource) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The shards to read and the names to skip (a tied LM head is the embedding)."""
+    config = load_model_config(source)
+    skip = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
+    return tuple(f for f in source.files if f.endswith(".safetensors")), skip
+
+
 def lazy_hf_tensors(source: ModelSource, files: CheckpointFiles) -> dict[str, CheckpointTensor]:
     """A safetensors checkpoint's tensors by HF name, each read only where indexed (models/lazy_tensors.py)."""
     if source.is_gguf:
         raise ValueError("GGUF tensors are quantized whole; read them with iter_hf_tensors")
-    config = load_model_config(source)
-    skip = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
-    shards = tuple(f for f in source.files if f.endswith(".safetensors"))
-    return safetensors_tensors(shards, skip, _SKIPPED_SUFFIXES, files)
+    return lazy_safetensors(*_safetensors_shards(source), files)
 
 
 def iter_hf_tensors(source: ModelSource) -> Iterator[tuple[str, np.ndarray]]:
@@ -395,7 +398,5 @@ def iter_hf_tensors(source: ModelSource) -> Iterator[tuple[str, np.ndarray]]:
         config = config_from_gguf(header)
         yield from iter_gguf_hf_tensors(header, config.num_heads, config.num_kv_heads, progress=progress)
         return
-    config = load_model_config(source)
-    skip = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
-    shards = tuple(f for f in source.files if f.endswith(".safetensors"))
+    shards, skip = _safetensors_shards(source)
     yield from iter_safetensors(shards, skip=skip, progress=progress)
