@@ -253,7 +253,11 @@ async def test_disconnects_abort_the_engine_request(tokenizer):
                     break  # leave after the first chunk
         task = asyncio.create_task(h.post(url + "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "x"}], "max_tokens": 300}))
-        await asyncio.sleep(0.3)
+        for _ in range(100):  # cancel only once the request is in the engine (a loaded CI box can be slow)
+            if any(rid.startswith("chatcmpl") for rid in engine.running):
+                break
+            await asyncio.sleep(0.05)
+        assert any(rid.startswith("chatcmpl") for rid in engine.running), "the chat request never reached the engine"
         task.cancel()
         for _ in range(50):
             if len(engine.aborted) == 2 and not engine.running:
