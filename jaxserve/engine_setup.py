@@ -15,6 +15,7 @@ from jaxserve.executable_cache import ExecutableCache
 from jaxserve.model_runner import ModelRunner, RunnerConfig
 from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
 from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
+from jaxserve.pallas_kernels import cpu_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         attention = "xla"
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets, attention,
                                  activation_dtype,
-                                 unroll_decode_max_seqs=2 if on_cpu else 0)
+                                 unroll_decode_max_seqs=2 if on_cpu else 0,
+                                 cpu_kernel=on_cpu and mesh.size == 1 and jnp.dtype(dtype) == jnp.bfloat16
+                                 and cpu_matmul.available())
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.

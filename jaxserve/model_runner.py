@@ -23,6 +23,7 @@ from jaxserve.models.llama import (AttentionMetadata, abstract_split, logits_fro
                                    scanned_params, unrolled_forward)
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
                                       plan_tensor_parallel, tensor_parallel_mesh)
+from jaxserve.pallas_kernels import cpu_matmul
 from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample
 from jaxserve.sampling_metadata import placeholder_sampling_tensors
 from jaxserve.scheduler import ScheduledSeq
@@ -44,6 +45,10 @@ class RunnerConfig:
     # weight-slice copies) and an 8-sequence engine step from 187 to 142 ms, but an unrolled step compiles ~4x
     # slower and takes ~1.1 s to load from the executable cache (vs 0.05 s). 0 = never.
     unroll_decode_max_seqs: int = 0
+    # Unrolled steps and the LM head run small-batch bf16 projections through the hand-written CPU kernel
+    # (pallas_kernels/cpu_matmul): one CPU device only, and only where the weights are whole arrays (a
+    # scanned layer's weight slice would be copied out for the call).
+    cpu_kernel: bool = False
 
 
 def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
@@ -94,6 +99,11 @@ class ModelRunner:
         sharded_kernel = runner_config.attention_backend == "pallas" and self.mesh.size > 1
         self.split = abstract_split(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype,
                                     self.mesh if sharded_kernel else None)
+        if runner_config.cpu_kernel and not cpu_matmul.available():  # also registers it before cached loads
+            raise RuntimeError("cpu_kernel is set but the CPU matmul kernel could not be built here")
+        self.kernel_split = abstract_split(model_config, self.dtype, runner_config.attention_backend,
+                                           self.activation_dtype, cpu_kernel=True) \
+            if runner_config.cpu_kernel else self.split
         outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
         outer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.outer_paths, stacked=False)
         layer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=True)
@@ -129,7 +139,8 @@ class ModelRunner:
     def _build_step(self, shape: StepShape, name: str = "step"):
         layout = _layout(shape, self.config.pages_per_seq)
         pps, num_pages = self.config.pages_per_seq, self.config.num_pages
-        forward = unrolled_forward if self._unrolled(shape) else scanned_forward
+        unrolled = self._unrolled(shape)
+        forward, split = (unrolled_forward, self.kernel_split) if unrolled else (scanned_forward, self.split)
 
         def step(outer, layers, kv_cache, packed):
             field = lambda name: jax.lax.dynamic_slice_in_dim(packed, *layout[name])
@@ -137,7 +148,7 @@ class ModelRunner:
                 slot_mapping=field("slot_mapping"), kv_lens=field("kv_lens"),
                 page_indices=field("page_indices").reshape(shape.num_seqs, pps),
                 cu_q_lens=field("cu_q_lens"), num_seqs=field("num_seqs"))
-            hidden, kv_cache = forward(self.split, outer, layers, field("token_ids"), field("positions"),
+            hidden, kv_cache = forward(split, outer, layers, field("token_ids"), field("positions"),
                                        kv_cache, meta, num_pages)
             return hidden[field("logits_indices")], hidden, kv_cache
 
@@ -156,12 +167,12 @@ class ModelRunner:
         return outer, (per_layer if self._unrolled(shape) else stacked)
 
     def _sample(self, outer, last_hidden, tensors: SamplingTensors, flags: SamplerFlags):
-        logits = logits_from_hidden(self.split, outer, last_hidden)
+        logits = logits_from_hidden(self.kernel_split, outer, last_hidden)
         return sample(logits, tensors, flags)
 
     def _prompt_logprobs(self, outer, hidden, target_ids, num_logprobs: int):
         """Log-probabilities of each next prompt token (and the top alternatives) for all T positions."""
-        logprobs = jax.nn.log_softmax(logits_from_hidden(self.split, outer, hidden), axis=-1)
+        logprobs = jax.nn.log_softmax(logits_from_hidden(self.kernel_split, outer, hidden), axis=-1)
         chosen = jnp.take_along_axis(logprobs, target_ids[:, None], axis=-1)[:, 0]
         rank = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
         top_lp, top_ids = jax.lax.top_k(logprobs, max(num_logprobs, 1))

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.lazy_tensors import StackedTensors, is_lazy
+from jaxserve.pallas_kernels import cpu_matmul
 from jaxserve.pallas_kernels.attention import ragged_paged_attention, write_kv
 
 
@@ -76,27 +77,34 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Linear):
     """A projection whose dot runs in the weights' dtype and accumulates in float32, then returns the
     activations' dtype. On XLA CPU a bfloat16 x bfloat16 -> float32 dot streams half the bytes of a float32
-    one and is faster from batch 2 up; a bfloat16-output dot is far slower (docs/benchmarks.md)."""
+    one and is faster from batch 2 up; a bfloat16-output dot is far slower (docs/benchmarks.md).
+    `cpu_kernel`: small-batch bf16 projections may go to the hand-written CPU kernel (pallas_kernels/cpu_matmul)."""
 
-    def __init__(self, din, dout, bias, dtype, activation_dtype, rngs):
+    def __init__(self, din, dout, bias, dtype, activation_dtype, rngs, cpu_kernel: bool = False):
         super().__init__(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
                          preferred_element_type=jnp.float32, rngs=rngs)
         self.activation_dtype = activation_dtype
+        self.cpu_kernel = cpu_kernel
 
     def __call__(self, x):
-        return super().__call__(x).astype(self.activation_dtype)
+        if not self.cpu_kernel:
+            return super().__call__(x).astype(self.activation_dtype)
+        y = cpu_matmul.project(x, self.kernel[...], kernel=True)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.activation_dtype)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=False):
         self.cfg = cfg
         self.backend = backend
         self.mesh = mesh  # the tensor-parallel mesh a Pallas kernel is mapped over (by KV head), or None
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, act, rngs)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs)
-        self.o_proj = Linear(cfg.num_heads * d, h, False, dtype, act, rngs)
+        self.q_proj = Linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, act, rngs, cpu_kernel)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, cpu_kernel)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, cpu_kernel)
+        self.o_proj = Linear(cfg.num_heads * d, h, False, dtype, act, rngs, cpu_kernel)
 
     def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
@@ -113,21 +121,21 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, act, rngs)
+    def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs, cpu_kernel=False):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs, cpu_kernel)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs, cpu_kernel)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, act, rngs, cpu_kernel)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=False):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh)
+        self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh, cpu_kernel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, act, rngs)
+        self.mlp = MLP(cfg, dtype, act, rngs, cpu_kernel)
 
     def __call__(self, x, positions, kv_cache, meta):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
@@ -137,20 +145,22 @@ class DecoderLayer(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_backend: str = "xla",
-                 rngs: nnx.Rngs | None = None, activation_dtype=None, attention_mesh=None):
+                 rngs: nnx.Rngs | None = None, activation_dtype=None, attention_mesh=None, cpu_kernel=False):
         """`dtype`: the weights'; `activation_dtype` (default: the same): hidden states and the KV cache;
-        `attention_mesh`: a tensor-parallel mesh to map the Pallas attention kernel over (by KV head)."""
+        `attention_mesh`: a tensor-parallel mesh to map the Pallas attention kernel over (by KV head);
+        `cpu_kernel`: small-batch projections may use the CPU kernel (one device, whole weight arrays)."""
         rngs = rngs or nnx.Rngs(0)
         act = activation_dtype or dtype
         self.cfg = cfg
         self.activation_dtype = act
+        self.cpu_kernel = cpu_kernel
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh, cpu_kernel)
                                 for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs)
+            cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs, cpu_kernel)
 
     def embed(self, token_ids):
         return jnp.take(self.embed_tokens.embedding[...], token_ids, axis=0).astype(self.activation_dtype)
@@ -167,9 +177,8 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden):
         if self.lm_head is not None:
             return self.lm_head(hidden)
-        embedding = self.embed_tokens.embedding[...]
-        return jax.lax.dot_general(hidden.astype(embedding.dtype), embedding, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+        return cpu_matmul.project(hidden, self.embed_tokens.embedding[...], w_transposed=True,
+                                  kernel=self.cpu_kernel)
 
 
 class ScannedModel(NamedTuple):
@@ -189,11 +198,12 @@ class ScannedModel(NamedTuple):
 
 
 def abstract_split(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
-                   attention_mesh=None) -> ScannedModel:
+                   attention_mesh=None, cpu_kernel=False) -> ScannedModel:
     """split_for_scan of the abstract model. Every layer shares one definition, so a one-layer model is
     enough (building all layers' abstract parameters costs most of a second at start-up)."""
     one_layer = dataclasses.replace(cfg, num_layers=1)
-    return split_for_scan(abstract_model(one_layer, dtype, attention_backend, activation_dtype, attention_mesh))
+    return split_for_scan(abstract_model(one_layer, dtype, attention_backend, activation_dtype, attention_mesh,
+                                         cpu_kernel))
 
 
 def split_for_scan(model: LlamaForCausalLM) -> ScannedModel:
@@ -275,10 +285,10 @@ def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
 
 
 def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
-                   attention_mesh=None) -> LlamaForCausalLM:
+                   attention_mesh=None, cpu_kernel=False) -> LlamaForCausalLM:
     """The model's structure with shapes only, no parameter memory."""
     return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0), activation_dtype,
-                                                   attention_mesh))
+                                                   attention_mesh, cpu_kernel))
 
 
 def hf_name_for(path: tuple) -> tuple[str, bool]:
