@@ -112,7 +112,7 @@ def xla_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_
     qb = qb.reshape(num_blocks, bq, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
     seq_pages = page_indices[block_seq]  # [NB, P]
 
-    chunk_tokens = KV_CHUNK_TOKENS if bq > 1 else max(page_size, DECODE_GATHER_TOKENS // num_blocks)
+    chunk_tokens = KV_CHUNK_TOKENS if bq > 1 else max(page_size, min(KV_CHUNK_TOKENS, DECODE_GATHER_TOKENS // num_blocks))
     chunk_pages = max(1, min(pages_per_seq, 1 << (chunk_tokens // page_size).bit_length() - 1))
     num_chunks_static = -(-pages_per_seq // chunk_pages)
     pad = num_chunks_static * chunk_pages - pages_per_seq

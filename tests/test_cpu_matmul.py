@@ -1,0 +1,78 @@
+"""The hand-written CPU projection kernel (pallas_kernels/cpu_matmul) against XLA's dot, and in the engine."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.pallas_kernels import cpu_matmul
+
+pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler or no AVX2 here")
+
+
+def bf16(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("w_transposed", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (2, 1536, 576), (3, 100, 40), (5, 64, 16), (8, 130, 257),
+                                   (2, 7, 3)])
+def test_kernel_equals_xla_dot(w_transposed, m, k, n):
+    """Shapes cover the threaded split (K >= 128), tails past the vector width in K and N, and several rows."""
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = bf16(rng, m, k)
+    w = bf16(rng, n, k) if w_transposed else bf16(rng, k, n)
+    got = jax.jit(cpu_matmul.kernel_matmul, static_argnums=2)(x, w, w_transposed)
+    want = cpu_matmul.matmul(x, w, w_transposed)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    # Products of bf16 values are exact in float32: only the summation order differs.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_project_takes_the_kernel_only_where_it_pays():
+    rng = np.random.default_rng(0)
+    w = bf16(rng, 256, 64)
+    hlo = lambda rows, **kw: jax.jit(lambda x: cpu_matmul.project(x, w, **kw)).lower(bf16(rng, rows, 256)).as_text()
+    assert "jaxserve_bf16_matmul_kn" in hlo(2, kernel=True)
+    assert "jaxserve_bf16_matmul_kn" not in hlo(2)  # the caller did not allow it (scanned or sharded weights)
+    assert "jaxserve_bf16_matmul_kn" not in hlo(cpu_matmul.MAX_KERNEL_ROWS[False] + 1, kernel=True)
+    w32 = w.astype(jnp.float32)
+    assert "jaxserve" not in jax.jit(lambda x: cpu_matmul.project(x, w32, kernel=True)).lower(
+        bf16(rng, 2, 256)).as_text()
+
+
+def test_a_missing_compiler_fails_the_build_not_the_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_cache_dir", lambda: tmp_path)
+    with pytest.raises(OSError):
+        cpu_matmul._build(str(tmp_path / "no-such-c++"))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left to load later
+
+
+def test_engine_tokens_match_with_the_kernel_off(random_llama_dir):
+    """bf16 weights on one CPU device turn the kernel on; greedy tokens and logprobs match XLA's dots."""
+    llm = LLM(model=str(random_llama_dir), dtype="bfloat16", checkpoint_cache_dir=None, precompile=False,
+              max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    runner = llm.engine.runner
+    assert runner.config.cpu_kernel and runner.kernel_split is not runner.split
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(100, 40000, size=int(rng.integers(3, 30))).tolist() for _ in range(2)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    with_kernel = llm.generate(prompts, params)
+    config, kernel_split = runner.config, runner.kernel_split
+
+    def use(config, split):  # the step and sampler functions close over the runner: rebuild them
+        runner.config, runner.kernel_split = config, split
+        runner._step_fns.clear()
+        runner._compiled_samplers.clear()
+        runner._sample_fn = jax.jit(runner._sample, static_argnames=("flags",))
+
+    try:
+        use(dataclasses.replace(config, cpu_kernel=False), runner.split)
+        without = llm.generate(prompts, params)
+    finally:
+        use(config, kernel_split)
+    for a, b in zip(with_kernel, without):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        np.testing.assert_allclose(a.outputs[0].cumulative_logprob, b.outputs[0].cumulative_logprob, atol=1e-3)
