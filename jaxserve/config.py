@@ -51,7 +51,7 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: 64 on the CPU, 256 on accelerators (with_platform_defaults)
     max_num_batched_tokens: int | None = None  # None: 512 on the CPU, 2048 (at least max_num_seqs) elsewhere
     max_logprobs: int = 20
-    attention_backend: str = "auto"  # auto | pallas | xla
+    attention_backend: str = "auto"  # auto | pallas | xla | cpu
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     # Which replica's device group (devices [rank * tp, (rank + 1) * tp)) this engine uses; the data-parallel

@@ -15,7 +15,7 @@ from jaxserve.executable_cache import ExecutableCache
 from jaxserve.model_runner import ModelRunner, RunnerConfig
 from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
 from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
-from jaxserve.pallas_kernels import cpu_matmul
+from jaxserve.pallas_kernels import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,18 @@ def resolve_dtype(dtype: str, declared: str | None = None) -> str:
     return "bfloat16"
 
 
-def resolve_attention_backend(backend: str) -> str:
+def resolve_attention_backend(backend: str, num_devices: int = 1) -> str:
+    """auto: the Pallas kernels on accelerators; on the CPU the hand-written kernel for decode steps when it
+    builds here and the engine has one device (XLA cannot partition it), else the XLA path."""
     if backend == "auto":
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
-    if backend not in ("xla", "pallas"):
-        raise ValueError(f"attention_backend must be auto, pallas or xla, got {backend!r}")
+        if jax.default_backend() != "cpu":
+            return "pallas"
+        return "cpu" if num_devices == 1 and cpu_kernels.available() else "xla"
+    if backend not in ("xla", "pallas", "cpu"):
+        raise ValueError(f"attention_backend must be auto, pallas, xla or cpu, got {backend!r}")
+    if backend == "cpu" and (num_devices > 1 or not cpu_kernels.available()):
+        raise ValueError("attention_backend cpu needs one CPU device with AVX2 and a C++ compiler to build "
+                         "its kernel")
     return backend
 
 
@@ -164,7 +171,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
             f"cannot hold one sequence of max_model_len={max_model_len}; raise --kv-cache-memory or lower "
             "--max-model-len.")
     buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
-    attention = resolve_attention_backend(config.attention_backend)
+    attention = resolve_attention_backend(config.attention_backend, mesh.size)
     if attention == "pallas" and mesh.size > 1 and kv_split == 1:
         # The kernel runs per device on whole KV heads (pallas_kernels/attention.py); replicated KV heads
         # would need each device to pick its query heads' KV heads out of all of them.
@@ -175,7 +182,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                                  activation_dtype,
                                  unroll_decode_max_seqs=2 if on_cpu else 0,
                                  cpu_kernel=on_cpu and mesh.size == 1 and jnp.dtype(dtype) == jnp.bfloat16
-                                 and cpu_matmul.available())
+                                 and cpu_kernels.available())
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.

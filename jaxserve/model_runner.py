@@ -23,7 +23,7 @@ from jaxserve.models.llama import (AttentionMetadata, abstract_split, logits_fro
                                    scanned_params, unrolled_forward)
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
                                       plan_tensor_parallel, tensor_parallel_mesh)
-from jaxserve.pallas_kernels import cpu_matmul
+from jaxserve.pallas_kernels import cpu_kernels
 from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample
 from jaxserve.sampling_metadata import placeholder_sampling_tensors
 from jaxserve.scheduler import ScheduledSeq
@@ -38,7 +38,7 @@ class RunnerConfig:
     num_pages: int
     pages_per_seq: int  # page-table width = ceil(max_model_len / page_size)
     buckets: BucketSet
-    attention_backend: str  # xla | pallas
+    attention_backend: str  # xla | cpu | pallas
     activation_dtype: str | None = None  # hidden states and KV cache; None = dtype
     # Decode-only steps of at most this many sequences run the layers unrolled over per-layer weight arrays
     # (kept beside the stacked ones). On XLA CPU a 2-sequence step drops from 75 to 49 ms (no per-layer
@@ -46,7 +46,7 @@ class RunnerConfig:
     # slower and takes ~1.1 s to load from the executable cache (vs 0.05 s). 0 = never.
     unroll_decode_max_seqs: int = 0
     # Unrolled steps and the LM head run small-batch bf16 projections through the hand-written CPU kernel
-    # (pallas_kernels/cpu_matmul): one CPU device only, and only where the weights are whole arrays (a
+    # (pallas_kernels/cpu_kernels): one CPU device only, and only where the weights are whole arrays (a
     # scanned layer's weight slice would be copied out for the call).
     cpu_kernel: bool = False
 
@@ -99,8 +99,9 @@ class ModelRunner:
         sharded_kernel = runner_config.attention_backend == "pallas" and self.mesh.size > 1
         self.split = abstract_split(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype,
                                     self.mesh if sharded_kernel else None)
-        if runner_config.cpu_kernel and not cpu_matmul.available():  # also registers it before cached loads
-            raise RuntimeError("cpu_kernel is set but the CPU matmul kernel could not be built here")
+        uses_cpu_kernels = runner_config.cpu_kernel or runner_config.attention_backend == "cpu"
+        if uses_cpu_kernels and not cpu_kernels.available():  # also registers them before cached executables load
+            raise RuntimeError("the runner config asks for the CPU kernels, which could not be built here")
         self.kernel_split = abstract_split(model_config, self.dtype, runner_config.attention_backend,
                                            self.activation_dtype, cpu_kernel=True) \
             if runner_config.cpu_kernel else self.split

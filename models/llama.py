@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.lazy_tensors import StackedTensors, is_lazy
-from jaxserve.pallas_kernels import cpu_matmul
+from jaxserve.pallas_kernels import cpu_kernels
 from jaxserve.pallas_kernels.attention import ragged_paged_attention, write_kv
 
 
@@ -78,7 +78,7 @@ class Linear(nnx.Linear):
     """A projection whose dot runs in the weights' dtype and accumulates in float32, then returns the
     activations' dtype. On XLA CPU a bfloat16 x bfloat16 -> float32 dot streams half the bytes of a float32
     one and is faster from batch 2 up; a bfloat16-output dot is far slower (docs/benchmarks.md).
-    `cpu_kernel`: small-batch bf16 projections may go to the hand-written CPU kernel (pallas_kernels/cpu_matmul)."""
+    `cpu_kernel`: small-batch bf16 projections may go to the hand-written CPU kernel (pallas_kernels/cpu_kernels)."""
 
     def __init__(self, din, dout, bias, dtype, activation_dtype, rngs, cpu_kernel: bool = False):
         super().__init__(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
@@ -89,7 +89,7 @@ class Linear(nnx.Linear):
     def __call__(self, x):
         if not self.cpu_kernel:
             return super().__call__(x).astype(self.activation_dtype)
-        y = cpu_matmul.project(x, self.kernel[...], kernel=True)
+        y = cpu_kernels.project(x, self.kernel[...], kernel=True)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.activation_dtype)
@@ -177,7 +177,7 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden):
         if self.lm_head is not None:
             return self.lm_head(hidden)
-        return cpu_matmul.project(hidden, self.embed_tokens.embedding[...], w_transposed=True,
+        return cpu_kernels.project(hidden, self.embed_tokens.embedding[...], w_transposed=True,
                                   kernel=self.cpu_kernel)
 
 

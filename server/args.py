@@ -51,7 +51,8 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "Most tokens processed in one engine step. Default: 512 on the CPU, 2048 on "
                               "GPU/TPU (at least --max-num-seqs).",
     "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
-    "attention_backend": "Attention implementation: auto, pallas, xla.",
+    "attention_backend": "Attention implementation: auto (Pallas on GPU/TPU; on the CPU the hand-written decode "
+                         "kernel where it builds), pallas, xla, cpu.",
     "tensor_parallel_size": "Devices to shard the model over (Megatron-style tensor parallelism over a JAX "
                             "mesh); with several hosts, all hosts' devices together.",
     "data_parallel_size": "Engine replicas, each on its own tensor_parallel_size devices, behind one server; "

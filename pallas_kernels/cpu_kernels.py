@@ -1,12 +1,16 @@
-"""bfloat16-weight projections for small batches on the CPU: a hand-written AVX2 kernel as an XLA FFI call.
+"""Hand-written CPU kernels (AVX2 + FMA) as XLA FFI calls, for the two things a CPU decode step is made of.
 
-XLA CPU runs a decode step's bf16 x bf16 -> f32 dots at about a quarter of this machine's memory bandwidth
-(docs/benchmarks.md). `cpu_matmul.cc` streams the weights once per call, widening bf16 to f32 in registers,
-on XLA's own intra-op threads. The library is compiled on first use with the system's C++ compiler into
-the user's cache (keyed by the source and the JAX headers), so an install needs no build step; without
-AVX2, or with neither a built library nor a compiler, `available()` is False and callers keep XLA's dot.
+- Projections with bfloat16 weights at small batch: XLA CPU streams those weights at about a quarter of the
+  machine's memory bandwidth; `kernel_matmul` reads them once, in memory order, widening bf16 to f32 in
+  registers. `matmul` is the pure-JAX reference and fallback, `project` picks between them.
+- Decode attention over the paged float32 KV cache: XLA's path copies every chunk of gathered pages
+  (gather, head-major transpose, mask); `ragged_paged_attention` walks the pages in place with an online
+  softmax. pallas_kernels/reference.py is its oracle.
 
-`matmul(x, w, w_transposed)` is the pure-JAX reference and fallback; `kernel_matmul` the FFI call.
+Both run on XLA's own intra-op threads (cpu_kernels.cc). The library is compiled on first use with the
+system's C++ compiler into the user's cache (keyed by the source and the JAX headers), so an install needs no
+build step; without AVX2, or with neither a built library nor a compiler, `available()` is False and callers
+keep XLA's paths.
 """
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_matmul.cc")
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
+ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
 MAX_KERNEL_ROWS = {False: 2, True: 8}
@@ -49,7 +55,7 @@ def _cpu_has_avx2() -> bool:
 def _library_path() -> pathlib.Path:
     """The library's path for this source and JAX build (the FFI headers it compiles against)."""
     digest = hashlib.sha256(SOURCE.read_bytes() + jax.ffi.include_dir().encode() + jax.__version__.encode())
-    return _cache_dir() / f"libjaxserve_cpu_matmul-{digest.hexdigest()[:16]}.so"
+    return _cache_dir() / f"libjaxserve_cpu_kernels-{digest.hexdigest()[:16]}.so"
 
 
 def _build(compiler: str) -> pathlib.Path:
@@ -76,16 +82,16 @@ def available() -> bool:
     if not library.exists():
         compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
         if not compiler:
-            logger.info("CPU matmul kernel off: no C++ compiler to build it")
+            logger.info("CPU kernels off: no C++ compiler to build them")
             return False
         try:
             library = _build(compiler)
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or str(err)
-            logger.warning("CPU matmul kernel off: building it failed: %s", detail.strip()[-2000:])
+            logger.warning("CPU kernels off: building them failed: %s", detail.strip()[-2000:])
             return False
     handle = ctypes.cdll.LoadLibrary(str(library))
-    for name in TARGETS.values():
+    for name in (*TARGETS.values(), ATTENTION_TARGET):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     return True
 
@@ -110,3 +116,19 @@ def project(x: jax.Array, w: jax.Array, w_transposed: bool = False, kernel: bool
             and available()):
         return kernel_matmul(x.astype(w.dtype), w, w_transposed)
     return matmul(x, w, w_transposed)
+
+
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
+    """The FFI attention kernel: float32 q [T, H, D] against float32 pages [P, page_size, Hkv, D], with
+    pallas_kernels/reference.py's semantics (ragged query lengths, causal, GQA, window, soft cap)."""
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=np.float32(sm_scale),
+                sliding_window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def attention_fits(q, k_pages) -> bool:
+    """Shapes and dtypes the attention kernel takes (float32, head_dim a multiple of 8, at most 256)."""
+    head_dim, group = q.shape[-1], q.shape[1] // k_pages.shape[2]
+    return (q.dtype == jnp.float32 and k_pages.dtype == jnp.float32 and head_dim % 8 == 0 and head_dim <= 256
+            and group <= 16)

@@ -1,5 +1,7 @@
-"""The hand-written CPU projection kernel (pallas_kernels/cpu_matmul) against XLA's dot, and in the engine."""
+"""The hand-written CPU kernels (pallas_kernels/cpu_kernels): projections against XLA's dot, attention against
+the reference, and both inside the engine."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +9,12 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.pallas_kernels import cpu_matmul
+from jaxserve.pallas_kernels import cpu_kernels
+from jaxserve.pallas_kernels.attention import ragged_paged_attention
+from jaxserve.pallas_kernels.reference import ref_ragged_paged_attention
+from test_pallas_kernels import FAST_CASES, SLOW_CASES, Shapes, random_batch
 
-pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler or no AVX2 here")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler or no AVX2 here")
 
 
 def bf16(rng, *shape):
@@ -24,8 +29,8 @@ def test_kernel_equals_xla_dot(w_transposed, m, k, n):
     rng = np.random.default_rng(m * 1000 + k + n)
     x = bf16(rng, m, k)
     w = bf16(rng, n, k) if w_transposed else bf16(rng, k, n)
-    got = jax.jit(cpu_matmul.kernel_matmul, static_argnums=2)(x, w, w_transposed)
-    want = cpu_matmul.matmul(x, w, w_transposed)
+    got = jax.jit(cpu_kernels.kernel_matmul, static_argnums=2)(x, w, w_transposed)
+    want = cpu_kernels.matmul(x, w, w_transposed)
     assert got.shape == (m, n) and got.dtype == jnp.float32
     # Products of bf16 values are exact in float32: only the summation order differs.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4 * np.sqrt(k))
@@ -34,19 +39,19 @@ def test_kernel_equals_xla_dot(w_transposed, m, k, n):
 def test_project_takes_the_kernel_only_where_it_pays():
     rng = np.random.default_rng(0)
     w = bf16(rng, 256, 64)
-    hlo = lambda rows, **kw: jax.jit(lambda x: cpu_matmul.project(x, w, **kw)).lower(bf16(rng, rows, 256)).as_text()
+    hlo = lambda rows, **kw: jax.jit(lambda x: cpu_kernels.project(x, w, **kw)).lower(bf16(rng, rows, 256)).as_text()
     assert "jaxserve_bf16_matmul_kn" in hlo(2, kernel=True)
     assert "jaxserve_bf16_matmul_kn" not in hlo(2)  # the caller did not allow it (scanned or sharded weights)
-    assert "jaxserve_bf16_matmul_kn" not in hlo(cpu_matmul.MAX_KERNEL_ROWS[False] + 1, kernel=True)
+    assert "jaxserve_bf16_matmul_kn" not in hlo(cpu_kernels.MAX_KERNEL_ROWS[False] + 1, kernel=True)
     w32 = w.astype(jnp.float32)
-    assert "jaxserve" not in jax.jit(lambda x: cpu_matmul.project(x, w32, kernel=True)).lower(
+    assert "jaxserve" not in jax.jit(lambda x: cpu_kernels.project(x, w32, kernel=True)).lower(
         bf16(rng, 2, 256)).as_text()
 
 
 def test_a_missing_compiler_fails_the_build_not_the_process(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(OSError):
-        cpu_matmul._build(str(tmp_path / "no-such-c++"))
+        cpu_kernels._build(str(tmp_path / "no-such-c++"))
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left to load later
 
 
@@ -76,3 +81,32 @@ def test_engine_tokens_match_with_the_kernel_off(random_llama_dir):
     for a, b in zip(with_kernel, without):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         np.testing.assert_allclose(a.outputs[0].cumulative_logprob, b.outputs[0].cumulative_logprob, atol=1e-3)
+
+
+ATTENTION_CASES = [(shapes, options) for shapes, options in FAST_CASES + SLOW_CASES] + [
+    (Shapes(page_size=16, num_kv_heads=3, group=3, num_seq_slots=6, num_tokens=24, pages_per_seq=12,
+            head_dim=64, num_pages=80), {}),  # SmolLM2's heads, contexts up to 192 tokens
+    (Shapes(page_size=8, num_kv_heads=2, group=4, num_seq_slots=4, num_tokens=12, pages_per_seq=6,
+            head_dim=40), {"sliding_window": 11}),  # a head_dim past the 16-wide loop
+]
+
+
+@pytest.mark.parametrize("shapes,options", ATTENTION_CASES)
+def test_attention_kernel_matches_the_reference(shapes, options):
+    """Ragged query lengths, padded slots and tokens, shared and page-boundary pages, GQA, window, soft cap."""
+    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.35, **options))
+    for seed, decode_only in ((0, False), (1, True), (2, False)):
+        batch = random_batch(shapes, seed, decode_only=decode_only)
+        want = ref_ragged_paged_attention(**batch, sm_scale=0.35, **options)
+        np.testing.assert_allclose(np.asarray(kernel(**batch)), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_attention_dispatch_sends_decode_steps_to_the_kernel():
+    shapes = Shapes(page_size=4, num_kv_heads=2, group=2, num_seq_slots=5, num_tokens=5, pages_per_seq=5)
+    decode = random_batch(shapes, 0, decode_only=True)
+    lower = lambda batch, backend: jax.jit(functools.partial(
+        ragged_paged_attention, sm_scale=0.35, backend=backend)).lower(**batch).as_text()
+    assert "jaxserve_ragged_paged_attention" in lower(decode, "cpu")
+    assert "jaxserve_ragged_paged_attention" not in lower(decode, "xla")
+    mixed = random_batch(dataclasses.replace(shapes, num_tokens=20), 0)  # prefill chunks stay on XLA's path
+    assert "jaxserve_ragged_paged_attention" not in lower(mixed, "cpu")

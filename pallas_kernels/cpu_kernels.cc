@@ -1,0 +1,341 @@
+// CPU kernels for x86-64 (AVX2 + FMA) as XLA FFI custom calls: small-batch bf16 projections, and ragged
+// paged attention over a float32 KV cache (further down).
+//
+// Projections. Why: XLA CPU's bf16 x bf16 -> f32 dot streams a decode step's weights at ~6 GB/s on this class of machine,
+// a quarter of its memory bandwidth, and decode at small batch is nothing but that stream. These kernels read
+// each weight once per call, widen bf16 to f32 in registers (a 16-bit shift, exact) and accumulate in f32, so
+// the results equal XLA's up to summation order. Work is split in blocks over XLA's own intra-op
+// thread pool; the calling thread takes blocks too, so a busy pool never stalls a call.
+//
+//   jaxserve_bf16_matmul_kn: y[M, N] = x[M, K] . w[K, N]      (nnx.Linear's kernel layout)
+//   jaxserve_bf16_matmul_nk: y[M, N] = x[M, K] . w[N, K]^T    (a tied embedding used as the LM head)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 8 bf16 -> 8 f32: the bf16 bits are the high half of the f32 bits.
+inline __m256 widen8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Split [0, num_blocks) over the calling thread and up to pool.num_threads() - 1 helpers. Blocks are claimed
+// from one atomic counter; the caller returns once every block is done and no helper is inside `work`.
+// A helper that starts late finds every block claimed and leaves without touching the caller's stack.
+template <typename F>
+void parallel_blocks(ffi::ThreadPool& pool, int64_t num_blocks, F&& body) {
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0}, active{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [&shared, num_blocks, &body]() {
+    for (int64_t b; (b = shared->next.fetch_add(1)) < num_blocks;) {
+      body(b);
+      shared->done.fetch_add(1);
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), num_blocks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([state = shared, num_blocks, work_ptr = &work]() {
+      state->active.fetch_add(1);
+      if (state->next.load() < num_blocks) (*work_ptr)();
+      state->active.fetch_sub(1);
+    });
+  }
+  work();
+  while (shared->done.load() < num_blocks || shared->active.load() > 0) _mm_pause();
+}
+
+void widen_all(const uint16_t* src, float* dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+// acc[m0:m0+MT, :] += x[m0:m0+MT, k0:k1] . w[k0:k1, :], walking the weight rows in memory order: one
+// sequential stream per thread is what this machine's prefetchers stream fastest (a column-tiled walk, a
+// strided stream per tile, ran at a third of the speed).
+template <int MT>
+void kn_rows(const float* x, const uint16_t* w, float* acc, int64_t m0, int64_t K, int64_t N, int64_t k0,
+             int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) {
+    __m256 b[MT];
+    for (int m = 0; m < MT; ++m) b[m] = _mm256_broadcast_ss(x + (m0 + m) * K + k);
+    const uint16_t* row = w + k * N;
+    int64_t c = 0;
+    for (; c + 16 <= N; c += 16) {
+      __m256 w0 = widen8(row + c), w1 = widen8(row + c + 8);
+      for (int m = 0; m < MT; ++m) {
+        float* ym = acc + (m0 + m) * N + c;
+        _mm256_storeu_ps(ym, _mm256_fmadd_ps(b[m], w0, _mm256_loadu_ps(ym)));
+        _mm256_storeu_ps(ym + 8, _mm256_fmadd_ps(b[m], w1, _mm256_loadu_ps(ym + 8)));
+      }
+    }
+    for (; c < N; ++c)
+      for (int m = 0; m < MT; ++m) acc[(m0 + m) * N + c] += x[(m0 + m) * K + k] * bf16_to_f32(row[c]);
+  }
+}
+
+ffi::Error MatmulKN(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
+    return ffi::Error::InvalidArgument("bf16_matmul_kn: expected x[M, K] and w[K, N]");
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  std::vector<float> xf(M * K);
+  widen_all(reinterpret_cast<const uint16_t*>(x.typed_data()), xf.data(), M * K);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  // One contiguous range of weight rows per thread, each into its own partial sum, added up at the end.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / 64));
+  std::vector<float> partial(parts * M * N, 0.f);
+  parallel_blocks(pool, parts, [&](int64_t p) {
+    const int64_t k0 = K * p / parts, k1 = K * (p + 1) / parts;
+    float* acc = partial.data() + p * M * N;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) kn_rows<4>(xf.data(), wp, acc, m, K, N, k0, k1);
+    if (M - m == 3) kn_rows<3>(xf.data(), wp, acc, m, K, N, k0, k1);
+    if (M - m == 2) kn_rows<2>(xf.data(), wp, acc, m, K, N, k0, k1);
+    if (M - m == 1) kn_rows<1>(xf.data(), wp, acc, m, K, N, k0, k1);
+  });
+  float* yp = y->typed_data();
+  std::memcpy(yp, partial.data(), M * N * sizeof(float));
+  for (int64_t p = 1; p < parts; ++p)
+    for (int64_t i = 0; i < M * N; ++i) yp[i] += partial[p * M * N + i];
+  return ffi::Error::Success();
+}
+
+// y[:, n] = x . w[n, :] for one weight row: a single sequential stream, re-read from L1 for each of x's rows.
+void nk_row(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
+  const uint16_t* r = w + n * K;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), widen8(r + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), widen8(r + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 16), widen8(r + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 24), widen8(r + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), widen8(r + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; ++k) s += xm[k] * bf16_to_f32(r[k]);
+    y[m * N + n] = s;
+  }
+}
+
+ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("bf16_matmul_nk: expected x[M, K] and w[N, K]");
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  std::vector<float> xf(M * K);
+  widen_all(reinterpret_cast<const uint16_t*>(x.typed_data()), xf.data(), M * K);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* yp = y->typed_data();
+  const int64_t rows_per_block = 256;
+  const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
+  parallel_blocks(pool, blocks, [&](int64_t b) {
+    for (int64_t n = b * rows_per_block; n < std::min(N, (b + 1) * rows_per_block); ++n)
+      nk_row(xf.data(), wp, yp, M, K, N, n);
+  });
+  return ffi::Error::Success();
+}
+
+// ---- Ragged paged attention over a float32 paged KV cache ------------------------------------------------
+//
+// XLA's path gathers each chunk of pages into a fresh buffer, transposes it head-major and masks whole chunks;
+// on the CPU that copying is most of a decode step's attention. Here each (sequence, KV head) pair walks its
+// own pages in place with an online softmax, eight positions at a time, for the group of query heads that
+// share the KV head. Semantics are pallas_kernels/reference.py's.
+
+// e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+struct AttentionShape {
+  int64_t num_tokens, num_heads, head_dim, page_size, num_kv_heads, pages_per_seq, group;
+  float sm_scale, soft_cap;
+  int64_t sliding_window;
+};
+
+constexpr int kMaxGroup = 16;     // query heads per KV head handled together
+constexpr int kMaxHeadDim = 256;
+
+// One query token's heads h*G .. h*G+G-1 against KV head h of one sequence, positions [lo, hi).
+void attend_one_token(const AttentionShape& a, const float* q_token, const float* k_pages, const float* v_pages,
+                      const int32_t* pages, int64_t h, int64_t lo, int64_t hi, float* out_token) {
+  const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
+  alignas(32) float acc[kMaxGroup][kMaxHeadDim];
+  float m[kMaxGroup], l[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+    std::memset(acc[g], 0, D * sizeof(float));
+  }
+  const float* q_heads = q_token + h * G * D;
+  for (int64_t p0 = lo; p0 < hi; p0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, hi - p0));
+    const float* kv_row[8];
+    const float* v_row[8];
+    for (int j = 0; j < n; ++j) {
+      const int64_t p = p0 + j, slot = static_cast<int64_t>(pages[p / a.page_size]) * a.page_size + p % a.page_size;
+      kv_row[j] = k_pages + slot * row + h * D;
+      v_row[j] = v_pages + slot * row + h * D;
+    }
+    alignas(32) float score[8];
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q_heads + g * D;
+      for (int j = 0; j < 8; ++j) {
+        if (j >= n) {
+          score[j] = 0.f;
+          continue;
+        }
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) {
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kv_row[j] + d), s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(kv_row[j] + d + 8), s1);
+        }
+        for (; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kv_row[j] + d), s0);
+        float s = hsum(_mm256_add_ps(s0, s1)) * a.sm_scale;
+        if (a.soft_cap > 0.f) s = a.soft_cap * std::tanh(s / a.soft_cap);
+        score[j] = s;
+      }
+      __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(score), valid);
+      const float m_new = std::max(m[g], hmax(s));
+      const float correction = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)
+      __m256 p = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(m_new))), valid);
+      l[g] = l[g] * correction + hsum(p);
+      m[g] = m_new;
+      _mm256_store_ps(score, p);
+      float* ag = acc[g];
+      const __m256 c = _mm256_set1_ps(correction);
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 o = _mm256_mul_ps(_mm256_load_ps(ag + d), c);
+        for (int j = 0; j < n; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(score[j]), _mm256_loadu_ps(v_row[j] + d), o);
+        _mm256_store_ps(ag + d, o);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    float* o = out_token + (h * G + g) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[g][d] * inv;
+  }
+}
+
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
+                                ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> kv_lens,
+                                ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
+                                ffi::Buffer<ffi::S32> num_seqs, float sm_scale, int64_t sliding_window,
+                                float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k_pages.dimensions(), pd = page_indices.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("ragged_paged_attention: expected q[T, H, D], pages[P, S, Hkv, D]");
+  AttentionShape a{qd[0], qd[1], qd[2], kd[1], kd[2], pd[1], qd[1] / kd[2], sm_scale, soft_cap, sliding_window};
+  if (a.head_dim % 8 || a.head_dim > kMaxHeadDim || a.group > kMaxGroup || a.num_heads % a.num_kv_heads)
+    return ffi::Error::InvalidArgument("ragged_paged_attention: unsupported head shape");
+  const int32_t* lens = kv_lens.typed_data();
+  const int32_t* table = page_indices.typed_data();
+  const int32_t* cu = cu_q_lens.typed_data();
+  const int64_t live_seqs = std::min<int64_t>(num_seqs.typed_data()[0], pd[0]);
+  float* o = out->typed_data();
+  std::memset(o, 0, a.num_tokens * a.num_heads * a.head_dim * sizeof(float));  // padded tokens stay zero
+  const float* qp = q.typed_data();
+  const float* kp = k_pages.typed_data();
+  const float* vp = v_pages.typed_data();
+  parallel_blocks(pool, live_seqs * a.num_kv_heads, [&](int64_t item) {
+    const int64_t s = item / a.num_kv_heads, h = item % a.num_kv_heads;
+    const int64_t first = cu[s], q_len = std::min<int64_t>(cu[s + 1], a.num_tokens) - first;
+    for (int64_t i = 0; i < q_len; ++i) {
+      const int64_t pos = lens[s] - q_len + i;  // this query token's position: it sees [lo, pos]
+      const int64_t lo = a.sliding_window > 0 ? std::max<int64_t>(0, pos - a.sliding_window + 1) : 0;
+      const int64_t token = first + i;
+      attend_one_token(a, qp + token * a.num_heads * a.head_dim, kp, vp, table + s * a.pages_per_seq, h, lo,
+                       pos + 1, o + token * a.num_heads * a.head_dim);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_kn, MatmulKN,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_nk, MatmulNK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_ragged_paged_attention, RaggedPagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
