@@ -21,12 +21,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default=None, choices=["int8"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=max(args.batches),
+    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, max_model_len=1024, max_num_seqs=max(args.batches),
               max_num_batched_tokens=512)
     eng = llm.engine
     cfg = eng.model_config

@@ -103,7 +103,7 @@ def kv_budget_bytes(config: EngineConfig, device=None) -> int:
 
 def load_engine_model(config: EngineConfig) -> LoadedModel:
     from jaxserve.models.checkpoint_cache import load_or_build, source_identity
-    from jaxserve.models.llama import flat_params_from_hf
+    from jaxserve.models.llama import flat_params_from_hf, round_projections_to_int8
     from jaxserve.models.lazy_tensors import CheckpointFiles
     from jaxserve.models.weights import (checkpoint_dtype, iter_hf_tensors, lazy_hf_tensors, load_model_config,
                                          load_tokenizer, resolve_model_source)
@@ -178,11 +178,18 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         logger.warning("tensor parallel %d: %d KV heads do not split, so attention runs on the XLA path, "
                        "not the Pallas kernel", mesh.size, model_config.num_kv_heads)
         attention = "xla"
+    cpu_kernel = on_cpu and mesh.size == 1 and jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.available()
+    if config.quantization not in (None, "int8"):
+        raise ValueError(f"quantization must be int8 or unset, got {config.quantization!r}")
+    int8_weights = config.quantization == "int8"
+    if int8_weights:
+        if not cpu_kernel:
+            raise ValueError("--quantization int8 needs the CPU kernels: one CPU device, bfloat16 weights (dtype "
+                             "auto or bfloat16), AVX2 and a C++ compiler")
+        flat = round_projections_to_int8(flat)
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets, attention,
-                                 activation_dtype,
-                                 unroll_decode_max_seqs=2 if on_cpu else 0,
-                                 cpu_kernel=on_cpu and mesh.size == 1 and jnp.dtype(dtype) == jnp.bfloat16
-                                 and cpu_kernels.available())
+                                 activation_dtype, unroll_decode_max_seqs=2 if on_cpu else 0,
+                                 cpu_kernel=cpu_kernel, int8_weights=int8_weights)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.

@@ -49,6 +49,9 @@ class RunnerConfig:
     # (pallas_kernels/cpu_kernels): one CPU device only, and only where the weights are whole arrays (a
     # scanned layer's weight slice would be copied out for the call).
     cpu_kernel: bool = False
+    # With cpu_kernel: the unrolled steps' per-layer projection weights are int8 (rounded at load to per-column
+    # power-of-two scales, so the stacked bf16 copy holds the very same values for the scanned steps).
+    int8_weights: bool = False
 
 
 def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
@@ -102,8 +105,9 @@ class ModelRunner:
         uses_cpu_kernels = runner_config.cpu_kernel or runner_config.attention_backend == "cpu"
         if uses_cpu_kernels and not cpu_kernels.available():  # also registers them before cached executables load
             raise RuntimeError("the runner config asks for the CPU kernels, which could not be built here")
+        kernel_mode = "int8" if runner_config.int8_weights else "bf16"
         self.kernel_split = abstract_split(model_config, self.dtype, runner_config.attention_backend,
-                                           self.activation_dtype, cpu_kernel=True) \
+                                           self.activation_dtype, cpu_kernel=kernel_mode) \
             if runner_config.cpu_kernel else self.split
         outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
         outer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.outer_paths, stacked=False)
@@ -111,9 +115,7 @@ class ModelRunner:
         # (outer leaves, stacked layer leaves, per-layer leaves or [] when decode is not unrolled)
         self.params = (place_sharded(outer, outer_shardings), place_sharded(stacked, layer_shardings), [])
         if runner_config.unroll_decode_max_seqs:  # sliced on the devices: the checkpoint is not read twice
-            one_layer = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=False)
-            self.params[2].extend([jax.device_put(a[i], s) for a, s in zip(self.params[1], one_layer)]
-                                  for i in range(model_config.num_layers))
+            self.params[2].extend(self._per_layer_leaves(i) for i in range(model_config.num_layers))
         self.kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec(self.tp_plan))
         self.kv_cache = self._allocate_kv(self.kv_sharding)
         self.executable_cache = executable_cache
@@ -122,6 +124,21 @@ class ModelRunner:
         self._compiled_samplers: dict[tuple[SamplerFlags, int], object] = {}
         self.num_compiled_ahead = 0  # by the last precompile(); the rest came from the executable cache
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs, static_argnames=("num_logprobs",))
+
+    def _per_layer_leaves(self, layer: int) -> list:
+        """Layer `layer`'s leaves for the unrolled steps, in kernel_split's order: slices of the stacked ones,
+        and with int8 weights each projection kernel as int8 plus its `weight_scale`."""
+        one_layer = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=False)
+        sliced = {path: jax.device_put(a[layer], s)
+                  for path, a, s in zip(self.split.layer_paths, self.params[1], one_layer)}
+        leaves = []
+        for path in self.kernel_split.layer_paths:
+            if self.config.int8_weights and path[-1] in ("kernel", "weight_scale"):
+                q, scale = cpu_kernels.quantize_int8(sliced[path[:-1] + ("kernel",)])
+                leaves.append(q if path[-1] == "kernel" else scale)
+            else:
+                leaves.append(sliced[path])
+        return leaves
 
     # ---- KV cache -------------------------------------------------------------------------------
     def _allocate_kv(self, sharding):

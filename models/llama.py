@@ -78,25 +78,34 @@ class Linear(nnx.Linear):
     """A projection whose dot runs in the weights' dtype and accumulates in float32, then returns the
     activations' dtype. On XLA CPU a bfloat16 x bfloat16 -> float32 dot streams half the bytes of a float32
     one and is faster from batch 2 up; a bfloat16-output dot is far slower (docs/benchmarks.md).
-    `cpu_kernel`: small-batch bf16 projections may go to the hand-written CPU kernel (pallas_kernels/cpu_kernels)."""
 
-    def __init__(self, din, dout, bias, dtype, activation_dtype, rngs, cpu_kernel: bool = False):
+    `cpu_kernel` (pallas_kernels/cpu_kernels), for steps on one CPU device with whole weight arrays: "bf16"
+    sends small-batch projections to the bf16 kernel; "int8" holds the kernel as int8 with a per-column
+    power-of-two `weight_scale` and multiplies through the int8 kernel."""
+
+    def __init__(self, din, dout, bias, dtype, activation_dtype, rngs, cpu_kernel: str | None = None):
         super().__init__(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
                          preferred_element_type=jnp.float32, rngs=rngs)
         self.activation_dtype = activation_dtype
         self.cpu_kernel = cpu_kernel
+        if cpu_kernel == "int8":
+            self.kernel = nnx.Param(jnp.zeros((din, dout), jnp.int8))
+            self.weight_scale = nnx.Param(jnp.ones((dout,), jnp.float32))
 
     def __call__(self, x):
-        if not self.cpu_kernel:
+        if self.cpu_kernel is None:
             return super().__call__(x).astype(self.activation_dtype)
-        y = cpu_kernels.project(x, self.kernel[...], kernel=True)
+        if self.cpu_kernel == "int8":
+            y = cpu_kernels.int8_project(x, self.kernel[...], self.weight_scale[...])
+        else:
+            y = cpu_kernels.project(x, self.kernel[...], kernel=True)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.activation_dtype)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=False):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=None):
         self.cfg = cfg
         self.backend = backend
         self.mesh = mesh  # the tensor-parallel mesh a Pallas kernel is mapped over (by KV head), or None
@@ -121,7 +130,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs, cpu_kernel=False):
+    def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs, cpu_kernel=None):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs, cpu_kernel)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs, cpu_kernel)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, act, rngs, cpu_kernel)
@@ -131,7 +140,7 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=False):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh, cpu_kernel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -145,22 +154,24 @@ class DecoderLayer(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_backend: str = "xla",
-                 rngs: nnx.Rngs | None = None, activation_dtype=None, attention_mesh=None, cpu_kernel=False):
+                 rngs: nnx.Rngs | None = None, activation_dtype=None, attention_mesh=None, cpu_kernel=None):
         """`dtype`: the weights'; `activation_dtype` (default: the same): hidden states and the KV cache;
         `attention_mesh`: a tensor-parallel mesh to map the Pallas attention kernel over (by KV head);
-        `cpu_kernel`: small-batch projections may use the CPU kernel (one device, whole weight arrays)."""
+        `cpu_kernel`: None, or "bf16" / "int8": the layers' projections and the head may use the CPU kernels
+        (one device, whole weight arrays; see Linear)."""
         rngs = rngs or nnx.Rngs(0)
         act = activation_dtype or dtype
         self.cfg = cfg
         self.activation_dtype = act
         self.cpu_kernel = cpu_kernel
+        outer_kernel = "bf16" if cpu_kernel else None  # the head's weights stay bf16 (shared with the scan path)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh, cpu_kernel)
                                 for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs, cpu_kernel)
+            cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs, outer_kernel)
 
     def embed(self, token_ids):
         return jnp.take(self.embed_tokens.embedding[...], token_ids, axis=0).astype(self.activation_dtype)
@@ -178,7 +189,7 @@ class LlamaForCausalLM(nnx.Module):
         if self.lm_head is not None:
             return self.lm_head(hidden)
         return cpu_kernels.project(hidden, self.embed_tokens.embedding[...], w_transposed=True,
-                                  kernel=self.cpu_kernel)
+                                  kernel=self.cpu_kernel is not None)
 
 
 class ScannedModel(NamedTuple):
@@ -198,7 +209,7 @@ class ScannedModel(NamedTuple):
 
 
 def abstract_split(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
-                   attention_mesh=None, cpu_kernel=False) -> ScannedModel:
+                   attention_mesh=None, cpu_kernel=None) -> ScannedModel:
     """split_for_scan of the abstract model. Every layer shares one definition, so a one-layer model is
     enough (building all layers' abstract parameters costs most of a second at start-up)."""
     one_layer = dataclasses.replace(cfg, num_layers=1)
@@ -285,10 +296,21 @@ def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
 
 
 def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
-                   attention_mesh=None, cpu_kernel=False) -> LlamaForCausalLM:
+                   attention_mesh=None, cpu_kernel=None) -> LlamaForCausalLM:
     """The model's structure with shapes only, no parameter memory."""
     return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0), activation_dtype,
                                                    attention_mesh, cpu_kernel))
+
+
+def round_projections_to_int8(flat_params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The layers' projection kernels rounded to int8 with per-column power-of-two scales, kept in their dtype
+    (bfloat16 holds every rounded value exactly), for int8 weights (pallas_kernels/cpu_kernels.quantize_int8)."""
+    out = dict(flat_params)
+    for key, w in flat_params.items():
+        if key.startswith("layers/") and key.endswith("/kernel"):
+            q, scale = cpu_kernels.quantize_int8(np.asarray(w, np.float32))
+            out[key] = (q.astype(np.float32) * scale).astype(w.dtype)
+    return out
 
 
 def hf_name_for(path: tuple) -> tuple[str, bool]:

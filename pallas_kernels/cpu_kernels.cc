@@ -78,16 +78,23 @@ void widen_all(const uint16_t* src, float* dst, int64_t count) {
   for (int64_t i = 0; i < count; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
+// 8 int8 -> 8 f32 (exact).
+inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }
+
 // acc[m0:m0+MT, :] += x[m0:m0+MT, k0:k1] . w[k0:k1, :], walking the weight rows in memory order: one
 // sequential stream per thread is what this machine's prefetchers stream fastest (a column-tiled walk, a
 // strided stream per tile, ran at a third of the speed).
-template <int MT>
-void kn_rows(const float* x, const uint16_t* w, float* acc, int64_t m0, int64_t K, int64_t N, int64_t k0,
-             int64_t k1) {
+template <int MT, typename W>
+void kn_rows(const float* x, const W* w, float* acc, int64_t m0, int64_t K, int64_t N, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
     __m256 b[MT];
     for (int m = 0; m < MT; ++m) b[m] = _mm256_broadcast_ss(x + (m0 + m) * K + k);
-    const uint16_t* row = w + k * N;
+    const W* row = w + k * N;
     int64_t c = 0;
     for (; c + 16 <= N; c += 16) {
       __m256 w0 = widen8(row + c), w1 = widen8(row + c + 8);
@@ -98,19 +105,16 @@ void kn_rows(const float* x, const uint16_t* w, float* acc, int64_t m0, int64_t 
       }
     }
     for (; c < N; ++c)
-      for (int m = 0; m < MT; ++m) acc[(m0 + m) * N + c] += x[(m0 + m) * K + k] * bf16_to_f32(row[c]);
+      for (int m = 0; m < MT; ++m) acc[(m0 + m) * N + c] += x[(m0 + m) * K + k] * to_f32(row[c]);
   }
 }
 
-ffi::Error MatmulKN(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("bf16_matmul_kn: expected x[M, K] and w[K, N]");
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
+// y = x . w for w[K, N] (`scale`, when given, multiplies column n of the result: int8 weights).
+template <typename W>
+void matmul_kn(ffi::ThreadPool& pool, const uint16_t* x_bf16, const W* w, const float* scale, float* y, int64_t M,
+               int64_t K, int64_t N) {
   std::vector<float> xf(M * K);
-  widen_all(reinterpret_cast<const uint16_t*>(x.typed_data()), xf.data(), M * K);
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  widen_all(x_bf16, xf.data(), M * K);
   // One contiguous range of weight rows per thread, each into its own partial sum, added up at the end.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / 64));
   std::vector<float> partial(parts * M * N, 0.f);
@@ -118,15 +122,36 @@ ffi::Error MatmulKN(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
     const int64_t k0 = K * p / parts, k1 = K * (p + 1) / parts;
     float* acc = partial.data() + p * M * N;
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) kn_rows<4>(xf.data(), wp, acc, m, K, N, k0, k1);
-    if (M - m == 3) kn_rows<3>(xf.data(), wp, acc, m, K, N, k0, k1);
-    if (M - m == 2) kn_rows<2>(xf.data(), wp, acc, m, K, N, k0, k1);
-    if (M - m == 1) kn_rows<1>(xf.data(), wp, acc, m, K, N, k0, k1);
+    for (; m + 4 <= M; m += 4) kn_rows<4>(xf.data(), w, acc, m, K, N, k0, k1);
+    if (M - m == 3) kn_rows<3>(xf.data(), w, acc, m, K, N, k0, k1);
+    if (M - m == 2) kn_rows<2>(xf.data(), w, acc, m, K, N, k0, k1);
+    if (M - m == 1) kn_rows<1>(xf.data(), w, acc, m, K, N, k0, k1);
   });
-  float* yp = y->typed_data();
-  std::memcpy(yp, partial.data(), M * N * sizeof(float));
+  std::memcpy(y, partial.data(), M * N * sizeof(float));
   for (int64_t p = 1; p < parts; ++p)
-    for (int64_t i = 0; i < M * N; ++i) yp[i] += partial[p * M * N + i];
+    for (int64_t i = 0; i < M * N; ++i) y[i] += partial[p * M * N + i];
+  if (scale)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] *= scale[n];
+}
+
+ffi::Error MatmulKN(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
+    return ffi::Error::InvalidArgument("bf16_matmul_kn: expected x[M, K] and w[K, N]");
+  matmul_kn(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
+            nullptr, y->typed_data(), xd[0], xd[1], wd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8MatmulKN(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> w,
+                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || scale.element_count() != wd[1])
+    return ffi::Error::InvalidArgument("int8_matmul_kn: expected x[M, K], w[K, N] and scale[N]");
+  matmul_kn(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), scale.typed_data(),
+            y->typed_data(), xd[0], xd[1], wd[1]);
   return ffi::Error::Success();
 }
 
@@ -316,6 +341,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_kn, MatmulKN,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_int8_matmul_kn, Int8MatmulKN,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_nk, MatmulNK,

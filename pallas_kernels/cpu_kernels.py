@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
+INT8_TARGET = "jaxserve_int8_matmul_kn"
 ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
@@ -91,7 +92,7 @@ def available() -> bool:
             logger.warning("CPU kernels off: building them failed: %s", detail.strip()[-2000:])
             return False
     handle = ctypes.cdll.LoadLibrary(str(library))
-    for name in (*TARGETS.values(), ATTENTION_TARGET):
+    for name in (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     return True
 
@@ -116,6 +117,30 @@ def project(x: jax.Array, w: jax.Array, w_transposed: bool = False, kernel: bool
             and available()):
         return kernel_matmul(x.astype(w.dtype), w, w_transposed)
     return matmul(x, w, w_transposed)
+
+
+def quantize_int8(w):
+    """w[K, N] -> (int8 q[K, N], float32 scale[N]) with w ~= q * scale and power-of-two scales, so that every
+    q * scale is exactly a bfloat16 value (|q| <= 127 fits bf16's significand): a bf16 copy of the rounded
+    weights gives XLA's paths the very numbers the int8 kernel multiplies by. numpy or jax arrays."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    amax = xp.max(xp.abs(w.astype(xp.float32)), axis=0)
+    scale = xp.exp2(xp.ceil(xp.log2(xp.where(amax > 0, amax, 1.0) / 127.0))).astype(xp.float32)
+    q = xp.clip(xp.rint(w.astype(xp.float32) / scale), -127, 127).astype(xp.int8)
+    return q, scale
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x[M, K] . (q[K, N] * scale[N]) -> float32 [M, N]; x bfloat16, through the kernel."""
+    call = jax.ffi.ffi_call(INT8_TARGET, jax.ShapeDtypeStruct((x.shape[0], q.shape[1]), jnp.float32))
+    return call(x.astype(jnp.bfloat16), q, scale)
+
+
+def int8_project(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x . (q * scale) in float32: the kernel at small batch, else XLA on the dequantized (exactly bf16) weights."""
+    if x.ndim == 2 and x.shape[0] <= MAX_KERNEL_ROWS[False] and available():
+        return int8_matmul(x, q, scale)
+    return matmul(x, (q.astype(jnp.float32) * scale).astype(jnp.bfloat16))
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,

@@ -110,3 +110,46 @@ def test_attention_dispatch_sends_decode_steps_to_the_kernel():
     assert "jaxserve_ragged_paged_attention" not in lower(decode, "xla")
     mixed = random_batch(dataclasses.replace(shapes, num_tokens=20), 0)  # prefill chunks stay on XLA's path
     assert "jaxserve_ragged_paged_attention" not in lower(mixed, "cpu")
+
+
+def test_int8_rounding_is_exact_in_bfloat16_and_close_to_the_weights():
+    w = np.random.default_rng(5).standard_normal((96, 40)).astype(np.float32) * np.linspace(0.01, 3, 40)
+    w[:, 7] = 0.0  # an all-zero column
+    q, scale = cpu_kernels.quantize_int8(w)
+    assert q.dtype == np.int8 and np.abs(q.astype(np.int32)).max() <= 127 and scale.shape == (40,)
+    assert np.all(np.log2(scale) == np.round(np.log2(scale)))  # powers of two
+    rounded = q.astype(np.float32) * scale
+    assert np.array_equal(np.asarray(jnp.asarray(rounded, jnp.bfloat16), np.float32), rounded)
+    assert np.all(np.abs(rounded - w) <= scale / 2 + 1e-12)
+    q2, scale2 = cpu_kernels.quantize_int8(jnp.asarray(rounded, jnp.bfloat16))  # idempotent, and on device
+    assert np.array_equal(np.asarray(q2), q) and np.array_equal(np.asarray(scale2), scale)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (2, 130, 40), (3, 7, 3)])
+def test_int8_kernel_equals_xla_on_the_rounded_weights(m, k, n):
+    rng = np.random.default_rng(k + n)
+    q, scale = cpu_kernels.quantize_int8(rng.standard_normal((k, n)).astype(np.float32))
+    x = bf16(rng, m, k)
+    got = jax.jit(cpu_kernels.int8_matmul)(x, q, scale)
+    want = cpu_kernels.matmul(x, jnp.asarray(q.astype(np.float32) * scale, jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_int8_engine_steps_agree_across_kernel_and_xla_paths(random_llama_dir):
+    """Small decode steps multiply int8 weights in the kernel, larger ones the same values in bf16 on XLA."""
+    llm = LLM(model=str(random_llama_dir), quantization="int8", checkpoint_cache_dir=None, precompile=False,
+              max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    runner = llm.engine.runner
+    assert runner.config.int8_weights and runner.params[2][0][1].dtype == jnp.int8
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(100, 40000, size=int(rng.integers(3, 30))).tolist() for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    alone = [llm.generate([p], params)[0] for p in prompts]  # 2-sequence buckets: unrolled, int8 kernel
+    together = llm.generate(prompts, params)  # a 4-sequence bucket: scanned, XLA on the rounded bf16 weights
+    for a, b in zip(alone, together):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        np.testing.assert_allclose(a.outputs[0].cumulative_logprob, b.outputs[0].cumulative_logprob, atol=1e-3)
+    with pytest.raises(ValueError, match="quantization int8 needs"):
+        LLM(model=str(random_llama_dir), quantization="int8", dtype="float32", precompile=False, max_model_len=64)
+    with pytest.raises(ValueError, match="quantization must be"):
+        LLM(model=str(random_llama_dir), quantization="int4", precompile=False, max_model_len=64)
