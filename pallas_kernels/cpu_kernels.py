@@ -36,7 +36,7 @@ INT8_TARGET = "jaxserve_int8_matmul_kn"
 ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
-MAX_KERNEL_ROWS = {False: 2, True: 8}
+MAX_KERNEL_ROWS = {False: 2, True: 4}
 
 
 def _cache_dir() -> pathlib.Path:
