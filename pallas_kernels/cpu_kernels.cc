@@ -323,8 +323,11 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   parallel_blocks(pool, live_seqs * a.num_kv_heads, [&](int64_t item) {
     const int64_t s = item / a.num_kv_heads, h = item % a.num_kv_heads;
     const int64_t first = cu[s], q_len = std::min<int64_t>(cu[s + 1], a.num_tokens) - first;
+    // Never read past the sequence's page-table row, whatever kv_lens says (XLA's path clamps its gathers).
+    const int64_t kv_len = std::min<int64_t>(lens[s], a.pages_per_seq * a.page_size);
     for (int64_t i = 0; i < q_len; ++i) {
-      const int64_t pos = lens[s] - q_len + i;  // this query token's position: it sees [lo, pos]
+      const int64_t pos = kv_len - q_len + i;  // this query token's position: it sees [lo, pos]
+      if (pos < 0) continue;
       const int64_t lo = a.sliding_window > 0 ? std::max<int64_t>(0, pos - a.sliding_window + 1) : 0;
       const int64_t token = first + i;
       attend_one_token(a, qp + token * a.num_heads * a.head_dim, kp, vp, table + s * a.pages_per_seq, h, lo,
