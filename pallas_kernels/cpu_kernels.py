@@ -91,9 +91,14 @@ def available() -> bool:
             detail = getattr(err, "stderr", "") or str(err)
             logger.warning("CPU kernels off: building them failed: %s", detail.strip()[-2000:])
             return False
-    handle = ctypes.cdll.LoadLibrary(str(library))
-    for name in (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET):
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
+    try:
+        handle = ctypes.cdll.LoadLibrary(str(library))
+        targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET)}
+    except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
+        logger.warning("CPU kernels off: loading %s failed: %s", library, err)
+        return False
+    for name, symbol in targets.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
 
 
