@@ -1,24 +1,25 @@
-// CPU kernels for x86-64 (AVX2 + FMA) as XLA FFI custom calls: small-batch bf16 projections, and ragged
-// paged attention over a float32 KV cache (further down).
+// CPU kernels for x86-64 (AVX2 + FMA) as XLA FFI custom calls: small-batch projections with bf16 or int8
+// weights, and ragged paged attention over a float32 KV cache (further down).
 //
-// Projections. Why: XLA CPU's bf16 x bf16 -> f32 dot streams a decode step's weights at ~6 GB/s on this class of machine,
-// a quarter of its memory bandwidth, and decode at small batch is nothing but that stream. These kernels read
-// each weight once per call, widen bf16 to f32 in registers (a 16-bit shift, exact) and accumulate in f32, so
-// the results equal XLA's up to summation order. Work is split in blocks over XLA's own intra-op
-// thread pool; the calling thread takes blocks too, so a busy pool never stalls a call.
+// Projections. XLA CPU's bf16 x bf16 -> f32 dot streams a decode step's weights at ~6 GB/s on this class of
+// machine, a quarter of its memory bandwidth, and decode at small batch is nothing but that stream. These
+// kernels read each weight once per call, widen it to f32 in registers (exact for bf16 and int8) and
+// accumulate in f32, so the results equal XLA's up to summation order. Work is split in blocks over XLA's own
+// intra-op thread pool; the calling thread takes blocks too, so a busy pool never stalls a call.
 //
-//   jaxserve_bf16_matmul_kn: y[M, N] = x[M, K] . w[K, N]      (nnx.Linear's kernel layout)
-//   jaxserve_bf16_matmul_nk: y[M, N] = x[M, K] . w[N, K]^T    (a tied embedding used as the LM head)
+//   jaxserve_bf16_matmul_kn: y[M, N] = x[M, K] . w[K, N]              (nnx.Linear's kernel layout)
+//   jaxserve_int8_matmul_kn: y[M, N] = (x[M, K] . q[K, N]) * scale[N]   (int8 weights, per-column scale)
+//   jaxserve_bf16_matmul_nk: y[M, N] = x[M, K] . w[N, K]^T            (a tied embedding used as the LM head)
+//   jaxserve_ragged_paged_attention: see pallas_kernels/reference.py for the semantics
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
