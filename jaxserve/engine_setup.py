@@ -207,7 +207,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(tokenizer.eos_token_id)
     logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device), max_model_len %d, dtype %s, "
-                "tensor parallel %d", num_pages, page_size, num_pages * device_bytes_per_page / 1024**3,
-                max_model_len, dtype, mesh.size)
+                "tensor parallel %d, attention %s, CPU projection kernels %s", num_pages, page_size,
+                num_pages * device_bytes_per_page / 1024**3, max_model_len, dtype, mesh.size, attention,
+                ("int8" if int8_weights else "bf16") if cpu_kernel else "off")
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter,
                        config, checkpoint_files.bytes_read if checkpoint_files else None)
