@@ -115,7 +115,8 @@ class ModelRunner:
         # (outer leaves, stacked layer leaves, per-layer leaves or [] when decode is not unrolled)
         self.params = (place_sharded(outer, outer_shardings), place_sharded(stacked, layer_shardings), [])
         if runner_config.unroll_decode_max_seqs:  # sliced on the devices: the checkpoint is not read twice
-            self.params[2].extend(self._per_layer_leaves(i) for i in range(model_config.num_layers))
+            one_layer = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=False)
+            self.params[2].extend(self._per_layer_leaves(i, one_layer) for i in range(model_config.num_layers))
         self.kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec(self.tp_plan))
         self.kv_cache = self._allocate_kv(self.kv_sharding)
         self.executable_cache = executable_cache
@@ -125,17 +126,20 @@ class ModelRunner:
         self.num_compiled_ahead = 0  # by the last precompile(); the rest came from the executable cache
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs, static_argnames=("num_logprobs",))
 
-    def _per_layer_leaves(self, layer: int) -> list:
-        """Layer `layer`'s leaves for the unrolled steps, in kernel_split's order: slices of the stacked ones,
-        and with int8 weights each projection kernel as int8 plus its `weight_scale`."""
-        one_layer = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=False)
+    def _per_layer_leaves(self, layer: int, shardings) -> list:
+        """Layer `layer`'s leaves for the unrolled steps, in kernel_split's order: slices of the stacked ones
+        (placed with `shardings`), and with int8 weights each projection kernel as int8 plus its
+        `weight_scale`."""
         sliced = {path: jax.device_put(a[layer], s)
-                  for path, a, s in zip(self.split.layer_paths, self.params[1], one_layer)}
+                  for path, a, s in zip(self.split.layer_paths, self.params[1], shardings)}
+        quantized = {}  # module path -> (q, scale), one quantization per projection
         leaves = []
         for path in self.kernel_split.layer_paths:
             if self.config.int8_weights and path[-1] in ("kernel", "weight_scale"):
-                q, scale = cpu_kernels.quantize_int8(sliced[path[:-1] + ("kernel",)])
-                leaves.append(q if path[-1] == "kernel" else scale)
+                module = path[:-1]
+                if module not in quantized:
+                    quantized[module] = cpu_kernels.quantize_int8(sliced[module + ("kernel",)])
+                leaves.append(quantized[module][0 if path[-1] == "kernel" else 1])
             else:
                 leaves.append(sliced[path])
         return leaves
