@@ -21,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--quantization", default=None, choices=["int8"])
+    ap.add_argument("--quantization", default=None, choices=["int8", "gguf", "none"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -31,10 +31,13 @@ def main() -> None:
               max_num_batched_tokens=512)
     eng = llm.engine
     cfg = eng.model_config
-    params = sum(int(np.prod(a.shape)) for a in eng.runner.params[0] + eng.runner.params[1])
-    itemsize = np.dtype(eng.runner.dtype).itemsize
-    weight_bytes = params * itemsize
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    leaves = eng.runner.params[0] + eng.runner.params[1]
+    paths = eng.runner.split.outer_paths + eng.runner.split.layer_paths
+    weight_bytes = sum(a.nbytes for a in leaves)
+    # Weights multiplied per token (block-quantized 4-bit ones hold two per byte; their scales are not weights).
+    params = sum((2 if a.dtype == np.uint8 else 1) * a.size for a, p in zip(leaves, paths)
+                 if p[-1] not in ("scales", "mins"))
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(eng.runner.activation_dtype).itemsize
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batches:

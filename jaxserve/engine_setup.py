@@ -90,6 +90,29 @@ def resolve_attention_backend(backend: str, num_devices: int = 1) -> str:
     return backend
 
 
+QUANTIZATIONS = ("gguf", "int8", "none")
+
+
+def resolve_block_formats(quantization: str | None, source, kernels_here: bool) -> tuple[tuple[str, str], ...]:
+    """(module, format) pairs whose weights stay in GGUF's blocks (pallas_kernels/block_quant).
+
+    `quantization`: None (auto: "gguf" for a .gguf model where the kernels run), "gguf" (keep the file's
+    Q4_0 / Q4_1 / Q8_0 blocks, as llama.cpp and vLLM's GGUF support run them), "none" (dequantize to the
+    compute dtype), "int8" (see load_engine_model). `kernels_here`: one CPU device with the CPU kernels."""
+    from jaxserve.models.gguf_reader import block_formats, read_gguf_header
+
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or unset, got {quantization!r}")
+    if quantization == "gguf" and not source.is_gguf:
+        raise ValueError("--quantization gguf needs a .gguf model")
+    if quantization == "gguf" and not kernels_here:
+        raise ValueError("--quantization gguf needs the CPU kernels: one CPU device, AVX2 and a C++ compiler "
+                         "(elsewhere GGUF weights are dequantized: --quantization none)")
+    if quantization not in (None, "gguf") or not source.is_gguf or not kernels_here:
+        return ()
+    return tuple(sorted(block_formats(read_gguf_header(source.path)).items()))
+
+
 def kv_budget_bytes(config: EngineConfig, device=None) -> int:
     """`device`: one of this engine's own (a host's local one on multi-host, its group's with data parallel)."""
     if config.kv_cache_memory is not None:
@@ -127,8 +150,12 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     model_config = load_model_config(source)
     tokenizer = load_tokenizer(source, config.tokenizer)
     dtype = resolve_dtype(config.dtype, checkpoint_dtype(source))
-    key = {"source": source_identity(source), "dtype": dtype, "format": 1}
-    build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source)), dtype)
+    on_cpu = jax.default_backend() == "cpu"
+    formats = resolve_block_formats(config.quantization, source,
+                                    on_cpu and mesh.size == 1 and not multihost and cpu_kernels.available())
+    key = {"source": source_identity(source), "dtype": dtype, "format": 1, **({"blocks": formats} if formats else {})}
+    keep_blocks = frozenset(module for module, _ in formats)
+    build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source, keep_blocks)), dtype, formats)
     checkpoint_files = None
     if not source.is_gguf and (mesh.size > 1 or multihost):
         # Sharded: each device's slice is read from the safetensors files when it is placed, so no host holds
@@ -149,7 +176,6 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                        model_config.max_position_embeddings)
     page_size = config.block_size
     pages_per_seq = -(-max_model_len // page_size)
-    on_cpu = jax.default_backend() == "cpu"
     # Hidden states and the KV cache stay float32 on the CPU whatever the weights' dtype: XLA CPU has no fast
     # bfloat16 elementwise/attention path; its bfloat16 dots accumulate into float32 (models/llama.Linear).
     activation_dtype = "float32" if on_cpu else dtype
@@ -179,8 +205,6 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                        "not the Pallas kernel", mesh.size, model_config.num_kv_heads)
         attention = "xla"
     cpu_kernel = on_cpu and mesh.size == 1 and jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.available()
-    if config.quantization not in (None, "int8"):
-        raise ValueError(f"quantization must be int8 or unset, got {config.quantization!r}")
     int8_weights = config.quantization == "int8"
     if int8_weights:
         if not cpu_kernel:
@@ -188,8 +212,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                              "auto or bfloat16), AVX2 and a C++ compiler")
         flat = round_projections_to_int8(flat)
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets, attention,
-                                 activation_dtype, unroll_decode_max_seqs=2 if on_cpu else 0,
-                                 cpu_kernel=cpu_kernel, int8_weights=int8_weights)
+                                 activation_dtype, unroll_decode_max_seqs=2 if on_cpu and not formats else 0,
+                                 cpu_kernel=cpu_kernel, int8_weights=int8_weights, block_formats=formats)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.
@@ -209,6 +233,15 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device), max_model_len %d, dtype %s, "
                 "tensor parallel %d, attention %s, CPU projection kernels %s", num_pages, page_size,
                 num_pages * device_bytes_per_page / 1024**3, max_model_len, dtype, mesh.size, attention,
-                ("int8" if int8_weights else "bf16") if cpu_kernel else "off")
+                describe_projection_kernels(formats, cpu_kernel, int8_weights))
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter,
                        config, checkpoint_files.bytes_read if checkpoint_files else None)
+
+
+def describe_projection_kernels(formats, cpu_kernel: bool, int8_weights: bool) -> str:
+    """For the start-up log: which kernel multiplies which weights."""
+    dense = ("int8" if int8_weights else "bf16") if cpu_kernel else "off"
+    if not formats:
+        return dense
+    blocks = ", ".join(f"{module} {fmt}" for module, fmt in formats)
+    return f"GGUF blocks ({blocks}), other weights {dense}"

@@ -19,8 +19,8 @@ import numpy as np
 from jaxserve.buckets import BucketSet, StepShape
 from jaxserve.config import ModelConfig
 from jaxserve.executable_cache import ExecutableCache
-from jaxserve.models.llama import (AttentionMetadata, abstract_split, logits_from_hidden, scanned_forward,
-                                   scanned_params, unrolled_forward)
+from jaxserve.models.llama import (BLOCK_LEAVES, AttentionMetadata, abstract_split, logits_from_hidden,
+                                   scanned_forward, scanned_params, unrolled_forward)
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
                                       plan_tensor_parallel, tensor_parallel_mesh)
 from jaxserve.pallas_kernels import cpu_kernels
@@ -52,6 +52,9 @@ class RunnerConfig:
     # With cpu_kernel: the unrolled steps' per-layer projection weights are int8 (rounded at load to per-column
     # power-of-two scales, so the stacked bf16 copy holds the very same values for the scanned steps).
     int8_weights: bool = False
+    # (module, "q4" / "q8") for the modules whose weights stay in GGUF's blocks (pallas_kernels/block_quant):
+    # their kernels run at every batch size, reading the layer-stacked weights in place.
+    block_formats: tuple[tuple[str, str], ...] = ()
 
 
 def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
@@ -100,14 +103,15 @@ class ModelRunner:
             logger.warning("tensor parallel %d: %s", self.mesh.size, reason)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         sharded_kernel = runner_config.attention_backend == "pallas" and self.mesh.size > 1
+        formats = runner_config.block_formats
         self.split = abstract_split(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype,
-                                    self.mesh if sharded_kernel else None)
-        uses_cpu_kernels = runner_config.cpu_kernel or runner_config.attention_backend == "cpu"
+                                    self.mesh if sharded_kernel else None, block_formats=formats)
+        uses_cpu_kernels = runner_config.cpu_kernel or runner_config.attention_backend == "cpu" or formats
         if uses_cpu_kernels and not cpu_kernels.available():  # also registers them before cached executables load
             raise RuntimeError("the runner config asks for the CPU kernels, which could not be built here")
         kernel_mode = "int8" if runner_config.int8_weights else "bf16"
         self.kernel_split = abstract_split(model_config, self.dtype, runner_config.attention_backend,
-                                           self.activation_dtype, cpu_kernel=kernel_mode) \
+                                           self.activation_dtype, cpu_kernel=kernel_mode, block_formats=formats) \
             if runner_config.cpu_kernel else self.split
         outer, stacked = scanned_params(self.split, flat_params, model_config.num_layers)
         outer_shardings = param_shardings(self.mesh, self.tp_plan, self.split.outer_paths, stacked=False)
@@ -129,8 +133,8 @@ class ModelRunner:
     def _per_layer_leaves(self, layer: int, shardings) -> list:
         """Layer `layer`'s leaves for the unrolled steps, in kernel_split's order: slices of the stacked ones
         (placed with `shardings`), and with int8 weights each projection kernel as int8 plus its
-        `weight_scale`."""
-        sliced = {path: jax.device_put(a[layer], s)
+        `weight_scale`. Block-quantized weights stay the stacked arrays (their kernels take the layer index)."""
+        sliced = {path: a if path[-1] in BLOCK_LEAVES else jax.device_put(a[layer], s)
                   for path, a, s in zip(self.split.layer_paths, self.params[1], shardings)}
         quantized = {}  # module path -> (q, scale), one quantization per projection
         leaves = []

@@ -19,6 +19,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
+from jaxserve.pallas_kernels import block_quant
+
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
@@ -162,15 +164,18 @@ def read_gguf_header(path: str) -> GGUFHeader:
     return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors)
 
 
+def _raw_bytes(header: GGUFHeader, info: GGUFTensorInfo) -> np.ndarray:
+    byte_shape = quant_shape_to_byte_shape(info.shape, info.tensor_type)
+    raw = np.memmap(header.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(int(np.prod(byte_shape)),))
+    return raw.reshape(byte_shape)
+
+
 def read_gguf_tensor(header: GGUFHeader, info: GGUFTensorInfo) -> np.ndarray:
     """One tensor dequantized to float32 in numpy order (reversed GGUF dims)."""
     if info.tensor_type not in GGML_QUANT_SIZES:
         raise ValueError(f"{info.name}: unknown GGML tensor type {info.tensor_type}")
-    byte_shape = quant_shape_to_byte_shape(info.shape, info.tensor_type)
-    nbytes = int(np.prod(byte_shape))
-    raw = np.memmap(header.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(nbytes,))
     try:
-        values = dequantize(raw.reshape(byte_shape), info.tensor_type)
+        values = dequantize(_raw_bytes(header, info), info.tensor_type)
     except NotImplementedError as e:
         supported = ", ".join(t.name for t in SUPPORTED_TENSOR_TYPES)
         raise ValueError(f"{info.name}: GGUF tensor type {info.tensor_type.name} is not supported "
@@ -192,6 +197,25 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
+def module_of(hf_name: str) -> str:
+    """The module a weight belongs to, by its last name: "q_proj", "down_proj", "embed_tokens", "lm_head"."""
+    return hf_name.rsplit(".", 2)[-2]
+
+
+def block_formats(header: GGUFHeader) -> dict[str, str]:
+    """Modules whose weights can stay in their blocks (pallas_kernels/block_quant): module -> "q4" / "q8", for
+    those whose every 2-D weight (one per layer) is of one block type the kernels take. A layer-stacked step
+    needs one format per module; a file that mixes types (the K-quant "_M" mixes) dequantizes the rest."""
+    formats: dict[str, set] = {}
+    for info in header.tensors:
+        hf_name = gguf_to_hf_name(info.name)
+        if hf_name and hf_name.endswith(".weight") and len(info.shape) == 2:
+            tiles = info.shape[0] % block_quant.TILE == 0  # rows pair up in the kernels' tiles
+            formats.setdefault(module_of(hf_name), set()).add(tiles and block_quant.format_of(info.tensor_type.name))
+    return {module: fmts.pop() for module, fmts in sorted(formats.items())
+            if len(fmts) == 1 and None not in fmts and False not in fmts}
+
+
 def undo_rotary_permutation(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Invert llama.cpp's convert-time Q/K row permutation.
 
@@ -204,9 +228,11 @@ def undo_rotary_permutation(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_hf_tensors(header: GGUFHeader, num_heads: int, num_kv_heads: int,
-                         progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (hf_name, float32 array) for every known tensor of a llama/qwen2 GGUF."""
+def iter_gguf_hf_tensors(header: GGUFHeader, num_heads: int, num_kv_heads: int, progress: bool = False,
+                         keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """Yield (hf_name, float32 array) for every known tensor of a llama/qwen2 GGUF; the weights of the modules
+    in `keep_blocks` (see block_formats) come as block_quant's packed arrays {"qweight", "scales"[, "mins"]},
+    one row per output."""
     from tqdm import tqdm
 
     # Only llama.cpp's llama converter permutes Q/K; its qwen2 converter keeps the HF row order.
@@ -220,9 +246,12 @@ def iter_gguf_hf_tensors(header: GGUFHeader, num_heads: int, num_kv_heads: int,
             else:
                 logger.warning("Ignoring unknown GGUF tensor %s", info.name)
             continue
-        arr = read_gguf_tensor(header, info)
-        if permuted and ".self_attn.q_proj." in hf_name:
-            arr = undo_rotary_permutation(arr, num_heads)
-        elif permuted and ".self_attn.k_proj." in hf_name:
-            arr = undo_rotary_permutation(arr, num_kv_heads)
-        yield hf_name, arr
+        if hf_name.endswith(".weight") and module_of(hf_name) in keep_blocks:
+            arrays = block_quant.pack_gguf(_raw_bytes(header, info), info.tensor_type.name)
+        else:
+            arrays = {"": read_gguf_tensor(header, info)}
+        heads = {".self_attn.q_proj.": num_heads, ".self_attn.k_proj.": num_kv_heads}
+        for part, n in heads.items():
+            if permuted and part in hf_name:  # rows are outputs in both layouts
+                arrays = {k: undo_rotary_permutation(a, n) for k, a in arrays.items()}
+        yield hf_name, arrays[""] if "" in arrays else block_quant.tile(arrays)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.lazy_tensors import StackedTensors, is_lazy
-from jaxserve.pallas_kernels import cpu_kernels
+from jaxserve.pallas_kernels import block_quant, cpu_kernels
 from jaxserve.pallas_kernels.attention import ragged_paged_attention, write_kv
 
 
@@ -28,6 +28,16 @@ class AttentionMetadata(NamedTuple):
     page_indices: jax.Array  # [S, pages_per_seq]
     cu_q_lens: jax.Array  # [S + 1]
     num_seqs: jax.Array  # [1]
+    layer_index: jax.Array | int = 0  # which layer of layer-stacked block-quantized weights to read
+
+    def num_tokens(self) -> jax.Array:
+        """[1]: the step's real tokens (padding slots repeat the last offset), which come first."""
+        return self.cu_q_lens[-1:]
+
+
+# Leaves of block-quantized weights (pallas_kernels/block_quant). A scanned step reads them from the stacked
+# [num_layers, ...] arrays in place (the kernels take the layer index), so the scan never slices them.
+BLOCK_LEAVES = ("qweight", "scales", "mins")
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -81,7 +91,9 @@ class Linear(nnx.Linear):
 
     `cpu_kernel` (pallas_kernels/cpu_kernels), for steps on one CPU device with whole weight arrays: "bf16"
     sends small-batch projections to the bf16 kernel; "int8" holds the kernel as int8 with a per-column
-    power-of-two `weight_scale` and multiplies through the int8 kernel."""
+    power-of-two `weight_scale` and multiplies through the int8 kernel; "q4" / "q8" hold no kernel but GGUF's
+    blocks (`qweight`, `scales`[, `mins`]: pallas_kernels/block_quant), multiplied through its kernels at
+    every batch size, possibly stacked over layers and picked by `layer_index`."""
 
     def __init__(self, din, dout, bias, dtype, activation_dtype, rngs, cpu_kernel: str | None = None):
         super().__init__(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
@@ -91,11 +103,15 @@ class Linear(nnx.Linear):
         if cpu_kernel == "int8":
             self.kernel = nnx.Param(jnp.zeros((din, dout), jnp.int8))
             self.weight_scale = nnx.Param(jnp.ones((dout,), jnp.float32))
+        elif cpu_kernel in ("q4", "q8"):
+            _block_params(self, cpu_kernel, dout, din)
 
-    def __call__(self, x):
+    def __call__(self, x, meta: AttentionMetadata | None = None):
         if self.cpu_kernel is None:
             return super().__call__(x).astype(self.activation_dtype)
-        if self.cpu_kernel == "int8":
+        if self.cpu_kernel in ("q4", "q8"):
+            y = _block_matmul(self, x, meta)
+        elif self.cpu_kernel == "int8":
             y = cpu_kernels.int8_project(x, self.kernel[...], self.weight_scale[...])
         else:
             y = cpu_kernels.project(x, self.kernel[...], kernel=True)
@@ -104,76 +120,125 @@ class Linear(nnx.Linear):
         return y.astype(self.activation_dtype)
 
 
+def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int) -> None:
+    """`module`'s weight [rows, cols] as block_quant's format `fmt` (replacing a `kernel` / `embedding`)."""
+    tiles, per_tile = rows // block_quant.TILE, cols // block_quant.BLOCK * block_quant.TILE
+    for name in ("kernel", "embedding"):
+        if hasattr(module, name):
+            setattr(module, name, None)
+    module.qweight = nnx.Param(jnp.zeros((tiles, per_tile * (16 if fmt == "q4" else 32)),
+                                         jnp.uint8 if fmt == "q4" else jnp.int8))
+    module.scales = nnx.Param(jnp.ones((tiles, per_tile), jnp.float32))
+    module.mins = nnx.Param(jnp.zeros((tiles, per_tile), jnp.float32)) if fmt == "q4" else None
+
+
+def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None):
+    """Through the block kernel; with the step's `meta`, the layer's slice of stacked weights, and the
+    padding rows skipped."""
+    mins = module.mins[...] if module.mins is not None else None
+    layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
+    return block_quant.matmul(x, module.qweight[...], module.scales[...], mins, layer,
+                              meta.num_tokens() if meta is not None else None)
+
+
+class BlockEmbed(nnx.Module):
+    """A token embedding kept in GGUF's blocks: rows are dequantized when looked up, and as a tied LM head
+    the logits come from block_quant's kernel."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, fmt: str):
+        _block_params(self, fmt, vocab_size, hidden_size)
+
+    def lookup(self, token_ids):
+        mins = self.mins[...] if self.mins is not None else None
+        return block_quant.lookup_rows(self.qweight[...], self.scales[...], mins, token_ids)
+
+    def attend(self, hidden):
+        return _block_matmul(self, hidden)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=None):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, kernels=None):
         self.cfg = cfg
         self.backend = backend
         self.mesh = mesh  # the tensor-parallel mesh a Pallas kernel is mapped over (by KV head), or None
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, act, rngs, cpu_kernel)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, cpu_kernel)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, cpu_kernel)
-        self.o_proj = Linear(cfg.num_heads * d, h, False, dtype, act, rngs, cpu_kernel)
+        kernel = kernels or (lambda name: None)
+        self.q_proj = Linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, act, rngs, kernel("q_proj"))
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, kernel("k_proj"))
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, kernel("v_proj"))
+        self.o_proj = Linear(cfg.num_heads * d, h, False, dtype, act, rngs, kernel("o_proj"))
 
     def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
         inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
-        v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        q = apply_rope(self.q_proj(x, meta).reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x, meta).reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        v = self.v_proj(x, meta).reshape(t, cfg.num_kv_heads, cfg.head_dim)
         k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping)
         out = ragged_paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
             sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, backend=self.backend,
             mesh=self.mesh)
-        return self.o_proj(out.reshape(t, -1)), (k_pages, v_pages)
+        return self.o_proj(out.reshape(t, -1), meta), (k_pages, v_pages)
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs, cpu_kernel=None):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs, cpu_kernel)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, act, rngs, cpu_kernel)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, act, rngs, cpu_kernel)
+    def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs, kernels=None):
+        kernel = kernels or (lambda name: None)
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, False, dtype, act, rngs, kernel("gate_proj"))
+        self.up_proj = Linear(h, i, False, dtype, act, rngs, kernel("up_proj"))
+        self.down_proj = Linear(i, h, False, dtype, act, rngs, kernel("down_proj"))
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, meta: AttentionMetadata | None = None):
+        gated = jax.nn.silu(self.gate_proj(x, meta)) * self.up_proj(x, meta)
+        return self.down_proj(gated, meta)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, cpu_kernel=None):
+    def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, kernels=None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh, cpu_kernel)
+        self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, act, rngs, cpu_kernel)
+        self.mlp = MLP(cfg, dtype, act, rngs, kernels)
 
     def __call__(self, x, positions, kv_cache, meta):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        return x + self.mlp(self.post_attention_layernorm(x), meta), kv_cache
 
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_backend: str = "xla",
-                 rngs: nnx.Rngs | None = None, activation_dtype=None, attention_mesh=None, cpu_kernel=None):
+                 rngs: nnx.Rngs | None = None, activation_dtype=None, attention_mesh=None, cpu_kernel=None,
+                 block_formats: tuple[tuple[str, str], ...] = ()):
         """`dtype`: the weights'; `activation_dtype` (default: the same): hidden states and the KV cache;
         `attention_mesh`: a tensor-parallel mesh to map the Pallas attention kernel over (by KV head);
         `cpu_kernel`: None, or "bf16" / "int8": the layers' projections and the head may use the CPU kernels
-        (one device, whole weight arrays; see Linear)."""
+        (one device, whole weight arrays; see Linear); `block_formats`: (module name, "q4" / "q8") pairs for
+        the modules ("q_proj", ..., "embed_tokens", "lm_head") whose weights stay in GGUF's blocks."""
         rngs = rngs or nnx.Rngs(0)
         act = activation_dtype or dtype
         self.cfg = cfg
         self.activation_dtype = act
         self.cpu_kernel = cpu_kernel
+        formats = dict(block_formats)
+        kernels = lambda name: formats.get(name, cpu_kernel)
         outer_kernel = "bf16" if cpu_kernel else None  # the head's weights stay bf16 (shared with the scan path)
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
-                                      rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh, cpu_kernel)
+        if "embed_tokens" in formats:
+            self.embed_tokens = BlockEmbed(cfg.vocab_size, cfg.hidden_size, formats["embed_tokens"])
+        else:
+            self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                                          rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh, kernels)
                                 for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs, outer_kernel)
+            cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs, formats.get("lm_head", outer_kernel))
 
     def embed(self, token_ids):
+        if isinstance(self.embed_tokens, BlockEmbed):
+            return self.embed_tokens.lookup(token_ids).astype(self.activation_dtype)
         return jnp.take(self.embed_tokens.embedding[...], token_ids, axis=0).astype(self.activation_dtype)
 
     def __call__(self, token_ids, positions, kv_caches, meta: AttentionMetadata):
@@ -188,6 +253,8 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden):
         if self.lm_head is not None:
             return self.lm_head(hidden)
+        if isinstance(self.embed_tokens, BlockEmbed):
+            return self.embed_tokens.attend(hidden)
         return cpu_kernels.project(hidden, self.embed_tokens.embedding[...], w_transposed=True,
                                   kernel=self.cpu_kernel is not None)
 
@@ -209,12 +276,12 @@ class ScannedModel(NamedTuple):
 
 
 def abstract_split(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
-                   attention_mesh=None, cpu_kernel=None) -> ScannedModel:
+                   attention_mesh=None, cpu_kernel=None, block_formats=()) -> ScannedModel:
     """split_for_scan of the abstract model. Every layer shares one definition, so a one-layer model is
     enough (building all layers' abstract parameters costs most of a second at start-up)."""
     one_layer = dataclasses.replace(cfg, num_layers=1)
     return split_for_scan(abstract_model(one_layer, dtype, attention_backend, activation_dtype, attention_mesh,
-                                         cpu_kernel))
+                                         cpu_kernel, block_formats))
 
 
 def split_for_scan(model: LlamaForCausalLM) -> ScannedModel:
@@ -247,7 +314,7 @@ def _layer_meta(meta: AttentionMetadata, layer_index, num_pages: int, page_size:
     """Layer l's pages are [l * num_pages, (l + 1) * num_pages) of the combined cache."""
     first_page = layer_index * num_pages
     return meta._replace(page_indices=meta.page_indices + first_page,
-                         slot_mapping=meta.slot_mapping + first_page * page_size)
+                         slot_mapping=meta.slot_mapping + first_page * page_size, layer_index=layer_index)
 
 
 def _merge_layer(split: ScannedModel, leaves):
@@ -259,21 +326,26 @@ def scanned_forward(split: ScannedModel, outer_leaves, layer_leaves, token_ids, 
     """Final hidden states [T, hidden] and the updated (k, v) cache, one scanned layer body.
 
     `layer_leaves` are stacked [num_layers, ...]. Compiles fast; XLA CPU copies each layer's weight slice
-    before its dots, which costs ~40% of a small-batch step (see unrolled_forward).
+    before its dots, which costs ~40% of a small-batch step (see unrolled_forward). Block-quantized weights
+    (BLOCK_LEAVES) are not sliced: their kernels read the stacked arrays in place at the layer's index.
     """
     outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
     page_size = kv_cache[0].shape[1]
+    in_place = [path[-1] in BLOCK_LEAVES for path in split.layer_paths]
 
     def body(carry, xs):
         x, k_all, v_all = carry
-        leaves, layer_index = xs
+        sliced, layer_index = xs
+        sliced = iter(sliced)
+        leaves = [whole if keep else next(sliced) for whole, keep in zip(layer_leaves, in_place)]
         layer_meta = _layer_meta(meta, layer_index, num_pages, page_size)
         x, (k_all, v_all) = _merge_layer(split, leaves)(x, positions, (k_all, v_all), layer_meta)
         return (x, k_all, v_all), None
 
     x = outer.embed(token_ids)
     num_layers = layer_leaves[0].shape[0]
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv_cache), (layer_leaves, jnp.arange(num_layers)))
+    sliced = [leaf for leaf, keep in zip(layer_leaves, in_place) if not keep]
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv_cache), (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
     return outer.norm(x), (k_all, v_all)
 
 
@@ -296,10 +368,10 @@ def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
 
 
 def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,
-                   attention_mesh=None, cpu_kernel=None) -> LlamaForCausalLM:
+                   attention_mesh=None, cpu_kernel=None, block_formats=()) -> LlamaForCausalLM:
     """The model's structure with shapes only, no parameter memory."""
     return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype, attention_backend, nnx.Rngs(0), activation_dtype,
-                                                   attention_mesh, cpu_kernel))
+                                                   attention_mesh, cpu_kernel, block_formats))
 
 
 def round_projections_to_int8(flat_params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -332,15 +404,22 @@ def hf_name_for(path: tuple) -> tuple[str, bool]:
     return prefix + ".weight", False
 
 
-def flat_params_from_hf(cfg: ModelConfig, tensors, dtype) -> dict[str, np.ndarray]:
-    """HF-named float32 tensors → {"/"-joined NNX path: array in the model's layout and dtype}."""
-    model = abstract_model(cfg, dtype, "xla")
+def flat_params_from_hf(cfg: ModelConfig, tensors, dtype, block_formats=()) -> dict[str, np.ndarray]:
+    """HF-named float32 tensors → {"/"-joined NNX path: array in the model's layout and dtype}. The modules in
+    `block_formats` come as block_quant's packed arrays (models/gguf_reader.iter_gguf_hf_tensors), kept as
+    they are."""
+    model = abstract_model(cfg, dtype, "xla", block_formats=block_formats)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = hf_name_for(path)
         if name not in tensors:
             raise ValueError(f"checkpoint has no tensor {name!r} needed by {cfg.architecture}")
         arr = tensors[name]
+        if str(path[-1]) in BLOCK_LEAVES:
+            if not isinstance(arr, dict) or arr[path[-1]].shape != var.shape:
+                raise ValueError(f"tensor {name!r} is not in the blocks its module expects ({var.shape})")
+            out["/".join(map(str, path))] = arr[path[-1]]
+            continue
         arr = arr if is_lazy(arr) else np.asarray(arr)  # lazy: read later, one device's slice at a time
         arr = arr.T if transposed else arr
         if arr.shape != var.shape:

@@ -387,16 +387,20 @@ def lazy_hf_tensors(source: ModelSource, files: CheckpointFiles) -> dict[str, Ch
     return lazy_safetensors(*_safetensors_shards(source), files)
 
 
-def iter_hf_tensors(source: ModelSource) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(source: ModelSource, keep_blocks: frozenset[str] = frozenset()
+                    ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (hf_name, float32 array) in Hugging Face names and [out, in] layouts.
 
-    GGUF tensors are dequantized and Q/K un-permuted; `lm_head.weight` only comes when it is untied.
+    GGUF tensors are dequantized (except the weights of the modules in `keep_blocks`, which come packed in
+    their blocks: gguf_reader.block_formats) and Q/K un-permuted; `lm_head.weight` only comes when it is
+    untied.
     """
     progress = sys.stderr.isatty()
     if source.is_gguf:
         header = read_gguf_header(source.path)
         config = config_from_gguf(header)
-        yield from iter_gguf_hf_tensors(header, config.num_heads, config.num_kv_heads, progress=progress)
+        yield from iter_gguf_hf_tensors(header, config.num_heads, config.num_kv_heads, progress=progress,
+                                        keep_blocks=keep_blocks)
         return
     shards, skip = _safetensors_shards(source)
     yield from iter_safetensors(shards, skip=skip, progress=progress)

@@ -30,10 +30,13 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+HERE = pathlib.Path(__file__).parent
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "block_quant.cc")  # one library; block_quant.py wraps the second
+HEADERS = (HERE / "cpu_parallel.h",)
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
 INT8_TARGET = "jaxserve_int8_matmul_kn"
 ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
+BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
 MAX_KERNEL_ROWS = {False: 2, True: 4}
@@ -55,7 +58,8 @@ def _cpu_has_avx2() -> bool:
 
 def _library_path() -> pathlib.Path:
     """The library's path for this source and JAX build (the FFI headers it compiles against)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + jax.ffi.include_dir().encode() + jax.__version__.encode())
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + jax.ffi.include_dir().encode() + jax.__version__.encode())
     return _cache_dir() / f"libjaxserve_cpu_kernels-{digest.hexdigest()[:16]}.so"
 
 
@@ -66,7 +70,7 @@ def _build(compiler: str) -> pathlib.Path:
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         out = pathlib.Path(tmp) / library.name
         cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-isystem",
-               jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+               jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, library)
     return library
@@ -93,7 +97,8 @@ def available() -> bool:
             return False
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
-        targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET)}
+        targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET,
+                                                          *BLOCK_QUANT_TARGETS)}
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
         logger.warning("CPU kernels off: loading %s failed: %s", library, err)
         return False

@@ -51,9 +51,11 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "Most tokens processed in one engine step. Default: 512 on the CPU, 2048 on "
                               "GPU/TPU (at least --max-num-seqs).",
     "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
-    "quantization": "int8: round the layers' projection weights to int8 with per-column power-of-two scales; "
-                    "small decode steps on the CPU then stream half the bytes through the int8 kernel (one CPU "
-                    "device, bfloat16 weights). Default: the checkpoint's weights as they are.",
+    "quantization": "gguf: keep a .gguf model's Q4_0 / Q4_1 / Q8_0 weights in their blocks and multiply through "
+                    "the CPU block kernels (the default for .gguf models on one CPU device with the kernels); "
+                    "none: dequantize GGUF weights to --dtype; int8: round the layers' projection weights to int8 "
+                    "with per-column power-of-two scales for the CPU int8 kernel (one CPU device, bfloat16 "
+                    "weights).",
     "attention_backend": "Attention implementation: auto (Pallas on GPU/TPU; on the CPU the hand-written decode "
                          "kernel where it builds), pallas, xla, cpu.",
     "tensor_parallel_size": "Devices to shard the model over (Megatron-style tensor parallelism over a JAX "

@@ -1,0 +1,279 @@
+// Projections over block-quantized weights (GGUF's Q4_0 / Q4_1 / Q8_0 families) for x86-64 AVX2, as XLA FFI
+// custom calls. pallas_kernels/block_quant.py holds the formats, the pure-JAX reference and the Python side.
+//
+// Weights stay in their 32-value blocks, a row of blocks per output: a 4-bit block is 16 bytes of nibbles
+// (byte j holds value j in its low nibble and value j + 16 in its high one, GGUF's order) with a float32
+// scale and min (w = scale * q + min, q in [0, 15]); an 8-bit block is 32 int8 values with a scale
+// (w = scale * q). Rows are interleaved in tiles of two (see kTile). A decode step streams 0.75 (4-bit) or 1.125 (8-bit) bytes per weight instead
+// of bfloat16's 2.
+//
+// Activations are quantized per row and block to int8 with their own scale (llama.cpp's Q8_1, rounding half
+// to even), so each block's dot product is exact integer arithmetic (vpmaddubsw / vpmaddwd), scaled and
+// summed in float32:
+//   y[m, n] = sum_b (xs[m, b] * scale[n, b]) * sum_j xq[m, b, j] * q[n, b, j] + min[n, b] * xsum[m, b]
+// with xsum[m, b] = xs[m, b] * sum_j xq[m, b, j].
+//
+// Weights may be stacked over layers ([L, N, ...]) and picked by a layer-index operand, so a scanned step
+// reads them in place instead of slicing a copy per layer. A row-count operand says how many leading rows of
+// x are real tokens: the rest (a step's padding up to its bucket) are not computed and come out zero.
+//
+//   jaxserve_q4_matmul(x, q, scale, min, layer, rows): y[M, N] = x[M, K] . dequant(q[(L,) N/2, K], scale, min)^T
+//   jaxserve_q8_matmul(x, q, scale, layer, rows):      y[M, N] = x[M, K] . dequant(q[(L,) N/2, 2K], scale)^T
+// with scale and min [(L,) N/2, K/16].
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_parallel.h"
+
+namespace {
+
+using jaxserve::parallel_blocks;
+
+constexpr int64_t kBlock = 32;
+
+// x's rows quantized per block of 32: q [M, K], scale and sum [M, K / 32].
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+};
+
+inline float hsum4(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// One block of 32 floats -> 32 int8 (round half to even), its scale and its sum; the reference computes
+// the same float32 expressions (amax / 127, then x * (1 / scale)).
+void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.0f;
+  const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+  __m256i n[4];
+  for (int i = 0; i < 4; ++i)
+    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const int32_t total = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3])));
+  // packs interleave the 128-bit lanes; the permute puts the 32 values back in order.
+  __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
+  *scale = d;
+  *sum = d * static_cast<float>(total);
+}
+
+void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, QuantizedRows& out) {
+  const int64_t nb = K / kBlock;
+  out.q.resize(M * K);
+  out.scale.resize(M * nb);
+  out.sum.resize(M * nb);
+  auto rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t i = m0 * nb; i < m1 * nb; ++i)
+      quantize_block(x + i * kBlock, out.q.data() + i * kBlock, &out.scale[i], &out.sum[i]);
+  };
+  const int64_t rows_per_task = 16;
+  if (M <= rows_per_task) return rows(0, M);
+  parallel_blocks(pool, (M + rows_per_task - 1) / rows_per_task,
+                  [&](int64_t t) { rows(t * rows_per_task, std::min(M, (t + 1) * rows_per_task)); });
+}
+
+// Weights come in tiles of kTile output rows, interleaved block by block ([N / kTile, blocks, kTile, block]
+// for the values, [N / kTile, blocks, kTile] for scales and mins), so that a thread walking its tiles reads
+// three strictly sequential streams; rows side by side (two rows' blocks a row-length apart) ran at a third
+// of the memory bandwidth.
+constexpr int kTile = 2;
+constexpr int64_t kPrefetchBytes = 2048;  // ahead of the tile stream: 1 KiB left the cores waiting on memory
+
+struct Weights {
+  const uint8_t* q;  // this layer's tiles
+  const float* scale;
+  const float* min;  // nullptr for 8-bit weights
+  int64_t nb;        // blocks per row
+};
+
+// A tile's two weight blocks as two vectors of 16 + 16 values: first halves (values 0-15 of row 0 | of row 1)
+// and second halves (values 16-31 of each). Against an activation block's halves broadcast to both lanes,
+// one integer dot covers both rows; the int32 lanes 0-3 sum row 0, lanes 4-7 row 1.
+struct TileBlock {
+  __m256i first, second;
+};
+
+inline TileBlock load_tile_block(const uint8_t* q, std::true_type /*four bit*/) {
+  // GGUF's nibble order: byte j holds value j (low) and value j + 16 (high); the two rows' 16 bytes adjoin.
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  return {_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16(v, 4), low)};
+}
+
+inline TileBlock load_tile_block(const uint8_t* q, std::false_type /*eight bit*/) {
+  const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kBlock));
+  return {_mm256_permute2x128_si256(r0, r1, 0x20), _mm256_permute2x128_si256(r0, r1, 0x31)};
+}
+
+// Pairwise products summed to int16 (a pair stays below 2^15: |x| <= 127, w 4-bit unsigned or |w| <= 127).
+template <bool kFourBit>
+inline __m256i pair_products(__m256i w, __m256i x) {
+  if (kFourBit) return _mm256_maddubs_epi16(w, x);
+  // vpmaddubsw multiplies unsigned by signed: move w's sign onto x.
+  return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+// y[m0:m0+MR, the tile's two outputs], walking K in blocks: each tile block is loaded once for MR rows.
+template <int MR, bool kFourBit>
+void dot_tile(const QuantizedRows& x, int64_t K, const Weights& w, int64_t m0, int64_t tile, float* y,
+              int64_t N) {
+  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
+  const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
+  const float* scale = w.scale + tile * w.nb * kTile;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < w.nb; ++b, q += kTile * kBlockBytes, scale += kTile) {
+    _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(scale) + kPrefetchBytes / 2, _MM_HINT_T0);
+    const TileBlock wb = load_tile_block(q, std::integral_constant<bool, kFourBit>());
+    const __m256 ws = _mm256_set_m128(_mm_broadcast_ss(scale + 1), _mm_broadcast_ss(scale));
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xb = x.q.data() + (m0 + m) * K + b * kBlock;
+      const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
+      const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
+      // 4-bit pairs sum below 2^13, so both halves add up in int16 first; 8-bit ones would overflow.
+      const __m256i dot =
+          kFourBit ? _mm256_madd_epi16(_mm256_add_epi16(pair_products<true>(wb.first, x0),
+                                                        pair_products<true>(wb.second, x1)), ones)
+                   : _mm256_add_epi32(_mm256_madd_epi16(pair_products<false>(wb.first, x0), ones),
+                                      _mm256_madd_epi16(pair_products<false>(wb.second, x1), ones));
+      const __m256 xs = _mm256_broadcast_ss(&x.scale[(m0 + m) * w.nb + b]);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, xs), acc[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m128 a = _mm256_castps256_ps128(acc[m]), c = _mm256_extractf128_ps(acc[m], 1);
+    float total[kTile] = {hsum4(a), hsum4(c)};
+    for (int n = 0; n < kTile; ++n) {
+      if (kFourBit) {  // the mins: sum_b min[n, b] * xsum[m, b]
+        const float* mn = w.min + tile * w.nb * kTile + n;
+        const float* xsum = x.sum.data() + (m0 + m) * w.nb;
+        for (int64_t b = 0; b < w.nb; ++b) total[n] += mn[b * kTile] * xsum[b];
+      }
+      y[(m0 + m) * N + tile * kTile + n] = total[n];
+    }
+  }
+}
+
+template <bool kFourBit>
+void dot_rows(const QuantizedRows& x, int64_t K, const Weights& w, int64_t m0, int64_t m1, int64_t tile, float* y,
+              int64_t N) {
+  constexpr int kRows = 8;
+  int64_t m = m0;
+  for (; m + kRows <= m1; m += kRows) dot_tile<kRows, kFourBit>(x, K, w, m, tile, y, N);
+  switch (m1 - m) {
+    case 7: return dot_tile<7, kFourBit>(x, K, w, m, tile, y, N);
+    case 6: return dot_tile<6, kFourBit>(x, K, w, m, tile, y, N);
+    case 5: return dot_tile<5, kFourBit>(x, K, w, m, tile, y, N);
+    case 4: return dot_tile<4, kFourBit>(x, K, w, m, tile, y, N);
+    case 3: return dot_tile<3, kFourBit>(x, K, w, m, tile, y, N);
+    case 2: return dot_tile<2, kFourBit>(x, K, w, m, tile, y, N);
+    case 1: return dot_tile<1, kFourBit>(x, K, w, m, tile, y, N);
+  }
+}
+
+// Tiles are split over the thread pool in contiguous ranges; within a range, 64 rows at a time so those
+// rows' quantized activations stay in cache while each tile's weights are read once.
+template <bool kFourBit>
+void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K,
+                  int64_t N) {
+  QuantizedRows x;
+  quantize_rows(pool, xf, M, K, x);
+  const int64_t tiles = N / kTile;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
+  const int64_t per_task = (tiles + tasks - 1) / tasks;
+  parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
+    const int64_t lo = t * per_task, hi = std::min(tiles, lo + per_task);
+    for (int64_t m0 = 0; m0 < M; m0 += 64)
+      for (int64_t tile = lo; tile < hi; ++tile) dot_rows<kFourBit>(x, K, w, m0, std::min(M, m0 + 64), tile, y, N);
+  });
+}
+
+// Checks shapes, picks the layer out of stacked weights and runs block_matmul.
+template <bool kFourBit>
+ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
+                       const float* min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || (qd.size() != 2 && qd.size() != 3) || sd.size() != qd.size())
+    return ffi::Error::InvalidArgument("block matmul: expected x[M, K], q[(L,) N/2, bytes], scale[(L,) N/2, K/16]");
+  const int64_t M = xd[0], K = xd[1], rank = qd.size(), nb = K / kBlock;
+  const int64_t L = rank == 3 ? qd[0] : 1, tiles = qd[rank - 2], N = tiles * kTile;
+  if (K % kBlock || qd[rank - 1] != nb * kTile * (kFourBit ? kBlock / 2 : kBlock) || sd[rank - 2] != tiles ||
+      sd[rank - 1] != nb * kTile || (rank == 3 && sd[0] != L) || layer.element_count() != 1 ||
+      rows.element_count() != 1 || y->dimensions()[1] != N)
+    return ffi::Error::InvalidArgument("block matmul: weight blocks do not match x's K");
+  const int32_t l = *layer.typed_data();
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("block matmul: layer index out of range");
+  const int64_t layer_bytes = tiles * qd[rank - 1], layer_scales = tiles * sd[rank - 1];
+  const Weights w{static_cast<const uint8_t*>(q.untyped_data()) + l * layer_bytes, scale.typed_data() + l * layer_scales,
+                  min ? min + l * layer_scales : nullptr, nb};
+  const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
+  std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
+  if (live > 0) block_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
+  return ffi::Error::Success();
+}
+
+ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  if (min.element_count() != scale.element_count())
+    return ffi::Error::InvalidArgument("q4 matmul: min and scale differ in shape");
+  return BlockMatmul<true>(pool, x, q, scale, min.typed_data(), layer, rows, y);
+}
+
+ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
+  return BlockMatmul<false>(pool, x, q, scale, nullptr, layer, rows, y);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_matmul, Q4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,139 @@
+"""Projections over block-quantized weights: GGUF's Q4_0 / Q4_1 / Q8_0 tensors kept in their 32-value blocks.
+
+A decode step on the CPU is a stream of weights: a 4-bit block streams 0.75 bytes per weight against
+bfloat16's 2. The kernels (block_quant.cc, built with cpu_kernels.py's library) quantize each activation row
+per block to int8, as llama.cpp does for these formats, and take every block's dot product in integers.
+
+Two formats, a row of 32-value blocks per output (GGUF's own rows), interleaved in tiles of TILE rows block
+by block so the kernel reads each array as one sequential stream:
+- "q4": `qweight` uint8 [N/TILE, K/32 * TILE * 16] (byte j of a block: value j low nibble, value j + 16 high),
+  `scales` and `mins` float32 [N/TILE, K/32 * TILE]; w = scale * q + min with q in [0, 15]. Q4_0 is the
+  same with min = -8 * scale.
+- "q8": `qweight` int8 [N/TILE, K/32 * TILE * 32], `scales` as above; w = scale * q.
+Any of them may be stacked over layers ([L, ...]); `layer` then picks one in place.
+
+`reference_matmul` is the pure-JAX oracle: the same activation rounding, integer block dots, float32 sums.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK = 32
+TILE = 2
+Q4_TARGET, Q8_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul"
+
+# GGUF block types -> (our format, bytes per block)
+GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
+
+
+def format_of(gguf_type_name: str) -> str | None:
+    """"q4" / "q8" for the GGUF block types kept as blocks, None for the rest (they dequantize)."""
+    entry = GGUF_FORMATS.get(gguf_type_name)
+    return entry[0] if entry else None
+
+
+def pack_gguf(raw: np.ndarray, gguf_type_name: str) -> dict[str, np.ndarray]:
+    """One GGUF tensor's raw bytes [N, blocks * block_bytes] -> row-major {"qweight" [N, blocks, bytes],
+    "scales" [N, blocks][, "mins"]}; `tile` then interleaves the rows for the kernels."""
+    fmt, block_bytes = GGUF_FORMATS[gguf_type_name]
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, block_bytes)
+    scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if gguf_type_name == "Q8_0":
+        return {"qweight": blocks[:, :, 2:].copy().view(np.int8), "scales": scale}
+    if gguf_type_name == "Q4_1":
+        mins = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        nibbles = blocks[:, :, 4:]
+    else:  # Q4_0: w = scale * (q - 8)
+        mins, nibbles = -8.0 * scale, blocks[:, :, 2:]
+    return {"qweight": np.ascontiguousarray(nibbles), "scales": scale, "mins": mins}
+
+
+def tile(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Row-major packed arrays ([N, blocks(, bytes)]) -> the kernels' tiles [N/TILE, blocks * TILE(* bytes)]."""
+    def one(a):
+        n, blocks = a.shape[:2]
+        a = a.reshape(n // TILE, TILE, blocks, -1).swapaxes(1, 2)
+        return np.ascontiguousarray(a).reshape(n // TILE, -1)
+    return {name: one(a) for name, a in arrays.items()}
+
+
+def _untile(a, blocks: int):
+    """[..., N/TILE, blocks * TILE * E] -> [..., N, blocks, E] (jax or numpy)."""
+    a = a.reshape(*a.shape[:-1], blocks, TILE, -1)
+    a = a.swapaxes(-3, -2)
+    return a.reshape(*a.shape[:-4], a.shape[-4] * TILE, blocks, a.shape[-1])
+
+
+def _values(qweight, blocks: int, four_bit: bool):
+    """The integer values [..., N, blocks, 32] of tiled weights (uint8 0..15 or int8)."""
+    q = _untile(qweight, blocks)
+    if not four_bit:
+        return q
+    xp = np if isinstance(q, np.ndarray) else jnp
+    return xp.concatenate([q & 0x0F, q >> 4], axis=-1)
+
+
+def dequantize(qweight, scales, mins=None):
+    """Tiled weights -> float32 [..., N, K] (jax or numpy): a test's oracle."""
+    blocks = scales.shape[-1] // TILE
+    values = _values(qweight, blocks, mins is not None).astype(np.float32)
+    out = values * _untile(scales, blocks)
+    if mins is not None:
+        out = out + _untile(mins, blocks)
+    return out.reshape(*out.shape[:-2], -1)
+
+
+def lookup_rows(qweight, scales, mins, ids):
+    """Rows `ids` of tiled weights [N/TILE, ...] dequantized -> float32 [len(ids), K] (an embedding lookup)."""
+    tiles, pick = ids // TILE, ids % TILE
+    blocks = scales.shape[-1] // TILE
+
+    def rows(a):  # [T, blocks * TILE * E] -> [T, blocks, E] at each id's slot in its tile
+        a = jnp.take(a, tiles, axis=0).reshape(ids.shape[0], blocks, TILE, -1)
+        return jnp.take_along_axis(a, pick[:, None, None, None], axis=2)[:, :, 0]
+
+    q = rows(qweight)
+    if mins is not None:
+        q = jnp.concatenate([q & 0x0F, q >> 4], axis=-1)
+    out = q.astype(jnp.float32) * rows(scales)
+    if mins is not None:
+        out = out + rows(mins)
+    return out.reshape(ids.shape[0], -1)
+
+
+def quantize_activations(x: jax.Array):
+    """x [M, K] float32 -> (int8 q [M, K/32, 32], scale [M, K/32], scale * sum(q) [M, K/32]): each block scaled
+    so its largest magnitude maps to 127, rounded half to even (the kernel's arithmetic, operation for op)."""
+    blocks = x.astype(jnp.float32).reshape(x.shape[0], -1, BLOCK)
+    scale = jnp.max(jnp.abs(blocks), axis=-1) / jnp.float32(127.0)
+    inverse = jnp.where(scale > 0, jnp.float32(1.0) / jnp.where(scale > 0, scale, 1.0), 0.0)
+    q = jnp.round(blocks * inverse[..., None]).astype(jnp.int32)
+    return q.astype(jnp.int8), scale, scale * jnp.sum(q, axis=-1).astype(jnp.float32)
+
+
+def reference_matmul(x, qweight, scales, mins=None):
+    """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights)."""
+    q, x_scale, x_sum = quantize_activations(x)
+    blocks = scales.shape[-1] // TILE
+    w = _values(qweight, blocks, mins is not None).astype(jnp.int32)
+    dots = jnp.einsum("mbj,nbj->mnb", q.astype(jnp.int32), w).astype(jnp.float32)  # exact integers
+    y = jnp.sum(dots * (x_scale[:, None, :] * _untile(scales, blocks)[None, :, :, 0]), axis=-1)
+    if mins is not None:
+        y = y + x_sum @ _untile(mins, blocks)[:, :, 0].T
+    return y
+
+
+def matmul(x, qweight, scales, mins=None, layer=None, rows=None) -> jax.Array:
+    """x [M, K] float32 through the kernel -> float32 [M, N]; `layer` picks from stacked weights [L, ...];
+    `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero."""
+    n = qweight.shape[-2] * TILE
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    x = x.astype(jnp.float32)
+    if mins is None:
+        return jax.ffi.ffi_call(Q8_TARGET, out)(x, qweight, scales, layer, rows)
+    return jax.ffi.ffi_call(Q4_TARGET, out)(x, qweight, scales, mins, layer, rows)
