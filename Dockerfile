@@ -5,7 +5,7 @@ ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG JAX_EXTRA=cpu
-# g++ builds the CPU matmul kernel (pallas_kernels/cpu_kernels.cc) here, so the runtime image needs no compiler.
+# g++ builds the CPU kernels (pallas_kernels/*.cc) here, so the runtime image needs no compiler.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 ENV JAXSERVE_KERNEL_CACHE=/opt/jaxserve-kernels
 WORKDIR /src

@@ -33,7 +33,8 @@ def source_fingerprint() -> str:
     digest = hashlib.sha256()
     for package in _SOURCE_PACKAGES:
         root = Path(importlib.import_module(package).__file__).parent
-        for path in sorted([*root.glob("*.py"), *root.glob("*.cc")]):  # .cc: the FFI kernels executables call
+        # .cc / .h: the FFI kernels executables call
+        for path in sorted([*root.glob("*.py"), *root.glob("*.cc"), *root.glob("*.h")]):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()

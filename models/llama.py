@@ -137,8 +137,8 @@ def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None):
     padding rows skipped."""
     mins = module.mins[...] if module.mins is not None else None
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
-    return block_quant.matmul(x, module.qweight[...], module.scales[...], mins, layer,
-                              meta.num_tokens() if meta is not None else None)
+    return block_quant.project(x, module.qweight[...], module.scales[...], mins, layer,
+                               meta.num_tokens() if meta is not None else None)
 
 
 class BlockEmbed(nnx.Module):

@@ -19,6 +19,7 @@
 //
 //   jaxserve_q4_matmul(x, q, scale, min, layer, rows): y[M, N] = x[M, K] . dequant(q[(L,) N/2, K], scale, min)^T
 //   jaxserve_q8_matmul(x, q, scale, layer, rows):      y[M, N] = x[M, K] . dequant(q[(L,) N/2, 2K], scale)^T
+//   jaxserve_q4_dequantize(q, scale, min, layer), jaxserve_q8_dequantize(q, scale, layer): float32 [N, K]
 // with scale and min [(L,) N/2, K/16].
 
 #include <immintrin.h>
@@ -217,25 +218,75 @@ void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
   });
 }
 
-// Checks shapes, picks the layer out of stacked weights and runs block_matmul.
+// Dequantizes every tile to float32 rows [N, K]: for steps with many tokens, where a float32 GEMM (XLA's)
+// outruns the integer dots once the weights are unpacked.
+template <bool kFourBit>
+void dequantize_tiles(ffi::ThreadPool& pool, const Weights& w, float* out, int64_t N, int64_t K) {
+  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
+  const int64_t tiles = N / kTile;
+  const int64_t per_task = std::max<int64_t>(1, tiles / (pool.num_threads() * 4));
+  parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
+    for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile) {
+      const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
+      const float* scale = w.scale + tile * w.nb * kTile;
+      const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
+      for (int64_t b = 0; b < w.nb; ++b)
+        for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
+          const int64_t i = b * kTile + r;
+          const __m256 s = _mm256_set1_ps(scale[i]), m = _mm256_set1_ps(kFourBit ? min[i] : 0.0f);
+          float* row = out + (tile * kTile + r) * K + b * kBlock;
+          __m128i values[2];  // 32 values as two vectors of 16 bytes
+          if (kFourBit) {
+            const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+            values[0] = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
+            values[1] = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
+          } else {
+            values[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+            values[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
+          }
+          for (int h = 0; h < 2; ++h)
+            for (int e = 0; e < 2; ++e) {
+              const __m128i eight = e ? _mm_srli_si128(values[h], 8) : values[h];
+              const __m256i wide = kFourBit ? _mm256_cvtepu8_epi32(eight) : _mm256_cvtepi8_epi32(eight);
+              // scale * q + min rounded twice, as block_quant.dequantize (numpy / XLA) computes it
+              _mm256_storeu_ps(row + 16 * h + 8 * e, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(wide), s), m));
+            }
+        }
+    }
+  });
+}
+
+// Checks the weights' shapes against K and points `w` at layer `layer` of them; N comes back in `n`.
+template <bool kFourBit>
+ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>& scale, const float* min,
+                         const ffi::Buffer<ffi::S32>& layer, int64_t K, Weights& w, int64_t& n) {
+  auto qd = q.dimensions(), sd = scale.dimensions();
+  const int64_t rank = qd.size(), nb = K / kBlock;
+  if ((rank != 2 && rank != 3) || static_cast<int64_t>(sd.size()) != rank || K % kBlock ||
+      qd[rank - 1] != nb * kTile * (kFourBit ? kBlock / 2 : kBlock) || sd[rank - 2] != qd[rank - 2] ||
+      sd[rank - 1] != nb * kTile || (rank == 3 && sd[0] != qd[0]) || layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("block quant: expected q[(L,) N/2, bytes] and scale[(L,) N/2, K/16] for K");
+  const int64_t L = rank == 3 ? qd[0] : 1, tiles = qd[rank - 2];
+  const int32_t l = *layer.typed_data();
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("block quant: layer index out of range");
+  const int64_t layer_bytes = tiles * qd[rank - 1], layer_scales = tiles * sd[rank - 1];
+  w = Weights{static_cast<const uint8_t*>(q.untyped_data()) + l * layer_bytes, scale.typed_data() + l * layer_scales,
+              min ? min + l * layer_scales : nullptr, nb};
+  n = tiles * kTile;
+  return ffi::Error::Success();
+}
+
 template <bool kFourBit>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                        const float* min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
                        ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions();
-  if (xd.size() != 2 || (qd.size() != 2 && qd.size() != 3) || sd.size() != qd.size())
-    return ffi::Error::InvalidArgument("block matmul: expected x[M, K], q[(L,) N/2, bytes], scale[(L,) N/2, K/16]");
-  const int64_t M = xd[0], K = xd[1], rank = qd.size(), nb = K / kBlock;
-  const int64_t L = rank == 3 ? qd[0] : 1, tiles = qd[rank - 2], N = tiles * kTile;
-  if (K % kBlock || qd[rank - 1] != nb * kTile * (kFourBit ? kBlock / 2 : kBlock) || sd[rank - 2] != tiles ||
-      sd[rank - 1] != nb * kTile || (rank == 3 && sd[0] != L) || layer.element_count() != 1 ||
-      rows.element_count() != 1 || y->dimensions()[1] != N)
-    return ffi::Error::InvalidArgument("block matmul: weight blocks do not match x's K");
-  const int32_t l = *layer.typed_data();
-  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("block matmul: layer index out of range");
-  const int64_t layer_bytes = tiles * qd[rank - 1], layer_scales = tiles * sd[rank - 1];
-  const Weights w{static_cast<const uint8_t*>(q.untyped_data()) + l * layer_bytes, scale.typed_data() + l * layer_scales,
-                  min ? min + l * layer_scales : nullptr, nb};
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || rows.element_count() != 1) return ffi::Error::InvalidArgument("block matmul: expected x[M, K]");
+  const int64_t M = xd[0], K = xd[1];
+  Weights w;
+  int64_t N;
+  if (auto err = layer_weights<kFourBit>(q, scale, min, layer, K, w, N); err.failure()) return err;
+  if (y->dimensions()[1] != N) return ffi::Error::InvalidArgument("block matmul: y's width is not N");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
   std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
   if (live > 0) block_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
@@ -253,6 +304,31 @@ ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
 ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
   return BlockMatmul<false>(pool, x, q, scale, nullptr, layer, rows, y);
+}
+
+template <bool kFourBit>
+ffi::Error BlockDequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale, const float* min,
+                           ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  auto od = out->dimensions();
+  if (od.size() != 2) return ffi::Error::InvalidArgument("block dequantize: expected out[N, K]");
+  Weights w;
+  int64_t N;
+  if (auto err = layer_weights<kFourBit>(q, scale, min, layer, od[1], w, N); err.failure()) return err;
+  if (od[0] != N) return ffi::Error::InvalidArgument("block dequantize: out's height is not N");
+  dequantize_tiles<kFourBit>(pool, w, out->typed_data(), N, od[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error Q4Dequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> min,
+                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  if (min.element_count() != scale.element_count())
+    return ffi::Error::InvalidArgument("q4 dequantize: min and scale differ in shape");
+  return BlockDequantize<true>(pool, q, scale, min.typed_data(), layer, out);
+}
+
+ffi::Error Q8Dequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  return BlockDequantize<false>(pool, q, scale, nullptr, layer, out);
 }
 
 }  // namespace
@@ -275,5 +351,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_dequantize, Q4Dequantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_dequantize, Q8Dequantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -23,6 +23,10 @@ import numpy as np
 BLOCK = 32
 TILE = 2
 Q4_TARGET, Q8_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul"
+DEQUANTIZE_TARGETS = {True: "jaxserve_q4_dequantize", False: "jaxserve_q8_dequantize"}
+# Rows (tokens) from which a step unpacks each layer's weights to float32 and lets XLA's GEMM multiply them:
+# past ~48 rows the integer dots cost more than the unpacking (docs/benchmarks.md).
+DENSE_MIN_ROWS = 64
 
 # GGUF block types -> (our format, bytes per block)
 GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
@@ -137,3 +141,21 @@ def matmul(x, qweight, scales, mins=None, layer=None, rows=None) -> jax.Array:
     if mins is None:
         return jax.ffi.ffi_call(Q8_TARGET, out)(x, qweight, scales, layer, rows)
     return jax.ffi.ffi_call(Q4_TARGET, out)(x, qweight, scales, mins, layer, rows)
+
+
+def dequantize_layer(qweight, scales, mins=None, layer=None) -> jax.Array:
+    """One layer of (possibly stacked) weights dequantized by the kernel -> float32 [N, K]."""
+    n, k = qweight.shape[-2] * TILE, scales.shape[-1] // TILE * BLOCK
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    call = jax.ffi.ffi_call(DEQUANTIZE_TARGETS[mins is not None], jax.ShapeDtypeStruct((n, k), jnp.float32))
+    return call(qweight, scales, layer) if mins is None else call(qweight, scales, mins, layer)
+
+
+def project(x, qweight, scales, mins=None, layer=None, rows=None) -> jax.Array:
+    """x [M, K] . weights^T -> float32 [M, N], decided at trace time by M: the integer-dot kernel for small
+    steps (decode), float32 weights unpacked by the kernel and XLA's dot for many rows (prefill), whose
+    activations then stay float32."""
+    if x.shape[0] < DENSE_MIN_ROWS:
+        return matmul(x, qweight, scales, mins, layer, rows)
+    w = dequantize_layer(qweight, scales, mins, layer)
+    return jax.lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())))

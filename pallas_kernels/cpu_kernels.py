@@ -33,10 +33,13 @@ logger = logging.getLogger(__name__)
 HERE = pathlib.Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cc", HERE / "block_quant.cc")  # one library; block_quant.py wraps the second
 HEADERS = (HERE / "cpu_parallel.h",)
+# No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
+# references' roundings where they promise to.
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
 INT8_TARGET = "jaxserve_int8_matmul_kn"
 ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
-BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul")
+BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_q4_dequantize", "jaxserve_q8_dequantize")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
 MAX_KERNEL_ROWS = {False: 2, True: 4}
@@ -59,7 +62,8 @@ def _cpu_has_avx2() -> bool:
 def _library_path() -> pathlib.Path:
     """The library's path for this source and JAX build (the FFI headers it compiles against)."""
     code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    digest = hashlib.sha256(code + jax.ffi.include_dir().encode() + jax.__version__.encode())
+    digest = hashlib.sha256(code + " ".join(COMPILE_FLAGS).encode() + jax.ffi.include_dir().encode()
+                            + jax.__version__.encode())
     return _cache_dir() / f"libjaxserve_cpu_kernels-{digest.hexdigest()[:16]}.so"
 
 
@@ -69,8 +73,7 @@ def _build(compiler: str) -> pathlib.Path:
     # Build beside the target and rename: concurrent first starts never load a half-written library.
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         out = pathlib.Path(tmp) / library.name
-        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-isystem",
-               jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(out)]
+        cmd = [compiler, *COMPILE_FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, library)
     return library

@@ -65,8 +65,10 @@ def test_parity_without_prefix_cache_and_under_preemption(tiny_llama, oracle, tm
 def test_default_gguf_first_step_logits_match_transformers(oracle, tmp_path):
     from jaxserve.models.weights import default_gguf_path
 
-    llm = LLM(checkpoint_cache_dir=None, precompile=False, dtype="float32", max_model_len=256, max_num_seqs=2,
-              max_num_batched_tokens=64)
+    # Dequantized (transformers' own GGUF path); the blocks' 8-bit activations are held to the dequantized
+    # weights in test_block_quant.
+    llm = LLM(checkpoint_cache_dir=None, precompile=False, dtype="float32", quantization="none", max_model_len=256,
+              max_num_seqs=2, max_num_batched_tokens=64)
     tok = llm.get_tokenizer()
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    add_generation_prompt=True, tokenize=False)
