@@ -4,7 +4,8 @@
 
 Projections: the 30 layers' seven projections (q, k, v, o, gate, up, down; per-layer weight arrays as the
 unrolled decode step holds them) plus the tied LM head, for `rows` tokens, through XLA's bf16 dot, the bf16
-kernel and the int8 kernel. Attention: one decode step's attention for `seqs` sequences of `context` tokens
+kernel, the int8 kernel and GGUF's blocks (pallas_kernels/block_quant: 4-bit projections, an 8-bit head, as the
+default model's file holds them; from DENSE_MIN_ROWS rows, unpacked to float32 for XLA's dot). Attention: one decode step's attention for `seqs` sequences of `context` tokens
 over 30 layers' pages, XLA's gather path against the kernel. Milliseconds per pass, median of --repeats.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.pallas_kernels import attention, cpu_kernels
+from jaxserve.pallas_kernels import attention, block_quant, cpu_kernels
 
 LAYERS, HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 30, 576, 1536, 9, 3, 64, 49152
 PROJECTIONS = [(HIDDEN, HIDDEN), (HIDDEN, 192), (HIDDEN, 192), (HIDDEN, HIDDEN), (HIDDEN, MLP), (HIDDEN, MLP),
@@ -47,7 +48,7 @@ def projection_stack(project):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 32])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 32, 128])
     ap.add_argument("--seqs", type=int, nargs="+", default=[2, 32])
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=15)
@@ -58,19 +59,33 @@ def main() -> None:
     layers = [[bf16(k, n) for k, n in PROJECTIONS] for _ in range(LAYERS)]
     int8_layers = [[cpu_kernels.quantize_int8(w) for w in weights] for weights in layers]
     embedding = bf16(VOCAB, HIDDEN)
+
+    def blocks(fmt, n, k):  # random tiled blocks of GGUF's formats
+        nb = k // block_quant.BLOCK
+        scales = rng.uniform(0.001, 0.01, (n, nb)).astype(np.float32)
+        if fmt == "q8":
+            return block_quant.tile({"qweight": rng.integers(-127, 128, (n, nb, 32), dtype=np.int8), "scales": scales})
+        return block_quant.tile({"qweight": rng.integers(0, 256, (n, nb, 16), dtype=np.uint8), "scales": scales,
+                                 "mins": -8 * scales})
+    q4_layers = [[tuple(map(jnp.asarray, blocks("q4", n, k).values())) for k, n in PROJECTIONS] for _ in range(LAYERS)]
+    q8_embedding = tuple(map(jnp.asarray, blocks("q8", VOCAB, HIDDEN).values()))
     weight_mb = sum(w.size * 2 for weights in layers for w in weights) / 1e6
     print(f"projections: {weight_mb:.0f} MB of bf16 weights per pass; head {embedding.size * 2 / 1e6:.0f} MB")
-    print("| rows | XLA bf16 dot | bf16 kernel | int8 kernel | head: XLA | head: kernel |")
-    print("|---|---|---|---|---|---|")
+    print("| rows | XLA bf16 dot | bf16 kernel | int8 kernel | q4 blocks | head: XLA | head: kernel | head: q8 blocks |")
+    print("|---|---|---|---|---|---|---|---|")
     xla = projection_stack(cpu_kernels.matmul)
     kernel = projection_stack(cpu_kernels.kernel_matmul)
     int8 = projection_stack(lambda x, qs: cpu_kernels.int8_matmul(x, *qs))
+    q4 = projection_stack(lambda x, w: block_quant.project(x.astype(jnp.float32), *w))
     head_xla = jax.jit(lambda x, e: cpu_kernels.matmul(x, e, True))
     head_kernel = jax.jit(lambda x, e: cpu_kernels.kernel_matmul(x, e, True))
+    head_q8 = jax.jit(lambda x, e: block_quant.project(x.astype(jnp.float32), *e))
     for rows in args.rows:
         x = bf16(rows, MLP)
-        cells = [timed(f, x, w, repeats=args.repeats) for f, w in ((xla, layers), (kernel, layers), (int8, int8_layers))]
-        head = [timed(f, x[:, :HIDDEN], embedding, repeats=args.repeats) for f in (head_xla, head_kernel)]
+        cells = [timed(f, x, w, repeats=args.repeats)
+                 for f, w in ((xla, layers), (kernel, layers), (int8, int8_layers), (q4, q4_layers))]
+        head = [timed(f, x[:, :HIDDEN], e, repeats=args.repeats)
+                for f, e in ((head_xla, embedding), (head_kernel, embedding), (head_q8, q8_embedding))]
         print(f"| {rows} | " + " | ".join(f"{ms:.1f}" for ms in cells + head) + " |", flush=True)
 
     page_size = 16

@@ -7,11 +7,13 @@
 // (w = scale * q). Rows are interleaved in tiles of two (see kTile). A decode step streams 0.75 (4-bit) or 1.125 (8-bit) bytes per weight instead
 // of bfloat16's 2.
 //
-// Activations are quantized per row and block to int8 with their own scale (llama.cpp's Q8_1, rounding half
-// to even), so each block's dot product is exact integer arithmetic (vpmaddubsw / vpmaddwd), scaled and
-// summed in float32:
-//   y[m, n] = sum_b (xs[m, b] * scale[n, b]) * sum_j xq[m, b, j] * q[n, b, j] + min[n, b] * xsum[m, b]
-// with xsum[m, b] = xs[m, b] * sum_j xq[m, b, j].
+// Activations are quantized per row and block of 32 to two int8 planes, so each block's dot product is
+// exact integer arithmetic (vpmaddubsw / vpmaddwd), scaled and summed in float32. The coarse plane c is x in
+// units of d = max|x| / 127 (llama.cpp's Q8_1 stops there; on the default model that moved "Paris" off the
+// top of "What is the capital of France?"); the fine plane f is what c leaves over in units of d / 128
+// (|f| <= 64), so x ~= (d / 128) * (128 c + f) to about 14 bits. Rounding is half to even throughout.
+//   y[m, n] = sum_b xs[m, b] * scale[n, b] * sum_j (128 c + f)[m, b, j] * q[n, b, j] + min[n, b] * xsum[m, b]
+// with xs = d / 128 and xsum[m, b] = xs[m, b] * sum_j (128 c + f)[m, b, j].
 //
 // Weights may be stacked over layers ([L, N, ...]) and picked by a layer-index operand, so a scanned step
 // reads them in place instead of slicing a copy per layer. A row-count operand says how many leading rows of
@@ -38,9 +40,11 @@ using jaxserve::parallel_blocks;
 
 constexpr int64_t kBlock = 32;
 
-// x's rows quantized per block of 32: q [M, K], scale and sum [M, K / 32].
+// x's rows quantized per block of 32: coarse and fine planes [M, K], scale (of the fine unit) and sum
+// [M, K / 32].
 struct QuantizedRows {
-  std::vector<int8_t> q;
+  std::vector<int8_t> coarse, fine;
+  std::vector<int16_t> combined;  // 128 c + f as int16 (|.| < 2^14), for 8-bit weights
   std::vector<float> scale, sum;
 };
 
@@ -57,9 +61,15 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// One block of 32 floats -> 32 int8 (round half to even), its scale and its sum; the reference computes
-// the same float32 expressions (amax / 127, then x * (1 / scale)).
-void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+inline __m256i pack_int8(const __m256i n[4]) {
+  // packs interleave the 128-bit lanes; the permute puts the 32 values back in order.
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// One block of 32 floats -> its two int8 planes, the fine unit and the block's sum; the reference
+// (block_quant.quantize_activations) computes the same float32 expressions in the same order.
+void quantize_block(const float* x, int8_t* coarse, int8_t* fine, int16_t* combined, float* scale, float* sum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -71,27 +81,44 @@ void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   const float d = _mm_cvtss_f32(m) / 127.0f;
-  const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-  __m256i n[4];
-  for (int i = 0; i < 4; ++i)
-    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const int32_t total = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3])));
-  // packs interleave the 128-bit lanes; the permute puts the 32 values back in order.
-  __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-  packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
-  *scale = d;
-  *sum = d * static_cast<float>(total);
+  const float inverse = d > 0.0f ? 1.0f / d : 0.0f;
+  const __m256 dv = _mm256_set1_ps(d), inv = _mm256_set1_ps(inverse), inv_fine = _mm256_set1_ps(inverse * 128.0f);
+  const __m256 limit = _mm256_set1_ps(127.0f);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m256i c[4], f[4], t[4];
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 rc = _mm256_round_ps(_mm256_mul_ps(v[i], inv), kRound);
+    const __m256 rest = _mm256_sub_ps(v[i], _mm256_mul_ps(rc, dv));
+    const __m256 rf = _mm256_max_ps(_mm256_min_ps(_mm256_round_ps(_mm256_mul_ps(rest, inv_fine), kRound), limit),
+                                    _mm256_sub_ps(_mm256_setzero_ps(), limit));
+    c[i] = _mm256_cvtps_epi32(rc);
+    f[i] = _mm256_cvtps_epi32(rf);
+    t[i] = _mm256_add_epi32(_mm256_slli_epi32(c[i], 7), f[i]);
+    total = _mm256_add_epi32(total, t[i]);
+  }
+  if (combined)  // packs interleave the lanes; the 64-bit permute restores the order
+    for (int i = 0; i < 2; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(combined + 16 * i),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(t[2 * i], t[2 * i + 1]), 0xd8));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(coarse), pack_int8(c));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(fine), pack_int8(f));
+  *scale = d / 128.0f;
+  *sum = *scale * static_cast<float>(hsum_epi32(total));
 }
 
-void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, QuantizedRows& out) {
+void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, bool with_combined,
+                   QuantizedRows& out) {
   const int64_t nb = K / kBlock;
-  out.q.resize(M * K);
+  out.coarse.resize(M * K);
+  out.fine.resize(M * K);
+  if (with_combined) out.combined.resize(M * K);
   out.scale.resize(M * nb);
   out.sum.resize(M * nb);
   auto rows = [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * nb; i < m1 * nb; ++i)
-      quantize_block(x + i * kBlock, out.q.data() + i * kBlock, &out.scale[i], &out.sum[i]);
+      quantize_block(x + i * kBlock, out.coarse.data() + i * kBlock, out.fine.data() + i * kBlock,
+                     with_combined ? out.combined.data() + i * kBlock : nullptr, &out.scale[i], &out.sum[i]);
   };
   const int64_t rows_per_task = 16;
   if (M <= rows_per_task) return rows(0, M);
@@ -127,18 +154,39 @@ inline TileBlock load_tile_block(const uint8_t* q, std::true_type /*four bit*/) 
   return {_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16(v, 4), low)};
 }
 
-inline TileBlock load_tile_block(const uint8_t* q, std::false_type /*eight bit*/) {
-  const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kBlock));
-  return {_mm256_permute2x128_si256(r0, r1, 0x20), _mm256_permute2x128_si256(r0, r1, 0x31)};
+// A tile's two 8-bit blocks widened to int16: row 0 values 0-15, 16-31, row 1 values 0-15, 16-31.
+struct WideTileBlock {
+  __m256i w[4];
+};
+
+inline WideTileBlock load_tile_block(const uint8_t* q, std::false_type /*eight bit*/) {
+  WideTileBlock out;
+  for (int i = 0; i < 4; ++i)
+    out.w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * i)));
+  return out;
 }
 
-// Pairwise products summed to int16 (a pair stays below 2^15: |x| <= 127, w 4-bit unsigned or |w| <= 127).
-template <bool kFourBit>
-inline __m256i pair_products(__m256i w, __m256i x) {
-  if (kFourBit) return _mm256_maddubs_epi16(w, x);
-  // vpmaddubsw multiplies unsigned by signed: move w's sign onto x.
-  return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+// One int8 activation plane's block against a 4-bit tile block (vpmaddubsw: unsigned 4-bit weights times
+// signed activations, pairs below 2^13 so both halves add up in int16): int32 lanes 0-3 sum row 0, 4-7 row 1.
+inline __m256i plane_dot(const TileBlock& wb, const int8_t* xb) {
+  const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
+  const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(wb.first, x0), _mm256_maddubs_epi16(wb.second, x1));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+// (128 c + f) . w for one row and block: 4-bit weights through the two int8 planes, 8-bit ones (signed, which
+// vpmaddubsw cannot take) as int16 products with the combined plane. Lanes 0-3: row 0 of the tile, 4-7: row 1.
+inline __m256i block_dot(const TileBlock& wb, const QuantizedRows& x, int64_t at) {
+  return _mm256_add_epi32(_mm256_slli_epi32(plane_dot(wb, x.coarse.data() + at), 7), plane_dot(wb, x.fine.data() + at));
+}
+
+inline __m256i block_dot(const WideTileBlock& wb, const QuantizedRows& x, int64_t at) {
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.combined.data() + at));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.combined.data() + at + 16));
+  const __m256i r0 = _mm256_add_epi32(_mm256_madd_epi16(wb.w[0], x0), _mm256_madd_epi16(wb.w[1], x1));
+  const __m256i r1 = _mm256_add_epi32(_mm256_madd_epi16(wb.w[2], x0), _mm256_madd_epi16(wb.w[3], x1));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(r0, r1, 0x20), _mm256_permute2x128_si256(r0, r1, 0x31));
 }
 
 // y[m0:m0+MR, the tile's two outputs], walking K in blocks: each tile block is loaded once for MR rows.
@@ -148,24 +196,16 @@ void dot_tile(const QuantizedRows& x, int64_t K, const Weights& w, int64_t m0, i
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
   const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
   const float* scale = w.scale + tile * w.nb * kTile;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.nb; ++b, q += kTile * kBlockBytes, scale += kTile) {
     _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(scale) + kPrefetchBytes / 2, _MM_HINT_T0);
-    const TileBlock wb = load_tile_block(q, std::integral_constant<bool, kFourBit>());
+    const auto wb = load_tile_block(q, std::integral_constant<bool, kFourBit>());
     const __m256 ws = _mm256_set_m128(_mm_broadcast_ss(scale + 1), _mm_broadcast_ss(scale));
     for (int m = 0; m < MR; ++m) {
-      const int8_t* xb = x.q.data() + (m0 + m) * K + b * kBlock;
-      const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
-      const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
-      // 4-bit pairs sum below 2^13, so both halves add up in int16 first; 8-bit ones would overflow.
-      const __m256i dot =
-          kFourBit ? _mm256_madd_epi16(_mm256_add_epi16(pair_products<true>(wb.first, x0),
-                                                        pair_products<true>(wb.second, x1)), ones)
-                   : _mm256_add_epi32(_mm256_madd_epi16(pair_products<false>(wb.first, x0), ones),
-                                      _mm256_madd_epi16(pair_products<false>(wb.second, x1), ones));
+      const int64_t at = (m0 + m) * K + b * kBlock;
+      const __m256i dot = block_dot(wb, x, at);
       const __m256 xs = _mm256_broadcast_ss(&x.scale[(m0 + m) * w.nb + b]);
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, xs), acc[m]);
     }
@@ -207,7 +247,7 @@ template <bool kFourBit>
 void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K,
                   int64_t N) {
   QuantizedRows x;
-  quantize_rows(pool, xf, M, K, x);
+  quantize_rows(pool, xf, M, K, /*with_combined=*/!kFourBit, x);
   const int64_t tiles = N / kTile;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
   const int64_t per_task = (tiles + tasks - 1) / tasks;

@@ -2,7 +2,8 @@
 
 A decode step on the CPU is a stream of weights: a 4-bit block streams 0.75 bytes per weight against
 bfloat16's 2. The kernels (block_quant.cc, built with cpu_kernels.py's library) quantize each activation row
-per block to int8, as llama.cpp does for these formats, and take every block's dot product in integers.
+per block to two int8 planes (about 14 bits; llama.cpp's single 8-bit plane visibly changed the default
+model's answers) and take every block's dot product in integers.
 
 Two formats, a row of 32-value blocks per output (GGUF's own rows), interleaved in tiles of TILE rows block
 by block so the kernel reads each array as one sequential stream:
@@ -109,21 +110,27 @@ def lookup_rows(qweight, scales, mins, ids):
 
 
 def quantize_activations(x: jax.Array):
-    """x [M, K] float32 -> (int8 q [M, K/32, 32], scale [M, K/32], scale * sum(q) [M, K/32]): each block scaled
-    so its largest magnitude maps to 127, rounded half to even (the kernel's arithmetic, operation for op)."""
+    """x [M, K] float32 -> (int32 values [M, K/32, 32], fine unit [M, K/32], sum [M, K/32]) with x ~= unit *
+    values to about 14 bits: per block, a coarse int8 plane c in units of d = max|x| / 127 and a fine one f
+    (what c leaves, in units of d / 128, |f| <= 64) make values = 128 c + f. The kernel's arithmetic, op for op
+    (both planes rounded half to even)."""
     blocks = x.astype(jnp.float32).reshape(x.shape[0], -1, BLOCK)
-    scale = jnp.max(jnp.abs(blocks), axis=-1) / jnp.float32(127.0)
-    inverse = jnp.where(scale > 0, jnp.float32(1.0) / jnp.where(scale > 0, scale, 1.0), 0.0)
-    q = jnp.round(blocks * inverse[..., None]).astype(jnp.int32)
-    return q.astype(jnp.int8), scale, scale * jnp.sum(q, axis=-1).astype(jnp.float32)
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / jnp.float32(127.0)
+    inverse = jnp.where(d > 0, jnp.float32(1.0) / jnp.where(d > 0, d, 1.0), 0.0)
+    coarse = jnp.round(blocks * inverse)
+    rest = blocks - coarse * d
+    fine = jnp.clip(jnp.round(rest * (inverse * 128.0)), -127, 127)
+    values = (128 * coarse.astype(jnp.int32) + fine.astype(jnp.int32))
+    unit = d[..., 0] / 128.0
+    return values, unit, unit * jnp.sum(values, axis=-1).astype(jnp.float32)
 
 
 def reference_matmul(x, qweight, scales, mins=None):
     """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights)."""
-    q, x_scale, x_sum = quantize_activations(x)
+    values, x_scale, x_sum = quantize_activations(x)
     blocks = scales.shape[-1] // TILE
     w = _values(qweight, blocks, mins is not None).astype(jnp.int32)
-    dots = jnp.einsum("mbj,nbj->mnb", q.astype(jnp.int32), w).astype(jnp.float32)  # exact integers
+    dots = jnp.einsum("mbj,nbj->mnb", values, w).astype(jnp.float32)  # exact integers
     y = jnp.sum(dots * (x_scale[:, None, :] * _untile(scales, blocks)[None, :, :, 0]), axis=-1)
     if mins is not None:
         y = y + x_sum @ _untile(mins, blocks)[:, :, 0].T

@@ -44,7 +44,7 @@ def test_kernel_matches_the_reference(fmt, m, n, k):
     got = np.asarray(jax.jit(block_quant.matmul)(x, *weights_args(w)))
     want = np.asarray(block_quant.reference_matmul(x, *weights_args(w)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    # The reference is a product with the dequantized weights, up to the activations' 8-bit rounding.
+    # The reference is a product with the dequantized weights, up to the activations. ~14-bit rounding.
     exact = x @ block_quant.dequantize(*weights_args(w)).T
     assert np.abs(want - exact).max() < 0.02 * np.abs(exact).max()
     # Rows past `rows` (a step's padding) are not computed and come out zero; the others are unchanged.
@@ -78,8 +78,8 @@ def test_many_rows_multiply_the_unpacked_weights(fmt):
     got = np.asarray(jax.jit(block_quant.project)(x, *weights_args(w), 1))
     exact = x @ block_quant.dequantize(*weights_args({k: v[1] for k, v in w.items()})).T
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
-    fewer = np.asarray(jax.jit(block_quant.project)(x[:rows - 1], *weights_args(w), 1))  # the 8-bit kernel
-    assert 0 < np.abs(fewer - exact[:rows - 1]).max() < 0.02 * np.abs(exact).max()
+    fewer = np.asarray(jax.jit(block_quant.project)(x[:rows - 1], *weights_args(w), 1))  # the integer kernel
+    assert 0 < np.abs(fewer - exact[:rows - 1]).max() < 2e-4 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
@@ -131,8 +131,9 @@ def test_block_engine_agrees_with_dequantized_weights_and_across_batches(tmp_pat
     dense = reference.generate(prompts, SamplingParams(temperature=0, max_tokens=1, logprobs=3))
     for got, want in zip(together, dense):
         first = want.outputs[0].logprobs[0]
-        for token, lp in first.items():  # the top-3 logprobs of the first step, up to the 8-bit activations
-            assert abs(got.outputs[0].logprobs[0][token].logprob - lp.logprob) < 0.15
+        # The top-3 logprobs of the first step, up to the ~14-bit activations (8-bit ones missed by 0.06 here).
+        for token, lp in first.items():
+            assert abs(got.outputs[0].logprobs[0][token].logprob - lp.logprob) < 0.03
 
 
 def test_quantization_choices(random_llama_dir, tmp_path):
