@@ -91,6 +91,7 @@ def resolve_attention_backend(backend: str, num_devices: int = 1) -> str:
 
 
 QUANTIZATIONS = ("gguf", "int8", "none")
+BLOCK_LAYOUT_VERSION = 1  # bump when pallas_kernels/block_quant's packed layout changes
 
 
 def resolve_block_formats(quantization: str | None, source, kernels_here: bool) -> tuple[tuple[str, str], ...]:
@@ -153,7 +154,9 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     on_cpu = jax.default_backend() == "cpu"
     formats = resolve_block_formats(config.quantization, source,
                                     on_cpu and mesh.size == 1 and not multihost and cpu_kernels.available())
-    key = {"source": source_identity(source), "dtype": dtype, "format": 1, **({"blocks": formats} if formats else {})}
+    # Block layouts carry their own version: a cache entry's arrays are used as they are.
+    blocks = {"blocks": formats, "block_layout": BLOCK_LAYOUT_VERSION} if formats else {}
+    key = {"source": source_identity(source), "dtype": dtype, "format": 1, **blocks}
     keep_blocks = frozenset(module for module, _ in formats)
     build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source, keep_blocks)), dtype, formats)
     checkpoint_files = None
