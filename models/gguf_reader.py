@@ -8,7 +8,9 @@ types, block sizes and dequantization kernels.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -136,7 +138,15 @@ class _Cursor:
 
 
 def read_gguf_header(path: str) -> GGUFHeader:
-    """Parse a GGUF file's metadata and tensor directory (no tensor data is read)."""
+    """Parse a GGUF file's metadata and tensor directory (no tensor data is read). A start-up asks for it
+    several times (config, tokenizer, weight formats, weights), ~0.15 s a parse: the last few parses are kept,
+    keyed by the file's identity, so an edited or replaced file is parsed anew. Treat the result as read-only."""
+    st = os.stat(path)
+    return _parse_gguf_header(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_gguf_header(path: str, size: int, mtime_ns: int) -> GGUFHeader:
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(mm), path)
     if bytes(cur.buf[:4]) != GGUF_MAGIC:

@@ -4,8 +4,8 @@
 // Weights stay in their 32-value blocks, a row of blocks per output: a 4-bit block is 16 bytes of nibbles
 // (byte j holds value j in its low nibble and value j + 16 in its high one, GGUF's order) with a float32
 // scale and min (w = scale * q + min, q in [0, 15]); an 8-bit block is 32 int8 values with a scale
-// (w = scale * q). Rows are interleaved in tiles of two (see kTile). A decode step streams 0.75 (4-bit) or 1.125 (8-bit) bytes per weight instead
-// of bfloat16's 2.
+// (w = scale * q). Rows are interleaved in tiles of two (see kTile). A decode step streams 0.75 (4-bit) or
+// 1.125 (8-bit) bytes per weight instead of bfloat16's 2.
 //
 // Activations are quantized per row and block of 32 to two int8 planes, so each block's dot product is
 // exact integer arithmetic (vpmaddubsw / vpmaddwd), scaled and summed in float32. The coarse plane c is x in
@@ -40,11 +40,11 @@ using jaxserve::parallel_blocks;
 
 constexpr int64_t kBlock = 32;
 
-// x's rows quantized per block of 32: coarse and fine planes [M, K], scale (of the fine unit) and sum
-// [M, K / 32].
+// x's rows quantized per block of 32: the planes [M, K] (coarse and fine for 4-bit weights, combined for 8-bit
+// ones), scale (of the fine unit) and sum [M, K / 32].
 struct QuantizedRows {
   std::vector<int8_t> coarse, fine;
-  std::vector<int16_t> combined;  // 128 c + f as int16 (|.| < 2^14), for 8-bit weights
+  std::vector<int16_t> combined;  // 128 c + f as int16 (|.| < 2^14)
   std::vector<float> scale, sum;
 };
 
@@ -67,7 +67,8 @@ inline __m256i pack_int8(const __m256i n[4]) {
   return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// One block of 32 floats -> its two int8 planes, the fine unit and the block's sum; the reference
+// One block of 32 floats -> its two int8 planes or their int16 combination (whichever pointer is given), the
+// fine unit and the block's sum; the reference
 // (block_quant.quantize_activations) computes the same float32 expressions in the same order.
 void quantize_block(const float* x, int8_t* coarse, int8_t* fine, int16_t* combined, float* scale, float* sum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -101,24 +102,29 @@ void quantize_block(const float* x, int8_t* coarse, int8_t* fine, int16_t* combi
     for (int i = 0; i < 2; ++i)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(combined + 16 * i),
                           _mm256_permute4x64_epi64(_mm256_packs_epi32(t[2 * i], t[2 * i + 1]), 0xd8));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(coarse), pack_int8(c));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(fine), pack_int8(f));
+  if (coarse) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(coarse), pack_int8(c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(fine), pack_int8(f));
+  }
   *scale = d / 128.0f;
   *sum = *scale * static_cast<float>(hsum_epi32(total));
 }
 
-void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, bool with_combined,
-                   QuantizedRows& out) {
+void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, bool four_bit, QuantizedRows& out) {
   const int64_t nb = K / kBlock;
-  out.coarse.resize(M * K);
-  out.fine.resize(M * K);
-  if (with_combined) out.combined.resize(M * K);
+  if (four_bit) {
+    out.coarse.resize(M * K);
+    out.fine.resize(M * K);
+  } else {
+    out.combined.resize(M * K);
+  }
   out.scale.resize(M * nb);
   out.sum.resize(M * nb);
   auto rows = [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * nb; i < m1 * nb; ++i)
-      quantize_block(x + i * kBlock, out.coarse.data() + i * kBlock, out.fine.data() + i * kBlock,
-                     with_combined ? out.combined.data() + i * kBlock : nullptr, &out.scale[i], &out.sum[i]);
+      quantize_block(x + i * kBlock, four_bit ? out.coarse.data() + i * kBlock : nullptr,
+                     four_bit ? out.fine.data() + i * kBlock : nullptr,
+                     four_bit ? nullptr : out.combined.data() + i * kBlock, &out.scale[i], &out.sum[i]);
   };
   const int64_t rows_per_task = 16;
   if (M <= rows_per_task) return rows(0, M);
@@ -251,7 +257,7 @@ template <bool kFourBit>
 void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K,
                   int64_t N) {
   QuantizedRows x;
-  quantize_rows(pool, xf, M, K, /*with_combined=*/!kFourBit, x);
+  quantize_rows(pool, xf, M, K, kFourBit, x);
   const int64_t tiles = N / kTile;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
   const int64_t per_task = (tiles + tasks - 1) / tasks;

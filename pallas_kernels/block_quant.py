@@ -92,21 +92,11 @@ def dequantize(qweight, scales, mins=None):
 
 
 def lookup_rows(qweight, scales, mins, ids):
-    """Rows `ids` of tiled weights [N/TILE, ...] dequantized -> float32 [len(ids), K] (an embedding lookup)."""
-    tiles, pick = ids // TILE, ids % TILE
-    blocks = scales.shape[-1] // TILE
-
-    def rows(a):  # [T, blocks * TILE * E] -> [T, blocks, E] at each id's slot in its tile
-        a = jnp.take(a, tiles, axis=0).reshape(ids.shape[0], blocks, TILE, -1)
-        return jnp.take_along_axis(a, pick[:, None, None, None], axis=2)[:, :, 0]
-
-    q = rows(qweight)
-    if mins is not None:
-        q = jnp.concatenate([q & 0x0F, q >> 4], axis=-1)
-    out = q.astype(jnp.float32) * rows(scales)
-    if mins is not None:
-        out = out + rows(mins)
-    return out.reshape(ids.shape[0], -1)
+    """Rows `ids` of tiled weights [N/TILE, ...] dequantized -> float32 [len(ids), K] (an embedding lookup):
+    each id's tile is dequantized and its row picked."""
+    tiles = [jnp.take(a, ids // TILE, axis=0) for a in (qweight, scales, mins) if a is not None]
+    rows = dequantize(*tiles).reshape(ids.shape[0], TILE, -1)  # [T, TILE, K]
+    return jnp.take_along_axis(rows, (ids % TILE)[:, None, None], axis=1)[:, 0]
 
 
 def quantize_activations(x: jax.Array):
