@@ -7,11 +7,12 @@
 // (w = scale * q). Rows are interleaved in tiles of two (see kTile). A decode step streams 0.75 (4-bit) or
 // 1.125 (8-bit) bytes per weight instead of bfloat16's 2.
 //
-// Activations are quantized per row and block of 32 to two int8 planes, so each block's dot product is
-// exact integer arithmetic (vpmaddubsw / vpmaddwd), scaled and summed in float32. The coarse plane c is x in
-// units of d = max|x| / 127 (llama.cpp's Q8_1 stops there; on the default model that moved "Paris" off the
-// top of "What is the capital of France?"); the fine plane f is what c leaves over in units of d / 128
-// (|f| <= 64), so x ~= (d / 128) * (128 c + f) to about 14 bits. Rounding is half to even throughout.
+// Activations are quantized per row and block of 32 to about 14 bits, so each block's dot product is exact
+// integer arithmetic (vpmaddwd on int16), scaled and summed in float32. A coarse value c is x in units of
+// d = max|x| / 127 (llama.cpp's Q8_1 stops there; on the default model that moved "Paris" off the top of
+// "What is the capital of France?"); a fine one f is what c leaves over in units of d / 128 (|f| <= 64), and
+// the kernels multiply 128 c + f, x ~= (d / 128) * (128 c + f). Rounding is half to even throughout. (Two
+// int8 planes through vpmaddubsw were the first form: three multiplies per 32 products where int16 takes two.)
 //   y[m, n] = sum_b xs[m, b] * scale[n, b] * sum_j (128 c + f)[m, b, j] * q[n, b, j] + min[n, b] * xsum[m, b]
 // with xs = d / 128 and xsum[m, b] = xs[m, b] * sum_j (128 c + f)[m, b, j].
 //
@@ -40,12 +41,13 @@ using jaxserve::parallel_blocks;
 
 constexpr int64_t kBlock = 32;
 
-// x's rows quantized per block of 32: the planes [M, K] (coarse and fine for 4-bit weights, combined for 8-bit
-// ones), scale (of the fine unit) and sum [M, K / 32].
+// x's rows quantized per block of 32: the values 128 c + f as int16 [M, K] (|.| < 2^14), the fine unit
+// (scale) and the block's sum [M, K / 32], and the sums again block-major [K / 32, M rounded up to 8] (zero
+// past M) for the 4-bit mins, which meet eight rows' sums in one vector.
 struct QuantizedRows {
-  std::vector<int8_t> coarse, fine;
-  std::vector<int16_t> combined;  // 128 c + f as int16 (|.| < 2^14)
-  std::vector<float> scale, sum;
+  std::vector<int16_t> values;
+  std::vector<float> scale, sum, sum_by_block;
+  int64_t padded_rows = 0;
 };
 
 inline float hsum4(__m128 s) {
@@ -61,16 +63,9 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline __m256i pack_int8(const __m256i n[4]) {
-  // packs interleave the 128-bit lanes; the permute puts the 32 values back in order.
-  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
-// One block of 32 floats -> its two int8 planes or their int16 combination (whichever pointer is given), the
-// fine unit and the block's sum; the reference
+// One block of 32 floats -> its int16 values 128 c + f, the fine unit and the block's sum; the reference
 // (block_quant.quantize_activations) computes the same float32 expressions in the same order.
-void quantize_block(const float* x, int8_t* coarse, int8_t* fine, int16_t* combined, float* scale, float* sum) {
+void quantize_block(const float* x, int16_t* values, float* scale, float* sum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -86,50 +81,43 @@ void quantize_block(const float* x, int8_t* coarse, int8_t* fine, int16_t* combi
   const __m256 dv = _mm256_set1_ps(d), inv = _mm256_set1_ps(inverse), inv_fine = _mm256_set1_ps(inverse * 128.0f);
   const __m256 limit = _mm256_set1_ps(127.0f);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  __m256i c[4], f[4], t[4];
+  __m256i t[4];
   __m256i total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     const __m256 rc = _mm256_round_ps(_mm256_mul_ps(v[i], inv), kRound);
     const __m256 rest = _mm256_sub_ps(v[i], _mm256_mul_ps(rc, dv));
     const __m256 rf = _mm256_max_ps(_mm256_min_ps(_mm256_round_ps(_mm256_mul_ps(rest, inv_fine), kRound), limit),
                                     _mm256_sub_ps(_mm256_setzero_ps(), limit));
-    c[i] = _mm256_cvtps_epi32(rc);
-    f[i] = _mm256_cvtps_epi32(rf);
-    t[i] = _mm256_add_epi32(_mm256_slli_epi32(c[i], 7), f[i]);
+    t[i] = _mm256_add_epi32(_mm256_slli_epi32(_mm256_cvtps_epi32(rc), 7), _mm256_cvtps_epi32(rf));
     total = _mm256_add_epi32(total, t[i]);
   }
-  if (combined)  // packs interleave the lanes; the 64-bit permute restores the order
-    for (int i = 0; i < 2; ++i)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(combined + 16 * i),
-                          _mm256_permute4x64_epi64(_mm256_packs_epi32(t[2 * i], t[2 * i + 1]), 0xd8));
-  if (coarse) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(coarse), pack_int8(c));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(fine), pack_int8(f));
-  }
+  for (int i = 0; i < 2; ++i)  // packs interleave the lanes; the 64-bit permute restores the order
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 16 * i),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(t[2 * i], t[2 * i + 1]), 0xd8));
   *scale = d / 128.0f;
   *sum = *scale * static_cast<float>(hsum_epi32(total));
 }
 
-void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, bool four_bit, QuantizedRows& out) {
+void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, QuantizedRows& out) {
   const int64_t nb = K / kBlock;
-  if (four_bit) {
-    out.coarse.resize(M * K);
-    out.fine.resize(M * K);
-  } else {
-    out.combined.resize(M * K);
-  }
+  out.values.resize(M * K);
   out.scale.resize(M * nb);
   out.sum.resize(M * nb);
   auto rows = [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * nb; i < m1 * nb; ++i)
-      quantize_block(x + i * kBlock, four_bit ? out.coarse.data() + i * kBlock : nullptr,
-                     four_bit ? out.fine.data() + i * kBlock : nullptr,
-                     four_bit ? nullptr : out.combined.data() + i * kBlock, &out.scale[i], &out.sum[i]);
+      quantize_block(x + i * kBlock, out.values.data() + i * kBlock, &out.scale[i], &out.sum[i]);
   };
   const int64_t rows_per_task = 16;
-  if (M <= rows_per_task) return rows(0, M);
-  parallel_blocks(pool, (M + rows_per_task - 1) / rows_per_task,
-                  [&](int64_t t) { rows(t * rows_per_task, std::min(M, (t + 1) * rows_per_task)); });
+  if (M <= rows_per_task) {
+    rows(0, M);
+  } else {
+    parallel_blocks(pool, (M + rows_per_task - 1) / rows_per_task,
+                    [&](int64_t t) { rows(t * rows_per_task, std::min(M, (t + 1) * rows_per_task)); });
+  }
+  out.padded_rows = (M + 7) / 8 * 8;
+  out.sum_by_block.assign(nb * out.padded_rows, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) out.sum_by_block[b * out.padded_rows + m] = out.sum[m * nb + b];
 }
 
 // Weights come in tiles of kTile output rows, interleaved block by block ([N / kTile, blocks, kTile, block]
@@ -146,87 +134,81 @@ struct Weights {
   int64_t nb;        // blocks per row
 };
 
-// A tile's two weight blocks as two vectors of 16 + 16 values: first halves (values 0-15 of row 0 | of row 1)
-// and second halves (values 16-31 of each). Against an activation block's halves broadcast to both lanes,
-// one integer dot covers both rows; the int32 lanes 0-3 sum row 0, lanes 4-7 row 1.
+// A tile's two weight blocks widened to int16 as four vectors, w[i] = (row 0's values 8i..8i+7 | row 1's),
+// so that one activation block's eight values broadcast to both lanes meet both rows: after four vpmaddwd
+// the int32 lanes 0-3 sum row 0, lanes 4-7 row 1.
 struct TileBlock {
-  __m256i first, second;
-};
-
-inline TileBlock load_tile_block(const uint8_t* q, std::true_type /*four bit*/) {
-  // GGUF's nibble order: byte j holds value j (low) and value j + 16 (high); the two rows' 16 bytes adjoin.
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  return {_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16(v, 4), low)};
-}
-
-// A tile's two 8-bit blocks widened to int16: row 0 values 0-15, 16-31, row 1 values 0-15, 16-31.
-struct WideTileBlock {
   __m256i w[4];
 };
 
-inline WideTileBlock load_tile_block(const uint8_t* q, std::false_type /*eight bit*/) {
-  WideTileBlock out;
+inline TileBlock load_tile_block(const uint8_t* q, std::true_type /*four bit*/) {
+  // GGUF's nibble order: byte j holds value j (low) and value j + 16 (high); the two rows' 16 bytes adjoin,
+  // one per lane, and the in-lane unpacks widen each lane's bytes 0-7 and 8-15.
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i nibble = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+  return {{_mm256_unpacklo_epi8(low, zero), _mm256_unpackhi_epi8(low, zero), _mm256_unpacklo_epi8(high, zero),
+           _mm256_unpackhi_epi8(high, zero)}};
+}
+
+inline TileBlock load_tile_block(const uint8_t* q, std::false_type /*eight bit*/) {
+  // row 0's 32 bytes, then row 1's; sign-extended by unpacking each byte beside itself and shifting.
+  const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+  const __m256i first = _mm256_permute2x128_si256(r0, r1, 0x20), second = _mm256_permute2x128_si256(r0, r1, 0x31);
+  return {{_mm256_srai_epi16(_mm256_unpacklo_epi8(first, first), 8),
+           _mm256_srai_epi16(_mm256_unpackhi_epi8(first, first), 8),
+           _mm256_srai_epi16(_mm256_unpacklo_epi8(second, second), 8),
+           _mm256_srai_epi16(_mm256_unpackhi_epi8(second, second), 8)}};
+}
+
+// (128 c + f) . w for one row's block against both rows of a tile block: exact in int32 (|w| <= 127, so each
+// product pair stays below 2^22). Lanes 0-3: row 0 of the tile, 4-7: row 1.
+inline __m256i block_dot(const TileBlock& wb, const int16_t* xb) {
+  __m256i sum[4];
   for (int i = 0; i < 4; ++i)
-    out.w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * i)));
-  return out;
+    sum[i] = _mm256_madd_epi16(
+        wb.w[i], _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 8 * i))));
+  return _mm256_add_epi32(_mm256_add_epi32(sum[0], sum[1]), _mm256_add_epi32(sum[2], sum[3]));
 }
 
-// One int8 activation plane's block against a 4-bit tile block (vpmaddubsw: unsigned 4-bit weights times
-// signed activations, pairs below 2^13 so both halves add up in int16): int32 lanes 0-3 sum row 0, 4-7 row 1.
-inline __m256i plane_dot(const TileBlock& wb, const int8_t* xb) {
-  const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
-  const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
-  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(wb.first, x0), _mm256_maddubs_epi16(wb.second, x1));
-  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
-// (128 c + f) . w for one row and block: 4-bit weights through the two int8 planes, 8-bit ones (signed, which
-// vpmaddubsw cannot take) as int16 products with the combined plane. Lanes 0-3: row 0 of the tile, 4-7: row 1.
-inline __m256i block_dot(const TileBlock& wb, const QuantizedRows& x, int64_t at) {
-  return _mm256_add_epi32(_mm256_slli_epi32(plane_dot(wb, x.coarse.data() + at), 7), plane_dot(wb, x.fine.data() + at));
-}
-
-inline __m256i block_dot(const WideTileBlock& wb, const QuantizedRows& x, int64_t at) {
-  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.combined.data() + at));
-  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.combined.data() + at + 16));
-  const __m256i r0 = _mm256_add_epi32(_mm256_madd_epi16(wb.w[0], x0), _mm256_madd_epi16(wb.w[1], x1));
-  const __m256i r1 = _mm256_add_epi32(_mm256_madd_epi16(wb.w[2], x0), _mm256_madd_epi16(wb.w[3], x1));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(r0, r1, 0x20), _mm256_permute2x128_si256(r0, r1, 0x31));
-}
-
-// y[m0:m0+MR, the tile's two outputs], walking K in blocks: each tile block is loaded once for MR rows.
+// y[m0:m0+MR, the tile's two outputs], walking K in blocks: each tile block is loaded once for MR rows. The
+// 4-bit mins (min * xsum) go to their own two accumulators, a lane per row, outside the per-row work. m0 is
+// a multiple of 8.
 template <int MR, bool kFourBit>
 void dot_tile(const QuantizedRows& x, int64_t K, const Weights& w, int64_t m0, int64_t tile, float* y,
               int64_t N) {
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
   const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
   const float* scale = w.scale + tile * w.nb * kTile;
-  __m256 acc[MR];
+  const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
+  const int16_t* xq = x.values.data() + m0 * K;
+  const float* xscale = x.scale.data() + m0 * w.nb;
+  const float* xsum = kFourBit ? x.sum_by_block.data() + m0 : nullptr;
+  __m256 acc[MR], min_acc[kTile] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.nb; ++b, q += kTile * kBlockBytes, scale += kTile) {
     _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(scale) + kPrefetchBytes / 2, _MM_HINT_T0);
-    const auto wb = load_tile_block(q, std::integral_constant<bool, kFourBit>());
+    const TileBlock wb = load_tile_block(q, std::integral_constant<bool, kFourBit>());
     const __m256 ws = _mm256_set_m128(_mm_broadcast_ss(scale + 1), _mm_broadcast_ss(scale));
     for (int m = 0; m < MR; ++m) {
-      const int64_t at = (m0 + m) * K + b * kBlock;
-      const __m256i dot = block_dot(wb, x, at);
-      const __m256 xs = _mm256_broadcast_ss(&x.scale[(m0 + m) * w.nb + b]);
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, xs), acc[m]);
+      const __m256i dot = block_dot(wb, xq + m * K + b * kBlock);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_broadcast_ss(xscale + m * w.nb + b)),
+                               acc[m]);
+    }
+    if (kFourBit) {
+      _mm_prefetch(reinterpret_cast<const char*>(min + b * kTile) + kPrefetchBytes / 2, _MM_HINT_T0);
+      const __m256 sums = _mm256_loadu_ps(xsum + b * x.padded_rows);
+      for (int n = 0; n < kTile; ++n)
+        min_acc[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(min + b * kTile + n), sums, min_acc[n]);
     }
   }
+  alignas(32) float mins[kTile][8];
+  for (int n = 0; n < kTile; ++n) _mm256_store_ps(mins[n], min_acc[n]);
   for (int m = 0; m < MR; ++m) {
-    __m128 a = _mm256_castps256_ps128(acc[m]), c = _mm256_extractf128_ps(acc[m], 1);
-    float total[kTile] = {hsum4(a), hsum4(c)};
-    for (int n = 0; n < kTile; ++n) {
-      if (kFourBit) {  // the mins: sum_b min[n, b] * xsum[m, b]
-        const float* mn = w.min + tile * w.nb * kTile + n;
-        const float* xsum = x.sum.data() + (m0 + m) * w.nb;
-        for (int64_t b = 0; b < w.nb; ++b) total[n] += mn[b * kTile] * xsum[b];
-      }
-      y[(m0 + m) * N + tile * kTile + n] = total[n];
-    }
+    y[(m0 + m) * N + tile * kTile] = hsum4(_mm256_castps256_ps128(acc[m])) + mins[0][m];
+    y[(m0 + m) * N + tile * kTile + 1] = hsum4(_mm256_extractf128_ps(acc[m], 1)) + mins[1][m];
   }
 }
 
@@ -257,7 +239,7 @@ template <bool kFourBit>
 void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K,
                   int64_t N) {
   QuantizedRows x;
-  quantize_rows(pool, xf, M, K, kFourBit, x);
+  quantize_rows(pool, xf, M, K, x);
   const int64_t tiles = N / kTile;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
   const int64_t per_task = (tiles + tasks - 1) / tasks;

@@ -2,8 +2,8 @@
 
 A decode step on the CPU is a stream of weights: a 4-bit block streams 0.75 bytes per weight against
 bfloat16's 2. The kernels (block_quant.cc, built with cpu_kernels.py's library) quantize each activation row
-per block to two int8 planes (about 14 bits; llama.cpp's single 8-bit plane visibly changed the default
-model's answers) and take every block's dot product in integers.
+per block to about 14 bits (a coarse int8 value plus its remainder at 1/128 of the unit; llama.cpp's single
+8-bit plane visibly changed the default model's answers) and take every block's dot product in integers.
 
 Two formats, a row of 32-value blocks per output (GGUF's own rows), interleaved in tiles of TILE rows block
 by block so the kernel reads each array as one sequential stream:
