@@ -91,7 +91,7 @@ def resolve_attention_backend(backend: str, num_devices: int = 1) -> str:
 
 
 QUANTIZATIONS = ("gguf", "int8", "none")
-BLOCK_LAYOUT_VERSION = 1  # bump when pallas_kernels/block_quant's packed layout changes
+BLOCK_LAYOUT_VERSION = 2  # bump when the packed layout or the block modules change (2: fused q/k/v and gate/up)
 
 
 def resolve_block_formats(quantization: str | None, source, kernels_here: bool) -> tuple[tuple[str, str], ...]:

@@ -156,6 +156,22 @@ class BlockEmbed(nnx.Module):
         return _block_matmul(self, hidden)
 
 
+# Projections that read the same input, held as one block-quantized weight when all their parts share a block
+# format: one kernel call (and one quantization of the activations) instead of three or two. A decode step's
+# small calls each cost ~10 us of hand-off to the thread pool on top of their weights (docs/benchmarks.md).
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused_format(kernel, fused: str, bias: bool = False) -> str | None:
+    """The block format of `fused`'s parts when they all have the same one (and no bias), else None."""
+    formats = {kernel(part) for part in FUSED_PROJECTIONS[fused]}
+    return formats.pop() if len(formats) == 1 and not bias and formats <= {"q4", "q8"} else None
+
+
+def _split_columns(y, sizes):
+    return jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, kernels=None):
         self.cfg = cfg
@@ -163,17 +179,26 @@ class Attention(nnx.Module):
         self.mesh = mesh  # the tensor-parallel mesh a Pallas kernel is mapped over (by KV head), or None
         h, d = cfg.hidden_size, cfg.head_dim
         kernel = kernels or (lambda name: None)
-        self.q_proj = Linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, act, rngs, kernel("q_proj"))
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, kernel("k_proj"))
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, act, rngs, kernel("v_proj"))
+        self.qkv_sizes = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+        fused = _fused_format(kernel, "qkv_proj", cfg.attention_bias)
+        if fused:
+            self.qkv_proj = Linear(h, sum(self.qkv_sizes), False, dtype, act, rngs, fused)
+        else:
+            self.q_proj = Linear(h, self.qkv_sizes[0], cfg.attention_bias, dtype, act, rngs, kernel("q_proj"))
+            self.k_proj = Linear(h, self.qkv_sizes[1], cfg.attention_bias, dtype, act, rngs, kernel("k_proj"))
+            self.v_proj = Linear(h, self.qkv_sizes[2], cfg.attention_bias, dtype, act, rngs, kernel("v_proj"))
         self.o_proj = Linear(cfg.num_heads * d, h, False, dtype, act, rngs, kernel("o_proj"))
 
     def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
         inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(self.q_proj(x, meta).reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x, meta).reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
-        v = self.v_proj(x, meta).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = _split_columns(self.qkv_proj(x, meta), self.qkv_sizes)
+        else:
+            q, k, v = self.q_proj(x, meta), self.k_proj(x, meta), self.v_proj(x, meta)
+        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping)
         out = ragged_paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
@@ -186,13 +211,20 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, act, rngs: nnx.Rngs, kernels=None):
         kernel = kernels or (lambda name: None)
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, i, False, dtype, act, rngs, kernel("gate_proj"))
-        self.up_proj = Linear(h, i, False, dtype, act, rngs, kernel("up_proj"))
+        fused = _fused_format(kernel, "gate_up_proj")
+        if fused:
+            self.gate_up_proj = Linear(h, 2 * i, False, dtype, act, rngs, fused)
+        else:
+            self.gate_proj = Linear(h, i, False, dtype, act, rngs, kernel("gate_proj"))
+            self.up_proj = Linear(h, i, False, dtype, act, rngs, kernel("up_proj"))
         self.down_proj = Linear(i, h, False, dtype, act, rngs, kernel("down_proj"))
 
     def __call__(self, x, meta: AttentionMetadata | None = None):
-        gated = jax.nn.silu(self.gate_proj(x, meta)) * self.up_proj(x, meta)
-        return self.down_proj(gated, meta)
+        if hasattr(self, "gate_up_proj"):
+            gate, up = _split_columns(self.gate_up_proj(x, meta), (self.down_proj.in_features,) * 2)
+        else:
+            gate, up = self.gate_proj(x, meta), self.up_proj(x, meta)
+        return self.down_proj(jax.nn.silu(gate) * up, meta)
 
 
 class DecoderLayer(nnx.Module):
@@ -412,13 +444,20 @@ def flat_params_from_hf(cfg: ModelConfig, tensors, dtype, block_formats=()) -> d
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = hf_name_for(path)
-        if name not in tensors:
+        module, leaf = str(path[-2]), str(path[-1])
+        if module in FUSED_PROJECTIONS:  # the parts' tiles, stacked along the output rows
+            parts = [tensors.get(name.replace(module, part)) for part in FUSED_PROJECTIONS[module]]
+            if any(not isinstance(part, dict) or leaf not in part for part in parts):
+                raise ValueError(f"checkpoint lacks the blocks of {name!r}'s parts")
+            arr = {leaf: np.concatenate([part[leaf] for part in parts])}
+        elif name in tensors:
+            arr = tensors[name]
+        else:
             raise ValueError(f"checkpoint has no tensor {name!r} needed by {cfg.architecture}")
-        arr = tensors[name]
-        if str(path[-1]) in BLOCK_LEAVES:
-            if not isinstance(arr, dict) or arr[path[-1]].shape != var.shape:
+        if leaf in BLOCK_LEAVES:
+            if not isinstance(arr, dict) or arr[leaf].shape != var.shape:
                 raise ValueError(f"tensor {name!r} is not in the blocks its module expects ({var.shape})")
-            out["/".join(map(str, path))] = arr[path[-1]]
+            out["/".join(map(str, path))] = arr[leaf]
             continue
         arr = arr if is_lazy(arr) else np.asarray(arr)  # lazy: read later, one device's slice at a time
         arr = arr.T if transposed else arr

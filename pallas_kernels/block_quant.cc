@@ -241,7 +241,8 @@ void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
   QuantizedRows x;
   quantize_rows(pool, xf, M, K, x);
   const int64_t tiles = N / kTile;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
+  const int64_t min_work = getenv("BQ_MIN") ? atoll(getenv("BQ_MIN")) : 4096;
+  const int64_t tasks = tiles * w.nb * M < min_work ? 1 : std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
   const int64_t per_task = (tiles + tasks - 1) / tasks;
   parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
     const int64_t lo = t * per_task, hi = std::min(tiles, lo + per_task);
