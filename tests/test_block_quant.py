@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
+import test_weights
 from test_weights import NH, NKV, write_tiny_gguf
 
 from jaxserve import LLM, SamplingParams
@@ -113,13 +114,19 @@ def test_block_formats_and_loaded_blocks_match_the_dequantized_tensors(tmp_path)
             np.testing.assert_array_equal(value, dense[name], err_msg=name)
 
 
-def test_block_engine_agrees_with_dequantized_weights_and_across_batches(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_block_engine_agrees_with_dequantized_weights_and_across_batches(tmp_path, monkeypatch, fused):
+    if fused:  # q/k/v and gate/up all 4-bit (Q4_0 and Q4_1 mixed): each group becomes one block weight
+        monkeypatch.setitem(test_weights.QUANT_FOR, "v_proj", QT.Q4_0)
+        monkeypatch.setitem(test_weights.QUANT_FOR, "gate_proj", QT.Q4_1)
     write_tiny_gguf(tmp_path / "tiny.gguf")
     # Steps of at most 32 tokens: all of them through the integer-dot kernel (DENSE_MIN_ROWS).
     kw = dict(model=str(tmp_path / "tiny.gguf"), tokenizer=default_gguf_path(), checkpoint_cache_dir=None,
               precompile=False, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, block_size=4)
     blocks = LLM(**kw)
     assert dict(blocks.engine.runner.config.block_formats)["q_proj"] == "q4"
+    modules = {str(path[-2]) for path in blocks.engine.runner.split.layer_paths}
+    assert {"qkv_proj", "gate_up_proj"} <= modules if fused else not modules & {"qkv_proj", "gate_up_proj"}
     reference = LLM(quantization="none", dtype="float32", **kw)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 60, size=int(rng.integers(2, 11))).tolist() for _ in range(3)]
