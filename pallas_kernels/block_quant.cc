@@ -16,6 +16,9 @@
 //   y[m, n] = sum_b xs[m, b] * scale[n, b] * sum_j (128 c + f)[m, b, j] * q[n, b, j] + min[n, b] * xsum[m, b]
 // with xs = d / 128 and xsum[m, b] = xs[m, b] * sum_j (128 c + f)[m, b, j].
 //
+// Steps of kFloatMinRows rows or more take float32 instead: each panel of four outputs is unpacked once and
+// met by every row in a register-blocked FMA micro-kernel (x . dequantize(w), no activation rounding).
+//
 // Weights may be stacked over layers ([L, N, ...]) and picked by a layer-index operand, so a scanned step
 // reads them in place instead of slicing a copy per layer. A row-count operand says how many leading rows of
 // x are real tokens: the rest (a step's padding up to its bucket) are not computed and come out zero.
@@ -29,6 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -233,6 +237,36 @@ void dot_rows(const QuantizedRows& x, int64_t K, const Weights& w, int64_t m0, i
   }
 }
 
+// Dequantizes one tile to float32 rows [kTile, K] (scale * q + min rounded twice, as block_quant.dequantize).
+template <bool kFourBit>
+void unpack_tile(const Weights& w, int64_t tile, int64_t K, float* rows) {
+  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
+  const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
+  const float* scale = w.scale + tile * w.nb * kTile;
+  const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
+  for (int64_t b = 0; b < w.nb; ++b)
+    for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
+      const int64_t i = b * kTile + r;
+      const __m256 s = _mm256_set1_ps(scale[i]), m = _mm256_set1_ps(kFourBit ? min[i] : 0.0f);
+      float* row = rows + r * K + b * kBlock;
+      __m128i values[2];  // 32 values as two vectors of 16 bytes
+      if (kFourBit) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        values[0] = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
+        values[1] = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
+      } else {
+        values[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        values[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
+      }
+      for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 2; ++e) {
+          const __m128i eight = e ? _mm_srli_si128(values[h], 8) : values[h];
+          const __m256i wide = kFourBit ? _mm256_cvtepu8_epi32(eight) : _mm256_cvtepi8_epi32(eight);
+          _mm256_storeu_ps(row + 16 * h + 8 * e, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(wide), s), m));
+        }
+    }
+}
+
 // Tiles are split over the thread pool in contiguous ranges; each range is walked once per kRowsPerPass rows
 // (its weights, a few hundred KiB, come back from L2).
 template <bool kFourBit>
@@ -241,8 +275,7 @@ void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
   QuantizedRows x;
   quantize_rows(pool, xf, M, K, x);
   const int64_t tiles = N / kTile;
-  const int64_t min_work = getenv("BQ_MIN") ? atoll(getenv("BQ_MIN")) : 4096;
-  const int64_t tasks = tiles * w.nb * M < min_work ? 1 : std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, pool.num_threads() * 4));
   const int64_t per_task = (tiles + tasks - 1) / tasks;
   parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
     const int64_t lo = t * per_task, hi = std::min(tiles, lo + per_task);
@@ -252,41 +285,92 @@ void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
   });
 }
 
+// ---- Steps of kFloatMinRows rows and more: float32 over unpacked panels ----------------------------------
+//
+// The integer dots spend ~12 instructions per 64 products on scaling and reducing each block; from about 16
+// rows up it pays to unpack a panel of NP outputs to float32 once (it stays in L1) and let every row meet it in
+// a register-blocked float32 micro-kernel: MR rows x NP outputs accumulators of eight k-lanes, reduced once at
+// the end. Activations stay float32 here, so these rows get x . dequantize(w), the dense path's arithmetic.
+constexpr int64_t kFloatMinRows = 12;
+constexpr int kPanel = 4;  // outputs per panel (two tiles)
+constexpr int kPanelRows = 3;  // rows per micro-kernel: 3 x 4 accumulators, 3 activation registers, one weight
+
+template <int MR, int NP>
+void panel_rows(const float* x, int64_t K, const float* panel, int64_t m0, float* y, int64_t N, int64_t n0) {
+  __m256 acc[MR][NP];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_setzero_ps();
+  const float* xr = x + m0 * K;
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = _mm256_loadu_ps(xr + i * K + k);
+    for (int j = 0; j < NP; ++j) {
+      const __m256 b = _mm256_loadu_ps(panel + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(a[i], b, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* out = y + (m0 + i) * N + n0;
+    if (NP == 4) {  // four reductions at once: lanes of hadd(hadd(a, b), hadd(c, d)) halves sum to a..d
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
+      _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+    } else {
+      for (int j = 0; j < NP; ++j)
+        out[j] = hsum4(_mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1)));
+    }
+  }
+}
+
+template <int NP>
+void panel_all_rows(const float* x, int64_t M, int64_t K, const float* panel, float* y, int64_t N, int64_t n0) {
+  int64_t m = 0;
+  for (; m + kPanelRows <= M; m += kPanelRows) panel_rows<kPanelRows, NP>(x, K, panel, m, y, N, n0);
+  if (M - m == 2) panel_rows<2, NP>(x, K, panel, m, y, N, n0);
+  if (M - m == 1) panel_rows<1, NP>(x, K, panel, m, y, N, n0);
+}
+
+// 64-byte aligned float32 scratch: the micro-kernel's 32-byte loads then never straddle cache lines (a
+// malloc'd buffer's 16-byte alignment split half of them and cost ~30%).
+struct AlignedFloats {
+  explicit AlignedFloats(int64_t n) : data(static_cast<float*>(std::aligned_alloc(64, (n * 4 + 63) / 64 * 64))) {}
+  ~AlignedFloats() { std::free(data); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data;
+};
+
+template <bool kFourBit>
+void float_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K,
+                  int64_t N) {
+  AlignedFloats x(M * K);  // K is a multiple of 32, so every row starts aligned too
+  std::memcpy(x.data, xf, M * K * sizeof(float));
+  const int64_t tiles = N / kTile, panels = (tiles + 1) / 2;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
+  const int64_t per_task = (panels + tasks - 1) / tasks;
+  parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
+    AlignedFloats panel(kPanel * K);
+    for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
+      const int64_t tile = 2 * p;
+      unpack_tile<kFourBit>(w, tile, K, panel.data);
+      if (tile + 1 < tiles) {
+        unpack_tile<kFourBit>(w, tile + 1, K, panel.data + kTile * K);
+        panel_all_rows<4>(x.data, M, K, panel.data, y, N, tile * kTile);
+      } else {
+        panel_all_rows<2>(x.data, M, K, panel.data, y, N, tile * kTile);
+      }
+    }
+  });
+}
+
 // Dequantizes every tile to float32 rows [N, K]: for steps with many tokens, where a float32 GEMM (XLA's)
 // outruns the integer dots once the weights are unpacked.
 template <bool kFourBit>
 void dequantize_tiles(ffi::ThreadPool& pool, const Weights& w, float* out, int64_t N, int64_t K) {
-  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
   const int64_t tiles = N / kTile;
   const int64_t per_task = std::max<int64_t>(1, tiles / (pool.num_threads() * 4));
   parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
-    for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile) {
-      const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
-      const float* scale = w.scale + tile * w.nb * kTile;
-      const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
-      for (int64_t b = 0; b < w.nb; ++b)
-        for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
-          const int64_t i = b * kTile + r;
-          const __m256 s = _mm256_set1_ps(scale[i]), m = _mm256_set1_ps(kFourBit ? min[i] : 0.0f);
-          float* row = out + (tile * kTile + r) * K + b * kBlock;
-          __m128i values[2];  // 32 values as two vectors of 16 bytes
-          if (kFourBit) {
-            const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-            values[0] = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
-            values[1] = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
-          } else {
-            values[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-            values[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
-          }
-          for (int h = 0; h < 2; ++h)
-            for (int e = 0; e < 2; ++e) {
-              const __m128i eight = e ? _mm_srli_si128(values[h], 8) : values[h];
-              const __m256i wide = kFourBit ? _mm256_cvtepu8_epi32(eight) : _mm256_cvtepi8_epi32(eight);
-              // scale * q + min rounded twice, as block_quant.dequantize (numpy / XLA) computes it
-              _mm256_storeu_ps(row + 16 * h + 8 * e, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(wide), s), m));
-            }
-        }
-    }
+    for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile)
+      unpack_tile<kFourBit>(w, tile, K, out + tile * kTile * K);
   });
 }
 
@@ -323,7 +407,10 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   if (y->dimensions()[1] != N) return ffi::Error::InvalidArgument("block matmul: y's width is not N");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
   std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
-  if (live > 0) block_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
+  if (live >= kFloatMinRows)
+    float_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
+  else if (live > 0)
+    block_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
   return ffi::Error::Success();
 }
 

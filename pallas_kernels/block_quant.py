@@ -25,8 +25,10 @@ BLOCK = 32
 TILE = 2
 Q4_TARGET, Q8_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul"
 DEQUANTIZE_TARGETS = {True: "jaxserve_q4_dequantize", False: "jaxserve_q8_dequantize"}
-# Rows (tokens) from which a step unpacks each layer's weights to float32 and lets XLA's GEMM multiply them:
-# past ~48 rows the integer dots cost more than the unpacking (docs/benchmarks.md).
+# Rows (tokens) from which the kernels multiply in float32 over weight panels they unpack (block_quant.cc's
+# kFloatMinRows; below it, integer dots over the blocks), and from which a step instead unpacks whole layers
+# for XLA's GEMM. Measured crossovers on this class of machine (docs/benchmarks.md).
+FLOAT_MIN_ROWS = 12
 DENSE_MIN_ROWS = 64
 
 # GGUF block types -> (our format, bytes per block)
@@ -116,7 +118,10 @@ def quantize_activations(x: jax.Array):
 
 
 def reference_matmul(x, qweight, scales, mins=None):
-    """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights)."""
+    """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights): from
+    FLOAT_MIN_ROWS rows in float32, below it through the ~14-bit activations and exact integer block dots."""
+    if x.shape[0] >= FLOAT_MIN_ROWS:
+        return jnp.asarray(x, jnp.float32) @ dequantize(qweight, scales, mins).T
     values, x_scale, x_sum = quantize_activations(x)
     blocks = scales.shape[-1] // TILE
     w = _values(qweight, blocks, mins is not None).astype(jnp.int32)
@@ -149,9 +154,9 @@ def dequantize_layer(qweight, scales, mins=None, layer=None) -> jax.Array:
 
 
 def project(x, qweight, scales, mins=None, layer=None, rows=None) -> jax.Array:
-    """x [M, K] . weights^T -> float32 [M, N], decided at trace time by M: the integer-dot kernel for small
-    steps (decode), float32 weights unpacked by the kernel and XLA's dot for many rows (prefill), whose
-    activations then stay float32."""
+    """x [M, K] . weights^T -> float32 [M, N], decided at trace time by M: the kernel for decode-sized steps
+    (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows), whole layers unpacked by the kernel for
+    XLA's dot from DENSE_MIN_ROWS (prefill)."""
     if x.shape[0] < DENSE_MIN_ROWS:
         return matmul(x, qweight, scales, mins, layer, rows)
     w = dequantize_layer(qweight, scales, mins, layer)

@@ -37,7 +37,9 @@ def weights_args(w):
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-@pytest.mark.parametrize("m,n,k", [(1, 64, 576), (3, 130, 1536), (9, 34, 64), (70, 18, 96)])
+# Rows on both sides of FLOAT_MIN_ROWS (12): integer dots below it, float32 panels from it (with an odd tile).
+@pytest.mark.parametrize("m,n,k", [(1, 64, 576), (3, 130, 1536), (9, 34, 64), (11, 34, 576), (14, 34, 576),
+                                   (70, 18, 96)])
 def test_kernel_matches_the_reference(fmt, m, n, k):
     rng = np.random.default_rng(m * n + k)
     w = random_blocks(rng, fmt, n, k)
@@ -48,6 +50,8 @@ def test_kernel_matches_the_reference(fmt, m, n, k):
     # The reference is a product with the dequantized weights, up to the activations. ~14-bit rounding.
     exact = x @ block_quant.dequantize(*weights_args(w)).T
     assert np.abs(want - exact).max() < 0.02 * np.abs(exact).max()
+    if m >= block_quant.FLOAT_MIN_ROWS:  # float32 panels: the activations are not rounded
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
     # Rows past `rows` (a step's padding) are not computed and come out zero; the others are unchanged.
     live = max(m - 2, 0)
     partial = np.asarray(block_quant.matmul(x, *weights_args(w), rows=jnp.asarray([live], jnp.int32)))
@@ -79,8 +83,11 @@ def test_many_rows_multiply_the_unpacked_weights(fmt):
     got = np.asarray(jax.jit(block_quant.project)(x, *weights_args(w), 1))
     exact = x @ block_quant.dequantize(*weights_args({k: v[1] for k, v in w.items()})).T
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
-    fewer = np.asarray(jax.jit(block_quant.project)(x[:rows - 1], *weights_args(w), 1))  # the integer kernel
-    assert 0 < np.abs(fewer - exact[:rows - 1]).max() < 2e-4 * np.abs(exact).max()
+    fewer = np.asarray(jax.jit(block_quant.project)(x[:rows - 1], *weights_args(w), 1))  # float32 panels
+    np.testing.assert_allclose(fewer, exact[:rows - 1], rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    few = block_quant.FLOAT_MIN_ROWS - 1  # integer dots: the activations' ~14-bit rounding shows
+    integer = np.asarray(jax.jit(block_quant.project)(x[:few], *weights_args(w), 1))
+    assert 0 < np.abs(integer - exact[:few]).max() < 2e-4 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
@@ -120,9 +127,10 @@ def test_block_engine_agrees_with_dequantized_weights_and_across_batches(tmp_pat
         monkeypatch.setitem(test_weights.QUANT_FOR, "v_proj", QT.Q4_0)
         monkeypatch.setitem(test_weights.QUANT_FOR, "gate_proj", QT.Q4_1)
     write_tiny_gguf(tmp_path / "tiny.gguf")
-    # Steps of at most 32 tokens: all of them through the integer-dot kernel (DENSE_MIN_ROWS).
+    # Steps of at most 11 tokens: all of them through the integer dots (below FLOAT_MIN_ROWS), whose rows come
+    # out the same at any batch size.
     kw = dict(model=str(tmp_path / "tiny.gguf"), tokenizer=default_gguf_path(), checkpoint_cache_dir=None,
-              precompile=False, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, block_size=4)
+              precompile=False, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=11, block_size=4)
     blocks = LLM(**kw)
     assert dict(blocks.engine.runner.config.block_formats)["q_proj"] == "q4"
     modules = {str(path[-2]) for path in blocks.engine.runner.split.layer_paths}
