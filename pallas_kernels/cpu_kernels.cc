@@ -173,7 +173,9 @@ ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
 // XLA's path gathers each chunk of pages into a fresh buffer, transposes it head-major and masks whole chunks;
 // on the CPU that copying is most of a decode step's attention. Here each (sequence, KV head) pair walks its
 // own pages in place with an online softmax, eight positions at a time, for the group of query heads that
-// share the KV head. Semantics are pallas_kernels/reference.py's.
+// share the KV head, prefetching the next eight positions' rows (the pages are scattered); decode steps with
+// few pairs split each pair's positions over the threads and merge the parts. Semantics are
+// pallas_kernels/reference.py's.
 
 // e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
 inline __m256 exp_nonpositive(__m256 x) {
@@ -200,6 +202,14 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// Eight vectors' horizontal sums as one vector (lane j = sum of v[j]): a tree of hadds instead of eight
+// separate reductions.
+inline __m256 hsum8(const __m256 v[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
 struct AttentionShape {
   int64_t num_tokens, num_heads, head_dim, page_size, num_kv_heads, pages_per_seq, group;
   float sm_scale, soft_cap;
@@ -209,48 +219,66 @@ struct AttentionShape {
 constexpr int kMaxGroup = 16;     // query heads per KV head handled together
 constexpr int kMaxHeadDim = 256;
 
-// One query token's heads h*G .. h*G+G-1 against KV head h of one sequence, positions [lo, hi).
-void attend_one_token(const AttentionShape& a, const float* q_token, const float* k_pages, const float* v_pages,
-                      const int32_t* pages, int64_t h, int64_t lo, int64_t hi, float* out_token) {
-  const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
+// The online softmax's state for a group of query heads over a range of positions: running max m, sum l of
+// e^(score - m), and the unnormalized output acc.
+struct SoftmaxState {
   alignas(32) float acc[kMaxGroup][kMaxHeadDim];
   float m[kMaxGroup], l[kMaxGroup];
+};
+
+// One query token's heads h*G .. h*G+G-1 against KV head h of one sequence, positions [lo, hi) -> `state`.
+void attend_range(const AttentionShape& a, const float* q_token, const float* k_pages, const float* v_pages,
+                  const int32_t* pages, int64_t h, int64_t lo, int64_t hi, SoftmaxState& state) {
+  const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
+  auto& acc = state.acc;
+  float* m = state.m;
+  float* l = state.l;
   for (int64_t g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
     std::memset(acc[g], 0, D * sizeof(float));
   }
   const float* q_heads = q_token + h * G * D;
+  // Rows of position p: the page table is read once per position, one block of 8 ahead, so that block's rows
+  // can be prefetched while this one is computed (pages are scattered, which defeats the hardware prefetcher).
+  auto rows_at = [&](int64_t p, const float*& k_row, const float*& v_row) {
+    const int64_t slot = static_cast<int64_t>(pages[p / a.page_size]) * a.page_size + p % a.page_size;
+    k_row = k_pages + slot * row + h * D;
+    v_row = v_pages + slot * row + h * D;
+  };
+  const float* next_k[8];
+  const float* next_v[8];
+  for (int j = 0; j < 8 && lo + j < hi; ++j) rows_at(lo + j, next_k[j], next_v[j]);
   for (int64_t p0 = lo; p0 < hi; p0 += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, hi - p0));
     const float* kv_row[8];
     const float* v_row[8];
     for (int j = 0; j < n; ++j) {
-      const int64_t p = p0 + j, slot = static_cast<int64_t>(pages[p / a.page_size]) * a.page_size + p % a.page_size;
-      kv_row[j] = k_pages + slot * row + h * D;
-      v_row[j] = v_pages + slot * row + h * D;
+      kv_row[j] = next_k[j];
+      v_row[j] = next_v[j];
+    }
+    for (int j = 0; j < 8 && p0 + 8 + j < hi; ++j) {
+      rows_at(p0 + 8 + j, next_k[j], next_v[j]);
+      for (int64_t d = 0; d < D; d += 16) {  // 64-byte lines
+        _mm_prefetch(reinterpret_cast<const char*>(next_k[j] + d), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next_v[j] + d), _MM_HINT_T0);
+      }
     }
     alignas(32) float score[8];
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q_heads + g * D;
+      __m256 dots[8];
       for (int j = 0; j < 8; ++j) {
-        if (j >= n) {
-          score[j] = 0.f;
-          continue;
-        }
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-        int64_t d = 0;
-        for (; d + 16 <= D; d += 16) {
-          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kv_row[j] + d), s0);
-          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(kv_row[j] + d + 8), s1);
-        }
-        for (; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kv_row[j] + d), s0);
-        float s = hsum(_mm256_add_ps(s0, s1)) * a.sm_scale;
-        if (a.soft_cap > 0.f) s = a.soft_cap * std::tanh(s / a.soft_cap);
-        score[j] = s;
+        dots[j] = _mm256_setzero_ps();
+        if (j < n)
+          for (int64_t d = 0; d < D; d += 8)
+            dots[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kv_row[j] + d), dots[j]);
       }
+      _mm256_store_ps(score, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(a.sm_scale)));
+      if (a.soft_cap > 0.f)
+        for (int j = 0; j < n; ++j) score[j] = a.soft_cap * std::tanh(score[j] / a.soft_cap);
       __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(score), valid);
       const float m_new = std::max(m[g], hmax(s));
       const float correction = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)
@@ -267,12 +295,39 @@ void attend_one_token(const AttentionShape& a, const float* q_token, const float
       }
     }
   }
+}
+
+// Merges the states of consecutive position ranges and writes the normalized output of heads h*G..h*G+G-1.
+void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t count, int64_t h, float* out_token) {
+  const int64_t G = a.group, D = a.head_dim;
   for (int64_t g = 0; g < G; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    float m = -INFINITY, l = 0.f;
+    for (int64_t i = 0; i < count; ++i) m = std::max(m, parts[i].m[g]);
     float* o = out_token + (h * G + g) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[g][d] * inv;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+    for (int64_t i = 0; i < count; ++i) {
+      if (parts[i].l[g] == 0.f) continue;  // an empty range (m = -inf)
+      const float w = count == 1 ? 1.f : std::exp(parts[i].m[g] - m);
+      l += parts[i].l[g] * w;
+      for (int64_t d = 0; d < D; ++d) o[d] += parts[i].acc[g][d] * w;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
 }
+
+void attend_one_token(const AttentionShape& a, const float* q_token, const float* k_pages, const float* v_pages,
+                      const int32_t* pages, int64_t h, int64_t lo, int64_t hi, float* out_token) {
+  SoftmaxState state;
+  attend_range(a, q_token, k_pages, v_pages, pages, h, lo, hi, state);
+  write_merged(a, &state, 1, h, out_token);
+}
+
+// Decode steps with fewer (sequence, KV head) items than twice the threads split each decoding token's
+// positions into parts (flash-decoding), merged after: one sequence's three KV heads otherwise made two
+// rounds on two threads.
+constexpr int64_t kMaxParts = 4;
+constexpr int64_t kMinPartPositions = 64;
 
 ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                                 ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> kv_lens,
@@ -294,11 +349,33 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   const float* qp = q.typed_data();
   const float* kp = k_pages.typed_data();
   const float* vp = v_pages.typed_data();
-  parallel_blocks(pool, live_seqs * a.num_kv_heads, [&](int64_t item) {
-    const int64_t s = item / a.num_kv_heads, h = item % a.num_kv_heads;
-    const int64_t first = cu[s], q_len = std::min<int64_t>(cu[s + 1], a.num_tokens) - first;
+  const int64_t items = live_seqs * a.num_kv_heads, threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = items > 0 && items < 2 * threads ? std::min(kMaxParts, (2 * threads + items - 1) / items) : 1;
+  // (first token, query length, visible length, first visible position) of sequence s
+  auto sequence = [&](int64_t s, int64_t& first, int64_t& q_len, int64_t& kv_len, int64_t& from) {
+    first = cu[s];
+    q_len = std::min<int64_t>(cu[s + 1], a.num_tokens) - first;
     // Never read past the sequence's page-table row, whatever kv_lens says (XLA's path clamps its gathers).
-    const int64_t kv_len = std::min<int64_t>(lens[s], a.pages_per_seq * a.page_size);
+    kv_len = std::min<int64_t>(lens[s], a.pages_per_seq * a.page_size);
+    from = a.sliding_window > 0 ? std::max<int64_t>(0, kv_len - a.sliding_window) : 0;  // a decode token's
+  };
+  auto is_split = [&](int64_t q_len, int64_t kv_len, int64_t from) {
+    return parts > 1 && q_len == 1 && kv_len - from >= parts * kMinPartPositions;
+  };
+  std::vector<SoftmaxState> states(parts > 1 ? items * parts : 0);
+  parallel_blocks(pool, items * parts, [&](int64_t unit) {
+    const int64_t item = unit / parts, part = unit % parts;
+    const int64_t s = item / a.num_kv_heads, h = item % a.num_kv_heads;
+    int64_t first, q_len, kv_len, from;
+    sequence(s, first, q_len, kv_len, from);
+    if (is_split(q_len, kv_len, from)) {  // this part's positions, in multiples of 8
+      const int64_t chunk = ((kv_len - from + parts - 1) / parts + 7) / 8 * 8;
+      const int64_t begin = std::min(kv_len, from + part * chunk), end = std::min(kv_len, begin + chunk);
+      attend_range(a, qp + first * a.num_heads * a.head_dim, kp, vp, table + s * a.pages_per_seq, h, begin, end,
+                   states[unit]);
+      return;
+    }
+    if (part != 0) return;  // not split: part 0 does the item
     for (int64_t i = 0; i < q_len; ++i) {
       const int64_t pos = kv_len - q_len + i;  // this query token's position: it sees [lo, pos]
       if (pos < 0) continue;
@@ -308,6 +385,13 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
                        pos + 1, o + token * a.num_heads * a.head_dim);
     }
   });
+  for (int64_t item = 0; parts > 1 && item < items; ++item) {
+    const int64_t s = item / a.num_kv_heads, h = item % a.num_kv_heads;
+    int64_t first, q_len, kv_len, from;
+    sequence(s, first, q_len, kv_len, from);
+    if (is_split(q_len, kv_len, from))
+      write_merged(a, &states[item * parts], parts, h, o + first * a.num_heads * a.head_dim);
+  }
   return ffi::Error::Success();
 }
 

@@ -88,6 +88,12 @@ ATTENTION_CASES = [(shapes, options) for shapes, options in FAST_CASES + SLOW_CA
             head_dim=64, num_pages=80), {}),  # SmolLM2's heads, contexts up to 192 tokens
     (Shapes(page_size=8, num_kv_heads=2, group=4, num_seq_slots=4, num_tokens=12, pages_per_seq=6,
             head_dim=40), {"sliding_window": 11}),  # a head_dim past the 16-wide loop
+    # Fewer (sequence, KV head) items than twice the threads and long contexts: decode tokens' positions are
+    # split into parts and merged (with a window, and with the window shorter than the parts need).
+    (Shapes(page_size=16, num_kv_heads=1, group=3, num_seq_slots=3, num_tokens=6, pages_per_seq=24,
+            head_dim=64, num_pages=80), {}),
+    (Shapes(page_size=16, num_kv_heads=1, group=3, num_seq_slots=3, num_tokens=6, pages_per_seq=24,
+            head_dim=64, num_pages=80), {"sliding_window": 200, "soft_cap": 30.0}),
 ]
 
 
