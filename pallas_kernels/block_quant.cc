@@ -46,11 +46,11 @@ using jaxserve::parallel_blocks;
 constexpr int64_t kBlock = 32;
 
 // x's rows quantized per block of 32: the values 128 c + f as int16 [M, K] (|.| < 2^14), the fine unit
-// (scale) and the block's sum [M, K / 32], and the sums again block-major [K / 32, M rounded up to 8] (zero
-// past M) for the 4-bit mins, which meet eight rows' sums in one vector.
+// (scale) [M, K / 32], and the blocks' sums block-major [K / 32, M rounded up to 8] (zero past M) for the
+// 4-bit mins, which meet eight rows' sums in one vector.
 struct QuantizedRows {
   std::vector<int16_t> values;
-  std::vector<float> scale, sum, sum_by_block;
+  std::vector<float> scale, sum_by_block;
   int64_t padded_rows = 0;
 };
 
@@ -106,10 +106,12 @@ void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, 
   const int64_t nb = K / kBlock;
   out.values.resize(M * K);
   out.scale.resize(M * nb);
-  out.sum.resize(M * nb);
+  out.padded_rows = (M + 7) / 8 * 8;
+  out.sum_by_block.assign(nb * out.padded_rows, 0.0f);
   auto rows = [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0 * nb; i < m1 * nb; ++i)
-      quantize_block(x + i * kBlock, out.values.data() + i * kBlock, &out.scale[i], &out.sum[i]);
+      quantize_block(x + i * kBlock, out.values.data() + i * kBlock, &out.scale[i],
+                     &out.sum_by_block[(i % nb) * out.padded_rows + i / nb]);
   };
   const int64_t rows_per_task = 16;
   if (M <= rows_per_task) {
@@ -118,10 +120,6 @@ void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, 
     parallel_blocks(pool, (M + rows_per_task - 1) / rows_per_task,
                     [&](int64_t t) { rows(t * rows_per_task, std::min(M, (t + 1) * rows_per_task)); });
   }
-  out.padded_rows = (M + 7) / 8 * 8;
-  out.sum_by_block.assign(nb * out.padded_rows, 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < nb; ++b) out.sum_by_block[b * out.padded_rows + m] = out.sum[m * nb + b];
 }
 
 // Weights come in tiles of kTile output rows, interleaved block by block ([N / kTile, blocks, kTile, block]
@@ -287,7 +285,7 @@ void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
 
 // ---- Steps of kFloatMinRows rows and more: float32 over unpacked panels ----------------------------------
 //
-// The integer dots spend ~12 instructions per 64 products on scaling and reducing each block; from about 16
+// The integer dots spend ~12 instructions per 64 products on scaling and reducing each block; from about 12
 // rows up it pays to unpack a panel of NP outputs to float32 once (it stays in L1) and let every row meet it in
 // a register-blocked float32 micro-kernel: MR rows x NP outputs accumulators of eight k-lanes, reduced once at
 // the end. Activations stay float32 here, so these rows get x . dequantize(w), the dense path's arithmetic.
