@@ -1,7 +1,7 @@
 """The one attention entry point models call: ragged paged attention over a paged KV cache.
 
 `backend` is chosen once per engine (not per call site): "xla" is the pure-JAX path; "cpu" serves on the
-CPU, decode steps through the hand-written kernel (cpu_kernels) and the rest through the XLA path; "pallas"
+CPU through the hand-written kernel (cpu_kernels) where its shapes fit, else through the XLA path; "pallas"
 dispatches to the TPU or GPU kernel for the current platform. Semantics are documented in
 docs/design.md ("Attention boundary").
 """
@@ -50,13 +50,12 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
         return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if backend not in ("xla", "cpu"):
         raise ValueError(f"unknown attention backend {backend!r}; expected 'xla', 'cpu' or 'pallas'")
-    decode_only = q.shape[0] <= page_indices.shape[0]  # at most one token per sequence slot
-    if backend == "cpu" and decode_only and cpu_kernels.attention_fits(q, k_pages) and cpu_kernels.available():
-        # Prefill chunks stay on the XLA path: there blocks of queries share each gathered chunk in a matmul.
+    if backend == "cpu" and cpu_kernels.attention_fits(q, k_pages) and cpu_kernels.available():
         return cpu_kernels.ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                                   sm_scale=sm_scale, sliding_window=sliding_window,
                                                   soft_cap=soft_cap)
     if query_block is None:
+        decode_only = q.shape[0] <= page_indices.shape[0]  # at most one token per sequence slot
         query_block = 1 if decode_only else MIXED_QUERY_BLOCK
     return xla_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                       sm_scale=sm_scale, sliding_window=sliding_window,

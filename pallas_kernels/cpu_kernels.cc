@@ -216,111 +216,140 @@ struct AttentionShape {
   int64_t sliding_window;
 };
 
-constexpr int kMaxGroup = 16;     // query heads per KV head handled together
 constexpr int kMaxHeadDim = 256;
 
-// The online softmax's state for a group of query heads over a range of positions: running max m, sum l of
-// e^(score - m), and the unnormalized output acc.
+// The online softmax's state for a range of query heads over a range of positions: per head the running max m,
+// the sum l of e^(score - m) and the unnormalized output acc [head_dim].
 struct SoftmaxState {
-  alignas(32) float acc[kMaxGroup][kMaxHeadDim];
-  float m[kMaxGroup], l[kMaxGroup];
+  std::vector<float> storage;
+  float *acc = nullptr, *m = nullptr, *l = nullptr;
+  void reset(int64_t heads, int64_t head_dim) {
+    storage.assign(heads * (head_dim + 2), 0.f);
+    acc = storage.data();
+    m = acc + heads * head_dim;
+    l = m + heads;
+    std::fill(m, m + heads, -INFINITY);
+  }
 };
 
-// One query token's heads h*G .. h*G+G-1 against KV head h of one sequence, positions [lo, hi) -> `state`.
-void attend_range(const AttentionShape& a, const float* q_token, const float* k_pages, const float* v_pages,
-                  const int32_t* pages, int64_t h, int64_t lo, int64_t hi, SoftmaxState& state) {
-  const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
-  auto& acc = state.acc;
-  float* m = state.m;
-  float* l = state.l;
-  for (int64_t g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-    std::memset(acc[g], 0, D * sizeof(float));
+// acc[0, 8V) = acc * c + sum_j p[j] * v_row[j][d0 + (0, 8V)] over a block's eight positions (p = 0 past its
+// end), V vectors at a time so that V FMA chains run side by side.
+template <int V>
+inline void accumulate_values(float* acc, __m256 c, const float* p, const float* const* v_row, int64_t d0) {
+  __m256 o[V];
+  for (int v = 0; v < V; ++v) o[v] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * v), c);
+  for (int j = 0; j < 8; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int v = 0; v < V; ++v) o[v] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v_row[j] + d0 + 8 * v), o[v]);
   }
-  const float* q_heads = q_token + h * G * D;
-  // Rows of position p: the page table is read once per position, one block of 8 ahead, so that block's rows
-  // can be prefetched while this one is computed (pages are scattered, which defeats the hardware prefetcher).
-  auto rows_at = [&](int64_t p, const float*& k_row, const float*& v_row) {
-    const int64_t slot = static_cast<int64_t>(pages[p / a.page_size]) * a.page_size + p % a.page_size;
-    k_row = k_pages + slot * row + h * D;
-    v_row = v_pages + slot * row + h * D;
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc + 8 * v, o[v]);
+}
+
+// Rows are prefetched this many positions ahead: the pages are scattered, and a block of eight positions
+// computes in less time than a miss to memory takes.
+constexpr int64_t kPrefetchAhead = 16;
+
+// Query tokens t < count (q rows token_stride apart), each over its own positions [lo[t], hi[t]), with query
+// heads h0*G .. h1*G-1 against KV heads [h0, h1) of one sequence -> states[t]. Each position's rows of those KV
+// heads are adjacent in the cache, so taking them together reads whole runs of cache lines; and a block of
+// eight positions' rows, once loaded, serves every token of the call (a prefill chunk's block of queries)
+// while it is in L1.
+void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
+                   const int64_t* lo, const int64_t* hi, const float* k_pages, const float* v_pages,
+                   const int32_t* pages, int64_t h0, int64_t h1, SoftmaxState* states) {
+  const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
+  int64_t begin = INT64_MAX, end = 0;
+  for (int64_t t = 0; t < count; ++t) {
+    states[t].reset((h1 - h0) * G, D);
+    if (lo[t] < hi[t]) {
+      begin = std::min(begin, lo[t]);
+      end = std::max(end, hi[t]);
+    }
+  }
+  if (begin >= end) return;  // no token sees any position
+  auto slot_offset = [&](int64_t p) {
+    return (static_cast<int64_t>(pages[p / a.page_size]) * a.page_size + p % a.page_size) * row;
   };
-  const float* next_k[8];
-  const float* next_v[8];
-  for (int j = 0; j < 8 && lo + j < hi; ++j) rows_at(lo + j, next_k[j], next_v[j]);
-  for (int64_t p0 = lo; p0 < hi; p0 += 8) {
-    const int n = static_cast<int>(std::min<int64_t>(8, hi - p0));
-    const float* kv_row[8];
-    const float* v_row[8];
-    for (int j = 0; j < n; ++j) {
-      kv_row[j] = next_k[j];
-      v_row[j] = next_v[j];
+  auto prefetch = [&](int64_t p) {
+    const int64_t base = slot_offset(p) + h0 * D;
+    for (int64_t d = 0; d < (h1 - h0) * D; d += 16) {  // 64-byte lines
+      _mm_prefetch(reinterpret_cast<const char*>(k_pages + base + d), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v_pages + base + d), _MM_HINT_T0);
     }
-    for (int j = 0; j < 8 && p0 + 8 + j < hi; ++j) {
-      rows_at(p0 + 8 + j, next_k[j], next_v[j]);
-      for (int64_t d = 0; d < D; d += 16) {  // 64-byte lines
-        _mm_prefetch(reinterpret_cast<const char*>(next_k[j] + d), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(next_v[j] + d), _MM_HINT_T0);
-      }
-    }
-    alignas(32) float score[8];
-    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q_heads + g * D;
-      __m256 dots[8];
+  };
+  for (int64_t p = begin; p < std::min(end, begin + kPrefetchAhead); ++p) prefetch(p);
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t p0 = begin; p0 < end; p0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, end - p0));
+    for (int64_t p = p0 + kPrefetchAhead; p < std::min(end, p0 + kPrefetchAhead + 8); ++p) prefetch(p);
+    int64_t offset[8];  // a short last block repeats its last row; the tokens' masks leave the copies out
+    for (int j = 0; j < 8; ++j) offset[j] = slot_offset(p0 + std::min(j, n - 1));
+    const __m256 position = _mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(p0)));
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* k_row[8];
+      const float* v_row[8];
       for (int j = 0; j < 8; ++j) {
-        dots[j] = _mm256_setzero_ps();
-        if (j < n)
-          for (int64_t d = 0; d < D; d += 8)
-            dots[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kv_row[j] + d), dots[j]);
+        k_row[j] = k_pages + offset[j] + h * D;
+        v_row[j] = v_pages + offset[j] + h * D;
       }
-      _mm256_store_ps(score, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(a.sm_scale)));
-      if (a.soft_cap > 0.f)
-        for (int j = 0; j < n; ++j) score[j] = a.soft_cap * std::tanh(score[j] / a.soft_cap);
-      __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(score), valid);
-      const float m_new = std::max(m[g], hmax(s));
-      const float correction = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)
-      __m256 p = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(m_new))), valid);
-      l[g] = l[g] * correction + hsum(p);
-      m[g] = m_new;
-      _mm256_store_ps(score, p);
-      float* ag = acc[g];
-      const __m256 c = _mm256_set1_ps(correction);
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 o = _mm256_mul_ps(_mm256_load_ps(ag + d), c);
-        for (int j = 0; j < n; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(score[j]), _mm256_loadu_ps(v_row[j] + d), o);
-        _mm256_store_ps(ag + d, o);
+      for (int64_t t = 0; t < count; ++t) {
+        if (hi[t] <= p0 || lo[t] >= p0 + n) continue;  // none of this token's positions
+        const __m256 valid = _mm256_and_ps(
+            _mm256_cmp_ps(position, _mm256_set1_ps(static_cast<float>(lo[t])), _CMP_GE_OQ),
+            _mm256_cmp_ps(position, _mm256_set1_ps(static_cast<float>(hi[t])), _CMP_LT_OQ));
+        SoftmaxState& state = states[t];
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = (h - h0) * G + g;
+          const float* qi = q_first + t * token_stride + (h0 * G + i) * D;
+          // The eight positions' dot products run side by side (eight independent FMA chains).
+          __m256 dots[8];
+          for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(qi + d);
+            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k_row[j] + d), dots[j]);
+          }
+          alignas(32) float score[8];
+          _mm256_store_ps(score, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(a.sm_scale)));
+          if (a.soft_cap > 0.f)
+            for (int j = 0; j < 8; ++j) score[j] = a.soft_cap * std::tanh(score[j] / a.soft_cap);
+          const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(score), valid);
+          const float m_new = std::max(state.m[i], hmax(s));
+          const float correction = std::exp(state.m[i] - m_new);  // 0 on the first block (m = -inf)
+          const __m256 p = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(m_new))), valid);
+          state.l[i] = state.l[i] * correction + hsum(p);
+          state.m[i] = m_new;
+          _mm256_store_ps(score, p);
+          float* acc = state.acc + i * D;
+          const __m256 c = _mm256_set1_ps(correction);
+          int64_t d = 0;
+          for (; d + 32 <= D; d += 32) accumulate_values<4>(acc + d, c, score, v_row, d);
+          for (; d < D; d += 8) accumulate_values<1>(acc + d, c, score, v_row, d);
+        }
       }
     }
   }
 }
 
-// Merges the states of consecutive position ranges and writes the normalized output of heads h*G..h*G+G-1.
-void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t count, int64_t h, float* out_token) {
-  const int64_t G = a.group, D = a.head_dim;
-  for (int64_t g = 0; g < G; ++g) {
+// Merges the states of consecutive position ranges and writes the normalized outputs of query heads
+// h0*G .. h1*G-1.
+void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t count, int64_t h0, int64_t h1,
+                  float* out_token) {
+  const int64_t D = a.head_dim;
+  for (int64_t i = 0; i < (h1 - h0) * a.group; ++i) {
     float m = -INFINITY, l = 0.f;
-    for (int64_t i = 0; i < count; ++i) m = std::max(m, parts[i].m[g]);
-    float* o = out_token + (h * G + g) * D;
+    for (int64_t k = 0; k < count; ++k) m = std::max(m, parts[k].m[i]);
+    float* o = out_token + (h0 * a.group + i) * D;
     for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-    for (int64_t i = 0; i < count; ++i) {
-      if (parts[i].l[g] == 0.f) continue;  // an empty range (m = -inf)
-      const float w = count == 1 ? 1.f : std::exp(parts[i].m[g] - m);
-      l += parts[i].l[g] * w;
-      for (int64_t d = 0; d < D; ++d) o[d] += parts[i].acc[g][d] * w;
+    for (int64_t k = 0; k < count; ++k) {
+      if (parts[k].l[i] == 0.f) continue;  // an empty range (m = -inf)
+      const float w = count == 1 ? 1.f : std::exp(parts[k].m[i] - m);
+      l += parts[k].l[i] * w;
+      const float* acc = parts[k].acc + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += acc[d] * w;
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;
     for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
-}
-
-void attend_one_token(const AttentionShape& a, const float* q_token, const float* k_pages, const float* v_pages,
-                      const int32_t* pages, int64_t h, int64_t lo, int64_t hi, float* out_token) {
-  SoftmaxState state;
-  attend_range(a, q_token, k_pages, v_pages, pages, h, lo, hi, state);
-  write_merged(a, &state, 1, h, out_token);
 }
 
 // Decode steps with fewer (sequence, KV head) items than twice the threads split each decoding token's
@@ -328,6 +357,7 @@ void attend_one_token(const AttentionShape& a, const float* q_token, const float
 // rounds on two threads.
 constexpr int64_t kMaxParts = 4;
 constexpr int64_t kMinPartPositions = 64;
+constexpr int64_t kQueryBlock = 8;  // a prefill chunk's query tokens that share each block of loaded rows
 
 ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                                 ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> kv_lens,
@@ -338,7 +368,7 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2)
     return ffi::Error::InvalidArgument("ragged_paged_attention: expected q[T, H, D], pages[P, S, Hkv, D]");
   AttentionShape a{qd[0], qd[1], qd[2], kd[1], kd[2], pd[1], qd[1] / kd[2], sm_scale, soft_cap, sliding_window};
-  if (a.head_dim % 8 || a.head_dim > kMaxHeadDim || a.group > kMaxGroup || a.num_heads % a.num_kv_heads)
+  if (a.head_dim % 8 || a.head_dim > kMaxHeadDim || a.num_heads % a.num_kv_heads)
     return ffi::Error::InvalidArgument("ragged_paged_attention: unsupported head shape");
   const int32_t* lens = kv_lens.typed_data();
   const int32_t* table = page_indices.typed_data();
@@ -349,7 +379,11 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   const float* qp = q.typed_data();
   const float* kp = k_pages.typed_data();
   const float* vp = v_pages.typed_data();
-  const int64_t items = live_seqs * a.num_kv_heads, threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // An item is a sequence's KV heads [h0, h1): all of them together when there are sequences enough to go
+  // round the threads (whole rows read at once), else one each.
+  const int64_t heads_per_item = live_seqs >= 2 * threads ? a.num_kv_heads : 1;
+  const int64_t items_per_seq = a.num_kv_heads / heads_per_item, items = live_seqs * items_per_seq;
   const int64_t parts = items > 0 && items < 2 * threads ? std::min(kMaxParts, (2 * threads + items - 1) / items) : 1;
   // (first token, query length, visible length, first visible position) of sequence s
   auto sequence = [&](int64_t s, int64_t& first, int64_t& q_len, int64_t& kv_len, int64_t& from) {
@@ -365,32 +399,41 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   std::vector<SoftmaxState> states(parts > 1 ? items * parts : 0);
   parallel_blocks(pool, items * parts, [&](int64_t unit) {
     const int64_t item = unit / parts, part = unit % parts;
-    const int64_t s = item / a.num_kv_heads, h = item % a.num_kv_heads;
+    const int64_t s = item / items_per_seq, h0 = item % items_per_seq * heads_per_item, h1 = h0 + heads_per_item;
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
+    const int32_t* pages = table + s * a.pages_per_seq;
+    const float* q_first = qp + first * a.num_heads * a.head_dim;
+    const int64_t token_stride = a.num_heads * a.head_dim;
     if (is_split(q_len, kv_len, from)) {  // this part's positions, in multiples of 8
       const int64_t chunk = ((kv_len - from + parts - 1) / parts + 7) / 8 * 8;
       const int64_t begin = std::min(kv_len, from + part * chunk), end = std::min(kv_len, begin + chunk);
-      attend_range(a, qp + first * a.num_heads * a.head_dim, kp, vp, table + s * a.pages_per_seq, h, begin, end,
-                   states[unit]);
+      attend_tokens(a, q_first, token_stride, 1, &begin, &end, kp, vp, pages, h0, h1, &states[unit]);
       return;
     }
-    if (part != 0) return;  // not split: part 0 does the item
-    for (int64_t i = 0; i < q_len; ++i) {
-      const int64_t pos = kv_len - q_len + i;  // this query token's position: it sees [lo, pos]
-      if (pos < 0) continue;
-      const int64_t lo = a.sliding_window > 0 ? std::max<int64_t>(0, pos - a.sliding_window + 1) : 0;
-      const int64_t token = first + i;
-      attend_one_token(a, qp + token * a.num_heads * a.head_dim, kp, vp, table + s * a.pages_per_seq, h, lo,
-                       pos + 1, o + token * a.num_heads * a.head_dim);
+    // Not split: the item's query tokens in blocks of kQueryBlock, the blocks dealt round its parts (a prefill
+    // chunk's later tokens see more positions, so every part gets early and late blocks).
+    SoftmaxState block_states[kQueryBlock];
+    for (int64_t i0 = part * kQueryBlock; i0 < q_len; i0 += parts * kQueryBlock) {
+      const int64_t count = std::min(kQueryBlock, q_len - i0);
+      int64_t lo[kQueryBlock], hi[kQueryBlock];
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t pos = kv_len - q_len + i0 + t;  // this query token's position: it sees [lo, pos]
+        hi[t] = std::max<int64_t>(pos + 1, 0);
+        lo[t] = a.sliding_window > 0 ? std::clamp<int64_t>(pos - a.sliding_window + 1, 0, hi[t]) : 0;
+      }
+      attend_tokens(a, q_first + i0 * token_stride, token_stride, count, lo, hi, kp, vp, pages, h0, h1,
+                    block_states);
+      for (int64_t t = 0; t < count; ++t)
+        write_merged(a, &block_states[t], 1, h0, h1, o + (first + i0 + t) * token_stride);
     }
   });
   for (int64_t item = 0; parts > 1 && item < items; ++item) {
-    const int64_t s = item / a.num_kv_heads, h = item % a.num_kv_heads;
+    const int64_t s = item / items_per_seq, h0 = item % items_per_seq * heads_per_item;
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
     if (is_split(q_len, kv_len, from))
-      write_merged(a, &states[item * parts], parts, h, o + first * a.num_heads * a.head_dim);
+      write_merged(a, &states[item * parts], parts, h0, h0 + heads_per_item, o + first * a.num_heads * a.head_dim);
   }
   return ffi::Error::Success();
 }

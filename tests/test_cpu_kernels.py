@@ -94,6 +94,15 @@ ATTENTION_CASES = [(shapes, options) for shapes, options in FAST_CASES + SLOW_CA
             head_dim=64, num_pages=80), {}),
     (Shapes(page_size=16, num_kv_heads=1, group=3, num_seq_slots=3, num_tokens=6, pages_per_seq=24,
             head_dim=64, num_pages=80), {"sliding_window": 200, "soft_cap": 30.0}),
+    # Prefill chunks of up to 29 tokens: several blocks of queries, dealt over the parts of few items (and a
+    # window shorter than a block, so tokens of one block see different ranges).
+    (Shapes(page_size=16, num_kv_heads=1, group=2, num_seq_slots=3, num_tokens=60, pages_per_seq=6,
+            head_dim=32, num_pages=40), {}),
+    (Shapes(page_size=16, num_kv_heads=1, group=2, num_seq_slots=3, num_tokens=60, pages_per_seq=6,
+            head_dim=32, num_pages=40), {"sliding_window": 5, "soft_cap": 20.0}),
+    # Up to 8 live sequences: enough to take all of a sequence's KV heads in one item.
+    (Shapes(page_size=8, num_kv_heads=3, group=2, num_seq_slots=9, num_tokens=64, pages_per_seq=8,
+            head_dim=16, num_pages=80), {}),
 ]
 
 
@@ -107,15 +116,17 @@ def test_attention_kernel_matches_the_reference(shapes, options):
         np.testing.assert_allclose(np.asarray(kernel(**batch)), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
-def test_attention_dispatch_sends_decode_steps_to_the_kernel():
+def test_attention_dispatch_sends_cpu_steps_to_the_kernel():
     shapes = Shapes(page_size=4, num_kv_heads=2, group=2, num_seq_slots=5, num_tokens=5, pages_per_seq=5)
-    decode = random_batch(shapes, 0, decode_only=True)
     lower = lambda batch, backend: jax.jit(functools.partial(
         ragged_paged_attention, sm_scale=0.35, backend=backend)).lower(**batch).as_text()
-    assert "jaxserve_ragged_paged_attention" in lower(decode, "cpu")
-    assert "jaxserve_ragged_paged_attention" not in lower(decode, "xla")
-    mixed = random_batch(dataclasses.replace(shapes, num_tokens=20), 0)  # prefill chunks stay on XLA's path
-    assert "jaxserve_ragged_paged_attention" not in lower(mixed, "cpu")
+    decode = random_batch(shapes, 0, decode_only=True)
+    mixed = random_batch(dataclasses.replace(shapes, num_tokens=20), 0)  # prefill chunks too
+    for batch in (decode, mixed):
+        assert "jaxserve_ragged_paged_attention" in lower(batch, "cpu")
+        assert "jaxserve_ragged_paged_attention" not in lower(batch, "xla")
+    odd_heads = random_batch(dataclasses.replace(shapes, head_dim=12), 0)  # not a multiple of 8: XLA's path
+    assert "jaxserve_ragged_paged_attention" not in lower(odd_heads, "cpu")
 
 
 def test_int8_rounding_is_exact_in_bfloat16_and_close_to_the_weights():
