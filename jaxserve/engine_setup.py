@@ -61,6 +61,22 @@ def enable_compilation_cache(cache_dir: str | None) -> str:
     return cache_dir
 
 
+KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: str, activation_dtype: str, on_cpu: bool) -> str:
+    """The KV cache's dtype. `auto`: on the CPU bfloat16 with 16-bit weights (a decode step's attention is
+    mostly reading the cache, and the CPU kernel widens bfloat16 as it reads) and float32 with float32
+    weights; elsewhere the activations' dtype."""
+    if kv_cache_dtype != "auto":
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto, {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        return kv_cache_dtype
+    if on_cpu:
+        return "float32" if dtype == "float32" else "bfloat16"
+    return activation_dtype
+
+
 def resolve_dtype(dtype: str, declared: str | None = None) -> str:
     """The weights' dtype. `auto`: bfloat16 on the CPU; elsewhere the checkpoint's half type, else bfloat16."""
     if dtype != "auto":
@@ -182,7 +198,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     # Hidden states and the KV cache stay float32 on the CPU whatever the weights' dtype: XLA CPU has no fast
     # bfloat16 elementwise/attention path; its bfloat16 dots accumulate into float32 (models/llama.Linear).
     activation_dtype = "float32" if on_cpu else dtype
-    per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, activation_dtype)
+    kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, activation_dtype, on_cpu)
+    per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, kv_cache_dtype)
     # Split by KV head, each device holds 1/tp of every page; replicated, each holds all of it. An
     # accelerator's budget is its own memory; CPU devices (virtual ones included) all share the host's RAM.
     kv_split = mesh.size if plan_tensor_parallel(model_config, mesh.size).kv_heads else 1
@@ -216,7 +233,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         flat = round_projections_to_int8(flat)
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets, attention,
                                  activation_dtype, unroll_decode_max_seqs=2 if on_cpu and not formats else 0,
-                                 cpu_kernel=cpu_kernel, int8_weights=int8_weights, block_formats=formats)
+                                 cpu_kernel=cpu_kernel, int8_weights=int8_weights, block_formats=formats,
+                                 kv_cache_dtype=kv_cache_dtype)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.
@@ -233,9 +251,10 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     eos = set(model_config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(tokenizer.eos_token_id)
-    logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device), max_model_len %d, dtype %s, "
+    logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device, %s), max_model_len %d, dtype %s, "
                 "tensor parallel %d, attention %s, CPU projection kernels %s", num_pages, page_size,
-                num_pages * device_bytes_per_page / 1024**3, max_model_len, dtype, mesh.size, attention,
+                num_pages * device_bytes_per_page / 1024**3, kv_cache_dtype, max_model_len, dtype, mesh.size,
+                attention,
                 describe_projection_kernels(formats, cpu_kernel, int8_weights))
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter,
                        config, checkpoint_files.bytes_read if checkpoint_files else None)

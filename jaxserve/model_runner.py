@@ -39,7 +39,7 @@ class RunnerConfig:
     pages_per_seq: int  # page-table width = ceil(max_model_len / page_size)
     buckets: BucketSet
     attention_backend: str  # xla | cpu | pallas
-    activation_dtype: str | None = None  # hidden states and KV cache; None = dtype
+    activation_dtype: str | None = None  # hidden states (and the KV cache unless kv_cache_dtype); None = dtype
     # Decode-only steps of at most this many sequences run the layers unrolled over per-layer weight arrays
     # (kept beside the stacked ones). On XLA CPU a 2-sequence step drops from 75 to 49 ms (no per-layer
     # weight-slice copies) and an 8-sequence engine step from 187 to 142 ms, but an unrolled step compiles ~4x
@@ -55,6 +55,7 @@ class RunnerConfig:
     # (module, "q4" / "q8") for the modules whose weights stay in GGUF's blocks (pallas_kernels/block_quant):
     # their kernels run at every batch size, reading the layer-stacked weights in place.
     block_formats: tuple[tuple[str, str], ...] = ()
+    kv_cache_dtype: str | None = None  # None = activation_dtype
 
 
 def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
@@ -152,12 +153,12 @@ class ModelRunner:
     def _allocate_kv(self, sharding):
         cfg, rc = self.model_config, self.config
         shape = (cfg.num_layers * rc.num_pages, rc.page_size, cfg.num_kv_heads, cfg.head_dim)
-        return (jnp.zeros(shape, self.activation_dtype, device=sharding),
-                jnp.zeros(shape, self.activation_dtype, device=sharding))
+        dtype = rc.kv_cache_dtype or self.activation_dtype
+        return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
 
     @staticmethod
     def kv_bytes_per_page(model_config: ModelConfig, page_size: int, dtype: str) -> int:
-        """`dtype`: the KV cache's (the activation dtype)."""
+        """`dtype`: the KV cache's."""
         per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
         return per_token * page_size * jnp.dtype(dtype).itemsize
 

@@ -1,5 +1,5 @@
 // CPU kernels for x86-64 (AVX2 + FMA) as XLA FFI custom calls: small-batch projections with bf16 or int8
-// weights, and ragged paged attention over a float32 KV cache (further down).
+// weights, and ragged paged attention over a float32 or bfloat16 KV cache (further down).
 //
 // Projections. XLA CPU's bf16 x bf16 -> f32 dot streams a decode step's weights at ~6 GB/s on this class of
 // machine, a quarter of its memory bandwidth, and decode at small batch is nothing but that stream. These
@@ -10,7 +10,8 @@
 //   jaxserve_bf16_matmul_kn: y[M, N] = x[M, K] . w[K, N]              (nnx.Linear's kernel layout)
 //   jaxserve_int8_matmul_kn: y[M, N] = (x[M, K] . q[K, N]) * scale[N]   (int8 weights, per-column scale)
 //   jaxserve_bf16_matmul_nk: y[M, N] = x[M, K] . w[N, K]^T            (a tied embedding used as the LM head)
-//   jaxserve_ragged_paged_attention: see pallas_kernels/reference.py for the semantics
+//   jaxserve_ragged_paged_attention(_bf16): see pallas_kernels/reference.py for the semantics (float32 or
+//   bfloat16 pages)
 
 #include <immintrin.h>
 
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_parallel.h"
@@ -168,13 +170,15 @@ ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-// ---- Ragged paged attention over a float32 paged KV cache ------------------------------------------------
+// ---- Ragged paged attention over a paged KV cache (float32 or bfloat16) -------------------------------------
 //
 // XLA's path gathers each chunk of pages into a fresh buffer, transposes it head-major and masks whole chunks;
-// on the CPU that copying is most of a decode step's attention. Here each (sequence, KV head) pair walks its
-// own pages in place with an online softmax, eight positions at a time, for the group of query heads that
-// share the KV head, prefetching the next eight positions' rows (the pages are scattered); decode steps with
-// few pairs split each pair's positions over the threads and merge the parts. Semantics are
+// on the CPU that copying is most of a step's attention. Here each item (a sequence's KV heads: all of them
+// when sequences are many, else one) walks its own pages in place with an online softmax, eight positions at
+// a time, for the query heads that share those KV heads, prefetching rows ahead (the pages are scattered).
+// A prefill chunk's query tokens go in blocks that share each loaded block of rows; decode steps with few
+// items split each item's positions over the threads and merge the parts. A bfloat16 cache is widened to
+// float32 as it is read (half the bytes of a step that is mostly reading them). Semantics are
 // pallas_kernels/reference.py's.
 
 // e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
@@ -232,15 +236,19 @@ struct SoftmaxState {
   }
 };
 
+// Eight cache values as float32: a float32 cache's as they are, a bfloat16 one's widened.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return widen8(p); }
+
 // acc[0, 8V) = acc * c + sum_j p[j] * v_row[j][d0 + (0, 8V)] over a block's eight positions (p = 0 past its
 // end), V vectors at a time so that V FMA chains run side by side.
-template <int V>
-inline void accumulate_values(float* acc, __m256 c, const float* p, const float* const* v_row, int64_t d0) {
+template <int V, typename Page>
+inline void accumulate_values(float* acc, __m256 c, const float* p, const Page* const* v_row, int64_t d0) {
   __m256 o[V];
   for (int v = 0; v < V; ++v) o[v] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * v), c);
   for (int j = 0; j < 8; ++j) {
     const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int v = 0; v < V; ++v) o[v] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v_row[j] + d0 + 8 * v), o[v]);
+    for (int v = 0; v < V; ++v) o[v] = _mm256_fmadd_ps(pj, load8(v_row[j] + d0 + 8 * v), o[v]);
   }
   for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc + 8 * v, o[v]);
 }
@@ -254,8 +262,9 @@ constexpr int64_t kPrefetchAhead = 16;
 // heads are adjacent in the cache, so taking them together reads whole runs of cache lines; and a block of
 // eight positions' rows, once loaded, serves every token of the call (a prefill chunk's block of queries)
 // while it is in L1.
+template <typename Page>
 void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
-                   const int64_t* lo, const int64_t* hi, const float* k_pages, const float* v_pages,
+                   const int64_t* lo, const int64_t* hi, const Page* k_pages, const Page* v_pages,
                    const int32_t* pages, int64_t h0, int64_t h1, SoftmaxState* states) {
   const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
   int64_t begin = INT64_MAX, end = 0;
@@ -272,7 +281,7 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
   };
   auto prefetch = [&](int64_t p) {
     const int64_t base = slot_offset(p) + h0 * D;
-    for (int64_t d = 0; d < (h1 - h0) * D; d += 16) {  // 64-byte lines
+    for (int64_t d = 0; d < (h1 - h0) * D; d += 64 / sizeof(Page)) {  // 64-byte lines
       _mm_prefetch(reinterpret_cast<const char*>(k_pages + base + d), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(v_pages + base + d), _MM_HINT_T0);
     }
@@ -286,8 +295,8 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
     for (int j = 0; j < 8; ++j) offset[j] = slot_offset(p0 + std::min(j, n - 1));
     const __m256 position = _mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(p0)));
     for (int64_t h = h0; h < h1; ++h) {
-      const float* k_row[8];
-      const float* v_row[8];
+      const Page* k_row[8];
+      const Page* v_row[8];
       for (int j = 0; j < 8; ++j) {
         k_row[j] = k_pages + offset[j] + h * D;
         v_row[j] = v_pages + offset[j] + h * D;
@@ -306,7 +315,7 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
           for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
           for (int64_t d = 0; d < D; d += 8) {
             const __m256 qd = _mm256_loadu_ps(qi + d);
-            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k_row[j] + d), dots[j]);
+            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, load8(k_row[j] + d), dots[j]);
           }
           alignas(32) float score[8];
           _mm256_store_ps(score, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(a.sm_scale)));
@@ -359,8 +368,10 @@ constexpr int64_t kMaxParts = 4;
 constexpr int64_t kMinPartPositions = 64;
 constexpr int64_t kQueryBlock = 8;  // a prefill chunk's query tokens that share each block of loaded rows
 
-ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
-                                ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> kv_lens,
+// The cache's pages are float32 or bfloat16 (kPageType); queries and outputs float32.
+template <ffi::DataType kPageType>
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<kPageType> k_pages,
+                                ffi::Buffer<kPageType> v_pages, ffi::Buffer<ffi::S32> kv_lens,
                                 ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
                                 ffi::Buffer<ffi::S32> num_seqs, float sm_scale, int64_t sliding_window,
                                 float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
@@ -377,8 +388,9 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   float* o = out->typed_data();
   std::memset(o, 0, a.num_tokens * a.num_heads * a.head_dim * sizeof(float));  // padded tokens stay zero
   const float* qp = q.typed_data();
-  const float* kp = k_pages.typed_data();
-  const float* vp = v_pages.typed_data();
+  using Page = std::conditional_t<kPageType == ffi::DataType::F32, float, uint16_t>;
+  const Page* kp = reinterpret_cast<const Page*>(k_pages.typed_data());
+  const Page* vp = reinterpret_cast<const Page*>(v_pages.typed_data());
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // An item is a sequence's KV heads [h0, h1): all of them together when there are sequences enough to go
   // round the threads (whole rows read at once), else one each.
@@ -462,17 +474,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_nk, MatmulNK,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_ragged_paged_attention, RaggedPagedAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("sm_scale")
-                                  .Attr<int64_t>("sliding_window")
-                                  .Attr<float>("soft_cap")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define JAXSERVE_ATTENTION_HANDLER(name, page_type)                                                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, RaggedPagedAttention<page_type>,                                       \
+                                ffi::Ffi::Bind()                                                             \
+                                    .Ctx<ffi::ThreadPool>()                                                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                            \
+                                    .Arg<ffi::Buffer<page_type>>()                                           \
+                                    .Arg<ffi::Buffer<page_type>>()                                           \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
+                                    .Attr<float>("sm_scale")                                                 \
+                                    .Attr<int64_t>("sliding_window")                                         \
+                                    .Attr<float>("soft_cap")                                                 \
+                                    .Ret<ffi::Buffer<ffi::F32>>())
+
+JAXSERVE_ATTENTION_HANDLER(jaxserve_ragged_paged_attention, ffi::F32);
+JAXSERVE_ATTENTION_HANDLER(jaxserve_ragged_paged_attention_bf16, ffi::BF16);

@@ -38,7 +38,7 @@ HEADERS = (HERE / "cpu_parallel.h",)
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
 INT8_TARGET = "jaxserve_int8_matmul_kn"
-ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
+ATTENTION_TARGETS = {"float32": "jaxserve_ragged_paged_attention", "bfloat16": "jaxserve_ragged_paged_attention_bf16"}
 BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_q4_dequantize", "jaxserve_q8_dequantize")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
@@ -100,7 +100,7 @@ def available() -> bool:
             return False
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
-        targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET,
+        targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, *ATTENTION_TARGETS.values(),
                                                           *BLOCK_QUANT_TARGETS)}
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
         logger.warning("CPU kernels off: loading %s failed: %s", library, err)
@@ -158,15 +158,17 @@ def int8_project(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
-    """The FFI attention kernel: float32 q [T, H, D] against float32 pages [P, page_size, Hkv, D], with
-    pallas_kernels/reference.py's semantics (ragged query lengths, causal, GQA, window, soft cap)."""
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    """The FFI attention kernel: float32 q [T, H, D] against float32 or bfloat16 pages [P, page_size, Hkv, D],
+    with pallas_kernels/reference.py's semantics (ragged query lengths, causal, GQA, window, soft cap)."""
+    target = ATTENTION_TARGETS[jnp.dtype(k_pages.dtype).name]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=np.float32(sm_scale),
                 sliding_window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
 
 
 def attention_fits(q, k_pages) -> bool:
-    """Shapes and dtypes the attention kernel takes (float32, head_dim a multiple of 8, at most 256)."""
-    head_dim, group = q.shape[-1], q.shape[1] // k_pages.shape[2]
-    return (q.dtype == jnp.float32 and k_pages.dtype == jnp.float32 and head_dim % 8 == 0 and head_dim <= 256
-            and group <= 16)
+    """Shapes and dtypes the attention kernel takes (float32 queries, float32 or bfloat16 pages, head_dim a
+    multiple of 8, at most 256)."""
+    head_dim = q.shape[-1]
+    return (q.dtype == jnp.float32 and jnp.dtype(k_pages.dtype).name in ATTENTION_TARGETS and head_dim % 8 == 0
+            and head_dim <= 256)

@@ -40,7 +40,9 @@ _ENGINE_HELP = {
              "Default: the embedded SmolLM2-135M-Instruct.",
     "tokenizer": "Tokenizer directory or hub id, if not the model's own.",
     "dtype": "Weights dtype: auto (bfloat16 on CPU, else the checkpoint's half type), float32, bfloat16, float16. "
-             "On CPU the activations and KV cache stay float32.",
+             "On CPU the activations stay float32.",
+    "kv_cache_dtype": "KV cache dtype: auto (on CPU bfloat16 with 16-bit weights, float32 with float32 ones; "
+                      "elsewhere the activations' dtype), float32, bfloat16, float16.",
     "max_model_len": "Context length (prompt + output tokens). Default: the model's.",
     "seed": "Seed of the engine's random generator.",
     "block_size": "Tokens per KV-cache page.",

@@ -128,9 +128,10 @@ def test_block_engine_agrees_with_dequantized_weights_and_across_batches(tmp_pat
         monkeypatch.setitem(test_weights.QUANT_FOR, "gate_proj", QT.Q4_1)
     write_tiny_gguf(tmp_path / "tiny.gguf")
     # Steps of at most 11 tokens: all of them through the integer dots (below FLOAT_MIN_ROWS), whose rows come
-    # out the same at any batch size.
+    # out the same at any batch size. A float32 KV cache on both sides: the weights' arithmetic is under test.
     kw = dict(model=str(tmp_path / "tiny.gguf"), tokenizer=default_gguf_path(), checkpoint_cache_dir=None,
-              precompile=False, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=11, block_size=4)
+              precompile=False, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=11, block_size=4,
+              kv_cache_dtype="float32")
     blocks = LLM(**kw)
     assert dict(blocks.engine.runner.config.block_formats)["q_proj"] == "q4"
     modules = {str(path[-2]) for path in blocks.engine.runner.split.layer_paths}

@@ -116,6 +116,32 @@ def test_attention_kernel_matches_the_reference(shapes, options):
         np.testing.assert_allclose(np.asarray(kernel(**batch)), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
+BFLOAT16_CASES = [
+    (Shapes(page_size=16, num_kv_heads=3, group=3, num_seq_slots=6, num_tokens=24, pages_per_seq=12,
+            head_dim=64, num_pages=80), {}),
+    (Shapes(page_size=16, num_kv_heads=1, group=2, num_seq_slots=3, num_tokens=60, pages_per_seq=6,
+            head_dim=40, num_pages=40), {"sliding_window": 5, "soft_cap": 20.0}),
+    (Shapes(page_size=16, num_kv_heads=1, group=3, num_seq_slots=3, num_tokens=6, pages_per_seq=24,
+            head_dim=64, num_pages=80), {}),  # decode positions split into parts
+]
+
+
+@pytest.mark.parametrize("shapes,options", BFLOAT16_CASES)
+def test_attention_kernel_reads_a_bfloat16_cache(shapes, options):
+    """A bfloat16 cache gives what the reference gives on the same (rounded) values, widened exactly."""
+    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.35, **options))
+    for seed, decode_only in ((0, False), (1, True)):
+        batch = random_batch(shapes, seed, decode_only=decode_only)
+        rounded = {**batch, "k_pages": batch["k_pages"].astype(jnp.bfloat16),
+                   "v_pages": batch["v_pages"].astype(jnp.bfloat16)}
+        widened = {**rounded, "k_pages": rounded["k_pages"].astype(jnp.float32),
+                   "v_pages": rounded["v_pages"].astype(jnp.float32)}
+        want = ref_ragged_paged_attention(**widened, sm_scale=0.35, **options)
+        np.testing.assert_allclose(np.asarray(kernel(**rounded)), np.asarray(want), atol=2e-5, rtol=2e-5)
+    assert cpu_kernels.attention_fits(batch["q"], rounded["k_pages"])
+    assert not cpu_kernels.attention_fits(batch["q"], batch["k_pages"].astype(jnp.float16))
+
+
 def test_attention_dispatch_sends_cpu_steps_to_the_kernel():
     shapes = Shapes(page_size=4, num_kv_heads=2, group=2, num_seq_slots=5, num_tokens=5, pages_per_seq=5)
     lower = lambda batch, backend: jax.jit(functools.partial(

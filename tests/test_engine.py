@@ -182,15 +182,37 @@ def test_unrolled_and_scanned_decode_steps_agree(llm):
         np.testing.assert_allclose(a.outputs[0].cumulative_logprob, b.outputs[0].cumulative_logprob, atol=1e-4)
 
 
+def test_bfloat16_kv_cache_stays_close_to_float32(llm, random_llama_dir, tmp_path):
+    import jax.numpy as jnp
+
+    bf16 = LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(tmp_path), kv_cache_dtype="bfloat16",
+               precompile=False, **ENGINE_ARGS)
+    assert bf16.engine.runner.kv_cache[0].dtype == jnp.bfloat16
+    assert llm.engine.runner.kv_cache[0].dtype == jnp.float32
+    p = prompts(1, seed=6, lo=30, hi=31)[0]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    want, got = (np.array([next(iter(pos.values())).logprob for pos in out.prompt_logprobs[1:]])
+                 for out in (llm.generate([p], params)[0], bf16.generate([p], params)[0]))
+    assert not np.array_equal(got, want)  # the cache really is rounded ...
+    np.testing.assert_allclose(got, want, atol=0.05)  # ... and the prompt's log-probabilities barely move
+
+
 def test_auto_dtype_is_bfloat16_weights_with_float32_activations_on_cpu(random_llama_dir):
     import jax.numpy as jnp
 
-    from jaxserve.engine_setup import resolve_dtype
+    from jaxserve.engine_setup import resolve_dtype, resolve_kv_cache_dtype
 
     assert resolve_dtype("auto", "float16") == "bfloat16"  # this suite runs on the CPU backend
     assert resolve_dtype("float32", "bfloat16") == "float32"
     with pytest.raises(ValueError, match="dtype must be"):
         resolve_dtype("int4")
+    # The KV cache: bfloat16 on the CPU with 16-bit weights, float32 with float32 ones, else as asked.
+    assert resolve_kv_cache_dtype("auto", "bfloat16", "float32", on_cpu=True) == "bfloat16"
+    assert resolve_kv_cache_dtype("auto", "float32", "float32", on_cpu=True) == "float32"
+    assert resolve_kv_cache_dtype("auto", "bfloat16", "bfloat16", on_cpu=False) == "bfloat16"
+    assert resolve_kv_cache_dtype("float32", "bfloat16", "float32", on_cpu=True) == "float32"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        resolve_kv_cache_dtype("fp8", "bfloat16", "float32", on_cpu=True)
     with pytest.raises(ValueError, match="at least 1"):
         LLM(model=str(random_llama_dir), max_num_seqs=0)
     auto = LLM(model=str(random_llama_dir), checkpoint_cache_dir=None, precompile=False, max_model_len=64,
@@ -198,6 +220,7 @@ def test_auto_dtype_is_bfloat16_weights_with_float32_activations_on_cpu(random_l
     assert (auto.engine.config.max_num_seqs, auto.engine.config.max_num_batched_tokens) == (64, 512)  # CPU's
     runner = auto.engine.runner
     assert runner.params[0][0].dtype == jnp.bfloat16
-    assert runner.kv_cache[0].dtype == jnp.float32
+    assert runner.kv_cache[0].dtype == jnp.bfloat16
+    assert runner.activation_dtype == jnp.float32
     out = auto.generate([prompts(1)[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
