@@ -173,13 +173,12 @@ ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
 // ---- Ragged paged attention over a paged KV cache (float32 or bfloat16) -------------------------------------
 //
 // XLA's path gathers each chunk of pages into a fresh buffer, transposes it head-major and masks whole chunks;
-// on the CPU that copying is most of a step's attention. Here each item (a sequence's KV heads: all of them
-// when sequences are many, else one) walks its own pages in place with an online softmax, eight positions at
-// a time, for the query heads that share those KV heads, prefetching rows ahead (the pages are scattered).
-// A prefill chunk's query tokens go in blocks that share each loaded block of rows; decode steps with few
-// items split each item's positions over the threads and merge the parts. A bfloat16 cache is widened to
-// float32 as it is read (half the bytes of a step that is mostly reading them). Semantics are
-// pallas_kernels/reference.py's.
+// on the CPU that copying is most of a step's attention. Here each sequence walks its own pages in place with
+// an online softmax, eight positions at a time, all heads together (a position's rows of all KV heads are
+// adjacent), prefetching rows ahead (the pages are scattered). A prefill chunk's query tokens go in blocks
+// that share each loaded block of rows; steps with few sequences split a decode token's positions over the
+// threads and merge the parts. A bfloat16 cache is widened to float32 as it is read (half the bytes of a step
+// that is mostly reading them). Semantics are pallas_kernels/reference.py's.
 
 // e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
 inline __m256 exp_nonpositive(__m256 x) {
@@ -257,19 +256,18 @@ inline void accumulate_values(float* acc, __m256 c, const float* p, const Page* 
 // computes in less time than a miss to memory takes.
 constexpr int64_t kPrefetchAhead = 16;
 
-// Query tokens t < count (q rows token_stride apart), each over its own positions [lo[t], hi[t]), with query
-// heads h0*G .. h1*G-1 against KV heads [h0, h1) of one sequence -> states[t]. Each position's rows of those KV
-// heads are adjacent in the cache, so taking them together reads whole runs of cache lines; and a block of
-// eight positions' rows, once loaded, serves every token of the call (a prefill chunk's block of queries)
-// while it is in L1.
+// Query tokens t < count (q rows token_stride apart) of one sequence, each over its own positions
+// [lo[t], hi[t]), all heads -> states[t]. A position's rows of all KV heads are adjacent in the cache, so taking
+// the heads together reads whole runs of cache lines; and a block of eight positions' rows, once loaded, serves
+// every token of the call (a prefill chunk's block of queries) while it is in L1.
 template <typename Page>
 void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
                    const int64_t* lo, const int64_t* hi, const Page* k_pages, const Page* v_pages,
-                   const int32_t* pages, int64_t h0, int64_t h1, SoftmaxState* states) {
+                   const int32_t* pages, SoftmaxState* states) {
   const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
   int64_t begin = INT64_MAX, end = 0;
   for (int64_t t = 0; t < count; ++t) {
-    states[t].reset((h1 - h0) * G, D);
+    states[t].reset(a.num_heads, D);
     if (lo[t] < hi[t]) {
       begin = std::min(begin, lo[t]);
       end = std::max(end, hi[t]);
@@ -280,8 +278,8 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
     return (static_cast<int64_t>(pages[p / a.page_size]) * a.page_size + p % a.page_size) * row;
   };
   auto prefetch = [&](int64_t p) {
-    const int64_t base = slot_offset(p) + h0 * D;
-    for (int64_t d = 0; d < (h1 - h0) * D; d += 64 / sizeof(Page)) {  // 64-byte lines
+    const int64_t base = slot_offset(p);
+    for (int64_t d = 0; d < row; d += 64 / sizeof(Page)) {  // 64-byte lines
       _mm_prefetch(reinterpret_cast<const char*>(k_pages + base + d), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(v_pages + base + d), _MM_HINT_T0);
     }
@@ -294,7 +292,7 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
     int64_t offset[8];  // a short last block repeats its last row; the tokens' masks leave the copies out
     for (int j = 0; j < 8; ++j) offset[j] = slot_offset(p0 + std::min(j, n - 1));
     const __m256 position = _mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(p0)));
-    for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t h = 0; h < a.num_kv_heads; ++h) {
       const Page* k_row[8];
       const Page* v_row[8];
       for (int j = 0; j < 8; ++j) {
@@ -308,8 +306,8 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
             _mm256_cmp_ps(position, _mm256_set1_ps(static_cast<float>(hi[t])), _CMP_LT_OQ));
         SoftmaxState& state = states[t];
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t i = (h - h0) * G + g;
-          const float* qi = q_first + t * token_stride + (h0 * G + i) * D;
+          const int64_t i = h * G + g;  // the query head
+          const float* qi = q_first + t * token_stride + i * D;
           // The eight positions' dot products run side by side (eight independent FMA chains).
           __m256 dots[8];
           for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
@@ -339,15 +337,13 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
   }
 }
 
-// Merges the states of consecutive position ranges and writes the normalized outputs of query heads
-// h0*G .. h1*G-1.
-void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t count, int64_t h0, int64_t h1,
-                  float* out_token) {
+// Merges the states of consecutive position ranges and writes the normalized outputs of every head.
+void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t count, float* out_token) {
   const int64_t D = a.head_dim;
-  for (int64_t i = 0; i < (h1 - h0) * a.group; ++i) {
+  for (int64_t i = 0; i < a.num_heads; ++i) {
     float m = -INFINITY, l = 0.f;
     for (int64_t k = 0; k < count; ++k) m = std::max(m, parts[k].m[i]);
-    float* o = out_token + (h0 * a.group + i) * D;
+    float* o = out_token + i * D;
     for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
     for (int64_t k = 0; k < count; ++k) {
       if (parts[k].l[i] == 0.f) continue;  // an empty range (m = -inf)
@@ -361,9 +357,9 @@ void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t co
   }
 }
 
-// Decode steps with fewer (sequence, KV head) items than twice the threads split each decoding token's
-// positions into parts (flash-decoding), merged after: one sequence's three KV heads otherwise made two
-// rounds on two threads.
+// Steps with fewer sequences than twice the threads split each decoding token's positions into parts
+// (flash-decoding, at least kMinPartPositions each), merged after, and deal a prefill chunk's query blocks
+// round the parts.
 constexpr int64_t kMaxParts = 4;
 constexpr int64_t kMinPartPositions = 64;
 constexpr int64_t kQueryBlock = 8;  // a prefill chunk's query tokens that share each block of loaded rows
@@ -392,11 +388,8 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   const Page* kp = reinterpret_cast<const Page*>(k_pages.typed_data());
   const Page* vp = reinterpret_cast<const Page*>(v_pages.typed_data());
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // An item is a sequence's KV heads [h0, h1): all of them together when there are sequences enough to go
-  // round the threads (whole rows read at once), else one each.
-  const int64_t heads_per_item = live_seqs >= 2 * threads ? a.num_kv_heads : 1;
-  const int64_t items_per_seq = a.num_kv_heads / heads_per_item, items = live_seqs * items_per_seq;
-  const int64_t parts = items > 0 && items < 2 * threads ? std::min(kMaxParts, (2 * threads + items - 1) / items) : 1;
+  const int64_t parts = live_seqs > 0 && live_seqs < 2 * threads
+                            ? std::min(kMaxParts, (2 * threads + live_seqs - 1) / live_seqs) : 1;
   // (first token, query length, visible length, first visible position) of sequence s
   auto sequence = [&](int64_t s, int64_t& first, int64_t& q_len, int64_t& kv_len, int64_t& from) {
     first = cu[s];
@@ -405,26 +398,26 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     kv_len = std::min<int64_t>(lens[s], a.pages_per_seq * a.page_size);
     from = a.sliding_window > 0 ? std::max<int64_t>(0, kv_len - a.sliding_window) : 0;  // a decode token's
   };
-  auto is_split = [&](int64_t q_len, int64_t kv_len, int64_t from) {
-    return parts > 1 && q_len == 1 && kv_len - from >= parts * kMinPartPositions;
+  auto split_parts = [&](int64_t q_len, int64_t kv_len, int64_t from) {  // 1: not split
+    return q_len == 1 ? std::clamp<int64_t>((kv_len - from) / kMinPartPositions, 1, parts) : 1;
   };
-  std::vector<SoftmaxState> states(parts > 1 ? items * parts : 0);
-  parallel_blocks(pool, items * parts, [&](int64_t unit) {
-    const int64_t item = unit / parts, part = unit % parts;
-    const int64_t s = item / items_per_seq, h0 = item % items_per_seq * heads_per_item, h1 = h0 + heads_per_item;
+  const int64_t token_stride = a.num_heads * a.head_dim;
+  std::vector<SoftmaxState> states(parts > 1 ? live_seqs * parts : 0);
+  parallel_blocks(pool, live_seqs * parts, [&](int64_t unit) {  // part `part` of sequence s
+    const int64_t s = unit / parts, part = unit % parts;
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
     const int32_t* pages = table + s * a.pages_per_seq;
-    const float* q_first = qp + first * a.num_heads * a.head_dim;
-    const int64_t token_stride = a.num_heads * a.head_dim;
-    if (is_split(q_len, kv_len, from)) {  // this part's positions, in multiples of 8
-      const int64_t chunk = ((kv_len - from + parts - 1) / parts + 7) / 8 * 8;
+    const float* q_first = qp + first * token_stride;
+    const int64_t split = split_parts(q_len, kv_len, from);
+    if (split > 1) {  // this part's positions, in multiples of 8
+      const int64_t chunk = ((kv_len - from + split - 1) / split + 7) / 8 * 8;
       const int64_t begin = std::min(kv_len, from + part * chunk), end = std::min(kv_len, begin + chunk);
-      attend_tokens(a, q_first, token_stride, 1, &begin, &end, kp, vp, pages, h0, h1, &states[unit]);
+      if (part < split) attend_tokens(a, q_first, token_stride, 1, &begin, &end, kp, vp, pages, &states[unit]);
       return;
     }
-    // Not split: the item's query tokens in blocks of kQueryBlock, the blocks dealt round its parts (a prefill
-    // chunk's later tokens see more positions, so every part gets early and late blocks).
+    // Not split: the query tokens in blocks of kQueryBlock, the blocks dealt round the parts (a prefill chunk's
+    // later tokens see more positions, so every part gets early and late blocks).
     SoftmaxState block_states[kQueryBlock];
     for (int64_t i0 = part * kQueryBlock; i0 < q_len; i0 += parts * kQueryBlock) {
       const int64_t count = std::min(kQueryBlock, q_len - i0);
@@ -434,18 +427,15 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
         hi[t] = std::max<int64_t>(pos + 1, 0);
         lo[t] = a.sliding_window > 0 ? std::clamp<int64_t>(pos - a.sliding_window + 1, 0, hi[t]) : 0;
       }
-      attend_tokens(a, q_first + i0 * token_stride, token_stride, count, lo, hi, kp, vp, pages, h0, h1,
-                    block_states);
-      for (int64_t t = 0; t < count; ++t)
-        write_merged(a, &block_states[t], 1, h0, h1, o + (first + i0 + t) * token_stride);
+      attend_tokens(a, q_first + i0 * token_stride, token_stride, count, lo, hi, kp, vp, pages, block_states);
+      for (int64_t t = 0; t < count; ++t) write_merged(a, &block_states[t], 1, o + (first + i0 + t) * token_stride);
     }
   });
-  for (int64_t item = 0; parts > 1 && item < items; ++item) {
-    const int64_t s = item / items_per_seq, h0 = item % items_per_seq * heads_per_item;
+  for (int64_t s = 0; parts > 1 && s < live_seqs; ++s) {
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
-    if (is_split(q_len, kv_len, from))
-      write_merged(a, &states[item * parts], parts, h0, h0 + heads_per_item, o + first * a.num_heads * a.head_dim);
+    const int64_t split = split_parts(q_len, kv_len, from);
+    if (split > 1) write_merged(a, &states[s * parts], split, o + first * token_stride);
   }
   return ffi::Error::Success();
 }
