@@ -235,19 +235,15 @@ struct SoftmaxState {
   }
 };
 
-// Eight cache values as float32: a float32 cache's as they are, a bfloat16 one's widened.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return widen8(p); }
-
 // acc[0, 8V) = acc * c + sum_j p[j] * v_row[j][d0 + (0, 8V)] over a block's eight positions (p = 0 past its
 // end), V vectors at a time so that V FMA chains run side by side.
-template <int V, typename Page>
-inline void accumulate_values(float* acc, __m256 c, const float* p, const Page* const* v_row, int64_t d0) {
+template <int V>
+inline void accumulate_values(float* acc, __m256 c, const float* p, const float* const* v_row, int64_t d0) {
   __m256 o[V];
   for (int v = 0; v < V; ++v) o[v] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * v), c);
   for (int j = 0; j < 8; ++j) {
     const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int v = 0; v < V; ++v) o[v] = _mm256_fmadd_ps(pj, load8(v_row[j] + d0 + 8 * v), o[v]);
+    for (int v = 0; v < V; ++v) o[v] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v_row[j] + d0 + 8 * v), o[v]);
   }
   for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc + 8 * v, o[v]);
 }
@@ -293,11 +289,28 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
     for (int j = 0; j < 8; ++j) offset[j] = slot_offset(p0 + std::min(j, n - 1));
     const __m256 position = _mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(p0)));
     for (int64_t h = 0; h < a.num_kv_heads; ++h) {
-      const Page* k_row[8];
-      const Page* v_row[8];
+      // The block's rows of KV head h as float32. A bfloat16 cache's are widened once here, not once per query
+      // head and token that reads them.
+      const float* k_row[8];
+      const float* v_row[8];
+      alignas(32) float k_wide[8 * kMaxHeadDim], v_wide[8 * kMaxHeadDim];
       for (int j = 0; j < 8; ++j) {
-        k_row[j] = k_pages + offset[j] + h * D;
-        v_row[j] = v_pages + offset[j] + h * D;
+        const Page* k = k_pages + offset[j] + h * D;
+        const Page* v = v_pages + offset[j] + h * D;
+        if constexpr (std::is_same_v<Page, float>) {
+          k_row[j] = k;
+          v_row[j] = v;
+        } else if (j >= n) {  // a repeated last row
+          k_row[j] = k_row[n - 1];
+          v_row[j] = v_row[n - 1];
+        } else {
+          for (int64_t d = 0; d < D; d += 8) {
+            _mm256_store_ps(k_wide + j * D + d, widen8(k + d));
+            _mm256_store_ps(v_wide + j * D + d, widen8(v + d));
+          }
+          k_row[j] = k_wide + j * D;
+          v_row[j] = v_wide + j * D;
+        }
       }
       for (int64_t t = 0; t < count; ++t) {
         if (hi[t] <= p0 || lo[t] >= p0 + n) continue;  // none of this token's positions
@@ -313,7 +326,7 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
           for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
           for (int64_t d = 0; d < D; d += 8) {
             const __m256 qd = _mm256_loadu_ps(qi + d);
-            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, load8(k_row[j] + d), dots[j]);
+            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k_row[j] + d), dots[j]);
           }
           alignas(32) float score[8];
           _mm256_store_ps(score, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(a.sm_scale)));
