@@ -221,7 +221,7 @@ struct AttentionShape {
 
 constexpr int kMaxHeadDim = 256;
 
-// The online softmax's state for a range of query heads over a range of positions: per head the running max m,
+// The online softmax's state of one query token over a range of positions: per query head the running max m,
 // the sum l of e^(score - m) and the unnormalized output acc [head_dim].
 struct SoftmaxState {
   std::vector<float> storage;

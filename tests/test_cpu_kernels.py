@@ -94,13 +94,13 @@ ATTENTION_CASES = [(shapes, options) for shapes, options in FAST_CASES + SLOW_CA
             head_dim=64, num_pages=80), {}),
     (Shapes(page_size=16, num_kv_heads=1, group=3, num_seq_slots=3, num_tokens=6, pages_per_seq=24,
             head_dim=64, num_pages=80), {"sliding_window": 200, "soft_cap": 30.0}),
-    # Prefill chunks of up to 29 tokens: several blocks of queries, dealt over the parts of few items (and a
-    # window shorter than a block, so tokens of one block see different ranges).
+    # Prefill chunks of up to 29 tokens: several blocks of queries, dealt over the parts of few sequences (and
+    # a window shorter than a block, so tokens of one block see different ranges).
     (Shapes(page_size=16, num_kv_heads=1, group=2, num_seq_slots=3, num_tokens=60, pages_per_seq=6,
             head_dim=32, num_pages=40), {}),
     (Shapes(page_size=16, num_kv_heads=1, group=2, num_seq_slots=3, num_tokens=60, pages_per_seq=6,
             head_dim=32, num_pages=40), {"sliding_window": 5, "soft_cap": 20.0}),
-    # Up to 8 live sequences: enough to take all of a sequence's KV heads in one item.
+    # Up to 8 live sequences of three KV heads: from 4, one unit per sequence (no parts).
     (Shapes(page_size=8, num_kv_heads=3, group=2, num_seq_slots=9, num_tokens=64, pages_per_seq=8,
             head_dim=16, num_pages=80), {}),
 ]
