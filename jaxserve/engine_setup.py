@@ -83,7 +83,7 @@ def resolve_dtype(dtype: str, declared: str | None = None) -> str:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         return dtype
-    # On the CPU the activations and KV cache stay float32 (see load_engine_model), and bfloat16 weights with
+    # On the CPU the activations stay float32 (see load_engine_model), and bfloat16 weights with
     # float32-accumulating dots measured faster than float32 weights: 1.5-2x per decode step at small batch,
     # a little for prefill (docs/benchmarks.md). XLA CPU has no fast float16 dot.
     if jax.default_backend() != "cpu" and declared in ("bfloat16", "float16"):
@@ -195,8 +195,9 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                        model_config.max_position_embeddings)
     page_size = config.block_size
     pages_per_seq = -(-max_model_len // page_size)
-    # Hidden states and the KV cache stay float32 on the CPU whatever the weights' dtype: XLA CPU has no fast
-    # bfloat16 elementwise/attention path; its bfloat16 dots accumulate into float32 (models/llama.Linear).
+    # Hidden states stay float32 on the CPU whatever the weights' dtype: XLA CPU has no fast bfloat16
+    # elementwise path; its bfloat16 dots accumulate into float32 (models/llama.Linear). The KV cache's dtype is
+    # resolve_kv_cache_dtype's.
     activation_dtype = "float32" if on_cpu else dtype
     kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, activation_dtype, on_cpu)
     per_page = ModelRunner.kv_bytes_per_page(model_config, page_size, kv_cache_dtype)

@@ -1,11 +1,11 @@
-"""Hand-written CPU kernels (AVX2 + FMA) as XLA FFI calls, for the two things a CPU decode step is made of.
+"""Hand-written CPU kernels (AVX2 + FMA) as XLA FFI calls, for the two things a CPU step is made of.
 
 - Projections with bfloat16 weights at small batch: XLA CPU streams those weights at about a quarter of the
   machine's memory bandwidth; `kernel_matmul` reads them once, in memory order, widening bf16 to f32 in
   registers. `matmul` is the pure-JAX reference and fallback, `project` picks between them.
-- Decode attention over the paged float32 KV cache: XLA's path copies every chunk of gathered pages
-  (gather, head-major transpose, mask); `ragged_paged_attention` walks the pages in place with an online
-  softmax. pallas_kernels/reference.py is its oracle.
+- Attention over the paged KV cache (float32 or bfloat16; decode steps and prefill chunks): XLA's path copies
+  every chunk of gathered pages (gather, head-major transpose, mask); `ragged_paged_attention` walks the pages
+  in place with an online softmax. pallas_kernels/reference.py is its oracle.
 
 Both run on XLA's own intra-op threads (cpu_kernels.cc). The library is compiled on first use with the
 system's C++ compiler into the user's cache (keyed by the source and the JAX headers), so an install needs no
