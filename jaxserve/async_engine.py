@@ -30,6 +30,7 @@ class AsyncLLMEngine:
         self.config = self.engine_config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
+        self.eos_token_ids = self.engine.eos_token_ids
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.engine.loaded.model_name
         self.ready = True  # weights loaded and every bucket compiled in __init__

@@ -6,6 +6,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from jaxserve.beam_search import BeamSearchParams, run_beam_search
 from jaxserve.config import EngineConfig
 from jaxserve.engine import LLMEngine
 from jaxserve.outputs import RequestOutput
@@ -49,6 +50,21 @@ class LLM:
                         results[out.request_id] = out
                         bar.update(1)
         return [results[r] for r in order]
+
+    def beam_search(self, prompts, params: BeamSearchParams) -> list[RequestOutput]:
+        """Beam search (jaxserve/beam_search.py) for each prompt (text, token ids, or a {"prompt" /
+        "prompt_token_ids"} dict): one finished output per prompt holding its params.beam_width best
+        sequences, best first."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params.validate(max_logprobs=self.engine.config.max_logprobs,
+                        vocab_size=self.engine.model_config.vocab_size)
+        requests = []
+        for prompt in prompts:
+            text, ids = self.engine.tokenize_prompt(prompt)
+            requests.append({"prompt": text, "prompt_token_ids": ids})
+        return run_beam_search(self.engine, requests, params, f"offline-beam-{next(self._ids)}")
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,

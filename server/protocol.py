@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jaxserve.beam_search import BeamSearchParams
 from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams
 from jaxserve.server.errors import bad_request
 
@@ -104,14 +105,37 @@ class _GenerationRequest(OpenAIModel):
     # --- pieces of to_sampling_params -------------------------------------------------------
     def _refuse_unsupported(self) -> None:
         if self.use_beam_search:
-            raise bad_request("use_beam_search: beam search is not supported by jaxserve yet.",
-                              "use_beam_search")
+            return
         if self.length_penalty != 1.0:
-            raise bad_request("length_penalty only applies to beam search (use_beam_search), "
-                              "which is not supported yet.", "length_penalty")
+            raise bad_request("length_penalty only applies to beam search (use_beam_search).", "length_penalty")
         if self.early_stopping:
-            raise bad_request("early_stopping only applies to beam search (use_beam_search), "
-                              "which is not supported yet.", "early_stopping")
+            raise bad_request("early_stopping only applies to beam search (use_beam_search).", "early_stopping")
+
+    def _beam_search_params(self, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                            guided: GuidedDecodingParams | None) -> BeamSearchParams:
+        """use_beam_search: `n` is the beam width (as in vLLM). What would change the search's outcome but
+        it cannot honour is refused; sampling knobs (temperature, top_p, top_k, min_p, seed) have no
+        meaning for it and are ignored, as vLLM does."""
+        if guided is not None:
+            given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                       "response_format", "structured_outputs") if getattr(self, name) is not None]
+            param = given[0] if given else "tools"
+            raise bad_request(f"{param} (guided decoding) is not supported with use_beam_search.", param)
+        refused = {"stop": bool(self.stop), "best_of": self.best_of not in (None, self.n),
+                   "presence_penalty": bool(self.presence_penalty),
+                   "frequency_penalty": bool(self.frequency_penalty),
+                   "repetition_penalty": self.repetition_penalty not in (None, 1.0),
+                   "logit_bias": bool(self.logit_bias), "allowed_token_ids": self.allowed_token_ids is not None}
+        for name, present in refused.items():
+            if present:
+                raise bad_request(f"{name} is not supported with use_beam_search.", name)
+        return BeamSearchParams(
+            beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+            temperature=self.temperature if self.temperature is not None else 0.0,
+            length_penalty=self.length_penalty, early_stopping=self.early_stopping, min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output)
 
     def _logit_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -178,8 +202,11 @@ class _GenerationRequest(OpenAIModel):
 
     def _sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
                          prompt_logprobs: int | None,
-                         guided: GuidedDecodingParams | None) -> SamplingParams:
+                         guided: GuidedDecodingParams | None) -> SamplingParams | BeamSearchParams:
         self._refuse_unsupported()
+        if self.use_beam_search:
+            return self._beam_search_params(max_tokens=max_tokens, logprobs=logprobs,
+                                            prompt_logprobs=prompt_logprobs, guided=guided)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n, best_of=self.best_of,
@@ -228,7 +255,7 @@ class CompletionRequest(_GenerationRequest):
         is the prompt alone; the engine still runs one step, which computes the prompt logprobs."""
         return self.echo and self.max_tokens == 0
 
-    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams | BeamSearchParams:
         if self.suffix:
             raise bad_request("suffix (insertion / fill-in-the-middle) is not supported by jaxserve.",
                               "suffix")
@@ -302,7 +329,7 @@ class ChatCompletionRequest(_GenerationRequest):
         return "auto" if self.tools else "none"
 
     def to_sampling_params(self, max_tokens: int | None,
-                           tool_guided: GuidedDecodingParams | None = None) -> SamplingParams:
+                           tool_guided: GuidedDecodingParams | None = None) -> SamplingParams | BeamSearchParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs,
                                      prompt_logprobs=self.prompt_logprobs,

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from jaxserve.beam_search import BeamSearchParams, beam_search
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.errors import APIError, bad_request, not_found
@@ -158,9 +159,16 @@ class MergedGenerations:
         self._pending_first: tuple[int, RequestOutput] | None = None
         self._live = len(self.tasks)
 
-    async def _pump(self, index: int, rid: str, prompt: Any, params: SamplingParams) -> None:
+    def _generate(self, prompt: Any, params: SamplingParams | BeamSearchParams, rid: str):
+        engine = self.ctx.engine
+        if isinstance(params, BeamSearchParams):
+            eos = getattr(engine, "eos_token_ids", None) or engine.model_config.eos_token_ids
+            return beam_search(engine, prompt, params, rid, eos)
+        return engine.generate(prompt, params, rid)
+
+    async def _pump(self, index: int, rid: str, prompt: Any, params: SamplingParams | BeamSearchParams) -> None:
         try:
-            async for out in self.ctx.engine.generate(prompt, params, rid):
+            async for out in self._generate(prompt, params, rid):
                 await self.queue.put((index, out))
         except Exception as exc:  # handed to the consumer, which decides 400 vs 500
             await self.queue.put((index, exc))

@@ -152,7 +152,7 @@ async def test_streaming_n_choices_interleave(fake):
     ({"prompt": "x", "max_tokens": 600}, "max_tokens"),
     ({"prompt": [], "max_tokens": 1}, "prompt"),
     ({"prompt": [10**7]}, "prompt"),
-    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "x", "use_beam_search": True, "n": 11}, "n"),
     ({"prompt": "x", "suffix": "!"}, "suffix"),
     ({"max_tokens": 3}, "prompt"),
 ])

@@ -176,7 +176,8 @@ def test_continue_final_message_with_echo(client):
 
 
 @pytest.mark.parametrize("kwargs,param", [
-    (dict(extra_body={"use_beam_search": True}), "use_beam_search"),
+    (dict(n=11, extra_body={"use_beam_search": True}), "n"),
+    (dict(stop=["x"], extra_body={"use_beam_search": True}), "stop"),
     (dict(suffix="x"), "suffix"),
     (dict(logprobs=50), "logprobs"),
     (dict(n=0), "n"),
@@ -212,3 +213,23 @@ def test_required_tool_choice_parses_or_reports_length(client):
         jsonschema.validate(json.loads(call.function.arguments), tools[0]["function"]["parameters"])
     else:
         assert choice.finish_reason == "length" and not choice.message.tool_calls
+
+
+def test_beam_search_completions_and_chat(client):
+    prompt = "The capital of France is"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    beam = dict(model=MODEL, prompt=prompt, max_tokens=8, extra_body={"use_beam_search": True})
+    assert client.completions.create(n=1, **beam).choices[0].text == greedy
+    r = client.completions.create(n=3, logprobs=1, **beam)
+    assert [c.index for c in r.choices] == [0, 1, 2] and len({c.text for c in r.choices}) == 3
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, n=2,
+                                           extra_body={"use_beam_search": True})
+    assert "Paris" in whole.choices[0].message.content
+    streamed = {}
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, n=2, stream=True,
+                                                extra_body={"use_beam_search": True}):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert streamed == {c.index: c.message.content for c in whole.choices}

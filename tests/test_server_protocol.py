@@ -1,6 +1,7 @@
 """Request models -> SamplingParams, without a server: defaults, mappings, and clear refusals."""
 import pytest
 
+from jaxserve.beam_search import BeamSearchParams
 from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.server.errors import APIError
 from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -53,7 +54,11 @@ def test_completion_echo_with_logprobs_asks_for_prompt_logprobs():
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"use_beam_search": True}, "use_beam_search"),
+    ({"use_beam_search": True, "stop": "x"}, "stop"),
+    ({"use_beam_search": True, "guided_choice": ["a"]}, "guided_choice"),
+    ({"use_beam_search": True, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"use_beam_search": True, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"use_beam_search": True, "n": 2, "best_of": 3}, "best_of"),
     ({"length_penalty": 0.5}, "length_penalty"),
     ({"early_stopping": True}, "early_stopping"),
     ({"suffix": "tail"}, "suffix"),
@@ -68,6 +73,17 @@ def test_unsupported_or_conflicting_parameters_are_refused(body, param):
     with pytest.raises(APIError) as err:
         req.to_sampling_params(16)
     assert err.value.status == 400 and err.value.param == param
+
+
+def test_beam_search_request_maps_to_beam_search_params():
+    p = CompletionRequest(prompt="x", use_beam_search=True, n=3, length_penalty=0.5, early_stopping=True,
+                          min_tokens=2, stop_token_ids=[7], logprobs=2, ignore_eos=True).to_sampling_params(9)
+    assert isinstance(p, BeamSearchParams)
+    assert (p.beam_width, p.max_tokens, p.length_penalty, p.early_stopping) == (3, 9, 0.5, True)
+    assert (p.min_tokens, p.stop_token_ids, p.logprobs, p.ignore_eos) == (2, (7,), 2, True)
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], use_beam_search=True, n=2,
+                                 logprobs=True, top_logprobs=3).to_sampling_params(5)
+    assert (chat.beam_width, chat.logprobs, chat.max_tokens) == (2, 3, 5)
 
 
 def test_guided_parameters_map_to_one_constraint():
