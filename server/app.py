@@ -36,7 +36,7 @@ logger = logging.getLogger("jaxserve.server")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 # Paths that stay open when an API key is set.
-_OPEN_PATHS = ("/health", "/metrics", "/version")
+_OPEN_PATHS = ("/health", "/ping", "/metrics", "/version")
 
 
 @dataclass
@@ -100,6 +100,11 @@ async def health(request: Request):
     if state.engine is not None and getattr(state.engine, "ready", False):
         return response.raw(b"", status=200, content_type="text/plain")
     return error_response(APIError("The model is still loading.", 503))
+
+
+async def ping(request: Request):
+    """vLLM's /ping (GET or POST, as SageMaker probes it): the same answer as /health."""
+    return await health(request)
 
 
 async def version(request: Request):
@@ -169,7 +174,8 @@ async def metrics(request: Request):
 
 
 _ROUTES = (
-    ("/health", health, ["GET"]), ("/version", version, ["GET"]), ("/metrics", metrics, ["GET"]),
+    ("/health", health, ["GET"]), ("/ping", ping, ["GET", "POST"]), ("/version", version, ["GET"]),
+    ("/metrics", metrics, ["GET"]),
     ("/v1/models", list_models, ["GET"]), ("/v1/models/<model_id:path>", get_model, ["GET"]),
     ("/v1/completions", completions, ["POST"]), ("/v1/chat/completions", chat_completions, ["POST"]),
     ("/tokenize", tokenize, ["POST"]), ("/detokenize", detokenize, ["POST"]),

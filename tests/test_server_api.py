@@ -206,7 +206,7 @@ async def test_api_key_guards_api_routes_only(tokenizer):
         async with httpx.AsyncClient() as h:
             assert (await h.post(url + "/v1/completions", json={"prompt": "x"})).status_code == 401
             assert (await h.post(url + "/tokenize", json={"prompt": "x"})).status_code == 401
-            for open_path in ("/health", "/metrics", "/version"):
+            for open_path in ("/health", "/ping", "/metrics", "/version"):
                 assert (await h.get(url + open_path)).status_code == 200
 
 
@@ -238,9 +238,11 @@ async def test_health_is_503_until_an_engine_is_ready(tokenizer):
         assert (await h.get(url + "/health")).status_code == 503
         engine.ready = True
         assert (await h.get(url + "/health")).status_code == 200
+        assert (await h.get(url + "/ping")).status_code == 200 and (await h.post(url + "/ping")).status_code == 200
         engine.error = RuntimeError("Gloo AllGather failed")  # what a dead engine thread leaves behind
         r = await h.get(url + "/health")
         assert r.status_code == 503 and "stopped after an error" in r.json()["error"]["message"]
+        assert (await h.get(url + "/ping")).status_code == 503
 
 
 async def test_disconnects_abort_the_engine_request(tokenizer):
