@@ -28,9 +28,10 @@ import numpy as np
 from jaxserve.sampling_params import GuidedDecodingParams
 
 LLGUIDANCE_BACKEND_NAMES = ("llguidance", "guidance", "auto")
-# JSON whitespace between tokens when the request names no pattern: any JSON blank, like vLLM, but at most
-# 64 per gap — small models otherwise fall into endless newlines and never close the object.
-DEFAULT_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,64}"
+# JSON whitespace between tokens when the request names no pattern: compact (nothing or one space) or pretty
+# printed (a newline and an indent of up to 32 blanks). vLLM allows any run of blanks; small models given that
+# freedom pad every gap with runs of spaces or blank lines and spend their max_tokens before the object closes.
+DEFAULT_JSON_WHITESPACE = r"(\x20|\x0A[\x20\x09]{0,32})?"
 # A GBNF rule line looks like `name ::= ...`; Lark uses `name:`.
 _GBNF_RULE = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)
 

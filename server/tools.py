@@ -109,15 +109,22 @@ def required_tools_schema(tools: list[dict], parallel_tool_calls: bool = True) -
     return schema
 
 
+# Between a forced tool call's JSON tokens: at most one space. The JSON is parsed, never shown, and a small
+# model given free whitespace spends its max_tokens on newlines before the call is complete.
+TOOL_CALL_WHITESPACE = r"\x20?"
+
+
 def guided_params_for_tools(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None = True, *,
                             auto_tool_choice_enabled: bool = True) -> GuidedDecodingParams | None:
     """The constraint that forces the model's tool calls, or None for "none"/"auto"."""
     choice = normalize_tool_choice(tools, tool_choice, auto_tool_choice_enabled=auto_tool_choice_enabled)
     name = named_function(choice)
     if name is not None:
-        return GuidedDecodingParams(json=_parameters(_find_function(tools, name)))
+        return GuidedDecodingParams(json=_parameters(_find_function(tools, name)),
+                                    whitespace_pattern=TOOL_CALL_WHITESPACE)
     if choice == "required":
-        return GuidedDecodingParams(json=required_tools_schema(tools, parallel_tool_calls is not False))
+        return GuidedDecodingParams(json=required_tools_schema(tools, parallel_tool_calls is not False),
+                                    whitespace_pattern=TOOL_CALL_WHITESPACE)
     return None
 
 

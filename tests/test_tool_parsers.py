@@ -255,6 +255,7 @@ def test_required_tool_calls_generated_under_guidance_parse_and_stream(compiler,
         text = compiler.tokenizer.decode(tokens)
         calls = tool_calls_from_guided_output(text, TOOLS, "required")
         assert 1 <= len(calls) and (parallel or len(calls) == 1), text
+        assert "\n" not in text, text  # compact whitespace (JSON strings hold no raw newline)
         for c in calls:
             jsonschema.validate(json.loads(c["function"]["arguments"]), by_name[c["function"]["name"]])
         # Streaming token by token gives the same calls (holding back half-decoded UTF-8, as a detokenizer does).
