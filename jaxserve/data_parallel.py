@@ -32,7 +32,7 @@ class DataParallelEngine:
         self.config = self.engine_config = config
         first = replicas[0]
         self.tokenizer, self.model_config = first.tokenizer, first.model_config
-        self.eos_token_ids = first.eos_token_ids
+        self.eos_token_ids = getattr(first, "eos_token_ids", None) or tuple(first.model_config.eos_token_ids)
         self.max_model_len, self.model_name = first.max_model_len, first.model_name
         self.in_flight = [0] * len(replicas)  # requests each replica is serving now
         self.routed = [0] * len(replicas)  # requests each replica has been given in all
