@@ -29,6 +29,7 @@ from jaxserve.server.responses import ModelCard, ModelList
 from jaxserve.server.serving_chat import create_chat_completion
 from jaxserve.server.serving_common import ServingContext
 from jaxserve.server.serving_completions import create_completion
+from jaxserve.server.serving_responses import ResponsesRequest, create_response
 from jaxserve.server.server_config import ServerConfig
 
 logger = logging.getLogger("jaxserve.server")
@@ -138,6 +139,11 @@ async def chat_completions(request: Request):
     return await create_chat_completion(ctx, _parse(request, ChatCompletionRequest), request)
 
 
+async def create_responses(request: Request):
+    ctx = _serving(request)
+    return await create_response(ctx, _parse(request, ResponsesRequest), request)
+
+
 async def tokenize(request: Request):
     ctx = _serving(request)
     body: TokenizeRequest = _parse(request, TokenizeRequest)
@@ -178,6 +184,7 @@ _ROUTES = (
     ("/metrics", metrics, ["GET"]),
     ("/v1/models", list_models, ["GET"]), ("/v1/models/<model_id:path>", get_model, ["GET"]),
     ("/v1/completions", completions, ["POST"]), ("/v1/chat/completions", chat_completions, ["POST"]),
+    ("/v1/responses", create_responses, ["POST"]),
     ("/tokenize", tokenize, ["POST"]), ("/detokenize", detokenize, ["POST"]),
 )
 

@@ -233,3 +233,36 @@ def test_beam_search_completions_and_chat(client):
         for choice in chunk.choices:
             streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
     assert streamed == {c.index: c.message.content for c in whole.choices}
+
+
+def test_responses_api_whole_streamed_and_structured(client):
+    r = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=20,
+                                temperature=0)
+    assert r.status == "completed" and "Paris" in r.output_text
+    assert r.usage.output_tokens > 0 and r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    answer = chat(client, "What is the capital of France?", max_tokens=20, temperature=0)
+    assert r.output_text == answer.choices[0].message.content  # the same prompt through the chat template
+    events = list(client.responses.create(model=MODEL, input="What is the capital of France?",
+                                          max_output_tokens=20, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == r.output_text == events[-1].response.output_text
+    short = client.responses.create(model=MODEL, instructions="Answer in one word.", max_output_tokens=3,
+                                    input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+                                    temperature=0, top_logprobs=2)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert len(short.output[0].content[0].logprobs) == short.usage.output_tokens == 3
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    structured = client.responses.create(model=MODEL, input="Name a city as JSON.", max_output_tokens=40,
+                                         temperature=0, text={"format": {"type": "json_schema", "name": "city",
+                                                                         "schema": schema}})
+    jsonschema.validate(json.loads(structured.output_text), schema)
+    for bad, param in [(dict(tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools"),
+                       (dict(previous_response_id="resp_1"), "previous_response_id")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model=MODEL, input="hi", **bad)
+        assert info.value.body["param"] == param

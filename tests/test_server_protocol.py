@@ -153,3 +153,26 @@ def test_whole_reply_tool_calls_have_no_stream_index():
     whole = ChatMessageOut(role="assistant", tool_calls=[call]).model_dump()["tool_calls"][0]
     assert "index" not in whole and whole["function"] == {"name": "f", "arguments": '{"a": 1}'}
     assert DeltaMessage(tool_calls=[call]).model_dump()["tool_calls"][0]["index"] == 0
+
+
+def test_responses_request_becomes_a_chat_request():
+    from jaxserve.server.serving_responses import ResponsesRequest
+    req = ResponsesRequest.model_validate({
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                  {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]},
+                  {"role": "user", "content": "Bye"}],
+        "instructions": "Be brief.", "max_output_tokens": 7, "temperature": 0.5, "top_logprobs": 3, "top_k": 4,
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}})
+    chat = req.to_chat()
+    assert [(m.role, m.content if isinstance(m.content, str) else m.content[0]["text"]) for m in chat.messages] == [
+        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")]
+    assert (chat.max_tokens, chat.temperature, chat.logprobs, chat.top_logprobs, chat.top_k) == (7, 0.5, True, 3, 4)
+    assert chat.response_format.json_schema.json_schema == {"type": "object"}
+    for body, param in [({"input": [{"type": "function_call_output", "output": "1"}]}, "input"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input")]:
+        with pytest.raises(APIError) as err:
+            ResponsesRequest.model_validate(body).to_chat()
+        assert err.value.param == param
+    with pytest.raises(APIError) as err:
+        ResponsesRequest.model_validate({"input": "x", "background": True}).refuse_unsupported()
+    assert err.value.param == "background"
