@@ -194,7 +194,7 @@ class ModelRunner:
         return outer, (per_layer if self._unrolled(shape) else stacked)
 
     def _sample(self, outer, last_hidden, tensors: SamplingTensors, flags: SamplerFlags):
-        logits = logits_from_hidden(self.kernel_split, outer, last_hidden)
+        logits = logits_from_hidden(self.kernel_split, outer, last_hidden, tensors.live_rows)
         return sample(logits, tensors, flags)
 
     def _prompt_logprobs(self, outer, hidden, target_ids, num_logprobs: int):

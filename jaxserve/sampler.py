@@ -57,6 +57,7 @@ class SamplingTensors(NamedTuple):
     logit_bias_ids: jax.Array  # i32[S, B]; -1 = padding
     logit_bias_values: jax.Array  # f32[S, B]
     bitmask: jax.Array  # i32[S, ceil(V/32)] (bit set = allowed) when needs_bitmask, else i32[S, 0]
+    live_rows: jax.Array  # i32[1]: rows [0, live) are sequences, the rest bucket padding the LM head may skip
 
 
 class SamplerOutput(NamedTuple):

@@ -211,7 +211,8 @@ def build_sampling_tensors(rows: list[RowSamplingState], bucket_size: int, vocab
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
         seed=seed, step=step, penalty_token_ids=penalty_ids, penalty_is_output=penalty_is_output,
-        logit_bias_ids=bias_ids, logit_bias_values=bias_values, bitmask=bitmask)
+        logit_bias_ids=bias_ids, logit_bias_values=bias_values, bitmask=bitmask,
+        live_rows=np.array([len(rows)], np.int32))
     return tensors, flags
 
 
@@ -230,4 +231,4 @@ def placeholder_sampling_tensors(flags: SamplerFlags, bucket_size: int,
         penalty_is_output=np.zeros((size, flags.penalty_window), bool),
         logit_bias_ids=np.full((size, flags.logit_bias_width), -1, np.int32),
         logit_bias_values=np.zeros((size, flags.logit_bias_width), np.float32),
-        bitmask=np.full((size, words), -1, np.int32))
+        bitmask=np.full((size, words), -1, np.int32), live_rows=np.array([size], np.int32))

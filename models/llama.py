@@ -132,13 +132,13 @@ def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int) -> None:
     module.mins = nnx.Param(jnp.zeros((tiles, per_tile), jnp.float32)) if fmt == "q4" else None
 
 
-def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None):
+def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None):
     """Through the block kernel; with the step's `meta`, the layer's slice of stacked weights, and the
-    padding rows skipped."""
+    padding rows skipped (or past `rows`, int32 [1], when given instead)."""
     mins = module.mins[...] if module.mins is not None else None
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
     return block_quant.project(x, module.qweight[...], module.scales[...], mins, layer,
-                               meta.num_tokens() if meta is not None else None)
+                               meta.num_tokens() if meta is not None else rows)
 
 
 class BlockEmbed(nnx.Module):
@@ -152,8 +152,8 @@ class BlockEmbed(nnx.Module):
         mins = self.mins[...] if self.mins is not None else None
         return block_quant.lookup_rows(self.qweight[...], self.scales[...], mins, token_ids)
 
-    def attend(self, hidden):
-        return _block_matmul(self, hidden)
+    def attend(self, hidden, rows=None):
+        return _block_matmul(self, hidden, rows=rows)
 
 
 # Projections that read the same input, held as one block-quantized weight when all their parts share a block
@@ -282,11 +282,15 @@ class LlamaForCausalLM(nnx.Module):
             new_caches.append(kv_cache)
         return self.norm(x), new_caches
 
-    def compute_logits(self, hidden):
+    def compute_logits(self, hidden, rows=None):
+        """Logits [S, V] of hidden [S, hidden]. `rows` (int32 [1], optional): only the first rows are real; a
+        block-quantized head leaves the rest zero instead of computing them (a step's padding rows)."""
         if self.lm_head is not None:
+            if self.lm_head.cpu_kernel in ("q4", "q8"):
+                return _block_matmul(self.lm_head, hidden, rows=rows)
             return self.lm_head(hidden)
         if isinstance(self.embed_tokens, BlockEmbed):
-            return self.embed_tokens.attend(hidden)
+            return self.embed_tokens.attend(hidden, rows)
         return cpu_kernels.project(hidden, self.embed_tokens.embedding[...], w_transposed=True,
                                   kernel=self.cpu_kernel is not None)
 
@@ -394,9 +398,9 @@ def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_
     return outer.norm(x), cache
 
 
-def logits_from_hidden(split: ScannedModel, outer_leaves, hidden):
+def logits_from_hidden(split: ScannedModel, outer_leaves, hidden, rows=None):
     outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
-    return outer.compute_logits(hidden)
+    return outer.compute_logits(hidden, rows)
 
 
 def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,

@@ -161,3 +161,18 @@ def test_quantization_choices(random_llama_dir, tmp_path):
     dense = LLM(model=str(tmp_path / "tiny.gguf"), tokenizer=default_gguf_path(), quantization="none",
                 checkpoint_cache_dir=None, precompile=False, max_model_len=64)
     assert dense.engine.runner.config.block_formats == ()
+
+
+def test_block_head_computes_only_the_live_rows():
+    # The default model's LM head is its tied Q8_0 embedding, block-quantized. Rows past `rows` (a step's
+    # padding sequences) come out zero; the live ones are the same as computing every row.
+    from jaxserve.models.llama import logits_from_hidden
+    llm = LLM(model=default_gguf_path(), max_model_len=64, max_num_seqs=4, precompile=False)
+    runner = llm.engine.runner
+    hidden = jnp.asarray(np.random.default_rng(0).standard_normal((4, llm.engine.model_config.hidden_size)),
+                         runner.activation_dtype)
+    head = jax.jit(lambda h, rows: logits_from_hidden(runner.kernel_split, runner.params[0], h, rows))
+    every = np.asarray(head(hidden, jnp.asarray([4], jnp.int32)))
+    two = np.asarray(head(hidden, jnp.asarray([2], jnp.int32)))
+    np.testing.assert_array_equal(two[:2], every[:2])
+    assert not two[2:].any() and np.abs(every[2:]).max() > 0

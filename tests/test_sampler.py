@@ -280,6 +280,7 @@ def test_padding_and_identity_rows_keep_flags_cheap():
     tensors, flags = build_sampling_tensors([row(temperature=0.0)], 4, 64, 20)
     assert flags == SamplerFlags(all_greedy=True)
     assert tensors.bitmask.shape == (4, 0) and tensors.penalty_token_ids.shape == (4, 0)
+    assert tensors.live_rows.tolist() == [1]  # the LM head computes this one row of the bucket's four
     with pytest.raises(ValueError):
         build_sampling_tensors([row()] * 3, 2, 64, 20)
 
