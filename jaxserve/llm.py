@@ -63,6 +63,9 @@ class LLM:
         requests = []
         for prompt in prompts:
             text, ids = self.engine.tokenize_prompt(prompt)
+            if len(ids) + params.max_tokens > self.engine.max_model_len:
+                raise ValueError(f"a prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
+                                 f"max_model_len={self.engine.max_model_len}")
             requests.append({"prompt": text, "prompt_token_ids": ids})
         return run_beam_search(self.engine, requests, params, f"offline-beam-{next(self._ids)}")
 

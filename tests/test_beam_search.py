@@ -144,3 +144,6 @@ def test_several_prompts_search_together_as_alone(llm):
     alone = [llm.beam_search(p, params)[0] for p in (PROMPT, other)]
     assert [[o.token_ids for o in r.outputs] for r in together] == [[o.token_ids for o in r.outputs] for r in alone]
     assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="max_model_len"):  # refused before any round runs
+        llm.beam_search(PROMPT, BeamSearchParams(beam_width=2, max_tokens=125))
+    assert not llm.engine.has_unfinished_requests()
