@@ -84,6 +84,7 @@ class BeamSearch:
         self.live: list[Beam] = [Beam([])]
         self.finished: list[Beam] = []
         self.rounds = 0
+        self.prompt_logprobs = None  # from the first round's request, when asked for
 
     @property
     def done(self) -> bool:
@@ -125,6 +126,19 @@ class BeamSearch:
         self.live = candidates[: self.params.beam_width]
         self.rounds += 1
 
+    def round_requests(self) -> list[tuple[dict, SamplingParams]]:
+        """This round's engine request (prompt, params) for each live beam, in order."""
+        asked = self.params.prompt_logprobs if self.rounds == 0 else None
+        return [({"prompt_token_ids": self.prompt_token_ids + beam.tokens}, self.params.step_params(asked))
+                for beam in self.live]
+
+    def advance_outputs(self, outputs: Sequence[RequestOutput | None]) -> None:
+        """`advance` with the finished outputs of round_requests(), in order."""
+        outputs = [_checked(out) for out in outputs]
+        if self.rounds == 0:
+            self.prompt_logprobs = outputs[0].prompt_logprobs
+        self.advance([out.outputs[0].logprobs[0] for out in outputs])
+
     def best(self) -> list[Beam]:
         """The beam_width best of the finished candidates and the live beams (which end by length)."""
         for beam in self.live:
@@ -132,8 +146,7 @@ class BeamSearch:
         ranked = sorted(self.finished + self.live, key=self.score, reverse=True)
         return ranked[: self.params.beam_width]
 
-    def output(self, request_id: str, prompt: str | None, decode: Callable[[list[int]], str],
-               prompt_logprobs=None) -> RequestOutput:
+    def output(self, request_id: str, prompt: str | None, decode: Callable[[list[int]], str]) -> RequestOutput:
         outputs = []
         for index, beam in enumerate(self.best()):
             shown = beam.tokens
@@ -146,7 +159,7 @@ class BeamSearch:
                 logprobs=beam.logprobs if self.params.logprobs is not None else None,
                 finish_reason=beam.finish_reason, stop_reason=beam.stop_reason))
         return RequestOutput(request_id, prompt, self.prompt_token_ids, outputs, finished=True,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=self.prompt_logprobs)
 
 
 def _checked(out: RequestOutput | None) -> RequestOutput:
@@ -164,22 +177,18 @@ async def beam_search(engine, prompt: dict, params: BeamSearchParams, request_id
     """Yields one finished RequestOutput. `engine` streams requests (`generate`, as AsyncLLMEngine); a
     cancelled caller cancels the round in flight, whose requests abort in the engine."""
     search = BeamSearch(prompt["prompt_token_ids"], params, eos_token_ids)
-    prompt_logprobs = None
 
-    async def one(i: int, beam: Beam) -> RequestOutput:
-        asked = params.prompt_logprobs if search.rounds == 0 else None
+    async def last_output(step: dict, step_params: SamplingParams, rid: str) -> RequestOutput | None:
         last = None
-        step = {"prompt_token_ids": search.prompt_token_ids + beam.tokens}
-        async for out in engine.generate(step, params.step_params(asked), f"{request_id}-r{search.rounds}-{i}"):
+        async for out in engine.generate(step, step_params, rid):
             last = out
-        return _checked(last)
+        return last
 
     while not search.done:
-        results = await asyncio.gather(*(one(i, beam) for i, beam in enumerate(search.live)))
-        if search.rounds == 0:
-            prompt_logprobs = results[0].prompt_logprobs
-        search.advance([r.outputs[0].logprobs[0] for r in results])
-    yield search.output(request_id, prompt.get("prompt"), _decoder(engine.tokenizer, params), prompt_logprobs)
+        search.advance_outputs(await asyncio.gather(*(
+            last_output(step, step_params, f"{request_id}-r{search.rounds}-{i}")
+            for i, (step, step_params) in enumerate(search.round_requests()))))
+    yield search.output(request_id, prompt.get("prompt"), _decoder(engine.tokenizer, params))
 
 
 def run_beam_search(engine, prompts: Sequence[dict], params: BeamSearchParams,
@@ -187,29 +196,22 @@ def run_beam_search(engine, prompts: Sequence[dict], params: BeamSearchParams,
     """Beam search for several prompts at once on a synchronous LLMEngine: each round's requests of every
     prompt are stepped together."""
     searches = [BeamSearch(p["prompt_token_ids"], params, engine.eos_token_ids) for p in prompts]
-    prompt_logprobs: list = [None] * len(prompts)
     while not all(s.done for s in searches):
         pending = {}
         for k, search in enumerate(searches):
             if search.done:
                 continue
-            for i, beam in enumerate(search.live):
+            for i, (step, step_params) in enumerate(search.round_requests()):
                 rid = f"{request_prefix}-{k}-r{search.rounds}-{i}"
-                asked = params.prompt_logprobs if search.rounds == 0 else None
-                engine.add_request(rid, {"prompt_token_ids": search.prompt_token_ids + beam.tokens},
-                                   params.step_params(asked))
+                engine.add_request(rid, step, step_params)
                 pending[rid] = (k, i)
         results: dict[tuple[int, int], RequestOutput] = {}
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished and out.request_id in pending:
-                    results[pending[out.request_id]] = _checked(out)
+                    results[pending[out.request_id]] = out
         for k, search in enumerate(searches):
-            if search.done:
-                continue
-            if search.rounds == 0:
-                prompt_logprobs[k] = results[(k, 0)].prompt_logprobs
-            search.advance([results[(k, i)].outputs[0].logprobs[0] for i in range(len(search.live))])
+            if not search.done:
+                search.advance_outputs([results.get((k, i)) for i in range(len(search.live))])
     decode = _decoder(engine.tokenizer, params)
-    return [s.output(f"{request_prefix}-{k}", prompts[k].get("prompt"), decode, prompt_logprobs[k])
-            for k, s in enumerate(searches)]
+    return [s.output(f"{request_prefix}-{k}", prompts[k].get("prompt"), decode) for k, s in enumerate(searches)]

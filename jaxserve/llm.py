@@ -29,9 +29,7 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         params = sampling_params or SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -55,9 +53,7 @@ class LLM:
         """Beam search (jaxserve/beam_search.py) for each prompt (text, token ids, or a {"prompt" /
         "prompt_token_ids"} dict): one finished output per prompt holding its params.beam_width best
         sequences, best first."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         params.validate(max_logprobs=self.engine.config.max_logprobs,
                         vocab_size=self.engine.model_config.vocab_size)
         requests = []
@@ -83,6 +79,13 @@ class LLM:
                                            **(chat_template_kwargs or {}))
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (text, token ids or a dict) or a list of them -> a list of prompts."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return prompts
 
 
 def _final_only(params: SamplingParams) -> SamplingParams:
