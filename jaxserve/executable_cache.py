@@ -40,10 +40,20 @@ def source_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _host_cpu() -> str:
+    """The host CPU's model and feature flags: XLA CPU code and the kernels' paths follow them, so an
+    executable built on one CPU must not load on another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
 class ExecutableCache:
     def __init__(self, directory: str, key: dict):
         devices = [(d.platform, d.device_kind) for d in jax.devices()]
-        full_key = repr(sorted({**key, "jax": jax.__version__, "devices": devices,
+        full_key = repr(sorted({**key, "jax": jax.__version__, "devices": devices, "cpu": _host_cpu(),
                                 "source": source_fingerprint()}.items()))
         self.directory = Path(directory) / hashlib.sha256(full_key.encode()).hexdigest()[:24]
 

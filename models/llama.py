@@ -104,7 +104,7 @@ class Linear(nnx.Linear):
             self.kernel = nnx.Param(jnp.zeros((din, dout), jnp.int8))
             self.weight_scale = nnx.Param(jnp.ones((dout,), jnp.float32))
         elif cpu_kernel in ("q4", "q8"):
-            _block_params(self, cpu_kernel, dout, din)
+            _block_params(self, cpu_kernel, dout, din, dtype)
 
     def __call__(self, x, meta: AttentionMetadata | None = None):
         if self.cpu_kernel is None:
@@ -120,8 +120,9 @@ class Linear(nnx.Linear):
         return y.astype(self.activation_dtype)
 
 
-def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int) -> None:
-    """`module`'s weight [rows, cols] as block_quant's format `fmt` (replacing a `kernel` / `embedding`)."""
+def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int, dtype) -> None:
+    """`module`'s weight [rows, cols] as block_quant's format `fmt` (replacing a `kernel` / `embedding`);
+    many-row steps multiply in block_quant.dense_dtype(dtype)."""
     tiles, per_tile = rows // block_quant.TILE, cols // block_quant.BLOCK * block_quant.TILE
     for name in ("kernel", "embedding"):
         if hasattr(module, name):
@@ -130,6 +131,7 @@ def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int) -> None:
                                          jnp.uint8 if fmt == "q4" else jnp.int8))
     module.scales = nnx.Param(jnp.ones((tiles, per_tile), jnp.float32))
     module.mins = nnx.Param(jnp.zeros((tiles, per_tile), jnp.float32)) if fmt == "q4" else None
+    module.dense_dtype = block_quant.dense_dtype(dtype)
 
 
 def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None):
@@ -138,22 +140,26 @@ def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, 
     mins = module.mins[...] if module.mins is not None else None
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
     return block_quant.project(x, module.qweight[...], module.scales[...], mins, layer,
-                               meta.num_tokens() if meta is not None else rows)
+                               meta.num_tokens() if meta is not None else rows, module.dense_dtype)
 
 
 class BlockEmbed(nnx.Module):
     """A token embedding kept in GGUF's blocks: rows are dequantized when looked up, and as a tied LM head
     the logits come from block_quant's kernel."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, fmt: str):
-        _block_params(self, fmt, vocab_size, hidden_size)
+    def __init__(self, vocab_size: int, hidden_size: int, fmt: str, dtype):
+        _block_params(self, fmt, vocab_size, hidden_size, dtype)
 
     def lookup(self, token_ids):
         mins = self.mins[...] if self.mins is not None else None
         return block_quant.lookup_rows(self.qweight[...], self.scales[...], mins, token_ids)
 
     def attend(self, hidden, rows=None):
-        return _block_matmul(self, hidden, rows=rows)
+        # Always the kernel, at any row count: unpacking a whole vocabulary per step for XLA's dot costs more
+        # than the dot saves (docs/benchmarks.md).
+        mins = self.mins[...] if self.mins is not None else None
+        return block_quant.matmul(hidden, self.qweight[...], self.scales[...], mins, rows=rows,
+                                  bf16=self.dense_dtype == jnp.bfloat16)
 
 
 # Projections that read the same input, held as one block-quantized weight when all their parts share a block
@@ -258,7 +264,7 @@ class LlamaForCausalLM(nnx.Module):
         kernels = lambda name: formats.get(name, cpu_kernel)
         outer_kernel = "bf16" if cpu_kernel else None  # the head's weights stay bf16 (shared with the scan path)
         if "embed_tokens" in formats:
-            self.embed_tokens = BlockEmbed(cfg.vocab_size, cfg.hidden_size, formats["embed_tokens"])
+            self.embed_tokens = BlockEmbed(cfg.vocab_size, cfg.hidden_size, formats["embed_tokens"], dtype)
         else:
             self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                           rngs=rngs)

@@ -17,7 +17,8 @@
 // with xs = d / 128 and xsum[m, b] = xs[m, b] * sum_j (128 c + f)[m, b, j].
 //
 // Steps of kFloatMinRows rows or more take float32 instead: each panel of four outputs is unpacked once and
-// met by every row in a register-blocked FMA micro-kernel (x . dequantize(w), no activation rounding).
+// met by every row in a register-blocked FMA micro-kernel (x . dequantize(w), no activation rounding). With
+// the bf16 attribute, on CPUs with AVX512-BF16, they take block_quant_avx512.cc's bfloat16 path instead.
 //
 // Weights may be stacked over layers ([L, N, ...]) and picked by a layer-index operand, so a scanned step
 // reads them in place instead of slicing a copy per layer. A row-count operand says how many leading rows of
@@ -25,7 +26,8 @@
 //
 //   jaxserve_q4_matmul(x, q, scale, min, layer, rows): y[M, N] = x[M, K] . dequant(q[(L,) N/2, K], scale, min)^T
 //   jaxserve_q8_matmul(x, q, scale, layer, rows):      y[M, N] = x[M, K] . dequant(q[(L,) N/2, 2K], scale)^T
-//   jaxserve_q4_dequantize(q, scale, min, layer), jaxserve_q8_dequantize(q, scale, layer): float32 [N, K]
+//   jaxserve_q4_dequantize_{f32,bf16}(q, scale, min, layer), jaxserve_q8_dequantize_{f32,bf16}(q, scale, layer):
+//   [N, K] in float32 or bfloat16
 // with scale and min [(L,) N/2, K/16].
 
 #include <immintrin.h>
@@ -37,13 +39,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_quant.h"
 #include "cpu_parallel.h"
 
 namespace {
 
 using jaxserve::parallel_blocks;
-
-constexpr int64_t kBlock = 32;
+using jaxserve::block_quant::AlignedBuffer;
+using jaxserve::block_quant::kBlock;
+using jaxserve::block_quant::kTile;
+using jaxserve::block_quant::Weights;
 
 // x's rows quantized per block of 32: the values 128 c + f as int16 [M, K] (|.| < 2^14), the fine unit
 // (scale) [M, K / 32], and the blocks' sums block-major [K / 32, M rounded up to 8] (zero past M) for the
@@ -122,19 +127,7 @@ void quantize_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, 
   }
 }
 
-// Weights come in tiles of kTile output rows, interleaved block by block ([N / kTile, blocks, kTile, block]
-// for the values, [N / kTile, blocks, kTile] for scales and mins), so that a thread walking its tiles reads
-// three strictly sequential streams; rows side by side (two rows' blocks a row-length apart) ran at a third
-// of the memory bandwidth.
-constexpr int kTile = 2;
 constexpr int64_t kPrefetchBytes = 2048;  // ahead of the tile stream: 1 KiB left the cores waiting on memory
-
-struct Weights {
-  const uint8_t* q;  // this layer's tiles
-  const float* scale;
-  const float* min;  // nullptr for 8-bit weights
-  int64_t nb;        // blocks per row
-};
 
 // A tile's two weight blocks widened to int16 as four vectors, w[i] = (row 0's values 8i..8i+7 | row 1's),
 // so that one activation block's eight values broadcast to both lanes meet both rows: after four vpmaddwd
@@ -235,9 +228,22 @@ void dot_rows(const QuantizedRows& x, int64_t K, const Weights& w, int64_t m0, i
   }
 }
 
-// Dequantizes one tile to float32 rows [kTile, K] (scale * q + min rounded twice, as block_quant.dequantize).
-template <bool kFourBit>
-void unpack_tile(const Weights& w, int64_t tile, int64_t K, float* rows) {
+// Eight float32 values stored as float32, or rounded to bfloat16 (to nearest, ties to even; the weights are
+// finite) for XLA's bfloat16 dots.
+inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+
+inline void store8(uint16_t* out, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
+}
+
+// Dequantizes one tile to rows [kTile, K] of float32 or bfloat16 (scale * q + min in float32, rounded twice,
+// as block_quant.dequantize).
+template <bool kFourBit, typename Out>
+void unpack_tile(const Weights& w, int64_t tile, int64_t K, Out* rows) {
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
   const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
   const float* scale = w.scale + tile * w.nb * kTile;
@@ -246,7 +252,7 @@ void unpack_tile(const Weights& w, int64_t tile, int64_t K, float* rows) {
     for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
       const int64_t i = b * kTile + r;
       const __m256 s = _mm256_set1_ps(scale[i]), m = _mm256_set1_ps(kFourBit ? min[i] : 0.0f);
-      float* row = rows + r * K + b * kBlock;
+      Out* row = rows + r * K + b * kBlock;
       __m128i values[2];  // 32 values as two vectors of 16 bytes
       if (kFourBit) {
         const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
@@ -260,7 +266,7 @@ void unpack_tile(const Weights& w, int64_t tile, int64_t K, float* rows) {
         for (int e = 0; e < 2; ++e) {
           const __m128i eight = e ? _mm_srli_si128(values[h], 8) : values[h];
           const __m256i wide = kFourBit ? _mm256_cvtepu8_epi32(eight) : _mm256_cvtepi8_epi32(eight);
-          _mm256_storeu_ps(row + 16 * h + 8 * e, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(wide), s), m));
+          store8(row + 16 * h + 8 * e, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(wide), s), m));
         }
     }
 }
@@ -327,26 +333,16 @@ void panel_all_rows(const float* x, int64_t M, int64_t K, const float* panel, fl
   if (M - m == 1) panel_rows<1, NP>(x, K, panel, m, y, N, n0);
 }
 
-// 64-byte aligned float32 scratch: the micro-kernel's 32-byte loads then never straddle cache lines (a
-// malloc'd buffer's 16-byte alignment split half of them and cost ~30%).
-struct AlignedFloats {
-  explicit AlignedFloats(int64_t n) : data(static_cast<float*>(std::aligned_alloc(64, (n * 4 + 63) / 64 * 64))) {}
-  ~AlignedFloats() { std::free(data); }
-  AlignedFloats(const AlignedFloats&) = delete;
-  AlignedFloats& operator=(const AlignedFloats&) = delete;
-  float* data;
-};
-
 template <bool kFourBit>
 void float_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K,
                   int64_t N) {
-  AlignedFloats x(M * K);  // K is a multiple of 32, so every row starts aligned too
+  AlignedBuffer<float> x(M * K);  // K is a multiple of 32, so every row starts aligned too
   std::memcpy(x.data, xf, M * K * sizeof(float));
   const int64_t tiles = N / kTile, panels = (tiles + 1) / 2;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
   const int64_t per_task = (panels + tasks - 1) / tasks;
   parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
-    AlignedFloats panel(kPanel * K);
+    AlignedBuffer<float> panel(kPanel * K);
     for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
       const int64_t tile = 2 * p;
       unpack_tile<kFourBit>(w, tile, K, panel.data);
@@ -360,15 +356,15 @@ void float_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
   });
 }
 
-// Dequantizes every tile to float32 rows [N, K]: for steps with many tokens, where a float32 GEMM (XLA's)
+// Dequantizes every tile to rows [N, K] (float32 or bfloat16): for steps with many tokens, where XLA's GEMM
 // outruns the integer dots once the weights are unpacked.
-template <bool kFourBit>
-void dequantize_tiles(ffi::ThreadPool& pool, const Weights& w, float* out, int64_t N, int64_t K) {
+template <bool kFourBit, typename Out>
+void dequantize_tiles(ffi::ThreadPool& pool, const Weights& w, Out* out, int64_t N, int64_t K) {
   const int64_t tiles = N / kTile;
   const int64_t per_task = std::max<int64_t>(1, tiles / (pool.num_threads() * 4));
   parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
     for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile)
-      unpack_tile<kFourBit>(w, tile, K, out + tile * kTile * K);
+      unpack_tile<kFourBit, Out>(w, tile, K, out + tile * kTile * K);
   });
 }
 
@@ -394,7 +390,7 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>& s
 
 template <bool kFourBit>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                       const float* min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                       const float* min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || rows.element_count() != 1) return ffi::Error::InvalidArgument("block matmul: expected x[M, K]");
@@ -405,7 +401,9 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   if (y->dimensions()[1] != N) return ffi::Error::InvalidArgument("block matmul: y's width is not N");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
   std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
-  if (live >= kFloatMinRows)
+  if (live >= kFloatMinRows && bf16 && jaxserve::block_quant::has_bf16_dots())
+    jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, kFourBit);
+  else if (live >= kFloatMinRows)
     float_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
   else if (live > 0)
     block_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
@@ -413,21 +411,22 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
 }
 
 ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                    ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
                     ffi::ResultBuffer<ffi::F32> y) {
   if (min.element_count() != scale.element_count())
     return ffi::Error::InvalidArgument("q4 matmul: min and scale differ in shape");
-  return BlockMatmul<true>(pool, x, q, scale, min.typed_data(), layer, rows, y);
+  return BlockMatmul<true>(pool, x, q, scale, min.typed_data(), layer, rows, bf16, y);
 }
 
 ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<false>(pool, x, q, scale, nullptr, layer, rows, y);
+                    ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  return BlockMatmul<false>(pool, x, q, scale, nullptr, layer, rows, bf16, y);
 }
 
-template <bool kFourBit>
+template <bool kFourBit, ffi::DataType T>
 ffi::Error BlockDequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale, const float* min,
-                           ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<T> out) {
   auto od = out->dimensions();
   if (od.size() != 2) return ffi::Error::InvalidArgument("block dequantize: expected out[N, K]");
   Weights w;
@@ -438,16 +437,18 @@ ffi::Error BlockDequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+template <ffi::DataType T>
 ffi::Error Q4Dequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> min,
-                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<T> out) {
   if (min.element_count() != scale.element_count())
     return ffi::Error::InvalidArgument("q4 dequantize: min and scale differ in shape");
-  return BlockDequantize<true>(pool, q, scale, min.typed_data(), layer, out);
+  return BlockDequantize<true, T>(pool, q, scale, min.typed_data(), layer, out);
 }
 
+template <ffi::DataType T>
 ffi::Error Q8Dequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
-  return BlockDequantize<false>(pool, q, scale, nullptr, layer, out);
+                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<T> out) {
+  return BlockDequantize<false, T>(pool, q, scale, nullptr, layer, out);
 }
 
 }  // namespace
@@ -461,6 +462,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_matmul, Q4Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("bf16")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
@@ -471,21 +473,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("bf16")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_dequantize, Q4Dequantize,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Dequantization to float32 (_f32) or bfloat16 (_bf16) rows.
+#define JAXSERVE_DEQUANTIZE_HANDLERS(SUFFIX, T)                                                             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_dequantize##SUFFIX, Q4Dequantize<T>,                            \
+                                ffi::Ffi::Bind()                                                            \
+                                    .Ctx<ffi::ThreadPool>()                                                 \
+                                    .Arg<ffi::AnyBuffer>()                                                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                           \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                           \
+                                    .Ret<ffi::Buffer<T>>());                                                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_dequantize##SUFFIX, Q8Dequantize<T>,                            \
+                                ffi::Ffi::Bind()                                                            \
+                                    .Ctx<ffi::ThreadPool>()                                                 \
+                                    .Arg<ffi::AnyBuffer>()                                                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                           \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                           \
+                                    .Ret<ffi::Buffer<T>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_dequantize, Q8Dequantize,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+JAXSERVE_DEQUANTIZE_HANDLERS(_f32, ffi::F32)
+JAXSERVE_DEQUANTIZE_HANDLERS(_bf16, ffi::BF16)

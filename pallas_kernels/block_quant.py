@@ -21,15 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
+
 BLOCK = 32
 TILE = 2
 Q4_TARGET, Q8_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul"
-DEQUANTIZE_TARGETS = {True: "jaxserve_q4_dequantize", False: "jaxserve_q8_dequantize"}
+DEQUANTIZE_TARGETS = {(four_bit, jnp.dtype(dtype)): f"jaxserve_q{4 if four_bit else 8}_dequantize_{suffix}"
+                      for four_bit in (True, False) for dtype, suffix in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16"))}
 # Rows (tokens) from which the kernels multiply in float32 over weight panels they unpack (block_quant.cc's
 # kFloatMinRows; below it, integer dots over the blocks), and from which a step instead unpacks whole layers
 # for XLA's GEMM. Measured crossovers on this class of machine (docs/benchmarks.md).
 FLOAT_MIN_ROWS = 12
-DENSE_MIN_ROWS = 64
+DENSE_MIN_ROWS = {jnp.dtype(jnp.float32): 64, jnp.dtype(jnp.bfloat16): 64}
 
 # GGUF block types -> (our format, bytes per block)
 GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
@@ -117,11 +120,14 @@ def quantize_activations(x: jax.Array):
     return values, unit, unit * jnp.sum(values, axis=-1).astype(jnp.float32)
 
 
-def reference_matmul(x, qweight, scales, mins=None):
+def reference_matmul(x, qweight, scales, mins=None, bf16=False):
     """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights): from
-    FLOAT_MIN_ROWS rows in float32, below it through the ~14-bit activations and exact integer block dots."""
+    FLOAT_MIN_ROWS rows in float32 (with `bf16`, both sides rounded to bfloat16 first), below it through the
+    ~14-bit activations and exact integer block dots."""
     if x.shape[0] >= FLOAT_MIN_ROWS:
-        return jnp.asarray(x, jnp.float32) @ dequantize(qweight, scales, mins).T
+        dtype = jnp.bfloat16 if bf16 else jnp.float32
+        w = dequantize(qweight, scales, mins).astype(dtype)
+        return jnp.dot(jnp.asarray(x).astype(dtype), w.T, preferred_element_type=jnp.float32)
     values, x_scale, x_sum = quantize_activations(x)
     blocks = scales.shape[-1] // TILE
     w = _values(qweight, blocks, mins is not None).astype(jnp.int32)
@@ -132,32 +138,45 @@ def reference_matmul(x, qweight, scales, mins=None):
     return y
 
 
-def matmul(x, qweight, scales, mins=None, layer=None, rows=None) -> jax.Array:
+def matmul(x, qweight, scales, mins=None, layer=None, rows=None, bf16=False) -> jax.Array:
     """x [M, K] float32 through the kernel -> float32 [M, N]; `layer` picks from stacked weights [L, ...];
-    `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero."""
+    `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero; `bf16`: from
+    FLOAT_MIN_ROWS live rows, multiply in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc)."""
     n = qweight.shape[-2] * TILE
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     x = x.astype(jnp.float32)
     if mins is None:
-        return jax.ffi.ffi_call(Q8_TARGET, out)(x, qweight, scales, layer, rows)
-    return jax.ffi.ffi_call(Q4_TARGET, out)(x, qweight, scales, mins, layer, rows)
+        return jax.ffi.ffi_call(Q8_TARGET, out)(x, qweight, scales, layer, rows, bf16=bool(bf16))
+    return jax.ffi.ffi_call(Q4_TARGET, out)(x, qweight, scales, mins, layer, rows, bf16=bool(bf16))
 
 
-def dequantize_layer(qweight, scales, mins=None, layer=None) -> jax.Array:
-    """One layer of (possibly stacked) weights dequantized by the kernel -> float32 [N, K]."""
+def dense_dtype(weights_dtype) -> jnp.dtype:
+    """The dtype a many-row step multiplies its unpacked weights in: bfloat16 where the model runs in bfloat16
+    (dtype auto on the CPU, as vLLM's CPU build) and the CPU multiplies bfloat16 in hardware, where XLA's
+    bfloat16 GEMM is about twice its float32 one; float32 elsewhere (exact x . dequantize(w))."""
+    if jnp.dtype(weights_dtype) == jnp.bfloat16 and cpu_kernels.has_fast_bf16_dots():
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(jnp.float32)
+
+
+def dequantize_layer(qweight, scales, mins=None, layer=None, dtype=jnp.float32) -> jax.Array:
+    """One layer of (possibly stacked) weights dequantized by the kernel -> [N, K] float32 or bfloat16 (the
+    float32 values rounded to nearest even)."""
     n, k = qweight.shape[-2] * TILE, scales.shape[-1] // TILE * BLOCK
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
-    call = jax.ffi.ffi_call(DEQUANTIZE_TARGETS[mins is not None], jax.ShapeDtypeStruct((n, k), jnp.float32))
+    dtype = jnp.dtype(dtype)
+    call = jax.ffi.ffi_call(DEQUANTIZE_TARGETS[mins is not None, dtype], jax.ShapeDtypeStruct((n, k), dtype))
     return call(qweight, scales, layer) if mins is None else call(qweight, scales, mins, layer)
 
 
-def project(x, qweight, scales, mins=None, layer=None, rows=None) -> jax.Array:
+def project(x, qweight, scales, mins=None, layer=None, rows=None, dense_dtype=jnp.float32) -> jax.Array:
     """x [M, K] . weights^T -> float32 [M, N], decided at trace time by M: the kernel for decode-sized steps
-    (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows), whole layers unpacked by the kernel for
-    XLA's dot from DENSE_MIN_ROWS (prefill)."""
-    if x.shape[0] < DENSE_MIN_ROWS:
-        return matmul(x, qweight, scales, mins, layer, rows)
-    w = dequantize_layer(qweight, scales, mins, layer)
-    return jax.lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())))
+    (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows); from DENSE_MIN_ROWS[dense_dtype] rows,
+    the layer unpacked by the kernel to `dense_dtype` for XLA's dot (float32 accumulation)."""
+    dense_dtype = jnp.dtype(dense_dtype)
+    if x.shape[0] < DENSE_MIN_ROWS[dense_dtype]:
+        return matmul(x, qweight, scales, mins, layer, rows, bf16=dense_dtype == jnp.bfloat16)
+    w = dequantize_layer(qweight, scales, mins, layer, dense_dtype)
+    return jax.lax.dot_general(x.astype(dense_dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -31,15 +31,17 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "block_quant.cc")  # one library; block_quant.py wraps the second
-HEADERS = (HERE / "cpu_parallel.h",)
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc")  # one library;
+# block_quant.py wraps the last two
+HEADERS = (HERE / "cpu_parallel.h", HERE / "block_quant.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
 # references' roundings where they promise to.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
 INT8_TARGET = "jaxserve_int8_matmul_kn"
 ATTENTION_TARGETS = {"float32": "jaxserve_ragged_paged_attention", "bfloat16": "jaxserve_ragged_paged_attention_bf16"}
-BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_q4_dequantize", "jaxserve_q8_dequantize")
+BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_q4_dequantize_f32",
+                       "jaxserve_q8_dequantize_f32", "jaxserve_q4_dequantize_bf16", "jaxserve_q8_dequantize_bf16")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
 MAX_KERNEL_ROWS = {False: 2, True: 4}
@@ -51,12 +53,27 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXSERVE_KERNEL_CACHE") or os.path.expanduser("~/.cache/jaxserve/kernels"))
 
 
-def _cpu_has_avx2() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
+        text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx2", "fma"))
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def _cpu_has_avx2() -> bool:
+    return {"avx2", "fma"} <= _cpu_flags()
+
+
+def has_fast_bf16_dots() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16: Zen 4, Sapphire Rapids and later), where
+    XLA's bfloat16 GEMM runs at about twice its float32 one; elsewhere it runs slower than float32."""
+    return "avx512_bf16" in _cpu_flags()
 
 
 def _library_path() -> pathlib.Path:

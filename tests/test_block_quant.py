@@ -78,7 +78,7 @@ def test_many_rows_multiply_the_unpacked_weights(fmt):
     for layer in range(2):
         np.testing.assert_array_equal(np.asarray(block_quant.dequantize_layer(*weights_args(w), layer)),
                                       block_quant.dequantize(*weights_args({k: v[layer] for k, v in w.items()})))
-    rows = block_quant.DENSE_MIN_ROWS
+    rows = block_quant.DENSE_MIN_ROWS[jnp.dtype(jnp.float32)]
     x = rng.standard_normal((rows, 96)).astype(np.float32)
     got = np.asarray(jax.jit(block_quant.project)(x, *weights_args(w), 1))
     exact = x @ block_quant.dequantize(*weights_args({k: v[1] for k, v in w.items()})).T
@@ -88,6 +88,50 @@ def test_many_rows_multiply_the_unpacked_weights(fmt):
     few = block_quant.FLOAT_MIN_ROWS - 1  # integer dots: the activations' ~14-bit rounding shows
     integer = np.asarray(jax.jit(block_quant.project)(x[:few], *weights_args(w), 1))
     assert 0 < np.abs(integer - exact[:few]).max() < 2e-4 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("m", [12, 13, 31])
+def test_bf16_panels_multiply_the_rounded_values(fmt, m):
+    """bf16=True: from FLOAT_MIN_ROWS rows, on CPUs with AVX512-BF16, x and the weights rounded to bfloat16 and
+    summed in float32 (elsewhere the float32 panels, exact)."""
+    rng = np.random.default_rng(m)
+    w = random_blocks(rng, fmt, 42, 128)
+    x = rng.standard_normal((m, 128)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, q, s, mn: block_quant.matmul(x, q, s, mn, bf16=True))(x, *weights_args(w)))
+    bf16 = cpu_kernels.has_fast_bf16_dots()
+    want = np.asarray(block_quant.reference_matmul(x, *weights_args(w), bf16=bf16))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    exact = x @ block_quant.dequantize(*weights_args(w)).T
+    error = np.abs(got - exact).max() / np.abs(exact).max()
+    assert (1e-4 < error < 2e-2) if bf16 else error < 1e-5
+    live = m - 5
+    partial = np.asarray(block_quant.matmul(x, *weights_args(w), rows=jnp.asarray([live], jnp.int32), bf16=True))
+    if live >= block_quant.FLOAT_MIN_ROWS:
+        np.testing.assert_array_equal(partial[:live], got[:live])
+    assert not partial[live:].any()
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_bf16_dense_steps_unpack_to_bfloat16(fmt):
+    rng = np.random.default_rng(5)
+    w = random_blocks(rng, fmt, 40, 96, layers=2)
+    one = {k: v[1] for k, v in w.items()}
+    unpacked = np.asarray(block_quant.dequantize_layer(*weights_args(w), 1, dtype=jnp.bfloat16))
+    rounded = np.asarray(jnp.asarray(block_quant.dequantize(*weights_args(one)), jnp.bfloat16))
+    np.testing.assert_array_equal(unpacked.view(np.uint16), rounded.view(np.uint16))
+    rows = block_quant.DENSE_MIN_ROWS[jnp.dtype(jnp.bfloat16)]
+    x = rng.standard_normal((rows, 96)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, q, s, mn: block_quant.project(x, q, s, mn, 1, dense_dtype=jnp.bfloat16))(
+        x, *weights_args(w)))
+    want = np.asarray(block_quant.reference_matmul(x, *weights_args(one), bf16=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_dense_dtype_follows_the_weights_dtype_and_the_cpu():
+    assert block_quant.dense_dtype(jnp.float32) == jnp.float32
+    expected = jnp.bfloat16 if cpu_kernels.has_fast_bf16_dots() else jnp.float32
+    assert block_quant.dense_dtype(jnp.bfloat16) == expected
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])

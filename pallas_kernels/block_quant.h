@@ -1,0 +1,46 @@
+// Shared by block_quant.cc (the AVX2 kernels, the FFI handlers) and block_quant_avx512.cc (the AVX512-BF16 path).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "cpu_parallel.h"
+
+namespace jaxserve::block_quant {
+
+constexpr int64_t kBlock = 32;
+
+// Weights come in tiles of kTile output rows, interleaved block by block ([N / kTile, blocks, kTile, block]
+// for the values, [N / kTile, blocks, kTile] for scales and mins), so that a thread walking its tiles reads
+// three strictly sequential streams; rows side by side (two rows' blocks a row-length apart) ran at a third
+// of the memory bandwidth.
+constexpr int kTile = 2;
+
+struct Weights {
+  const uint8_t* q;  // this layer's tiles
+  const float* scale;
+  const float* min;  // nullptr for 8-bit weights
+  int64_t nb;        // blocks per row
+};
+
+// 64-byte aligned scratch: the micro-kernels' vector loads then never straddle cache lines (a malloc'd
+// buffer's 16-byte alignment split half of them and cost ~30%).
+template <typename T>
+struct AlignedBuffer {
+  explicit AlignedBuffer(int64_t n)
+      : data(static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64))) {}
+  ~AlignedBuffer() { std::free(data); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* data;
+};
+
+// Whether this CPU multiplies bfloat16 pairs in hardware (AVX512-BF16's vdpbf16ps).
+bool has_bf16_dots();
+
+// y[M, N] = bf16(x[M, K]) . bf16(dequantize(w))^T with float32 sums, for steps of kFloatMinRows rows and
+// more on CPUs with has_bf16_dots(): twice the float32 FMA rate.
+void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
+                 int64_t N, bool four_bit);
+
+}  // namespace jaxserve::block_quant
