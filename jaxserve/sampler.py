@@ -82,7 +82,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
         logits = apply_penalties(logits, tensors)
 
     if flags.all_greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = greedy_tokens(logits)
     else:
         is_greedy = tensors.temperature < GREEDY_TEMPERATURE
         temperature = jnp.where(is_greedy, 1.0, tensors.temperature)
@@ -93,6 +93,16 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
             threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
         tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
     return token_logprobs(raw, tokens, flags.num_logprobs)
+
+
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """The first index of each row's maximum, as jnp.argmax, in two plain reductions: XLA CPU's argmax (a
+    variadic value-index reduce) runs about 4x slower over [32, 49152] (3.8 against 0.85 ms). A row with a NaN
+    (no maximum to match) gives its last index rather than an out-of-range one."""
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(first, vocab - 1)
 
 
 # ---------------------------------------------------------------- logit processors

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxserve.sampler import (SamplerFlags, apply_penalties, apply_top_k_top_p_min_p, filter_cutoffs,
+from jaxserve.sampler import (SamplerFlags, greedy_tokens, apply_penalties, apply_top_k_top_p_min_p, filter_cutoffs,
                               _sample_categorical, sample, token_logprobs)
 from jaxserve.sampling_metadata import (RowSamplingState, allowed_token_mask, build_sampling_tensors,
                                         pack_token_mask, placeholder_sampling_tensors, unpack_token_mask)
@@ -77,6 +77,16 @@ def test_greedy_is_argmax_without_rng_or_filtering():
     np.testing.assert_allclose(np.asarray(out.logprob)[:6], reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out.token_ids)[:6], logits.argmax(-1))
     np.testing.assert_array_equal(np.asarray(out.token_ids)[6:], 0)  # padded rows: argmax of zeros
+
+
+def test_greedy_tokens_are_the_first_maximum():
+    logits = random_logits(5, 300)
+    logits[1, [4, 200]] = logits[1].max() + 1.0  # a tie: the first index, as argmax
+    logits[2] = -np.inf  # a row masked out entirely (argmax: 0)
+    logits[3, 7] = np.nan  # no maximum to match: a valid index all the same
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got[[0, 1, 2, 4]], logits[[0, 1, 2, 4]].argmax(-1))
+    assert got[1] == 4 and got[2] == 0 and 0 <= got[3] < 300
 
 
 def test_greedy_rows_beside_random_rows_stay_argmax():
