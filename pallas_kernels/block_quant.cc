@@ -433,6 +433,12 @@ ffi::Error BlockDequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<f
   int64_t N;
   if (auto err = layer_weights<kFourBit>(q, scale, min, layer, od[1], w, N); err.failure()) return err;
   if (od[0] != N) return ffi::Error::InvalidArgument("block dequantize: out's height is not N");
+  if constexpr (T == ffi::DataType::BF16) {
+    if (jaxserve::block_quant::has_bf16_dots()) {
+      jaxserve::block_quant::bf16_dequantize(pool, w, out->typed_data(), N, od[1], kFourBit);
+      return ffi::Error::Success();
+    }
+  }
   dequantize_tiles<kFourBit>(pool, w, out->typed_data(), N, od[1]);
   return ffi::Error::Success();
 }

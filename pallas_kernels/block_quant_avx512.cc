@@ -49,8 +49,8 @@ JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K,
       for (int h = 0; h < 2; ++h) {
         const __m512i wide = kFourBit ? _mm512_cvtepu8_epi32(values[h]) : _mm512_cvtepi8_epi32(values[h]);
         const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(wide), s), m);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(rows + r * K + b * kBlock + 16 * h),
-                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + r * K + b * kBlock + 16 * h),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
       }
     }
 }
@@ -134,11 +134,28 @@ void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, 
   });
 }
 
+template <bool kFourBit>
+void dequantize(ffi::ThreadPool& pool, const Weights& w, uint16_t* out, int64_t N, int64_t K) {
+  const int64_t tiles = N / kTile;
+  const int64_t per_task = std::max<int64_t>(1, tiles / (pool.num_threads() * 4));
+  parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
+    for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile)
+      unpack_tile<kFourBit>(w, tile, K, out + tile * kTile * K);
+  });
+}
+
 }  // namespace
 
 bool has_bf16_dots() {
   static const bool yes = __builtin_cpu_supports("avx512bf16");
   return yes;
+}
+
+void bf16_dequantize(ffi::ThreadPool& pool, const Weights& w, uint16_t* out, int64_t N, int64_t K, bool four_bit) {
+  if (four_bit)
+    dequantize<true>(pool, w, out, N, K);
+  else
+    dequantize<false>(pool, w, out, N, K);
 }
 
 void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
