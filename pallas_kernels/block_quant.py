@@ -32,6 +32,7 @@ DEQUANTIZE_TARGETS = {(four_bit, jnp.dtype(dtype)): f"jaxserve_q{4 if four_bit e
 # kFloatMinRows; below it, integer dots over the blocks), and from which a step instead unpacks whole layers
 # for XLA's GEMM. Measured crossovers on this class of machine (docs/benchmarks.md).
 FLOAT_MIN_ROWS = 12
+BF16_MIN_ROWS = 8  # block_quant.cc's kBf16MinRows: from here the bfloat16 panels (bf16=True, AVX512-BF16)
 DENSE_MIN_ROWS = {jnp.dtype(jnp.float32): 64, jnp.dtype(jnp.bfloat16): 64}
 
 # GGUF block types -> (our format, bytes per block)
@@ -122,9 +123,9 @@ def quantize_activations(x: jax.Array):
 
 def reference_matmul(x, qweight, scales, mins=None, bf16=False):
     """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights): from
-    FLOAT_MIN_ROWS rows in float32 (with `bf16`, both sides rounded to bfloat16 first), below it through the
-    ~14-bit activations and exact integer block dots."""
-    if x.shape[0] >= FLOAT_MIN_ROWS:
+    FLOAT_MIN_ROWS rows in float32 (with `bf16`, from BF16_MIN_ROWS, both sides rounded to bfloat16 first),
+    below it through the ~14-bit activations and exact integer block dots."""
+    if x.shape[0] >= (BF16_MIN_ROWS if bf16 else FLOAT_MIN_ROWS):
         dtype = jnp.bfloat16 if bf16 else jnp.float32
         w = dequantize(qweight, scales, mins).astype(dtype)
         return jnp.dot(jnp.asarray(x).astype(dtype), w.T, preferred_element_type=jnp.float32)
@@ -141,7 +142,7 @@ def reference_matmul(x, qweight, scales, mins=None, bf16=False):
 def matmul(x, qweight, scales, mins=None, layer=None, rows=None, bf16=False) -> jax.Array:
     """x [M, K] float32 through the kernel -> float32 [M, N]; `layer` picks from stacked weights [L, ...];
     `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero; `bf16`: from
-    FLOAT_MIN_ROWS live rows, multiply in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc)."""
+    BF16_MIN_ROWS live rows, multiply in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc)."""
     n = qweight.shape[-2] * TILE
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())

@@ -91,10 +91,10 @@ def test_many_rows_multiply_the_unpacked_weights(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-@pytest.mark.parametrize("m", [12, 13, 31])
+@pytest.mark.parametrize("m", [7, 8, 13, 31])
 def test_bf16_panels_multiply_the_rounded_values(fmt, m):
-    """bf16=True: from FLOAT_MIN_ROWS rows, on CPUs with AVX512-BF16, x and the weights rounded to bfloat16 and
-    summed in float32 (elsewhere the float32 panels, exact)."""
+    """bf16=True: from BF16_MIN_ROWS rows, on CPUs with AVX512-BF16, x and the weights rounded to bfloat16 and
+    summed in float32 (elsewhere the float32 panels from FLOAT_MIN_ROWS, exact; the integer dots below)."""
     rng = np.random.default_rng(m)
     w = random_blocks(rng, fmt, 42, 128)
     x = rng.standard_normal((m, 128)).astype(np.float32)
@@ -104,10 +104,17 @@ def test_bf16_panels_multiply_the_rounded_values(fmt, m):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     exact = x @ block_quant.dequantize(*weights_args(w)).T
     error = np.abs(got - exact).max() / np.abs(exact).max()
-    assert (1e-4 < error < 2e-2) if bf16 else error < 1e-5
-    live = m - 5
+    if bf16 and m >= block_quant.BF16_MIN_ROWS:
+        assert 1e-4 < error < 2e-2
+    else:  # float32 panels (exact) or the integer dots (~14-bit activations)
+        assert error < (1e-5 if m >= block_quant.FLOAT_MIN_ROWS else 2e-4)
+    live = m - 2
     partial = np.asarray(block_quant.matmul(x, *weights_args(w), rows=jnp.asarray([live], jnp.int32), bf16=True))
-    if live >= block_quant.FLOAT_MIN_ROWS:
+    def path(rows):
+        if bf16 and rows >= block_quant.BF16_MIN_ROWS:
+            return "bf16"
+        return "float32" if rows >= block_quant.FLOAT_MIN_ROWS else "integer"
+    if path(live) == path(m):  # the same path: the same rows
         np.testing.assert_array_equal(partial[:live], got[:live])
     assert not partial[live:].any()
 
