@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "block_quant.h"
 #include "cpu_parallel.h"
@@ -147,7 +149,9 @@ void dequantize(ffi::ThreadPool& pool, const Weights& w, uint16_t* out, int64_t 
 }  // namespace
 
 bool has_bf16_dots() {
-  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  // JAXSERVE_CPU_AVX512=0 keeps the AVX2 paths on any CPU (to compare them, or to test them on this one).
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          !(std::getenv("JAXSERVE_CPU_AVX512") && std::string(std::getenv("JAXSERVE_CPU_AVX512")) == "0");
   return yes;
 }
 
@@ -167,3 +171,6 @@ void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float*
 }
 
 }  // namespace jaxserve::block_quant
+
+// For the Python side (cpu_kernels.has_fast_bf16_dots), so that it and the kernels agree.
+extern "C" int jaxserve_has_bf16_dots() { return jaxserve::block_quant::has_bf16_dots() ? 1 : 0; }

@@ -70,10 +70,6 @@ def _cpu_has_avx2() -> bool:
     return {"avx2", "fma"} <= _cpu_flags()
 
 
-def has_fast_bf16_dots() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16: Zen 4, Sapphire Rapids and later), where
-    XLA's bfloat16 GEMM runs at about twice its float32 one; elsewhere it runs slower than float32."""
-    return "avx512_bf16" in _cpu_flags()
 
 
 def _library_path() -> pathlib.Path:
@@ -97,34 +93,48 @@ def _build(compiler: str) -> pathlib.Path:
 
 
 @functools.cache
-def available() -> bool:
-    """Load (building it first, once per source version) and register the kernels; False where they can't
-    run here: no AVX2/FMA, no library and no C++ compiler to build it, a failed build, or
-    JAXSERVE_CPU_KERNELS=0."""
+def _library() -> ctypes.CDLL | None:
+    """The kernels' library, loaded (built first, once per source version) and its FFI targets registered;
+    None where they can't run here: no AVX2/FMA, no library and no C++ compiler to build it, a failed build,
+    or JAXSERVE_CPU_KERNELS=0."""
     if os.environ.get("JAXSERVE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2():
-        return False
+        return None
     library = _library_path()
     if not library.exists():
         compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
         if not compiler:
             logger.info("CPU kernels off: no C++ compiler to build them")
-            return False
+            return None
         try:
             library = _build(compiler)
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or str(err)
             logger.warning("CPU kernels off: building them failed: %s", detail.strip()[-2000:])
-            return False
+            return None
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
         targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, *ATTENTION_TARGETS.values(),
                                                           *BLOCK_QUANT_TARGETS)}
+        handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
         logger.warning("CPU kernels off: loading %s failed: %s", library, err)
-        return False
+        return None
     for name, symbol in targets.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-    return True
+    return handle
+
+
+def available() -> bool:
+    """Whether the kernels run here (see _library)."""
+    return _library() is not None
+
+
+def has_fast_bf16_dots() -> bool:
+    """Whether the kernels multiply bfloat16 in hardware here (AVX512-BF16: Zen 4, Sapphire Rapids and later,
+    unless JAXSERVE_CPU_AVX512=0), where XLA's bfloat16 GEMM also runs at about twice its float32 one; on
+    AVX2-only CPUs it runs slower than float32. Asked of the library, so Python and the kernels agree."""
+    handle = _library()
+    return handle is not None and handle.jaxserve_has_bf16_dots() == 1
 
 
 def kernel_matmul(x: jax.Array, w: jax.Array, w_transposed: bool = False) -> jax.Array:

@@ -201,10 +201,10 @@ def test_int8_engine_steps_agree_across_kernel_and_xla_paths(random_llama_dir):
 def test_an_unloadable_library_turns_the_kernels_off(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path))
     cpu_kernels._library_path().write_bytes(b"not a shared object")
-    cpu_kernels.available.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
         assert cpu_kernels.available() is False
     finally:
         monkeypatch.undo()
-        cpu_kernels.available.cache_clear()
+        cpu_kernels._library.cache_clear()
         assert cpu_kernels.available()  # the real library again, for the tests after this one
