@@ -298,7 +298,6 @@ void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
 // the end. Activations stay float32 here, so these rows get x . dequantize(w), the dense path's arithmetic.
 constexpr int64_t kFloatMinRows = 12;
 constexpr int64_t kBf16MinRows = 8;  // the bfloat16 panels pass the integer dots sooner (docs/benchmarks.md)
-constexpr int kPanel = 4;  // outputs per panel (two tiles)
 constexpr int kPanelRows = 3;  // rows per micro-kernel: 3 x 4 accumulators, 3 activation registers, one weight
 
 template <int MR, int NP>
@@ -340,22 +339,14 @@ void float_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
                   int64_t N) {
   AlignedBuffer<float> x(M * K);  // K is a multiple of 32, so every row starts aligned too
   std::memcpy(x.data, xf, M * K * sizeof(float));
-  const int64_t tiles = N / kTile, panels = (tiles + 1) / 2;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
-  const int64_t per_task = (panels + tasks - 1) / tasks;
-  parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
-    AlignedBuffer<float> panel(kPanel * K);
-    for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
-      const int64_t tile = 2 * p;
-      unpack_tile<kFourBit>(w, tile, K, panel.data);
-      if (tile + 1 < tiles) {
-        unpack_tile<kFourBit>(w, tile + 1, K, panel.data + kTile * K);
-        panel_all_rows<4>(x.data, M, K, panel.data, y, N, tile * kTile);
-      } else {
-        panel_all_rows<2>(x.data, M, K, panel.data, y, N, tile * kTile);
-      }
-    }
-  });
+  jaxserve::block_quant::walk_panels<float>(
+      pool, N / kTile, K, [&](int64_t tile, float* rows) { unpack_tile<kFourBit>(w, tile, K, rows); },
+      [&](const float* panel, int64_t outputs, int64_t n0) {
+        if (outputs == 4)
+          panel_all_rows<4>(x.data, M, K, panel, y, N, n0);
+        else
+          panel_all_rows<2>(x.data, M, K, panel, y, N, n0);
+      });
 }
 
 // Dequantizes every tile to rows [N, K] (float32 or bfloat16): for steps with many tokens, where XLA's GEMM

@@ -1,6 +1,7 @@
 // Shared by block_quant.cc (the AVX2 kernels, the FFI handlers) and block_quant_avx512.cc (the AVX512-BF16 path).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -34,6 +35,27 @@ struct AlignedBuffer {
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   T* data;
 };
+
+// The many-row paths walk the weights in panels of kPanel outputs (two tiles; the last may hold one), split
+// over the thread pool in contiguous ranges: each task unpacks a panel at a time into its own L1-sized
+// scratch with `unpack(tile, rows)` (T: float or bfloat16 bits) and has every row meet it with
+// `multiply(panel, outputs, first_output)`.
+constexpr int kPanel = 4;
+
+template <typename T, typename Unpack, typename Multiply>
+void walk_panels(ffi::ThreadPool& pool, int64_t tiles, int64_t K, Unpack&& unpack, Multiply&& multiply) {
+  const int64_t panels = (tiles + 1) / 2;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
+  const int64_t per_task = (panels + tasks - 1) / tasks;
+  parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
+    AlignedBuffer<T> panel(kPanel * K);
+    for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
+      const int64_t tile = 2 * p, count = std::min<int64_t>(2, tiles - tile);
+      for (int64_t i = 0; i < count; ++i) unpack(tile + i, panel.data + i * kTile * K);
+      multiply(static_cast<const T*>(panel.data), count * kTile, tile * kTile);
+    }
+  });
+}
 
 // Whether this CPU multiplies bfloat16 pairs in hardware (AVX512-BF16's vdpbf16ps).
 bool has_bf16_dots();

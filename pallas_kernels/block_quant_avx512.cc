@@ -24,7 +24,6 @@
 namespace jaxserve::block_quant {
 namespace {
 
-constexpr int kPanel = 4;      // outputs per panel (two tiles)
 constexpr int kPanelRows = 6;  // rows per micro-kernel: 6 x 4 accumulators, 6 activation registers, one weight
 
 // One tile dequantized to bfloat16 rows [kTile, K]: scale * q + min in float32 (as block_quant.dequantize),
@@ -118,22 +117,14 @@ template <bool kFourBit>
 void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
   AlignedBuffer<uint16_t> x(M * K);  // K is a multiple of 32: every row starts 64-byte aligned
   round_rows(xf, M * K, x.data);
-  const int64_t tiles = N / kTile, panels = (tiles + 1) / 2;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
-  const int64_t per_task = (panels + tasks - 1) / tasks;
-  parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
-    AlignedBuffer<uint16_t> panel(kPanel * K);
-    for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
-      const int64_t tile = 2 * p;
-      unpack_tile<kFourBit>(w, tile, K, panel.data);
-      if (tile + 1 < tiles) {
-        unpack_tile<kFourBit>(w, tile + 1, K, panel.data + kTile * K);
-        panel_all_rows<4>(x.data, M, K, panel.data, y, N, tile * kTile);
-      } else {
-        panel_all_rows<2>(x.data, M, K, panel.data, y, N, tile * kTile);
-      }
-    }
-  });
+  walk_panels<uint16_t>(
+      pool, N / kTile, K, [&](int64_t tile, uint16_t* rows) { unpack_tile<kFourBit>(w, tile, K, rows); },
+      [&](const uint16_t* panel, int64_t outputs, int64_t n0) {
+        if (outputs == 4)
+          panel_all_rows<4>(x.data, M, K, panel, y, N, n0);
+        else
+          panel_all_rows<2>(x.data, M, K, panel, y, N, n0);
+      });
 }
 
 template <bool kFourBit>
