@@ -27,31 +27,35 @@ namespace {
 constexpr int kPanelRows = 6;  // rows per micro-kernel: 6 x 4 accumulators, 6 activation registers, one weight
 
 // One tile dequantized to bfloat16 rows [kTile, K]: scale * q + min in float32 (as block_quant.dequantize),
-// then rounded.
+// then rounded. A 4-bit block has only sixteen values: they are computed once into a table that vpermw
+// looks the block's 32 nibbles up in (about two thirds of the instructions of converting each value).
 template <bool kFourBit>
 JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows) {
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
   const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
   const float* scale = w.scale + tile * w.nb * kTile;
   const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m128i nibble = _mm_set1_epi8(0x0f);
   for (int64_t b = 0; b < w.nb; ++b)
     for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
       const int64_t i = b * kTile + r;
-      const __m512 s = _mm512_set1_ps(scale[i]), m = _mm512_set1_ps(kFourBit ? min[i] : 0.0f);
-      __m128i values[2];  // values 0-15 and 16-31 of the block
+      uint16_t* out = rows + r * K + b * kBlock;
       if (kFourBit) {
+        const __m512 values = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i])), _mm512_set1_ps(min[i]));
+        const __m512i table = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
         const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-        values[0] = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
-        values[1] = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
+        // value j of the block: byte j's low nibble for j < 16, byte j - 16's high one after
+        const __m256i index = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble),
+                                               _mm_and_si128(packed, nibble));
+        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(index), table));
       } else {
-        values[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-        values[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
-      }
-      for (int h = 0; h < 2; ++h) {
-        const __m512i wide = kFourBit ? _mm512_cvtepu8_epi32(values[h]) : _mm512_cvtepi8_epi32(values[h]);
-        const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(wide), s), m);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + r * K + b * kBlock + 16 * h),
-                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+        const __m512 s = _mm512_set1_ps(scale[i]);
+        for (int h = 0; h < 2; ++h) {
+          const __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h),
+                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(wide), s))));
+        }
       }
     }
 }
