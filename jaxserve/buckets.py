@@ -13,6 +13,17 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
     return sorted(set(out))
 
 
+# From this many tokens a prompt step's padding costs real compute (XLA's dots multiply every padded row), so
+# token buckets also take the midpoints 1.5 x 2^k: a 138-token prompt pays for 192 tokens, not 256.
+FINE_TOKEN_BUCKETS_FROM = 64
+
+
+def _token_sizes(lo: int, hi: int) -> list[int]:
+    sizes = _powers_of_two(lo, hi)
+    halves = [n + n // 2 for n in sizes if n >= FINE_TOKEN_BUCKETS_FROM and n + n // 2 < hi]
+    return sorted(set(sizes + halves))
+
+
 @dataclass(frozen=True)
 class StepShape:
     num_tokens: int  # T: flat token batch
@@ -35,7 +46,7 @@ class BucketSet:
         # `--max-num-seqs 1` too: padding its decode steps to 2 slots measured ~700x faster on the CPU.
         seqs = _powers_of_two(2, max(2, max_num_seqs))
         # Mixed steps use a coarser sequence grid (x4) to keep the number of compiled shapes small.
-        tokens = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
+        tokens = _token_sizes(min(16, max_num_batched_tokens), max_num_batched_tokens)
         return cls(tuple(seqs), tuple(tokens))
 
     def mixed_seq_buckets(self) -> tuple[int, ...]:

@@ -37,3 +37,12 @@ def test_batch_limits_default_by_platform():
     assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (8, 64)
     # A token budget left unset still admits one token of every sequence.
     assert EngineConfig(max_num_seqs=4096).with_platform_defaults("gpu").max_num_batched_tokens == 4096
+
+
+def test_prompt_steps_pad_to_midpoint_buckets_from_64_tokens():
+    # Padded prompt rows cost real compute: a 138-token prompt pays for 192 tokens, not 256.
+    buckets = BucketSet.for_limits(64, 512)
+    assert buckets.token_buckets == (16, 32, 64, 96, 128, 192, 256, 384, 512)
+    assert buckets.bucket_for(138, 1) == StepShape(192, 1)
+    assert buckets.bucket_for(200, 8) == StepShape(256, 8)
+    assert buckets.bucket_for(40, 1) == StepShape(64, 1)  # below 64 the powers of two stay
