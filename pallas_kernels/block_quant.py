@@ -33,7 +33,7 @@ DEQUANTIZE_TARGETS = {(four_bit, jnp.dtype(dtype)): f"jaxserve_q{4 if four_bit e
 # for XLA's GEMM. Measured crossovers on this class of machine (docs/benchmarks.md).
 FLOAT_MIN_ROWS = 12
 BF16_MIN_ROWS = 8  # block_quant.cc's kBf16MinRows: from here the bfloat16 panels (bf16=True, AVX512-BF16)
-DENSE_MIN_ROWS = {jnp.dtype(jnp.float32): 64, jnp.dtype(jnp.bfloat16): 64}
+DENSE_MIN_ROWS = 64  # in float32 or bfloat16 (dense_dtype) alike
 
 # GGUF block types -> (our format, bytes per block)
 GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
@@ -174,10 +174,11 @@ def dequantize_layer(qweight, scales, mins=None, layer=None, dtype=jnp.float32) 
 
 def project(x, qweight, scales, mins=None, layer=None, rows=None, dense_dtype=jnp.float32) -> jax.Array:
     """x [M, K] . weights^T -> float32 [M, N], decided at trace time by M: the kernel for decode-sized steps
-    (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows); from DENSE_MIN_ROWS[dense_dtype] rows,
-    the layer unpacked by the kernel to `dense_dtype` for XLA's dot (float32 accumulation)."""
+    (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows; with a bfloat16 `dense_dtype`, bfloat16
+    panels from BF16_MIN_ROWS); from DENSE_MIN_ROWS rows, the layer unpacked by the kernel to `dense_dtype`
+    for XLA's dot (float32 accumulation)."""
     dense_dtype = jnp.dtype(dense_dtype)
-    if x.shape[0] < DENSE_MIN_ROWS[dense_dtype]:
+    if x.shape[0] < DENSE_MIN_ROWS:
         return matmul(x, qweight, scales, mins, layer, rows, bf16=dense_dtype == jnp.bfloat16)
     w = dequantize_layer(qweight, scales, mins, layer, dense_dtype)
     return jax.lax.dot_general(x.astype(dense_dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

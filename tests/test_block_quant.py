@@ -78,7 +78,7 @@ def test_many_rows_multiply_the_unpacked_weights(fmt):
     for layer in range(2):
         np.testing.assert_array_equal(np.asarray(block_quant.dequantize_layer(*weights_args(w), layer)),
                                       block_quant.dequantize(*weights_args({k: v[layer] for k, v in w.items()})))
-    rows = block_quant.DENSE_MIN_ROWS[jnp.dtype(jnp.float32)]
+    rows = block_quant.DENSE_MIN_ROWS
     x = rng.standard_normal((rows, 96)).astype(np.float32)
     got = np.asarray(jax.jit(block_quant.project)(x, *weights_args(w), 1))
     exact = x @ block_quant.dequantize(*weights_args({k: v[1] for k, v in w.items()})).T
@@ -127,7 +127,7 @@ def test_bf16_dense_steps_unpack_to_bfloat16(fmt):
     unpacked = np.asarray(block_quant.dequantize_layer(*weights_args(w), 1, dtype=jnp.bfloat16))
     rounded = np.asarray(jnp.asarray(block_quant.dequantize(*weights_args(one)), jnp.bfloat16))
     np.testing.assert_array_equal(unpacked.view(np.uint16), rounded.view(np.uint16))
-    rows = block_quant.DENSE_MIN_ROWS[jnp.dtype(jnp.bfloat16)]
+    rows = block_quant.DENSE_MIN_ROWS
     x = rng.standard_normal((rows, 96)).astype(np.float32)
     got = np.asarray(jax.jit(lambda x, q, s, mn: block_quant.project(x, q, s, mn, 1, dense_dtype=jnp.bfloat16))(
         x, *weights_args(w)))
