@@ -53,8 +53,9 @@ JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K,
         const __m512 s = _mm512_set1_ps(scale[i]);
         for (int h = 0; h < 2; ++h) {
           const __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h)));
+          const __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(wide), s);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h),
-                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(wide), s))));
+                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
         }
       }
     }
@@ -145,8 +146,11 @@ void dequantize(ffi::ThreadPool& pool, const Weights& w, uint16_t* out, int64_t 
 
 bool has_bf16_dots() {
   // JAXSERVE_CPU_AVX512=0 keeps the AVX2 paths on any CPU (to compare them, or to test them on this one).
-  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                          !(std::getenv("JAXSERVE_CPU_AVX512") && std::string(std::getenv("JAXSERVE_CPU_AVX512")) == "0");
+  static const bool yes = [] {
+    const char* setting = std::getenv("JAXSERVE_CPU_AVX512");
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           !(setting && std::string(setting) == "0");
+  }();
   return yes;
 }
 
