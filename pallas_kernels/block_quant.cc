@@ -351,13 +351,23 @@ void float_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
 
 // Dequantizes every tile to rows [N, K] (float32 or bfloat16): for steps with many tokens, where XLA's GEMM
 // outruns the integer dots once the weights are unpacked.
+// On CPUs with AVX512-BF16, bfloat16 rows come from block_quant_avx512.cc's 512-bit unpacking.
 template <bool kFourBit, typename Out>
 void dequantize_tiles(ffi::ThreadPool& pool, const Weights& w, Out* out, int64_t N, int64_t K) {
   const int64_t tiles = N / kTile;
   const int64_t per_task = std::max<int64_t>(1, tiles / (pool.num_threads() * 4));
+  const bool wide = std::is_same_v<Out, uint16_t> && jaxserve::block_quant::has_bf16_dots();
   parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
-    for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile)
-      unpack_tile<kFourBit, Out>(w, tile, K, out + tile * kTile * K);
+    for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile) {
+      Out* rows = out + tile * kTile * K;
+      if constexpr (std::is_same_v<Out, uint16_t>) {
+        if (wide) {
+          jaxserve::block_quant::bf16_unpack_tile(w, tile, K, rows, kFourBit);
+          continue;
+        }
+      }
+      unpack_tile<kFourBit, Out>(w, tile, K, rows);
+    }
   });
 }
 
@@ -426,12 +436,6 @@ ffi::Error BlockDequantize(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<f
   int64_t N;
   if (auto err = layer_weights<kFourBit>(q, scale, min, layer, od[1], w, N); err.failure()) return err;
   if (od[0] != N) return ffi::Error::InvalidArgument("block dequantize: out's height is not N");
-  if constexpr (T == ffi::DataType::BF16) {
-    if (jaxserve::block_quant::has_bf16_dots()) {
-      jaxserve::block_quant::bf16_dequantize(pool, w, out->typed_data(), N, od[1], kFourBit);
-      return ffi::Error::Success();
-    }
-  }
   dequantize_tiles<kFourBit>(pool, w, out->typed_data(), N, od[1]);
   return ffi::Error::Success();
 }

@@ -132,16 +132,6 @@ void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, 
       });
 }
 
-template <bool kFourBit>
-void dequantize(ffi::ThreadPool& pool, const Weights& w, uint16_t* out, int64_t N, int64_t K) {
-  const int64_t tiles = N / kTile;
-  const int64_t per_task = std::max<int64_t>(1, tiles / (pool.num_threads() * 4));
-  parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
-    for (int64_t tile = t * per_task; tile < std::min(tiles, (t + 1) * per_task); ++tile)
-      unpack_tile<kFourBit>(w, tile, K, out + tile * kTile * K);
-  });
-}
-
 }  // namespace
 
 bool has_bf16_dots() {
@@ -154,11 +144,11 @@ bool has_bf16_dots() {
   return yes;
 }
 
-void bf16_dequantize(ffi::ThreadPool& pool, const Weights& w, uint16_t* out, int64_t N, int64_t K, bool four_bit) {
+void bf16_unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows, bool four_bit) {
   if (four_bit)
-    dequantize<true>(pool, w, out, N, K);
+    unpack_tile<true>(w, tile, K, rows);
   else
-    dequantize<false>(pool, w, out, N, K);
+    unpack_tile<false>(w, tile, K, rows);
 }
 
 void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
