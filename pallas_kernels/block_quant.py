@@ -33,10 +33,7 @@ DEQUANTIZE_TARGETS = {(four_bit, jnp.dtype(dtype)): f"jaxserve_q{4 if four_bit e
 # for XLA's GEMM. Measured crossovers on this class of machine (docs/benchmarks.md).
 FLOAT_MIN_ROWS = 12
 BF16_MIN_ROWS = 8  # block_quant.cc's kBf16MinRows: from here the bfloat16 panels (bf16=True, AVX512-BF16)
-DENSE_MIN_ROWS = 64  # float32
-# bfloat16: the panels hold out longer, as the layer they unpack stays in L1 while an unpacked layer is written
-# out and read back (a layer of the default model at 128 rows: 3.4 ms in panels, 4.8 ms unpacked + XLA's dot)
-BF16_DENSE_MIN_ROWS = 256
+DENSE_MIN_ROWS = 64  # in float32 or bfloat16 (dense_dtype) alike
 
 # GGUF block types -> (our format, bytes per block)
 GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
@@ -165,11 +162,6 @@ def dense_dtype(weights_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def dense_min_rows(dense_dtype) -> int:
-    """Rows from which `project` unpacks the layer for XLA's dot instead of multiplying in the kernel."""
-    return BF16_DENSE_MIN_ROWS if jnp.dtype(dense_dtype) == jnp.bfloat16 else DENSE_MIN_ROWS
-
-
 def dequantize_layer(qweight, scales, mins=None, layer=None, dtype=jnp.float32) -> jax.Array:
     """One layer of (possibly stacked) weights dequantized by the kernel -> [N, K] float32 or bfloat16 (the
     float32 values rounded to nearest even)."""
@@ -183,10 +175,10 @@ def dequantize_layer(qweight, scales, mins=None, layer=None, dtype=jnp.float32) 
 def project(x, qweight, scales, mins=None, layer=None, rows=None, dense_dtype=jnp.float32) -> jax.Array:
     """x [M, K] . weights^T -> float32 [M, N], decided at trace time by M: the kernel for decode-sized steps
     (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows; with a bfloat16 `dense_dtype`, bfloat16
-    panels from BF16_MIN_ROWS); from dense_min_rows(dense_dtype) rows, the layer unpacked by the kernel to
-    `dense_dtype` for XLA's dot (float32 accumulation)."""
+    panels from BF16_MIN_ROWS); from DENSE_MIN_ROWS rows, the layer unpacked by the kernel to `dense_dtype`
+    for XLA's dot (float32 accumulation)."""
     dense_dtype = jnp.dtype(dense_dtype)
-    if x.shape[0] < dense_min_rows(dense_dtype):
+    if x.shape[0] < DENSE_MIN_ROWS:
         return matmul(x, qweight, scales, mins, layer, rows, bf16=dense_dtype == jnp.bfloat16)
     w = dequantize_layer(qweight, scales, mins, layer, dense_dtype)
     return jax.lax.dot_general(x.astype(dense_dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
