@@ -73,6 +73,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def fixed_order_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis (kept, size 1) in one order whatever the leading shape: halve and add
+    elementwise until one column is left. XLA CPU vectorizes a row reduction differently below and above 8
+    rows, which moved a row's norm by an ulp between batch sizes and, through the bfloat16 rounding of the
+    next projection's input, its greedy tokens (benchmarks/batch_invariance.py)."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        folded = x[..., :half] + x[..., half:2 * half]
+        if x.shape[-1] % 2:  # the odd column joins the first
+            folded = jnp.concatenate([folded[..., :1] + x[..., -1:], folded[..., 1:]], axis=-1)
+        x = folded
+    return x
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -80,7 +94,8 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        mean_square = fixed_order_sum(xf * xf) / xf.shape[-1]
+        xf = xf * jax.lax.rsqrt(mean_square + self.eps)
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 

@@ -18,8 +18,9 @@
 //
 // Steps of kFloatMinRows rows or more take float32 instead: each panel of four outputs is unpacked once and
 // met by every row in a register-blocked FMA micro-kernel (x . dequantize(w), no activation rounding). With
-// the bf16 attribute, on CPUs with AVX512-BF16, steps of kBf16MinRows rows or more take
-// block_quant_avx512.cc's bfloat16 path instead.
+// the bf16 attribute, on CPUs with AVX512-BF16, every step takes block_quant_avx512.cc's bfloat16 panels
+// instead, whatever its rows: a row's result then never depends on how many rows share its step (the integer
+// dots below ~8 rows were faster there, but a sequence's greedy tokens changed with the batch it ran in).
 //
 // Weights may be stacked over layers ([L, N, ...]) and picked by a layer-index operand, so a scanned step
 // reads them in place instead of slicing a copy per layer. A row-count operand says how many leading rows of
@@ -297,7 +298,6 @@ void block_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
 // a register-blocked float32 micro-kernel: MR rows x NP outputs accumulators of eight k-lanes, reduced once at
 // the end. Activations stay float32 here, so these rows get x . dequantize(w), the dense path's arithmetic.
 constexpr int64_t kFloatMinRows = 12;
-constexpr int64_t kBf16MinRows = 8;  // the bfloat16 panels pass the integer dots sooner (docs/benchmarks.md)
 constexpr int kPanelRows = 3;  // rows per micro-kernel: 3 x 4 accumulators, 3 activation registers, one weight
 
 template <int MR, int NP>
@@ -404,7 +404,7 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   if (y->dimensions()[1] != N) return ffi::Error::InvalidArgument("block matmul: y's width is not N");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
   std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
-  if (live >= kBf16MinRows && bf16 && jaxserve::block_quant::has_bf16_dots())
+  if (live > 0 && bf16 && jaxserve::block_quant::has_bf16_dots())
     jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, kFourBit);
   else if (live >= kFloatMinRows)
     float_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);

@@ -60,8 +60,8 @@ void walk_panels(ffi::ThreadPool& pool, int64_t tiles, int64_t K, Unpack&& unpac
 // Whether this CPU multiplies bfloat16 pairs in hardware (AVX512-BF16's vdpbf16ps).
 bool has_bf16_dots();
 
-// y[M, N] = bf16(x[M, K]) . bf16(dequantize(w))^T with float32 sums, for steps of kFloatMinRows rows and
-// more on CPUs with has_bf16_dots(): twice the float32 FMA rate.
+// y[M, N] = bf16(x[M, K]) . bf16(dequantize(w))^T with float32 sums, for every step with the bf16
+// attribute on CPUs with has_bf16_dots(): twice the float32 FMA rate, and one path at every batch size.
 void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
                  int64_t N, bool four_bit);
 

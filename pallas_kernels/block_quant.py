@@ -28,12 +28,13 @@ TILE = 2
 Q4_TARGET, Q8_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul"
 DEQUANTIZE_TARGETS = {(four_bit, jnp.dtype(dtype)): f"jaxserve_q{4 if four_bit else 8}_dequantize_{suffix}"
                       for four_bit in (True, False) for dtype, suffix in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16"))}
-# Rows (tokens) from which the kernels multiply in float32 over weight panels they unpack (block_quant.cc's
+# In float32, rows (tokens) from which the kernels multiply over weight panels they unpack (block_quant.cc's
 # kFloatMinRows; below it, integer dots over the blocks), and from which a step instead unpacks whole layers
-# for XLA's GEMM. Measured crossovers on this class of machine (docs/benchmarks.md).
+# for XLA's GEMM. Measured crossovers on this class of machine (docs/benchmarks.md). In bfloat16 (bf16=True on
+# a CPU with AVX512-BF16) every step takes the bfloat16 panels: one path, so a row's result does not depend
+# on the batch it runs in.
 FLOAT_MIN_ROWS = 12
-BF16_MIN_ROWS = 8  # block_quant.cc's kBf16MinRows: from here the bfloat16 panels (bf16=True, AVX512-BF16)
-DENSE_MIN_ROWS = 64  # in float32 or bfloat16 (dense_dtype) alike
+DENSE_MIN_ROWS = 64
 
 # GGUF block types -> (our format, bytes per block)
 GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
@@ -123,9 +124,9 @@ def quantize_activations(x: jax.Array):
 
 def reference_matmul(x, qweight, scales, mins=None, bf16=False):
     """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights): from
-    FLOAT_MIN_ROWS rows in float32 (with `bf16`, from BF16_MIN_ROWS, both sides rounded to bfloat16 first),
-    below it through the ~14-bit activations and exact integer block dots."""
-    if x.shape[0] >= (BF16_MIN_ROWS if bf16 else FLOAT_MIN_ROWS):
+    FLOAT_MIN_ROWS rows in float32 (with `bf16`, at any rows, both sides rounded to bfloat16 first), below it
+    through the ~14-bit activations and exact integer block dots."""
+    if bf16 or x.shape[0] >= FLOAT_MIN_ROWS:
         dtype = jnp.bfloat16 if bf16 else jnp.float32
         w = dequantize(qweight, scales, mins).astype(dtype)
         return jnp.dot(jnp.asarray(x).astype(dtype), w.T, preferred_element_type=jnp.float32)
@@ -141,8 +142,8 @@ def reference_matmul(x, qweight, scales, mins=None, bf16=False):
 
 def matmul(x, qweight, scales, mins=None, layer=None, rows=None, bf16=False) -> jax.Array:
     """x [M, K] float32 through the kernel -> float32 [M, N]; `layer` picks from stacked weights [L, ...];
-    `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero; `bf16`: from
-    BF16_MIN_ROWS live rows, multiply in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc)."""
+    `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero; `bf16`: multiply
+    in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc's panels, at any rows)."""
     n = qweight.shape[-2] * TILE
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
@@ -174,11 +175,12 @@ def dequantize_layer(qweight, scales, mins=None, layer=None, dtype=jnp.float32) 
 
 def project(x, qweight, scales, mins=None, layer=None, rows=None, dense_dtype=jnp.float32) -> jax.Array:
     """x [M, K] . weights^T -> float32 [M, N], decided at trace time by M: the kernel for decode-sized steps
-    (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows; with a bfloat16 `dense_dtype`, bfloat16
-    panels from BF16_MIN_ROWS); from DENSE_MIN_ROWS rows, the layer unpacked by the kernel to `dense_dtype`
-    for XLA's dot (float32 accumulation)."""
+    (integer dots, or float32 panels from FLOAT_MIN_ROWS live rows), from DENSE_MIN_ROWS rows the layer
+    unpacked by the kernel for XLA's float32 dot. With a bfloat16 `dense_dtype` (a CPU with AVX512-BF16), the
+    kernel's bfloat16 panels at every size: XLA's bfloat16 dot was ~7% faster from 512 rows, slower below
+    256, and would make a long prompt's rows depend on what else shares its step."""
     dense_dtype = jnp.dtype(dense_dtype)
-    if x.shape[0] < DENSE_MIN_ROWS:
+    if x.shape[0] < DENSE_MIN_ROWS or dense_dtype == jnp.bfloat16:
         return matmul(x, qweight, scales, mins, layer, rows, bf16=dense_dtype == jnp.bfloat16)
     w = dequantize_layer(qweight, scales, mins, layer, dense_dtype)
     return jax.lax.dot_general(x.astype(dense_dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

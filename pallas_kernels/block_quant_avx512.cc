@@ -36,27 +36,26 @@ JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K,
   const float* scale = w.scale + tile * w.nb * kTile;
   const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m128i nibble = _mm_set1_epi8(0x0f);
   for (int64_t b = 0; b < w.nb; ++b)
     for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
       const int64_t i = b * kTile + r;
       uint16_t* out = rows + r * K + b * kBlock;
       if (kFourBit) {
+        // vpermw reads five bits of each index: the sixteen values fill both halves of the table, so a byte's
+        // low nibble can index it as is (its fifth bit falls on the copy) and only the high one needs a shift
         const __m512 values = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i])), _mm512_set1_ps(min[i]));
-        const __m512i table = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        const __m512i table = _mm512_broadcast_i64x4(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
         // value j of the block: byte j's low nibble for j < 16, byte j - 16's high one after
-        const __m256i index = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble),
-                                               _mm_and_si128(packed, nibble));
-        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(index), table));
+        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
+        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(index, table));
       } else {
         const __m512 s = _mm512_set1_ps(scale[i]);
-        for (int h = 0; h < 2; ++h) {
-          const __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h)));
-          const __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(wide), s);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h),
-                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
-        }
+        __m512 values[2];
+        for (int h = 0; h < 2; ++h)
+          values[h] = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h)))), s);
+        _mm512_storeu_si512(out, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values[1], values[0])));
       }
     }
 }

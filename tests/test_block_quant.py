@@ -11,6 +11,7 @@ from test_weights import NH, NKV, write_tiny_gguf
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.models.gguf_reader import block_formats, iter_gguf_hf_tensors, read_gguf_header
+from jaxserve.models.llama import fixed_order_sum
 from jaxserve.models.weights import default_gguf_path
 from jaxserve.pallas_kernels import block_quant, cpu_kernels
 
@@ -91,48 +92,53 @@ def test_many_rows_multiply_the_unpacked_weights(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-@pytest.mark.parametrize("m", [7, 8, 13, 31])
-def test_bf16_panels_multiply_the_rounded_values(fmt, m):
-    """bf16=True: from BF16_MIN_ROWS rows, on CPUs with AVX512-BF16, x and the weights rounded to bfloat16 and
-    summed in float32 (elsewhere the float32 panels from FLOAT_MIN_ROWS, exact; the integer dots below)."""
+@pytest.mark.parametrize("m", [1, 2, 7, 13, 31, 70])
+def test_bf16_panels_multiply_the_rounded_values_at_every_size(fmt, m):
+    """bf16=True on CPUs with AVX512-BF16: at any rows, x and the weights rounded to bfloat16 and summed in
+    float32, and each row's result the same whatever rows share the call (elsewhere the float32 panels from
+    FLOAT_MIN_ROWS, exact; the integer dots below)."""
     rng = np.random.default_rng(m)
     w = random_blocks(rng, fmt, 42, 128)
     x = rng.standard_normal((m, 128)).astype(np.float32)
-    got = np.asarray(jax.jit(lambda x, q, s, mn: block_quant.matmul(x, q, s, mn, bf16=True))(x, *weights_args(w)))
+    call = jax.jit(lambda x, q, s, mn: block_quant.matmul(x, q, s, mn, bf16=True))
+    got = np.asarray(call(x, *weights_args(w)))
     bf16 = cpu_kernels.has_fast_bf16_dots()
     want = np.asarray(block_quant.reference_matmul(x, *weights_args(w), bf16=bf16))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     exact = x @ block_quant.dequantize(*weights_args(w)).T
     error = np.abs(got - exact).max() / np.abs(exact).max()
-    if bf16 and m >= block_quant.BF16_MIN_ROWS:
+    if bf16:
         assert 1e-4 < error < 2e-2
+        for i in range(m):  # a row alone, and with its padding
+            np.testing.assert_array_equal(np.asarray(call(x[i:i + 1], *weights_args(w))), got[i:i + 1])
     else:  # float32 panels (exact) or the integer dots (~14-bit activations)
         assert error < (1e-5 if m >= block_quant.FLOAT_MIN_ROWS else 2e-4)
-    live = m - 2
+    live = max(m - 2, 0)
     partial = np.asarray(block_quant.matmul(x, *weights_args(w), rows=jnp.asarray([live], jnp.int32), bf16=True))
-    def path(rows):
-        if bf16 and rows >= block_quant.BF16_MIN_ROWS:
-            return "bf16"
-        return "float32" if rows >= block_quant.FLOAT_MIN_ROWS else "integer"
-    if path(live) == path(m):  # the same path: the same rows
+    if bf16 or (live >= block_quant.FLOAT_MIN_ROWS) == (m >= block_quant.FLOAT_MIN_ROWS):  # the same path
         np.testing.assert_array_equal(partial[:live], got[:live])
     assert not partial[live:].any()
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-def test_bf16_dense_steps_unpack_to_bfloat16(fmt):
+def test_bf16_projections_never_take_the_dense_path(fmt):
+    """In bfloat16, `project` keeps long steps in the kernel's panels (XLA's dot would give a long prompt's
+    rows other sums than the same rows in a short step); the kernel's bfloat16 unpacking, still used by
+    dequantize_layer, rounds scale * q + min to nearest even."""
     rng = np.random.default_rng(5)
     w = random_blocks(rng, fmt, 40, 96, layers=2)
     one = {k: v[1] for k, v in w.items()}
     unpacked = np.asarray(block_quant.dequantize_layer(*weights_args(w), 1, dtype=jnp.bfloat16))
     rounded = np.asarray(jnp.asarray(block_quant.dequantize(*weights_args(one)), jnp.bfloat16))
     np.testing.assert_array_equal(unpacked.view(np.uint16), rounded.view(np.uint16))
-    rows = block_quant.DENSE_MIN_ROWS
+    rows = block_quant.DENSE_MIN_ROWS + 3
     x = rng.standard_normal((rows, 96)).astype(np.float32)
-    got = np.asarray(jax.jit(lambda x, q, s, mn: block_quant.project(x, q, s, mn, 1, dense_dtype=jnp.bfloat16))(
-        x, *weights_args(w)))
+    project = jax.jit(lambda x, q, s, mn: block_quant.project(x, q, s, mn, 1, dense_dtype=jnp.bfloat16))
+    got = np.asarray(project(x, *weights_args(w)))
     want = np.asarray(block_quant.reference_matmul(x, *weights_args(one), bf16=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    if cpu_kernels.has_fast_bf16_dots():
+        np.testing.assert_array_equal(np.asarray(project(x[:3], *weights_args(w))), got[:3])
 
 
 def test_dense_dtype_follows_the_weights_dtype_and_the_cpu():
@@ -227,3 +233,17 @@ def test_block_head_computes_only_the_live_rows():
     two = np.asarray(head(hidden, jnp.asarray([2], jnp.int32)))
     np.testing.assert_array_equal(two[:2], every[:2])
     assert not two[2:].any() and np.abs(every[2:]).max() > 0
+
+
+@pytest.mark.parametrize("width", [576, 9, 1])
+def test_norm_sums_each_row_alike_at_every_batch_size(width):
+    """XLA CPU sums a row over its last axis in another order below 8 rows than from 8 (an ulp apart on the
+    default model's width), which moved a sequence's greedy tokens with its batch; fixed_order_sum adds in one
+    order whatever the rows."""
+    rng = np.random.default_rng(width)
+    x = (rng.standard_normal((16, width)) * 3).astype(np.float32)
+    total = jax.jit(lambda x: fixed_order_sum(x * x))
+    everything = np.asarray(total(x))
+    for rows in (1, 2, 3, 4, 8):
+        np.testing.assert_array_equal(np.asarray(total(x[:rows])), everything[:rows])
+    np.testing.assert_allclose(everything[:, 0], (x.astype(np.float64) ** 2).sum(-1), rtol=1e-5)
