@@ -10,7 +10,9 @@ import argparse
 
 from jaxserve import LLM, SamplingParams
 
-TEMPLATES = ["Count from {}:", "The number {} is", "Q: What is {} plus 3? A:"]
+LONG = "Here is a long list of facts about the city of Lyon, its rivers, its food and its history. " * 8
+# The last one is ~180 tokens: decode attention then splits each token's positions into parts.
+TEMPLATES = ["Count from {}:", "The number {} is", "Q: What is {} plus 3? A:", LONG + "Fact number {}:"]
 
 
 def main() -> None:

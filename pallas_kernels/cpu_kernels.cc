@@ -176,8 +176,8 @@ ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
 // on the CPU that copying is most of a step's attention. Here each sequence walks its own pages in place with
 // an online softmax, eight positions at a time, all heads together (a position's rows of all KV heads are
 // adjacent), prefetching rows ahead (the pages are scattered). A prefill chunk's query tokens go in blocks
-// that share each loaded block of rows; steps with few sequences split a decode token's positions over the
-// threads and merge the parts. A bfloat16 cache is widened to float32 as it is read (half the bytes of a step
+// that share each loaded block of rows; a decode token's positions are split over the threads and the parts
+// merged. A bfloat16 cache is widened to float32 as it is read (half the bytes of a step
 // that is mostly reading them). Semantics are pallas_kernels/reference.py's.
 
 // e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
@@ -253,23 +253,26 @@ inline void accumulate_values(float* acc, __m256 c, const float* p, const float*
 constexpr int64_t kPrefetchAhead = 16;
 
 // Query tokens t < count (q rows token_stride apart) of one sequence, each over its own positions
-// [lo[t], hi[t]), all heads -> states[t]. A position's rows of all KV heads are adjacent in the cache, so taking
-// the heads together reads whole runs of cache lines; and a block of eight positions' rows, once loaded, serves
-// every token of the call (a prefill chunk's block of queries) while it is in L1.
+// [lo[t], hi[t]), all heads. Token t's positions from first[t] on go to states[t][0], from first[t] + chunk[t]
+// on to states[t][1], and so on (its parts, see PartLayout). A position's rows of all KV heads are adjacent in
+// the cache, so taking the heads together reads whole runs of cache lines; and a block of eight positions'
+// rows, once loaded, serves every token of the call (a prefill chunk's block of queries) while it is in L1.
 template <typename Page>
 void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
-                   const int64_t* lo, const int64_t* hi, const Page* k_pages, const Page* v_pages,
-                   const int32_t* pages, SoftmaxState* states) {
+                   const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk,
+                   const Page* k_pages, const Page* v_pages, const int32_t* pages, SoftmaxState* const* states) {
   const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
   int64_t begin = INT64_MAX, end = 0;
   for (int64_t t = 0; t < count; ++t) {
-    states[t].reset(a.num_heads, D);
+    for (int64_t k = 0; k < std::max<int64_t>(1, (hi[t] - first[t] + chunk[t] - 1) / chunk[t]); ++k)
+      states[t][k].reset(a.num_heads, D);
     if (lo[t] < hi[t]) {
       begin = std::min(begin, lo[t]);
       end = std::max(end, hi[t]);
     }
   }
   if (begin >= end) return;  // no token sees any position
+  begin = begin / 8 * 8;  // blocks start at multiples of 8 whatever tokens share the call
   auto slot_offset = [&](int64_t p) {
     return (static_cast<int64_t>(pages[p / a.page_size]) * a.page_size + p % a.page_size) * row;
   };
@@ -317,7 +320,7 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
         const __m256 valid = _mm256_and_ps(
             _mm256_cmp_ps(position, _mm256_set1_ps(static_cast<float>(lo[t])), _CMP_GE_OQ),
             _mm256_cmp_ps(position, _mm256_set1_ps(static_cast<float>(hi[t])), _CMP_LT_OQ));
-        SoftmaxState& state = states[t];
+        SoftmaxState& state = states[t][(p0 - first[t]) / chunk[t]];
         for (int64_t g = 0; g < G; ++g) {
           const int64_t i = h * G + g;  // the query head
           const float* qi = q_first + t * token_stride + i * D;
@@ -370,12 +373,26 @@ void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t co
   }
 }
 
-// Steps with fewer sequences than twice the threads split each decoding token's positions into parts
-// (flash-decoding, at least kMinPartPositions each), merged after, and deal a prefill chunk's query blocks
-// round the parts.
+// A query token's visible positions [lo, hi) are cut into up to kMaxParts parts (at least kMinPartPositions
+// each) at multiples of 8 that depend on lo and hi alone, each part an online softmax of its own, merged in
+// order after. A decoding token's parts run on threads of their own (flash-decoding); a prefill token's run in
+// turn as its block of queries walks the positions. Either way, and in any batch, a token gets the same sums:
+// greedy outputs do not depend on what else shares a step (an earlier split by thread count did).
 constexpr int64_t kMaxParts = 4;
 constexpr int64_t kMinPartPositions = 64;
 constexpr int64_t kQueryBlock = 8;  // a prefill chunk's query tokens that share each block of loaded rows
+
+struct PartLayout {
+  int64_t first, chunk, count;  // part k: [first + k * chunk, first + (k + 1) * chunk) within [lo, hi)
+};
+
+inline PartLayout part_layout(int64_t lo, int64_t hi) {
+  const int64_t first = lo / 8 * 8;
+  if (hi <= lo) return {first, 8, 1};
+  const int64_t parts = std::clamp<int64_t>((hi - lo) / kMinPartPositions, 1, kMaxParts);
+  const int64_t chunk = ((hi - first + parts - 1) / parts + 7) / 8 * 8;
+  return {first, chunk, (hi - first + chunk - 1) / chunk};
+}
 
 // The cache's pages are float32 or bfloat16 (kPageType); queries and outputs float32.
 template <ffi::DataType kPageType>
@@ -400,9 +417,6 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   using Page = std::conditional_t<kPageType == ffi::DataType::F32, float, uint16_t>;
   const Page* kp = reinterpret_cast<const Page*>(k_pages.typed_data());
   const Page* vp = reinterpret_cast<const Page*>(v_pages.typed_data());
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t parts = live_seqs > 0 && live_seqs < 2 * threads
-                            ? std::min(kMaxParts, (2 * threads + live_seqs - 1) / live_seqs) : 1;
   // (first token, query length, visible length, first visible position) of sequence s
   auto sequence = [&](int64_t s, int64_t& first, int64_t& q_len, int64_t& kv_len, int64_t& from) {
     first = cu[s];
@@ -411,44 +425,56 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     kv_len = std::min<int64_t>(lens[s], a.pages_per_seq * a.page_size);
     from = a.sliding_window > 0 ? std::max<int64_t>(0, kv_len - a.sliding_window) : 0;  // a decode token's
   };
-  auto split_parts = [&](int64_t q_len, int64_t kv_len, int64_t from) {  // 1: not split
-    return q_len == 1 ? std::clamp<int64_t>((kv_len - from) / kMinPartPositions, 1, parts) : 1;
-  };
   const int64_t token_stride = a.num_heads * a.head_dim;
-  std::vector<SoftmaxState> states(parts > 1 ? live_seqs * parts : 0);
-  parallel_blocks(pool, live_seqs * parts, [&](int64_t unit) {  // part `part` of sequence s
-    const int64_t s = unit / parts, part = unit % parts;
+  constexpr int64_t kWhole = INT64_MAX / 4;  // a part's chunk when the call covers just that part
+  // Where to run the parts is the only thing the step's size decides: with fewer sequences than twice the
+  // threads, each sequence gets kMaxParts units (a decoding token's parts on threads of their own, a prefill
+  // chunk's query blocks dealt round them); with more, one unit walks all of a sequence's parts in turn.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t units = live_seqs < 2 * threads ? kMaxParts : 1;
+  std::vector<SoftmaxState> states(units > 1 ? live_seqs * units : 0);  // decoding tokens' parts, when split
+  parallel_blocks(pool, live_seqs * units, [&](int64_t unit) {  // unit `part` of sequence s
+    const int64_t s = unit / units, part = unit % units;
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
     const int32_t* pages = table + s * a.pages_per_seq;
     const float* q_first = qp + first * token_stride;
-    const int64_t split = split_parts(q_len, kv_len, from);
-    if (split > 1) {  // this part's positions, in multiples of 8
-      const int64_t chunk = ((kv_len - from + split - 1) / split + 7) / 8 * 8;
-      const int64_t begin = std::min(kv_len, from + part * chunk), end = std::min(kv_len, begin + chunk);
-      if (part < split) attend_tokens(a, q_first, token_stride, 1, &begin, &end, kp, vp, pages, &states[unit]);
+    if (q_len == 1 && units > 1) {  // this unit takes the decoding token's part `part`, if it has one
+      const PartLayout layout = part_layout(from, kv_len);
+      if (part >= layout.count) return;
+      const int64_t part_first = layout.first + part * layout.chunk;
+      const int64_t lo = std::max(from, part_first), hi = std::min(kv_len, part_first + layout.chunk);
+      SoftmaxState* state = &states[unit];
+      attend_tokens(a, q_first, token_stride, 1, &lo, &hi, &part_first, &kWhole, kp, vp, pages, &state);
       return;
     }
-    // Not split: the query tokens in blocks of kQueryBlock, the blocks dealt round the parts (a prefill chunk's
-    // later tokens see more positions, so every part gets early and late blocks).
-    SoftmaxState block_states[kQueryBlock];
-    for (int64_t i0 = part * kQueryBlock; i0 < q_len; i0 += parts * kQueryBlock) {
+    // The query tokens (a prefill chunk's, or one decoding token) in blocks of kQueryBlock, the blocks dealt
+    // round the units (later tokens see more positions, so every unit gets early and late blocks).
+    SoftmaxState block_states[kQueryBlock * kMaxParts];
+    for (int64_t i0 = part * kQueryBlock; i0 < q_len; i0 += units * kQueryBlock) {
       const int64_t count = std::min(kQueryBlock, q_len - i0);
-      int64_t lo[kQueryBlock], hi[kQueryBlock];
+      int64_t lo[kQueryBlock], hi[kQueryBlock], part_first[kQueryBlock], chunk[kQueryBlock], parts[kQueryBlock];
+      SoftmaxState* token_states[kQueryBlock];
       for (int64_t t = 0; t < count; ++t) {
         const int64_t pos = kv_len - q_len + i0 + t;  // this query token's position: it sees [lo, pos]
         hi[t] = std::max<int64_t>(pos + 1, 0);
         lo[t] = a.sliding_window > 0 ? std::clamp<int64_t>(pos - a.sliding_window + 1, 0, hi[t]) : 0;
+        const PartLayout layout = part_layout(lo[t], hi[t]);
+        part_first[t] = layout.first;
+        chunk[t] = layout.chunk;
+        parts[t] = layout.count;
+        token_states[t] = block_states + t * kMaxParts;
       }
-      attend_tokens(a, q_first + i0 * token_stride, token_stride, count, lo, hi, kp, vp, pages, block_states);
-      for (int64_t t = 0; t < count; ++t) write_merged(a, &block_states[t], 1, o + (first + i0 + t) * token_stride);
+      attend_tokens(a, q_first + i0 * token_stride, token_stride, count, lo, hi, part_first, chunk, kp, vp, pages,
+                    token_states);
+      for (int64_t t = 0; t < count; ++t)
+        write_merged(a, token_states[t], parts[t], o + (first + i0 + t) * token_stride);
     }
   });
-  for (int64_t s = 0; parts > 1 && s < live_seqs; ++s) {
+  for (int64_t s = 0; units > 1 && s < live_seqs; ++s) {
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
-    const int64_t split = split_parts(q_len, kv_len, from);
-    if (split > 1) write_merged(a, &states[s * parts], split, o + first * token_stride);
+    if (q_len == 1) write_merged(a, &states[s * units], part_layout(from, kv_len).count, o + first * token_stride);
   }
   return ffi::Error::Success();
 }

@@ -208,3 +208,36 @@ def test_an_unloadable_library_turns_the_kernels_off(tmp_path, monkeypatch):
         monkeypatch.undo()
         cpu_kernels._library.cache_clear()
         assert cpu_kernels.available()  # the real library again, for the tests after this one
+
+
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 100}])
+def test_attention_a_token_gets_the_same_sums_in_any_step(options):
+    """A decoding token's output is bit-identical alone, among other sequences (few or many, which once
+    changed how its positions were split over the threads) and as the last token of a prefill chunk."""
+    rng = np.random.default_rng(0)
+    page_size, pages_per_seq, heads, kv_heads, dim = 16, 20, 6, 2, 64
+    kv_lens = [37, 130, 200, 260, 64, 129, 300, 9]
+    k_pages, v_pages = (jnp.asarray(rng.standard_normal((200, page_size, kv_heads, dim)), jnp.bfloat16)
+                        for _ in range(2))
+    tables = np.stack([rng.choice(np.arange(1, 200), pages_per_seq, replace=False) for _ in kv_lens]).astype(np.int32)
+    q = rng.standard_normal((len(kv_lens), heads, dim)).astype(np.float32)
+    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.125, **options))
+
+    def run(seqs, q_lens, slots=8):
+        """Sequences `seqs` with their query lengths; the last query token of each is q[s]."""
+        tokens = []
+        for s, n in zip(seqs, q_lens):
+            tokens += [rng.standard_normal((n - 1, heads, dim)).astype(np.float32), q[s][None]]
+        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        cu = np.pad(cu, (0, slots + 1 - len(cu)), mode="edge")
+        pad = lambda a: np.pad(a, [(0, slots - len(seqs))] + [(0, 0)] * (a.ndim - 1))
+        out = kernel(jnp.asarray(np.concatenate(tokens)), k_pages, v_pages,
+                     jnp.asarray(pad(np.array([kv_lens[s] for s in seqs], np.int32))),
+                     jnp.asarray(pad(tables[seqs])), jnp.asarray(cu), jnp.asarray([len(seqs)], jnp.int32))
+        return np.asarray(out)[cu[1:len(seqs) + 1] - 1]  # each sequence's last token
+
+    together = run(list(range(8)), [1] * 8)
+    for s in range(8):
+        np.testing.assert_array_equal(run([s], [1]), together[s:s + 1])
+        np.testing.assert_array_equal(run([s, (s + 1) % 8], [1, 1]), together[[s, (s + 1) % 8]])
+        np.testing.assert_array_equal(run([s], [9]), together[s:s + 1])  # the end of a 9-token chunk
