@@ -28,36 +28,49 @@ constexpr int kPanelRows = 6;  // rows per micro-kernel: 6 x 4 accumulators, 6 a
 
 // One tile dequantized to bfloat16 rows [kTile, K]: scale * q + min in float32 (as block_quant.dequantize),
 // then rounded. A 4-bit block has only sixteen values: they are computed once into a table that vpermw
-// looks the block's 32 nibbles up in (about two thirds of the instructions of converting each value).
+// looks the block's 32 nibbles up in (about two thirds of the instructions of converting each value). The
+// tile's two rows go together: one vector holds both tables (row 1's at indices 16-31) and one widening
+// reads both rows' bytes.
 template <bool kFourBit>
 JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows) {
+  static_assert(kTile == 2, "a tile's two rows are unpacked together");
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
   const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
   const float* scale = w.scale + tile * w.nb * kTile;
   const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t b = 0; b < w.nb; ++b)
-    for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
-      const int64_t i = b * kTile + r;
-      uint16_t* out = rows + r * K + b * kBlock;
-      if (kFourBit) {
-        // vpermw reads five bits of each index: the sixteen values fill both halves of the table, so a byte's
-        // low nibble can index it as is (its fifth bit falls on the copy) and only the high one needs a shift
-        const __m512 values = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i])), _mm512_set1_ps(min[i]));
-        const __m512i table = _mm512_broadcast_i64x4(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
-        // value j of the block: byte j's low nibble for j < 16, byte j - 16's high one after
-        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-        const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
-        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(index, table));
-      } else {
-        const __m512 s = _mm512_set1_ps(scale[i]);
+  const __m512i nibble = _mm512_set1_epi16(0x0f), second_table = _mm512_set1_epi16(0x10);
+  for (int64_t b = 0; b < w.nb; ++b, q += kTile * kBlockBytes) {
+    uint16_t* out0 = rows + b * kBlock;
+    uint16_t* out1 = rows + K + b * kBlock;
+    const int64_t i = b * kTile;
+    if (kFourBit) {
+      const __m512 values0 = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i])), _mm512_set1_ps(min[i]));
+      const __m512 values1 =
+          _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i + 1])), _mm512_set1_ps(min[i + 1]));
+      const __m512i tables = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values1, values0));
+      // words 0-15: row 0's bytes, 16-31: row 1's; value j of a row's block is byte j's low nibble for j < 16,
+      // byte j - 16's high one after
+      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+      const __m512i high = _mm512_srli_epi16(bytes, 4);
+      const __m512i index0 = _mm512_and_si512(_mm512_shuffle_i64x2(bytes, high, 0x44), nibble);
+      // (x & 0x0f) | 0x10: row 1's values sit at table indices 16-31
+      const __m512i index1 = _mm512_ternarylogic_epi32(_mm512_shuffle_i64x2(bytes, high, 0xee), nibble,
+                                                       second_table, 0xea);
+      _mm512_storeu_si512(out0, _mm512_permutexvar_epi16(index0, tables));
+      _mm512_storeu_si512(out1, _mm512_permutexvar_epi16(index1, tables));
+    } else {
+      for (int r = 0; r < kTile; ++r) {
+        const __m512 s = _mm512_set1_ps(scale[i + r]);
         __m512 values[2];
         for (int h = 0; h < 2; ++h)
-          values[h] = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h)))), s);
-        _mm512_storeu_si512(out, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values[1], values[0])));
+          values[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kBlock * r + 16 * h)))),
+                                    s);
+        _mm512_storeu_si512(r ? out1 : out0, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values[1], values[0])));
       }
     }
+  }
 }
 
 // x [M, K] float32 -> bfloat16, 32 values at a time (K is a multiple of 32).

@@ -157,6 +157,25 @@ def test_32_concurrent_streams_complete(base_url):
     assert all(results)
 
 
+def test_long_prompts_concurrent_equal_alone(base_url):
+    """Past 128 positions a decoding token's attention is split into parts; the split depends on the token's
+    own positions only, so concurrency does not change greedy outputs (logprobs included)."""
+    preamble = "Here is a long list of facts about the city of Lyon, its rivers, its food and its history. " * 8
+    prompts = [preamble + f"Fact number {i}:" for i in range(4)]
+    kwargs = dict(model=MODEL, max_tokens=12, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+        return await asyncio.gather(*(client.completions.create(prompt=p, **kwargs) for p in prompts))
+
+    together = asyncio.run(main())
+    sync = openai.OpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+    for prompt, batched in zip(prompts, together):
+        alone = sync.completions.create(prompt=prompt, **kwargs).choices[0]
+        assert alone.text == batched.choices[0].text
+        assert alone.logprobs.token_logprobs == batched.choices[0].logprobs.token_logprobs
+
+
 def test_chat_stream_role_first_and_n_interleaved(client):
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
                                                  max_tokens=6, stream=True, n=2, temperature=1.0, seed=1))
