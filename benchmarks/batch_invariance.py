@@ -30,7 +30,8 @@ def main() -> None:
         alone = [llm.generate([p], params)[0].outputs[0].text for p in prompts]
         differ = [i for i in range(32) if together[i] != alone[i]]
         total += len(differ)
-        print(f"{template!r}: {len(differ)} of 32 differ {differ}")
+        shown = template if len(template) < 60 else "..." + template[-40:]
+        print(f"{shown!r}: {len(differ)} of 32 differ {differ}")
     print(f"total: {total} of {32 * len(TEMPLATES)}")
 
 

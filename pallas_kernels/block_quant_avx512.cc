@@ -26,50 +26,71 @@ namespace {
 
 constexpr int kPanelRows = 6;  // rows per micro-kernel: 6 x 4 accumulators, 6 activation registers, one weight
 
-// One tile dequantized to bfloat16 rows [kTile, K]: scale * q + min in float32 (as block_quant.dequantize),
-// then rounded. A 4-bit block has only sixteen values: they are computed once into a table that vpermw
-// looks the block's 32 nibbles up in (about two thirds of the instructions of converting each value). The
-// tile's two rows go together: one vector holds both tables (row 1's at indices 16-31) and one widening
-// reads both rows' bytes.
+// Block b of a tile's two rows dequantized to bfloat16 (32 values each, in w0 and w1): scale * q + min in
+// float32 (as block_quant.dequantize), then rounded. A 4-bit block has only sixteen values: they are computed
+// once into a table that vpermw looks the block's 32 nibbles up in (about two thirds of the instructions of
+// converting each value); one vector holds both rows' tables (row 1's at indices 16-31) and one widening reads
+// both rows' bytes. `q`, `scale` and `min` point at the tile's first block.
 template <bool kFourBit>
-JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows) {
+JAXSERVE_AVX512_BF16 inline void unpack_block(const uint8_t* q, const float* scale, const float* min, int64_t b,
+                                              __m512i& w0, __m512i& w1) {
   static_assert(kTile == 2, "a tile's two rows are unpacked together");
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
-  const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
-  const float* scale = w.scale + tile * w.nb * kTile;
-  const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i nibble = _mm512_set1_epi16(0x0f), second_table = _mm512_set1_epi16(0x10);
-  for (int64_t b = 0; b < w.nb; ++b, q += kTile * kBlockBytes) {
-    uint16_t* out0 = rows + b * kBlock;
-    uint16_t* out1 = rows + K + b * kBlock;
-    const int64_t i = b * kTile;
-    if (kFourBit) {
-      const __m512 values0 = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i])), _mm512_set1_ps(min[i]));
-      const __m512 values1 =
-          _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i + 1])), _mm512_set1_ps(min[i + 1]));
-      const __m512i tables = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values1, values0));
-      // words 0-15: row 0's bytes, 16-31: row 1's; value j of a row's block is byte j's low nibble for j < 16,
-      // byte j - 16's high one after
-      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-      const __m512i high = _mm512_srli_epi16(bytes, 4);
-      const __m512i index0 = _mm512_and_si512(_mm512_shuffle_i64x2(bytes, high, 0x44), nibble);
-      // (x & 0x0f) | 0x10: row 1's values sit at table indices 16-31
-      const __m512i index1 = _mm512_ternarylogic_epi32(_mm512_shuffle_i64x2(bytes, high, 0xee), nibble,
-                                                       second_table, 0xea);
-      _mm512_storeu_si512(out0, _mm512_permutexvar_epi16(index0, tables));
-      _mm512_storeu_si512(out1, _mm512_permutexvar_epi16(index1, tables));
-    } else {
-      for (int r = 0; r < kTile; ++r) {
-        const __m512 s = _mm512_set1_ps(scale[i + r]);
-        __m512 values[2];
-        for (int h = 0; h < 2; ++h)
-          values[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kBlock * r + 16 * h)))),
-                                    s);
-        _mm512_storeu_si512(r ? out1 : out0, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values[1], values[0])));
-      }
+  q += b * kTile * kBlockBytes;
+  const int64_t i = b * kTile;
+  if constexpr (kFourBit) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i nibble = _mm512_set1_epi16(0x0f), second_table = _mm512_set1_epi16(0x10);
+    const __m512 values0 = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i])), _mm512_set1_ps(min[i]));
+    const __m512 values1 = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(scale[i + 1])), _mm512_set1_ps(min[i + 1]));
+    const __m512i tables = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values1, values0));
+    // words 0-15: row 0's bytes, 16-31: row 1's; value j of a row's block is byte j's low nibble for j < 16,
+    // byte j - 16's high one after
+    const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    const __m512i high = _mm512_srli_epi16(bytes, 4);
+    const __m512i index0 = _mm512_and_si512(_mm512_shuffle_i64x2(bytes, high, 0x44), nibble);
+    // (x & 0x0f) | 0x10: row 1's values sit at table indices 16-31
+    const __m512i index1 =
+        _mm512_ternarylogic_epi32(_mm512_shuffle_i64x2(bytes, high, 0xee), nibble, second_table, 0xea);
+    w0 = _mm512_permutexvar_epi16(index0, tables);
+    w1 = _mm512_permutexvar_epi16(index1, tables);
+  } else {
+    __m512i rows[kTile];
+    for (int r = 0; r < kTile; ++r) {
+      const __m512 s = _mm512_set1_ps(scale[i + r]);
+      __m512 values[2];
+      for (int h = 0; h < 2; ++h)
+        values[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kBlock * r + 16 * h)))),
+                                  s);
+      rows[r] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values[1], values[0]));
     }
+    w0 = rows[0];
+    w1 = rows[1];
+  }
+}
+
+struct TileWeights {
+  const uint8_t* q;
+  const float *scale, *min;
+};
+
+template <bool kFourBit>
+inline TileWeights tile_weights(const Weights& w, int64_t tile) {
+  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
+  return {w.q + tile * w.nb * kTile * kBlockBytes, w.scale + tile * w.nb * kTile,
+          kFourBit ? w.min + tile * w.nb * kTile : nullptr};
+}
+
+// One tile dequantized to bfloat16 rows [kTile, K].
+template <bool kFourBit>
+JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows) {
+  const TileWeights t = tile_weights<kFourBit>(w, tile);
+  for (int64_t b = 0; b < w.nb; ++b) {
+    __m512i w0, w1;
+    unpack_block<kFourBit>(t.q, t.scale, t.min, b, w0, w1);
+    _mm512_storeu_si512(rows + b * kBlock, w0);
+    _mm512_storeu_si512(rows + K + b * kBlock, w1);
   }
 }
 
@@ -103,15 +124,17 @@ JAXSERVE_AVX512_BF16 void panel_rows(const uint16_t* x, int64_t K, const uint16_
     for (int j = 0; j < NP; ++j)
       half[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[i][j]), _mm512_extractf32x8_ps(acc[i][j], 1));
     float* out = y + (m0 + i) * N + n0;
-    if (NP == 4) {  // four reductions at once: lanes of hadd(hadd(a, b), hadd(c, d)) halves sum to a..d
+    // four reductions at once: lanes of hadd(hadd(a, b), hadd(c, d)) halves sum to a..d; a pair of outputs
+    // takes hadd(hadd(a, b), hadd(a, b)), each output the same additions (see fused_tiles)
+    if constexpr (NP == 4) {
       const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
       _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
     } else {
-      for (int j = 0; j < NP; ++j) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(half[j]), _mm256_extractf128_ps(half[j], 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        out[j] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-      }
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[0], half[1]));
+      alignas(16) float lanes[4];
+      _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+      out[0] = lanes[0];
+      out[1] = lanes[1];
     }
   }
 }
@@ -130,10 +153,61 @@ JAXSERVE_AVX512_BF16 void panel_all_rows(const uint16_t* x, int64_t M, int64_t K
   }
 }
 
+// Steps of at most kFusedMaxRows rows multiply each block as it is unpacked, in registers, skipping the panel's
+// store and reload (at one row, unpacking is half of a decode step's time). Per output they run the panels'
+// vdpbf16ps chain and final reduction, so a row's sums are the same whichever path a step takes.
+constexpr int64_t kFusedMaxRows = 4;
+
+template <bool kFourBit, int MR>
+JAXSERVE_AVX512_BF16 void fused_tiles(const uint16_t* x, int64_t K, const Weights& w, int64_t first_tile,
+                                      int64_t end_tile, float* y, int64_t N) {
+  for (int64_t tile = first_tile; tile < end_tile; ++tile) {
+    const TileWeights tw = tile_weights<kFourBit>(w, tile);
+    __m512 acc[MR][kTile];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < kTile; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < w.nb; ++b) {
+      __m512i w0, w1;
+      unpack_block<kFourBit>(tw.q, tw.scale, tw.min, b, w0, w1);
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh a = reinterpret_cast<__m512bh>(_mm512_load_si512(x + m * K + b * kBlock));
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, reinterpret_cast<__m512bh>(w0));
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, reinterpret_cast<__m512bh>(w1));
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      __m256 half[kTile];
+      for (int r = 0; r < kTile; ++r)
+        half[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r]), _mm512_extractf32x8_ps(acc[m][r], 1));
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[0], half[1]));
+      alignas(16) float lanes[4];
+      _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+      y[m * N + tile * kTile] = lanes[0];
+      y[m * N + tile * kTile + 1] = lanes[1];
+    }
+  }
+}
+
+template <bool kFourBit, int MR>
+void fused_matmul(ffi::ThreadPool& pool, const uint16_t* x, const Weights& w, float* y, int64_t K, int64_t N) {
+  const int64_t tiles = N / kTile;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(tiles / 8, pool.num_threads() * 4));
+  const int64_t per_task = (tiles + tasks - 1) / tasks;
+  parallel_blocks(pool, (tiles + per_task - 1) / per_task, [&](int64_t t) {
+    fused_tiles<kFourBit, MR>(x, K, w, t * per_task, std::min(tiles, (t + 1) * per_task), y, N);
+  });
+}
+
 template <bool kFourBit>
 void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
   AlignedBuffer<uint16_t> x(M * K);  // K is a multiple of 32: every row starts 64-byte aligned
   round_rows(xf, M * K, x.data);
+  switch (M) {
+    case 1: return fused_matmul<kFourBit, 1>(pool, x.data, w, y, K, N);
+    case 2: return fused_matmul<kFourBit, 2>(pool, x.data, w, y, K, N);
+    case 3: return fused_matmul<kFourBit, 3>(pool, x.data, w, y, K, N);
+    case 4: return fused_matmul<kFourBit, 4>(pool, x.data, w, y, K, N);
+  }
   walk_panels<uint16_t>(
       pool, N / kTile, K, [&](int64_t tile, uint16_t* rows) { unpack_tile<kFourBit>(w, tile, K, rows); },
       [&](const uint16_t* panel, int64_t outputs, int64_t n0) {
