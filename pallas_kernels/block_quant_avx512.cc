@@ -1,7 +1,8 @@
-// The block kernels' many-row path in bfloat16 for CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids
-// and later), taken with the bf16 attribute: vdpbf16ps multiplies 32 bfloat16 pairs into 16 float32 sums per
-// instruction, twice the float32 FMA rate. As block_quant.cc's float32 path, each panel of four outputs is
-// unpacked once (here to bfloat16, in L1) and met by every row in a register-blocked micro-kernel; the
+// The block kernels in bfloat16 for CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids and later),
+// taken with the bf16 attribute at every row count: vdpbf16ps multiplies 32 bfloat16 pairs into 16 float32
+// sums per instruction, twice the float32 FMA rate. As block_quant.cc's float32 path, each panel of four
+// outputs is unpacked once (here to bfloat16, in L1) and met by every row in a register-blocked micro-kernel;
+// steps of up to 8 rows skip the panel and multiply each unpacked block in registers, with the same sums. The
 // activations are rounded to bfloat16 once per call. Both roundings are to nearest even, as XLA's convert;
 // the sums stay float32.
 // (A 512-bit form of the few-row integer dots, two vpdpwssd per row and tile block, measured no faster than
