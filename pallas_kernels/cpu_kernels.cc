@@ -176,8 +176,8 @@ ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
 // on the CPU that copying is most of a step's attention. Here each sequence walks its own pages in place with
 // an online softmax, eight positions at a time, all heads together (a position's rows of all KV heads are
 // adjacent), prefetching rows ahead (the pages are scattered). A prefill chunk's query tokens go in blocks
-// that share each loaded block of rows; a decode token's positions are split over the threads and the parts
-// merged. A bfloat16 cache is widened to float32 as it is read (half the bytes of a step
+// that share each loaded block of rows; a token's positions are cut into parts (PartLayout), merged after. A
+// bfloat16 cache is widened to float32 as it is read (half the bytes of a step
 // that is mostly reading them). Semantics are pallas_kernels/reference.py's.
 
 // e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
@@ -377,7 +377,8 @@ void write_merged(const AttentionShape& a, const SoftmaxState* parts, int64_t co
 // each) at multiples of 8 that depend on lo and hi alone, each part an online softmax of its own, merged in
 // order after. A decoding token's parts run on threads of their own (flash-decoding); a prefill token's run in
 // turn as its block of queries walks the positions. Either way, and in any batch, a token gets the same sums:
-// greedy outputs do not depend on what else shares a step (an earlier split by thread count did).
+// greedy outputs do not depend on what else shares a step (an earlier split chosen by the number of sequences
+// did).
 constexpr int64_t kMaxParts = 4;
 constexpr int64_t kMinPartPositions = 64;
 constexpr int64_t kQueryBlock = 8;  // a prefill chunk's query tokens that share each block of loaded rows
