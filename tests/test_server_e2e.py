@@ -176,6 +176,23 @@ def test_long_prompts_concurrent_equal_alone(base_url):
         assert alone.logprobs.token_logprobs == batched.choices[0].logprobs.token_logprobs
 
 
+def test_seeded_samples_concurrent_equal_alone(base_url):
+    """A seeded sampled request draws the same tokens alone or among others."""
+    words = ["cats", "rain", "bread", "trains"]
+    kwargs = dict(model=MODEL, max_tokens=12, temperature=0.9, top_p=0.95, extra_body={"ignore_eos": True})
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+        return await asyncio.gather(*(client.completions.create(prompt=f"A poem about {w}:", seed=i, **kwargs)
+                                      for i, w in enumerate(words)))
+
+    together = asyncio.run(main())
+    sync = openai.OpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+    for i, (w, batched) in enumerate(zip(words, together)):
+        alone = sync.completions.create(prompt=f"A poem about {w}:", seed=i, **kwargs).choices[0].text
+        assert alone == batched.choices[0].text
+
+
 def test_chat_stream_role_first_and_n_interleaved(client):
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
                                                  max_tokens=6, stream=True, n=2, temperature=1.0, seed=1))
