@@ -176,9 +176,10 @@ template <int MR, bool kFourBit>
 void dot_tile(const QuantizedRows& x, int64_t K, const Weights& w, int64_t m0, int64_t tile, float* y,
               int64_t N) {
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
-  const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
-  const float* scale = w.scale + tile * w.nb * kTile;
-  const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
+  const Weights t = jaxserve::block_quant::tile_of<kFourBit>(w, tile);
+  const uint8_t* q = t.q;
+  const float* scale = t.scale;
+  const float* min = t.min;
   const int16_t* xq = x.values.data() + m0 * K;
   const float* xscale = x.scale.data() + m0 * w.nb;
   const float* xsum = kFourBit ? x.sum_by_block.data() + m0 : nullptr;
@@ -247,9 +248,10 @@ inline void store8(uint16_t* out, __m256 v) {
 template <bool kFourBit, typename Out>
 void unpack_tile(const Weights& w, int64_t tile, int64_t K, Out* rows) {
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
-  const uint8_t* q = w.q + tile * w.nb * kTile * kBlockBytes;
-  const float* scale = w.scale + tile * w.nb * kTile;
-  const float* min = kFourBit ? w.min + tile * w.nb * kTile : nullptr;
+  const Weights t = jaxserve::block_quant::tile_of<kFourBit>(w, tile);
+  const uint8_t* q = t.q;
+  const float* scale = t.scale;
+  const float* min = t.min;
   for (int64_t b = 0; b < w.nb; ++b)
     for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
       const int64_t i = b * kTile + r;

@@ -24,6 +24,14 @@ struct Weights {
   int64_t nb;        // blocks per row
 };
 
+// The weights of tile `tile` alone: its blocks, scales and mins (nb unchanged).
+template <bool kFourBit>
+inline Weights tile_of(const Weights& w, int64_t tile) {
+  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
+  return {w.q + tile * w.nb * kTile * kBlockBytes, w.scale + tile * w.nb * kTile,
+          kFourBit ? w.min + tile * w.nb * kTile : nullptr, w.nb};
+}
+
 // 64-byte aligned scratch: the micro-kernels' vector loads then never straddle cache lines (a malloc'd
 // buffer's 16-byte alignment split half of them and cost ~30%).
 template <typename T>

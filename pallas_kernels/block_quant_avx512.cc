@@ -31,13 +31,13 @@ constexpr int kPanelRows = 6;  // rows per micro-kernel: 6 x 4 accumulators, 6 a
 // float32 (as block_quant.dequantize), then rounded. A 4-bit block has only sixteen values: they are computed
 // once into a table that vpermw looks the block's 32 nibbles up in (about two thirds of the instructions of
 // converting each value); one vector holds both rows' tables (row 1's at indices 16-31) and one widening reads
-// both rows' bytes. `q`, `scale` and `min` point at the tile's first block.
+// both rows' bytes. `t` is the tile's weights (tile_of).
 template <bool kFourBit>
-JAXSERVE_AVX512_BF16 inline void unpack_block(const uint8_t* q, const float* scale, const float* min, int64_t b,
-                                              __m512i& w0, __m512i& w1) {
+JAXSERVE_AVX512_BF16 inline void unpack_block(const Weights& t, int64_t b, __m512i& w0, __m512i& w1) {
   static_assert(kTile == 2, "a tile's two rows are unpacked together");
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
-  q += b * kTile * kBlockBytes;
+  const uint8_t* q = t.q + b * kTile * kBlockBytes;
+  const float *scale = t.scale, *min = t.min;
   const int64_t i = b * kTile;
   if constexpr (kFourBit) {
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -71,25 +71,13 @@ JAXSERVE_AVX512_BF16 inline void unpack_block(const uint8_t* q, const float* sca
   }
 }
 
-struct TileWeights {
-  const uint8_t* q;
-  const float *scale, *min;
-};
-
-template <bool kFourBit>
-inline TileWeights tile_weights(const Weights& w, int64_t tile) {
-  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
-  return {w.q + tile * w.nb * kTile * kBlockBytes, w.scale + tile * w.nb * kTile,
-          kFourBit ? w.min + tile * w.nb * kTile : nullptr};
-}
-
 // One tile dequantized to bfloat16 rows [kTile, K].
 template <bool kFourBit>
 JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows) {
-  const TileWeights t = tile_weights<kFourBit>(w, tile);
+  const Weights t = tile_of<kFourBit>(w, tile);
   for (int64_t b = 0; b < w.nb; ++b) {
     __m512i w0, w1;
-    unpack_block<kFourBit>(t.q, t.scale, t.min, b, w0, w1);
+    unpack_block<kFourBit>(t, b, w0, w1);
     _mm512_storeu_si512(rows + b * kBlock, w0);
     _mm512_storeu_si512(rows + K + b * kBlock, w1);
   }
@@ -101,6 +89,21 @@ JAXSERVE_AVX512_BF16 void round_rows(const float* x, int64_t count, uint16_t* ou
     const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
     _mm512_store_si512(out + i, reinterpret_cast<__m512i>(pair));
   }
+}
+
+// An accumulator's two halves added: eight lanes left to reduce.
+JAXSERVE_AVX512_BF16 inline __m256 half_sum(__m512 acc) {
+  return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+}
+
+// out[0], out[1] = the sums of a's and b's lanes, by hadd(hadd(a, b), hadd(a, b)): for each output the same
+// additions as the four-output reduction in panel_rows, so every path gives an output the same sum.
+JAXSERVE_AVX512_BF16 inline void store_pair_sums(__m256 a, __m256 b, float* out) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(a, b));
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  out[0] = lanes[0];
+  out[1] = lanes[1];
 }
 
 // y[m0:m0+MR, n0:n0+NP] from MR activation rows against NP panel rows: 16 float32 lanes of pair sums per
@@ -122,20 +125,15 @@ JAXSERVE_AVX512_BF16 void panel_rows(const uint16_t* x, int64_t K, const uint16_
   }
   for (int i = 0; i < MR; ++i) {
     __m256 half[NP];
-    for (int j = 0; j < NP; ++j)
-      half[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[i][j]), _mm512_extractf32x8_ps(acc[i][j], 1));
+    for (int j = 0; j < NP; ++j) half[j] = half_sum(acc[i][j]);
     float* out = y + (m0 + i) * N + n0;
-    // four reductions at once: lanes of hadd(hadd(a, b), hadd(c, d)) halves sum to a..d; a pair of outputs
-    // takes hadd(hadd(a, b), hadd(a, b)), each output the same additions (see fused_tiles)
+    // four reductions at once: lanes of hadd(hadd(a, b), hadd(c, d)) halves sum to a..d (a pair of outputs:
+    // store_pair_sums, the same additions)
     if constexpr (NP == 4) {
       const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
       _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
     } else {
-      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[0], half[1]));
-      alignas(16) float lanes[4];
-      _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-      out[0] = lanes[0];
-      out[1] = lanes[1];
+      store_pair_sums(half[0], half[1], out);
     }
   }
 }
@@ -165,29 +163,21 @@ template <bool kFourBit, int MR>
 JAXSERVE_AVX512_BF16 void fused_tiles(const uint16_t* x, int64_t K, const Weights& w, int64_t first_tile,
                                       int64_t end_tile, float* y, int64_t N) {
   for (int64_t tile = first_tile; tile < end_tile; ++tile) {
-    const TileWeights tw = tile_weights<kFourBit>(w, tile);
+    const Weights tw = tile_of<kFourBit>(w, tile);
     __m512 acc[MR][kTile];
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < kTile; ++r) acc[m][r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < w.nb; ++b) {
       __m512i w0, w1;
-      unpack_block<kFourBit>(tw.q, tw.scale, tw.min, b, w0, w1);
+      unpack_block<kFourBit>(tw, b, w0, w1);
       for (int m = 0; m < MR; ++m) {
         const __m512bh a = reinterpret_cast<__m512bh>(_mm512_load_si512(x + m * K + b * kBlock));
         acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, reinterpret_cast<__m512bh>(w0));
         acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, reinterpret_cast<__m512bh>(w1));
       }
     }
-    for (int m = 0; m < MR; ++m) {
-      __m256 half[kTile];
-      for (int r = 0; r < kTile; ++r)
-        half[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r]), _mm512_extractf32x8_ps(acc[m][r], 1));
-      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[0], half[1]));
-      alignas(16) float lanes[4];
-      _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-      y[m * N + tile * kTile] = lanes[0];
-      y[m * N + tile * kTile + 1] = lanes[1];
-    }
+    for (int m = 0; m < MR; ++m)
+      store_pair_sums(half_sum(acc[m][0]), half_sum(acc[m][1]), y + m * N + tile * kTile);
   }
 }
 

@@ -252,6 +252,11 @@ inline void accumulate_values(float* acc, __m256 c, const float* p, const float*
 // computes in less time than a miss to memory takes.
 constexpr int64_t kPrefetchAhead = 16;
 
+// Parts of `chunk` positions from `first` up to `hi` (at least one).
+inline int64_t part_count(int64_t first, int64_t chunk, int64_t hi) {
+  return std::max<int64_t>(1, (hi - first + chunk - 1) / chunk);
+}
+
 // Query tokens t < count (q rows token_stride apart) of one sequence, each over its own positions
 // [lo[t], hi[t]), all heads. Token t's positions from first[t] on go to states[t][0], from first[t] + chunk[t]
 // on to states[t][1], and so on (its parts, see PartLayout). A position's rows of all KV heads are adjacent in
@@ -264,8 +269,7 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
   const int64_t G = a.group, D = a.head_dim, row = a.num_kv_heads * D;
   int64_t begin = INT64_MAX, end = 0;
   for (int64_t t = 0; t < count; ++t) {
-    for (int64_t k = 0; k < std::max<int64_t>(1, (hi[t] - first[t] + chunk[t] - 1) / chunk[t]); ++k)
-      states[t][k].reset(a.num_heads, D);
+    for (int64_t k = 0; k < part_count(first[t], chunk[t], hi[t]); ++k) states[t][k].reset(a.num_heads, D);
     if (lo[t] < hi[t]) {
       begin = std::min(begin, lo[t]);
       end = std::max(end, hi[t]);
@@ -392,7 +396,7 @@ inline PartLayout part_layout(int64_t lo, int64_t hi) {
   if (hi <= lo) return {first, 8, 1};
   const int64_t parts = std::clamp<int64_t>((hi - lo) / kMinPartPositions, 1, kMaxParts);
   const int64_t chunk = ((hi - first + parts - 1) / parts + 7) / 8 * 8;
-  return {first, chunk, (hi - first + chunk - 1) / chunk};
+  return {first, chunk, part_count(first, chunk, hi)};
 }
 
 // The cache's pages are float32 or bfloat16 (kPageType); queries and outputs float32.

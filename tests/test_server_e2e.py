@@ -157,40 +157,35 @@ def test_32_concurrent_streams_complete(base_url):
     assert all(results)
 
 
+def concurrent_and_alone(base_url, requests):
+    """Completions for each kwargs in `requests`, all sent at once, then each again alone: (together, alone)."""
+    async def main():
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+        return await asyncio.gather(*(client.completions.create(**kw) for kw in requests))
+
+    together = asyncio.run(main())
+    sync = openai.OpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
+    return [r.choices[0] for r in together], [sync.completions.create(**kw).choices[0] for kw in requests]
+
+
 def test_long_prompts_concurrent_equal_alone(base_url):
     """Past 128 positions a decoding token's attention is split into parts; the split depends on the token's
     own positions only, so concurrency does not change greedy outputs (logprobs included)."""
     preamble = "Here is a long list of facts about the city of Lyon, its rivers, its food and its history. " * 8
-    prompts = [preamble + f"Fact number {i}:" for i in range(4)]
-    kwargs = dict(model=MODEL, max_tokens=12, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
-
-    async def main():
-        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
-        return await asyncio.gather(*(client.completions.create(prompt=p, **kwargs) for p in prompts))
-
-    together = asyncio.run(main())
-    sync = openai.OpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
-    for prompt, batched in zip(prompts, together):
-        alone = sync.completions.create(prompt=prompt, **kwargs).choices[0]
-        assert alone.text == batched.choices[0].text
-        assert alone.logprobs.token_logprobs == batched.choices[0].logprobs.token_logprobs
+    requests = [dict(model=MODEL, prompt=preamble + f"Fact number {i}:", max_tokens=12, temperature=0, logprobs=1,
+                     extra_body={"ignore_eos": True}) for i in range(4)]
+    together, alone = concurrent_and_alone(base_url, requests)
+    for batched, single in zip(together, alone):
+        assert single.text == batched.text
+        assert single.logprobs.token_logprobs == batched.logprobs.token_logprobs
 
 
 def test_seeded_samples_concurrent_equal_alone(base_url):
     """A seeded sampled request draws the same tokens alone or among others."""
-    words = ["cats", "rain", "bread", "trains"]
-    kwargs = dict(model=MODEL, max_tokens=12, temperature=0.9, top_p=0.95, extra_body={"ignore_eos": True})
-
-    async def main():
-        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
-        return await asyncio.gather(*(client.completions.create(prompt=f"A poem about {w}:", seed=i, **kwargs)
-                                      for i, w in enumerate(words)))
-
-    together = asyncio.run(main())
-    sync = openai.OpenAI(base_url=base_url + "/v1", api_key="test-key", max_retries=0)
-    for i, (w, batched) in enumerate(zip(words, together)):
-        alone = sync.completions.create(prompt=f"A poem about {w}:", seed=i, **kwargs).choices[0].text
-        assert alone == batched.choices[0].text
+    requests = [dict(model=MODEL, prompt=f"A poem about {w}:", seed=i, max_tokens=12, temperature=0.9, top_p=0.95,
+                     extra_body={"ignore_eos": True}) for i, w in enumerate(["cats", "rain", "bread", "trains"])]
+    together, alone = concurrent_and_alone(base_url, requests)
+    assert [c.text for c in alone] == [c.text for c in together]
 
 
 def test_chat_stream_role_first_and_n_interleaved(client):
