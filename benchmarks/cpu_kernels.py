@@ -6,7 +6,8 @@ Projections: the 30 layers' seven projections (q, k, v, o, gate, up, down; per-l
 unrolled decode step holds them) plus the tied LM head, for `rows` tokens, through XLA's bf16 dot, the bf16
 kernel, the int8 kernel and GGUF's blocks (pallas_kernels/block_quant: 4-bit projections, an 8-bit head, as the
 default model's file holds them; from DENSE_MIN_ROWS rows, unpacked to float32 for XLA's dot). Attention: one decode step's attention for `seqs` sequences of `context` tokens
-over 30 layers' pages, XLA's gather path against the kernel. Milliseconds per pass, median of --repeats.
+over 30 layers' bfloat16 pages (each layer its own, pages in order or scattered), XLA's gather path against
+the kernel. Milliseconds per pass, median of --repeats.
 """
 from __future__ import annotations
 
@@ -88,25 +89,32 @@ def main() -> None:
                 for f, e in ((head_xla, embedding), (head_kernel, embedding), (head_q8, q8_embedding))]
         print(f"| {rows} | " + " | ".join(f"{ms:.1f}" for ms in cells + head) + " |", flush=True)
 
-    page_size = 16
-    print(f"\nattention, {LAYERS} layers, decode, {args.context}-token contexts")
-    print("| sequences | XLA path (ms) | kernel (ms) |")
-    print("|---|---|---|")
+    # As the engine holds it: a bfloat16 cache, each layer its own K and V arrays (so a step reads every
+    # layer's rows from memory, not one layer's from cache), pages of 16 tokens either in order or scattered
+    # over a pool, as a long-running server's free list leaves them.
+    page_size, pool_pages = 16, 2048
+    print(f"\nattention, {LAYERS} layers, decode, {args.context}-token contexts, bfloat16 cache")
+    print("| sequences | XLA path, pages in order (ms) | kernel, in order (ms) | kernel, scattered (ms) |")
+    print("|---|---|---|---|")
+    caches = [jnp.asarray(rng.standard_normal((pool_pages, page_size, KV_HEADS, HEAD_DIM), dtype=np.float32),
+                          jnp.bfloat16) for _ in range(2 * LAYERS)]
     for seqs in args.seqs:
         pages_per_seq = -(-args.context // page_size) + 1
-        num_pages = seqs * pages_per_seq + 1
-        pages = jnp.asarray(rng.standard_normal((num_pages, page_size, KV_HEADS, HEAD_DIM), dtype=np.float32))
-        table = jnp.asarray(1 + np.arange(seqs * pages_per_seq).reshape(seqs, pages_per_seq), jnp.int32)
+        assert seqs * pages_per_seq < pool_pages, "more pages than the pool holds"
+        tables = {"in order": 1 + np.arange(seqs * pages_per_seq),
+                  "scattered": rng.permutation(np.arange(1, pool_pages))[:seqs * pages_per_seq]}
         q = jnp.asarray(rng.standard_normal((seqs, HEADS, HEAD_DIM), dtype=np.float32))
-        meta = (jnp.full((seqs,), args.context, jnp.int32), table, jnp.arange(seqs + 1, dtype=jnp.int32),
-                jnp.asarray([seqs], jnp.int32))
+        meta = lambda order: (jnp.full((seqs,), args.context, jnp.int32),
+                              jnp.asarray(tables[order].reshape(seqs, pages_per_seq), jnp.int32),
+                              jnp.arange(seqs + 1, dtype=jnp.int32), jnp.asarray([seqs], jnp.int32))
 
         def layers_of(backend):
             one = functools.partial(attention.ragged_paged_attention, sm_scale=0.125, backend=backend)
-            return jax.jit(lambda q, k, v, *m: sum(one(q + i, k, v, *m).sum() for i in range(LAYERS)))
-        times = [timed(layers_of(b), q, pages, pages, *meta, repeats=args.repeats) for b in ("xla", "cpu")]
-        print(f"| {seqs} | {times[0]:.1f} | {times[1]:.1f} |", flush=True)
-
+            return jax.jit(lambda q, caches, *m: sum(one(q + i, caches[2 * i], caches[2 * i + 1], *m).sum()
+                                                     for i in range(LAYERS)))
+        times = [timed(layers_of(b), q, caches, *meta(order), repeats=args.repeats)
+                 for b, order in (("xla", "in order"), ("cpu", "in order"), ("cpu", "scattered"))]
+        print(f"| {seqs} | " + " | ".join(f"{ms:.1f}" for ms in times) + " |", flush=True)
 
 if __name__ == "__main__":
     main()
