@@ -89,7 +89,9 @@ class KVCacheManager:
                 del self.page_of_hash[old]
             self.ref_counts[page] = 1
             pages.append(page)
-        return pages
+        # In ascending order: `free` hands a sequence's pages back tail first, and the attention kernel reads a
+        # sequence's rows ~15% slower when its pages run backwards through memory (docs/benchmarks.md, round 11).
+        return sorted(pages)
 
     def register_full_page(self, page: int, page_hash: int) -> None:
         """Make a page that now holds a full, computed page of tokens findable by later requests."""

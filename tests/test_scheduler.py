@@ -42,6 +42,19 @@ def test_prefix_pages_are_shared_refcounted_and_evicted_lru():
     assert kv.lookup_prefix(tokens)[0] == []
 
 
+def test_fresh_pages_come_in_ascending_order_after_frees():
+    """A sequence's pages go back tail first (its shared prefix is evicted last), and the next request's pages
+    are the least recently freed ones; handed out in ascending order, they run forwards through memory."""
+    kv = KVCacheManager(num_pages=16, page_size=4)
+    first = kv.allocate(6)
+    assert first == [1, 2, 3, 4, 5, 6]
+    kv.free(first)
+    rest = kv.allocate(9)  # the never-used pages 7-15 first
+    assert rest == list(range(7, 16))
+    again = kv.allocate(4)  # then the freed ones, least recently freed first: 6, 5, 4, 3
+    assert again == [3, 4, 5, 6]
+
+
 def test_chunked_prefill_under_the_token_budget():
     kv = KVCacheManager(num_pages=64, page_size=4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=128), kv)
