@@ -116,5 +116,6 @@ def main() -> None:
                  for b, order in (("xla", "in order"), ("cpu", "in order"), ("cpu", "scattered"))]
         print(f"| {seqs} | " + " | ".join(f"{ms:.1f}" for ms in times) + " |", flush=True)
 
+
 if __name__ == "__main__":
     main()
