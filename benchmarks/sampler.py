@@ -1,6 +1,9 @@
 """Per-call time of each jitted sampler variant, and the host cost of building one step's tensors.
 
-    .venv/bin/python benchmarks/sampler.py [--sizes 1 8 32 64] [--vocab 49152] [--repeats 15]
+    .venv/bin/python benchmarks/sampler.py [--sizes 1 8 32 64] [--vocab 49152] [--repeats 15] [--cpu-kernel]
+
+--cpu-kernel: the top_k / top_p / min_p cut-offs through pallas_kernels/cpu_sampling.cc, as an engine on one
+CPU device runs them.
 
 Prints a markdown table for docs/benchmarks.md: per call, after compilation, the median and (in
 parentheses) the fastest of --repeats calls in milliseconds; on a shared machine the fastest is the
@@ -9,6 +12,7 @@ steadier number.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.pallas_kernels import cpu_kernels
 from jaxserve.sampler import sample
 from jaxserve.sampling_metadata import (RowSamplingState, allowed_token_mask, build_sampling_tensors,
                                         pack_token_mask)
@@ -90,11 +95,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cpu-kernel", action="store_true")
     args = parser.parse_args()
+    assert not args.cpu_kernel or cpu_kernels.available(), "the CPU kernels do not build here"
     rng = np.random.default_rng(0)
-    jitted = jax.jit(sample, static_argnames="flags")
+    jitted = jax.jit(functools.partial(sample, cpu_kernel=args.cpu_kernel), static_argnames="flags")
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, V={args.vocab}, "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, V={args.vocab}, cpu_kernel={args.cpu_kernel}, "
           f"penalty rows: prompt {PROMPT_LEN} + output {OUTPUT_LEN} tokens\n")
     print("| variant | " + " | ".join(f"S={s}" for s in args.sizes) + f" | compile S={args.sizes[-1]} |")
     print("|---|" + "---:|" * (len(args.sizes) + 1))

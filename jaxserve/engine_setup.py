@@ -168,8 +168,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     tokenizer = load_tokenizer(source, config.tokenizer)
     dtype = resolve_dtype(config.dtype, checkpoint_dtype(source))
     on_cpu = jax.default_backend() == "cpu"
-    formats = resolve_block_formats(config.quantization, source,
-                                    on_cpu and mesh.size == 1 and not multihost and cpu_kernels.available())
+    one_cpu_with_kernels = on_cpu and mesh.size == 1 and not multihost and cpu_kernels.available()
+    formats = resolve_block_formats(config.quantization, source, one_cpu_with_kernels)
     # Block layouts carry their own version: a cache entry's arrays are used as they are.
     blocks = {"blocks": formats, "block_layout": BLOCK_LAYOUT_VERSION} if formats else {}
     key = {"source": source_identity(source), "dtype": dtype, "format": 1, **blocks}
@@ -235,7 +235,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets, attention,
                                  activation_dtype, unroll_decode_max_seqs=2 if on_cpu and not formats else 0,
                                  cpu_kernel=cpu_kernel, int8_weights=int8_weights, block_formats=formats,
-                                 kv_cache_dtype=kv_cache_dtype)
+                                 kv_cache_dtype=kv_cache_dtype, cpu_sampling=one_cpu_with_kernels)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.

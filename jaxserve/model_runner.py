@@ -56,6 +56,8 @@ class RunnerConfig:
     # their kernels run at every batch size, reading the layer-stacked weights in place.
     block_formats: tuple[tuple[str, str], ...] = ()
     kv_cache_dtype: str | None = None  # None = activation_dtype
+    # The sampler's top_k / top_p / min_p cut-offs through the CPU kernel (jaxserve/sampler.sample): one CPU device.
+    cpu_sampling: bool = False
 
 
 def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
@@ -107,7 +109,8 @@ class ModelRunner:
         formats = runner_config.block_formats
         self.split = abstract_split(model_config, self.dtype, runner_config.attention_backend, self.activation_dtype,
                                     self.mesh if sharded_kernel else None, block_formats=formats)
-        uses_cpu_kernels = runner_config.cpu_kernel or runner_config.attention_backend == "cpu" or formats
+        uses_cpu_kernels = (runner_config.cpu_kernel or runner_config.attention_backend == "cpu" or formats
+                            or runner_config.cpu_sampling)
         if uses_cpu_kernels and not cpu_kernels.available():  # also registers them before cached executables load
             raise RuntimeError("the runner config asks for the CPU kernels, which could not be built here")
         kernel_mode = "int8" if runner_config.int8_weights else "bf16"
@@ -195,7 +198,7 @@ class ModelRunner:
 
     def _sample(self, outer, last_hidden, tensors: SamplingTensors, flags: SamplerFlags):
         logits = logits_from_hidden(self.kernel_split, outer, last_hidden, tensors.live_rows)
-        return sample(logits, tensors, flags)
+        return sample(logits, tensors, flags, cpu_kernel=self.config.cpu_sampling)
 
     def _prompt_logprobs(self, outer, hidden, target_ids, num_logprobs: int):
         """Log-probabilities of each next prompt token (and the top alternatives) for all T positions."""

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.pallas_kernels import cpu_kernels
+
 # Rows with temperature below this are greedy (vLLM's _SAMPLING_EPS); the host writes 0 for them.
 GREEDY_TEMPERATURE = 1e-5
 # The categorical draw walks the CDF in blocks of this many tokens (see `_sample_categorical`).
@@ -68,8 +70,11 @@ class SamplerOutput(NamedTuple):
     rank: jax.Array | None = None  # i32[S], 1-based rank of the sampled token (num_logprobs > 0)
 
 
-def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
-    """One token per row of `logits` [S, V]; `flags` must be static under jit."""
+def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
+           cpu_kernel: bool = False) -> SamplerOutput:
+    """One token per row of `logits` [S, V]; `flags` must be static under jit. `cpu_kernel` (static; one CPU
+    device with the kernels built): the top_k / top_p / min_p cut-offs come from
+    pallas_kernels/cpu_sampling.cc instead of `filter_threshold`, the same thresholds without a sort."""
     raw = logits.astype(jnp.float32)
     logits = raw
     # Bias then mask equals mask then bias (-inf + b = -inf); scattering into the raw logits first
@@ -89,7 +94,10 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> 
         scaled = logits / temperature[:, None]
         uniforms = _row_uniforms(tensors.seed, tensors.step)
         threshold = row_max = None
-        if flags.needs_filtering:
+        if flags.needs_filtering and cpu_kernel:
+            threshold, row_max = cpu_kernels.sampling_threshold(scaled, tensors.top_k, tensors.top_p,
+                                                                tensors.min_p, tensors.live_rows)
+        elif flags.needs_filtering:
             threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
         tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
     return token_logprobs(raw, tokens, flags.num_logprobs)

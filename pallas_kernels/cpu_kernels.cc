@@ -24,10 +24,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "cpu_parallel.h"
 
 namespace {
 
+using jaxserve::exp_nonpositive;
+using jaxserve::hmax;
 using jaxserve::parallel_blocks;
 
 // 8 bf16 -> 8 f32: the bf16 bits are the high half of the f32 bits.
@@ -179,31 +182,6 @@ ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
 // that share each loaded block of rows; a token's positions are cut into parts (PartLayout), merged after. A
 // bfloat16 cache is widened to float32 as it is read (half the bytes of a step
 // that is mostly reading them). Semantics are pallas_kernels/reference.py's.
-
-// e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x);
-  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
-  __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
 
 // Eight vectors' horizontal sums as one vector (lane j = sum of v[j]): a tree of hadds instead of eight
 // separate reductions.

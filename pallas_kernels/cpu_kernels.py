@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels (AVX2 + FMA) as XLA FFI calls, for the two things a CPU step is made of.
+"""Hand-written CPU kernels (AVX2 + FMA) as XLA FFI calls, for the two things a CPU step is made of, and the
+sampler's cut-offs.
 
 - Projections with bfloat16 weights at small batch: XLA CPU streams those weights at about a quarter of the
   machine's memory bandwidth; `kernel_matmul` reads them once, in memory order, widening bf16 to f32 in
@@ -6,8 +7,10 @@
 - Attention over the paged KV cache (float32 or bfloat16; decode steps and prefill chunks): XLA's path copies
   every chunk of gathered pages (gather, head-major transpose, mask); `ragged_paged_attention` walks the pages
   in place with an online softmax. pallas_kernels/reference.py is its oracle.
+- The sampler's top_k / top_p / min_p threshold per row (`sampling_threshold`, cpu_sampling.cc): XLA CPU's
+  top_k is a sort, and jaxserve/sampler.py's exact fallback bisects the vocabulary 32 times.
 
-Both run on XLA's own intra-op threads (cpu_kernels.cc). The library is compiled on first use with the
+All run on XLA's own intra-op threads (cpu_kernels.cc). The library is compiled on first use with the
 system's C++ compiler into the user's cache (keyed by the source and the JAX headers), so an install needs no
 build step; without AVX2, or with neither a built library nor a compiler, `available()` is False and callers
 keep XLA's paths.
@@ -31,15 +34,16 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc")  # one library;
-# block_quant.py wraps the last two
-HEADERS = (HERE / "cpu_parallel.h", HERE / "block_quant.h")
+# One library; block_quant.py wraps block_quant*.cc
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_sampling.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc")
+HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "block_quant.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
 # references' roundings where they promise to.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
 INT8_TARGET = "jaxserve_int8_matmul_kn"
 ATTENTION_TARGETS = {"float32": "jaxserve_ragged_paged_attention", "bfloat16": "jaxserve_ragged_paged_attention_bf16"}
+SAMPLING_TARGET = "jaxserve_sampling_threshold"
 BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_q4_dequantize_f32",
                        "jaxserve_q8_dequantize_f32", "jaxserve_q4_dequantize_bf16", "jaxserve_q8_dequantize_bf16")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
@@ -114,7 +118,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
         targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, *ATTENTION_TARGETS.values(),
-                                                          *BLOCK_QUANT_TARGETS)}
+                                                          SAMPLING_TARGET, *BLOCK_QUANT_TARGETS)}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
         logger.warning("CPU kernels off: loading %s failed: %s", library, err)
@@ -191,6 +195,17 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=np.float32(sm_scale),
                 sliding_window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def sampling_threshold(scaled, top_k, top_p, min_p, live_rows) -> tuple[jax.Array, jax.Array]:
+    """(threshold, row max) per row of `scaled` f32[S, V] for top_k i32[S] (0 = off), top_p f32[S] (1 = off)
+    and min_p f32[S] (0 = off): the tokens with scaled >= threshold survive all three, as the sampler's
+    `filter_threshold` defines them (cpu_sampling.cc). Rows from live_rows on come back (-inf, 0)."""
+    rows = scaled.shape[0]
+    out = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
+    return jax.ffi.ffi_call(SAMPLING_TARGET, out)(
+        scaled.astype(jnp.float32), top_k.astype(jnp.int32), top_p.astype(jnp.float32), min_p.astype(jnp.float32),
+        jnp.asarray(live_rows, jnp.int32).reshape(1))
 
 
 def attention_fits(q, k_pages) -> bool:

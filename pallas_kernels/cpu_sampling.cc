@@ -1,0 +1,302 @@
+// The sampler's top_k / top_p / min_p cut-offs on the CPU, as an XLA FFI call (jaxserve/sampler.py's
+// filter_threshold, exactly as defined there, without its sort or bisection):
+//
+//   jaxserve_sampling_threshold(scaled f32[S, V], top_k i32[S], top_p f32[S], min_p f32[S], live_rows i32[1])
+//     -> threshold f32[S] (the tokens with scaled >= threshold survive all three filters), row_max f32[S]
+//
+// Per row: top_k keeps the values down to the k-th largest (ties kept); top_p then keeps, of those, the
+// fewest largest values whose probability reaches top_p of their mass (ties kept); min_p keeps values within
+// log(min_p) of the row's maximum. XLA's CPU top_k is a sort, and a nucleus wider than the sampler's window
+// needed 32 passes of bisection over the vocabulary (45 ms a step at 32 rows). Here a row costs two passes:
+// its maximum, then each token's e^(x - max) with the tokens within kPruneNats of the maximum set aside; the
+// cut-offs are selected among those (a weighted quickselect, linear). When those cannot hold them, or are too
+// many (a flat distribution's nucleus, a top_k beyond them), a histogram of every token's distance below the
+// maximum finds the one bin each cut-off lies in, and the selection runs among that bin's tokens. Masses add up in double;
+// the thresholds are the tokens' own values, so they differ from the sampler's reference only where a sum
+// lands within rounding of top_p.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "cpu_math.h"
+#include "cpu_parallel.h"
+
+namespace {
+
+using jaxserve::exp_nonpositive;
+using jaxserve::hmax;
+using jaxserve::parallel_blocks;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Tokens set aside per row: those within this many nats of the maximum (e^-12 ~ 6e-6 of its probability),
+// up to kMaxPruned of them (past that, selecting among them costs more than the histogram path).
+constexpr float kPruneNats = 12.0f;
+constexpr int64_t kMaxPruned = 2048;
+
+struct Candidate {
+  float x;  // the scaled logit
+  float e;  // e^(x - max)
+};
+
+// The largest value v among c[0, n) with weight(c[i] : c[i].x >= v) >= target, where weight is 1 per token
+// (kByMass false: v is the target-th largest value) or e (mass). c is reordered. Three-way quickselect on x:
+// expected linear time. If rounding leaves the whole set short of the target, the smallest value.
+template <bool kByMass>
+float largest_value_with_weight(Candidate* c, int64_t n, double target) {
+  float smallest = kNegInf;
+  while (n > 0) {
+    const float a = c[0].x, b = c[n / 2].x, d = c[n - 1].x;
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), d));  // median of three
+    int64_t hi = 0, mid = 0, lo = n;  // [0, hi) > pivot, [hi, mid) == pivot, [lo, n) < pivot
+    while (mid < lo) {
+      if (c[mid].x > pivot)
+        std::swap(c[hi++], c[mid++]);
+      else if (c[mid].x < pivot)
+        std::swap(c[mid], c[--lo]);
+      else
+        ++mid;
+    }
+    double above = 0, equal = 0;
+    for (int64_t i = 0; i < hi; ++i) above += kByMass ? c[i].e : 1.0;
+    for (int64_t i = hi; i < lo; ++i) equal += kByMass ? c[i].e : 1.0;
+    if (above >= target && hi > 0) {
+      n = hi;
+    } else if (above + equal >= target) {
+      return pivot;
+    } else {
+      target -= above + equal;
+      smallest = pivot;
+      c += lo;
+      n -= lo;
+    }
+  }
+  return smallest;
+}
+
+struct RowFilter {
+  int64_t top_k;  // 0 = off
+  float top_p;    // 1 = off
+  float min_p;    // 0 = off
+};
+
+// Every token's e^(x - max) into e[V]; the tokens with x > floor into `out`, at most kMaxPruned + 8 of them
+// (more: `out` holds more than kMaxPruned, incomplete). Returns the sum of every token's e^(x - max).
+double masses(const float* x, int64_t V, float max, float floor, float* e, std::vector<Candidate>& out) {
+  out.clear();
+  const __m256 vmax = _mm256_set1_ps(max), vfloor = _mm256_set1_ps(floor), neg_inf = _mm256_set1_ps(kNegInf);
+  __m256d sum = _mm256_setzero_pd();  // in double: a float sum of 49152 terms is off by ~1e-6, a nucleus at
+                                     // top_p 0.999 by a dozen tokens
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    // -inf (a masked token) has no mass; exp_nonpositive alone would give it e^-87
+    const __m256 ev = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(v, vmax)), _mm256_cmp_ps(v, neg_inf, _CMP_GT_OQ));
+    _mm256_storeu_ps(e + i, ev);
+    sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(ev)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1))));
+    int keep = _mm256_movemask_ps(_mm256_cmp_ps(v, vfloor, _CMP_GT_OQ));
+    if (keep && static_cast<int64_t>(out.size()) <= kMaxPruned)
+      for (; keep; keep &= keep - 1) {
+        const int j = __builtin_ctz(keep);
+        out.push_back({x[i + j], e[i + j]});
+      }
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, sum);
+  double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < V; ++i) {
+    e[i] = x[i] > kNegInf ? std::exp(x[i] - max) : 0.f;
+    total += e[i];
+    if (x[i] > floor && static_cast<int64_t>(out.size()) <= kMaxPruned) out.push_back({x[i], e[i]});
+  }
+  return total;
+}
+
+// The top_k / top_p cut-off among `c`, the tokens within kPruneNats of the maximum; false when they cannot
+// decide it (fewer than k of them, less than the nucleus's mass, or too many of them to have been kept).
+bool cutoff_among(std::vector<Candidate>& c, const RowFilter& f, double total, float& threshold) {
+  const int64_t n = static_cast<int64_t>(c.size());
+  if (n > kMaxPruned) return false;
+  float k_threshold = kNegInf;
+  if (f.top_k > 0) {
+    if (n < f.top_k) return false;
+    k_threshold = largest_value_with_weight<false>(c.data(), n, static_cast<double>(f.top_k));
+  }
+  threshold = k_threshold;
+  if (f.top_p >= 1.f) return true;
+  // The nucleus is drawn from the top-k tokens' mass (all tokens' when top_k is off).
+  int64_t kept = 0;
+  double kept_mass = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (c[i].x >= k_threshold) {
+      kept_mass += c[i].e;
+      c[kept++] = c[i];
+    }
+  const double target = static_cast<double>(f.top_p) * (f.top_k > 0 ? kept_mass : total);
+  if (target <= 0) return true;  // no mass to take a share of
+  if (kept_mass < target) return false;
+  threshold = std::max(k_threshold, largest_value_with_weight<true>(c.data(), kept, target));
+  return true;
+}
+
+// Every token's distance below the maximum in bins of 1/kBinsPerNat nat out to kBinNats (the last bin holds
+// everything further; -inf tokens go to kBins, counted nowhere): counts and masses per bin. Bins only split
+// the tokens by value (a bin's tokens all lie below the previous bins'), so a cut-off is found by walking bins
+// and then selecting among one bin's tokens alone. For rows whose cut-off the pruned tokens cannot hold: a
+// flat distribution's nucleus, a top_k beyond them.
+constexpr int kBinsPerNat = 16, kBinNats = 64, kBins = kBinsPerNat * kBinNats;
+
+struct Histogram {
+  int64_t count[kBins + 1];
+  double mass[kBins + 1];
+  std::vector<uint16_t> bin;  // per token
+};
+
+void fill_histogram(const float* x, const float* e, int64_t V, float max, Histogram& h) {
+  std::fill(h.count, h.count + kBins + 1, 0);
+  std::fill(h.mass, h.mass + kBins + 1, 0.0);
+  h.bin.resize(V);
+  const __m256 vmax = _mm256_set1_ps(max), neg_inf = _mm256_set1_ps(kNegInf);
+  const __m256 per_nat = _mm256_set1_ps(kBinsPerNat), last = _mm256_set1_ps(kBins - 1);
+  alignas(32) int32_t b[8];
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    // min(distance, last) picks `last` for NaN distances too; -inf tokens (and NaNs) to the uncounted bin
+    const __m256 bins = _mm256_blendv_ps(_mm256_set1_ps(kBins), _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(vmax, v),
+                                                                                            per_nat), last),
+                                         _mm256_cmp_ps(v, neg_inf, _CMP_GT_OQ));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b), _mm256_cvttps_epi32(bins));
+    for (int j = 0; j < 8; ++j) {
+      h.bin[i + j] = static_cast<uint16_t>(b[j]);
+      ++h.count[b[j]];
+      h.mass[b[j]] += e[i + j];
+    }
+  }
+  for (; i < V; ++i) {
+    const int bin = x[i] > kNegInf ? static_cast<int>(std::min((max - x[i]) * kBinsPerNat, float(kBins - 1))) : kBins;
+    h.bin[i] = static_cast<uint16_t>(bin);
+    ++h.count[bin];
+    h.mass[bin] += e[i];
+  }
+}
+
+// The tokens of bin b with x >= at_least, sixteen bin indices compared at a time.
+void tokens_in_bin(const float* x, const float* e, const Histogram& h, int b, float at_least,
+                   std::vector<Candidate>& out) {
+  out.clear();
+  const int64_t V = static_cast<int64_t>(h.bin.size());
+  const __m256i wanted = _mm256_set1_epi16(static_cast<int16_t>(b));
+  int64_t i = 0;
+  for (; i + 16 <= V; i += 16) {
+    const __m256i bins = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.bin.data() + i));
+    // two mask bits per matching 16-bit lane: keep the low one
+    for (uint32_t hit = _mm256_movemask_epi8(_mm256_cmpeq_epi16(bins, wanted)) & 0x55555555u; hit; hit &= hit - 1) {
+      const int64_t t = i + __builtin_ctz(hit) / 2;
+      if (x[t] >= at_least) out.push_back({x[t], e[t]});
+    }
+  }
+  for (; i < V; ++i)
+    if (h.bin[i] == b && x[i] >= at_least) out.push_back({x[i], e[i]});
+}
+
+float cutoff_by_histogram(const float* x, const float* e, int64_t V, float max, const RowFilter& f, double total,
+                          Histogram& h, std::vector<Candidate>& c) {
+  fill_histogram(x, e, V, max, h);
+  float k_threshold = kNegInf;  // also when fewer than k tokens are finite: the k-th largest is -inf
+  int k_bin = kBins - 1;
+  double top_k_mass = total;
+  if (f.top_k > 0) {
+    int64_t above = 0;
+    int b = 0;
+    for (; b < kBins && above + h.count[b] < f.top_k; ++b) above += h.count[b];
+    if (b < kBins) {
+      tokens_in_bin(x, e, h, b, kNegInf, c);
+      k_threshold = largest_value_with_weight<false>(c.data(), c.size(), static_cast<double>(f.top_k - above));
+      k_bin = b;
+      top_k_mass = 0;
+      for (int i = 0; i < b; ++i) top_k_mass += h.mass[i];
+      for (const Candidate& t : c) top_k_mass += t.x >= k_threshold ? t.e : 0.0;
+    }
+  }
+  const double target = static_cast<double>(f.top_p) * top_k_mass;
+  if (f.top_p >= 1.f || target <= 0) return k_threshold;
+  double above = 0;
+  int b = 0;
+  for (; b < k_bin && above + h.mass[b] < target; ++b) above += h.mass[b];
+  tokens_in_bin(x, e, h, b, b == k_bin ? k_threshold : kNegInf, c);
+  return std::max(k_threshold, largest_value_with_weight<true>(c.data(), c.size(), target - above));
+}
+
+// One row's working memory.
+struct RowScratch {
+  std::vector<float> e;  // every token's e^(x - max)
+  std::vector<Candidate> candidates;
+  Histogram histogram;
+};
+
+void row_threshold(const float* x, int64_t V, const RowFilter& f, RowScratch& scratch, float& threshold,
+                   float& row_max) {
+  __m256 vmax = _mm256_set1_ps(kNegInf);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+  float max = hmax(vmax);
+  for (; i < V; ++i) max = std::max(max, x[i]);
+  row_max = max;
+  threshold = kNegInf;
+  if (f.top_k > 0 || f.top_p < 1.f) {
+    const float safe_max = std::isfinite(max) ? max : 0.f;
+    scratch.e.resize(V);
+    float* e = scratch.e.data();
+    const double total = masses(x, V, safe_max, safe_max - kPruneNats, e, scratch.candidates);
+    if (!cutoff_among(scratch.candidates, f, total, threshold))
+      threshold = cutoff_by_histogram(x, e, V, safe_max, f, total, scratch.histogram, scratch.candidates);
+  }
+  if (f.min_p > 0.f) threshold = std::max(threshold, max + std::log(f.min_p));
+}
+
+ffi::Error SamplingThreshold(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scaled, ffi::Buffer<ffi::S32> top_k,
+                             ffi::Buffer<ffi::F32> top_p, ffi::Buffer<ffi::F32> min_p, ffi::Buffer<ffi::S32> live_rows,
+                             ffi::ResultBuffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::F32> row_max) {
+  auto d = scaled.dimensions();
+  if (d.size() != 2 || top_k.element_count() != d[0] || top_p.element_count() != d[0] ||
+      min_p.element_count() != d[0] || live_rows.element_count() != 1)
+    return ffi::Error::InvalidArgument("sampling_threshold: expected scaled[S, V] and [S] parameters");
+  const int64_t S = d[0], V = d[1];
+  const int64_t live = std::clamp<int64_t>(live_rows.typed_data()[0], 0, S);
+  float* out_threshold = threshold->typed_data();
+  float* out_max = row_max->typed_data();
+  for (int64_t r = live; r < S; ++r) {  // bucket padding
+    out_threshold[r] = kNegInf;
+    out_max[r] = 0.f;
+  }
+  const float* x = scaled.typed_data();
+  const int32_t* k = top_k.typed_data();
+  const float *p = top_p.typed_data(), *m = min_p.typed_data();
+  parallel_blocks(pool, live, [&](int64_t r) {
+    auto scratch = std::make_unique<RowScratch>();
+    const RowFilter f{k[r] > 0 && k[r] < V ? k[r] : 0, p[r], m[r]};
+    row_threshold(x + r * V, V, f, *scratch, out_threshold[r], out_max[r]);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_sampling_threshold, SamplingThreshold,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
