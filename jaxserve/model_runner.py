@@ -24,7 +24,7 @@ from jaxserve.models.llama import (BLOCK_LEAVES, AttentionMetadata, abstract_spl
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
                                       plan_tensor_parallel, tensor_parallel_mesh)
 from jaxserve.pallas_kernels import cpu_kernels
-from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample
+from jaxserve.sampler import SamplerFlags, SamplerOutput, SamplingTensors, sample, token_logprobs
 from jaxserve.sampling_metadata import placeholder_sampling_tensors
 from jaxserve.scheduler import ScheduledSeq
 
@@ -202,11 +202,9 @@ class ModelRunner:
 
     def _prompt_logprobs(self, outer, hidden, target_ids, num_logprobs: int):
         """Log-probabilities of each next prompt token (and the top alternatives) for all T positions."""
-        logprobs = jax.nn.log_softmax(logits_from_hidden(self.kernel_split, outer, hidden), axis=-1)
-        chosen = jnp.take_along_axis(logprobs, target_ids[:, None], axis=-1)[:, 0]
-        rank = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
-        top_lp, top_ids = jax.lax.top_k(logprobs, max(num_logprobs, 1))
-        return chosen, rank, top_ids, top_lp
+        logits = logits_from_hidden(self.kernel_split, outer, hidden)
+        out = token_logprobs(logits, target_ids, max(num_logprobs, 1), cpu_kernel=self.config.cpu_sampling)
+        return out.logprob, out.rank, out.top_ids, out.top_logprobs
 
     def step_fn(self, shape: StepShape):
         fn = self._step_fns.get(shape)

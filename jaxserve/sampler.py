@@ -73,8 +73,8 @@ class SamplerOutput(NamedTuple):
 def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
            cpu_kernel: bool = False) -> SamplerOutput:
     """One token per row of `logits` [S, V]; `flags` must be static under jit. `cpu_kernel` (static; one CPU
-    device with the kernels built): the top_k / top_p / min_p cut-offs come from
-    pallas_kernels/cpu_sampling.cc instead of `filter_threshold`, the same thresholds without a sort."""
+    device with the kernels built): the top_k / top_p / min_p cut-offs and the top logprobs come from
+    pallas_kernels/cpu_sampling.cc, the same values without a sort."""
     raw = logits.astype(jnp.float32)
     logits = raw
     # Bias then mask equals mask then bias (-inf + b = -inf); scattering into the raw logits first
@@ -100,7 +100,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
         elif flags.needs_filtering:
             threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
         tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
-    return token_logprobs(raw, tokens, flags.num_logprobs)
+    return token_logprobs(raw, tokens, flags.num_logprobs, cpu_kernel, tensors.live_rows)
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:
@@ -329,12 +329,18 @@ def _sample_categorical(scaled: jax.Array, uniforms: jax.Array, is_greedy: jax.A
     return (block * CDF_BLOCK + offset).astype(jnp.int32)
 
 
-def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> SamplerOutput:
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int, cpu_kernel: bool = False,
+                   live_rows: jax.Array | None = None) -> SamplerOutput:
     """Raw-distribution logprob of `token_ids` [N] under `logits` [N, V]; when num_logprobs > 0 also
     their 1-based rank and the top `num_logprobs` alternatives. `sample` uses it for the sampled
-    tokens; the runner can use it for prompt_logprobs (position i's logits against prompt token i+1)."""
+    tokens; the runner uses it for prompt_logprobs (position i's logits against prompt token i+1).
+    `cpu_kernel`: the alternatives and the rank from pallas_kernels/cpu_sampling.cc (rows from `live_rows`
+    on are padding and come back zero)."""
     raw = logits.astype(jnp.float32)
     token_ids = token_ids.astype(jnp.int32)
+    if num_logprobs > 0 and cpu_kernel:
+        logprob, rank, top_ids, top_logprobs = cpu_kernels.token_logprobs(raw, token_ids, num_logprobs, live_rows)
+        return SamplerOutput(token_ids, logprob, top_ids, top_logprobs, rank)
     log_total = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
     logprobs = raw - log_total  # fused by XLA into the rank count, never materialized
     token_logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total[:, 0]

@@ -1,9 +1,12 @@
-// The sampler's top_k / top_p / min_p cut-offs on the CPU, as an XLA FFI call (jaxserve/sampler.py's
-// filter_threshold, exactly as defined there, without its sort or bisection):
+// The sampler's two passes over the vocabulary that XLA's CPU path sorts for, as XLA FFI calls:
 //
 //   jaxserve_sampling_threshold(scaled f32[S, V], top_k i32[S], top_p f32[S], min_p f32[S], live_rows i32[1])
 //     -> threshold f32[S] (the tokens with scaled >= threshold survive all three filters), row_max f32[S]
+//   jaxserve_token_logprobs(logits f32[S, V], token_ids i32[S], live_rows i32[1])
+//     -> token_logprob f32[S], rank i32[S], top_ids i32[S, K], top_logprobs f32[S, K] (sampler.token_logprobs)
 //
+// The threshold is jaxserve/sampler.py's filter_threshold, exactly as defined there, without its sort or
+// bisection.
 // Per row: top_k keeps the values down to the k-th largest (ties kept); top_p then keeps, of those, the
 // fewest largest values whose probability reaches top_p of their mass (ties kept); min_p keeps values within
 // log(min_p) of the row's maximum. XLA's CPU top_k is a sort, and a nucleus wider than the sampler's window
@@ -41,8 +44,9 @@ constexpr float kPruneNats = 12.0f;
 constexpr int64_t kMaxPruned = 2048;
 
 struct Candidate {
-  float x;  // the scaled logit
-  float e;  // e^(x - max)
+  float x;        // the scaled logit
+  float e;        // e^(x - max)
+  int32_t index;  // the token
 };
 
 // The largest value v among c[0, n) with weight(c[i] : c[i].x >= v) >= target, where weight is 1 per token
@@ -105,7 +109,7 @@ double masses(const float* x, int64_t V, float max, float floor, float* e, std::
     if (keep && static_cast<int64_t>(out.size()) <= kMaxPruned)
       for (; keep; keep &= keep - 1) {
         const int j = __builtin_ctz(keep);
-        out.push_back({x[i + j], e[i + j]});
+        out.push_back({x[i + j], e[i + j], static_cast<int32_t>(i + j)});
       }
   }
   alignas(32) double lanes[4];
@@ -114,7 +118,8 @@ double masses(const float* x, int64_t V, float max, float floor, float* e, std::
   for (; i < V; ++i) {
     e[i] = x[i] > kNegInf ? std::exp(x[i] - max) : 0.f;
     total += e[i];
-    if (x[i] > floor && static_cast<int64_t>(out.size()) <= kMaxPruned) out.push_back({x[i], e[i]});
+    if (x[i] > floor && static_cast<int64_t>(out.size()) <= kMaxPruned)
+      out.push_back({x[i], e[i], static_cast<int32_t>(i)});
   }
   return total;
 }
@@ -200,11 +205,11 @@ void tokens_in_bin(const float* x, const float* e, const Histogram& h, int b, fl
     // two mask bits per matching 16-bit lane: keep the low one
     for (uint32_t hit = _mm256_movemask_epi8(_mm256_cmpeq_epi16(bins, wanted)) & 0x55555555u; hit; hit &= hit - 1) {
       const int64_t t = i + __builtin_ctz(hit) / 2;
-      if (x[t] >= at_least) out.push_back({x[t], e[t]});
+      if (x[t] >= at_least) out.push_back({x[t], e[t], static_cast<int32_t>(t)});
     }
   }
   for (; i < V; ++i)
-    if (h.bin[i] == b && x[i] >= at_least) out.push_back({x[i], e[i]});
+    if (h.bin[i] == b && x[i] >= at_least) out.push_back({x[i], e[i], static_cast<int32_t>(i)});
 }
 
 float cutoff_by_histogram(const float* x, const float* e, int64_t V, float max, const RowFilter& f, double total,
@@ -242,13 +247,18 @@ struct RowScratch {
   Histogram histogram;
 };
 
-void row_threshold(const float* x, int64_t V, const RowFilter& f, RowScratch& scratch, float& threshold,
-                   float& row_max) {
+float max_of(const float* x, int64_t V) {
   __m256 vmax = _mm256_set1_ps(kNegInf);
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
   float max = hmax(vmax);
   for (; i < V; ++i) max = std::max(max, x[i]);
+  return max;
+}
+
+void row_threshold(const float* x, int64_t V, const RowFilter& f, RowScratch& scratch, float& threshold,
+                   float& row_max) {
+  const float max = max_of(x, V);
   row_max = max;
   threshold = kNegInf;
   if (f.top_k > 0 || f.top_p < 1.f) {
@@ -288,7 +298,99 @@ ffi::Error SamplingThreshold(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scaled,
   return ffi::Error::Success();
 }
 
+// ---- Logprobs: a token's, its rank and the K most likely tokens' (jaxserve/sampler.py's token_logprobs) ----
+
+// One row: log_total = log(sum(e^x)); rank = 1 + the tokens whose logprob exceeds `token`'s; the K largest
+// values (ties: lower token first, as lax.top_k) as (token, logprob). The K-th largest value is selected among
+// the tokens within kPruneNats of the maximum, or through the histogram; the tokens at or above it are sorted.
+void row_logprobs(const float* x, int64_t V, int32_t token, int64_t K, RowScratch& scratch, float& token_logprob,
+                  int32_t& rank, int32_t* top_ids, float* top_logprobs) {
+  const float max = max_of(x, V), safe_max = std::isfinite(max) ? max : 0.f;
+  scratch.e.resize(V);
+  float* e = scratch.e.data();
+  std::vector<Candidate>& c = scratch.candidates;
+  const double total = masses(x, V, safe_max, safe_max - kPruneNats, e, c);
+  const float log_total = safe_max + static_cast<float>(std::log(total));
+  const int64_t n = static_cast<int64_t>(c.size());
+  float kth;
+  if (n >= K && n <= kMaxPruned) {
+    kth = largest_value_with_weight<false>(c.data(), n, static_cast<double>(K));
+    c.erase(std::remove_if(c.begin(), c.end(), [kth](const Candidate& t) { return t.x < kth; }), c.end());
+  } else {
+    Histogram& h = scratch.histogram;
+    fill_histogram(x, e, V, safe_max, h);
+    int64_t above = 0;
+    int b = 0;
+    for (; b < kBins && above + h.count[b] < K; ++b) above += h.count[b];
+    kth = kNegInf;  // fewer than K finite tokens: -inf ones fill the rest, lowest tokens first
+    if (b < kBins) {
+      tokens_in_bin(x, e, h, b, kNegInf, c);
+      kth = largest_value_with_weight<false>(c.data(), c.size(), static_cast<double>(K - above));
+    }
+    c.clear();
+    for (int64_t i = 0; i < V; ++i)
+      if (x[i] >= kth) c.push_back({x[i], e[i], static_cast<int32_t>(i)});
+  }
+  const int64_t kept = std::min<int64_t>(K, c.size());
+  std::partial_sort(c.begin(), c.begin() + kept, c.end(), [](const Candidate& a, const Candidate& b) {
+    return a.x > b.x || (a.x == b.x && a.index < b.index);
+  });
+  for (int64_t i = 0; i < K; ++i) {
+    top_ids[i] = i < kept ? c[i].index : 0;
+    top_logprobs[i] = i < kept ? c[i].x - log_total : kNegInf;
+  }
+  // Ranks compare the rounded logprobs, as the sampler's reference does.
+  token_logprob = x[token] - log_total;
+  const __m256 mine = _mm256_set1_ps(token_logprob), total_v = _mm256_set1_ps(log_total);
+  int64_t above = 0, i = 0;
+  for (; i + 8 <= V; i += 8)
+    above += __builtin_popcount(_mm256_movemask_ps(
+        _mm256_cmp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), total_v), mine, _CMP_GT_OQ)));
+  for (; i < V; ++i) above += (x[i] - log_total) > token_logprob;
+  rank = static_cast<int32_t>(1 + above);
+}
+
+ffi::Error TokenLogprobs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> token_ids,
+                         ffi::Buffer<ffi::S32> live_rows, ffi::ResultBuffer<ffi::F32> token_logprob,
+                         ffi::ResultBuffer<ffi::S32> rank, ffi::ResultBuffer<ffi::S32> top_ids,
+                         ffi::ResultBuffer<ffi::F32> top_logprobs) {
+  auto d = logits.dimensions();
+  auto td = top_ids->dimensions();
+  if (d.size() != 2 || token_ids.element_count() != d[0] || live_rows.element_count() != 1 || td.size() != 2 ||
+      td[0] != d[0] || td[1] < 1 || td[1] > d[1])
+    return ffi::Error::InvalidArgument("token_logprobs: expected logits[S, V], token_ids[S] and top_ids[S, K <= V]");
+  const int64_t S = d[0], V = d[1], K = td[1];
+  const int64_t live = std::clamp<int64_t>(live_rows.typed_data()[0], 0, S);
+  const float* x = logits.typed_data();
+  const int32_t* tokens = token_ids.typed_data();
+  float *lp = token_logprob->typed_data(), *top_lp = top_logprobs->typed_data();
+  int32_t *ranks = rank->typed_data(), *ids = top_ids->typed_data();
+  for (int64_t r = live; r < S; ++r) {  // bucket padding
+    lp[r] = 0.f;
+    ranks[r] = 1;
+    std::fill(ids + r * K, ids + (r + 1) * K, 0);
+    std::fill(top_lp + r * K, top_lp + (r + 1) * K, 0.f);
+  }
+  parallel_blocks(pool, live, [&](int64_t r) {
+    auto scratch = std::make_unique<RowScratch>();
+    const int32_t token = std::clamp<int32_t>(tokens[r], 0, static_cast<int32_t>(V - 1));
+    row_logprobs(x + r * V, V, token, K, *scratch, lp[r], ranks[r], ids + r * K, top_lp + r * K);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_token_logprobs, TokenLogprobs,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_sampling_threshold, SamplingThreshold,
                               ffi::Ffi::Bind()

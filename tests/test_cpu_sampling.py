@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxserve.pallas_kernels import cpu_kernels
-from jaxserve.sampler import filter_threshold, sample
+from jaxserve.sampler import filter_threshold, sample, token_logprobs
 from jaxserve.sampling_metadata import build_sampling_tensors
 from test_sampler import assert_frequencies, random_logits, reference_keep, row, softmax
 
@@ -126,3 +126,39 @@ def test_a_nucleus_beyond_the_pruned_tokens():
         assert abs(int(keep[i].sum()) - int(want.sum())) <= 1, settings[i]  # ~1e-6-mass tokens at the cut
         assert (keep[i] == want).mean() > 0.9999
     assert threshold[0] < -12.5
+
+
+LOGPROBS = jax.jit(cpu_kernels.token_logprobs, static_argnums=2)
+REFERENCE_LOGPROBS = jax.jit(token_logprobs, static_argnums=2)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 4.0, 40.0])
+def test_logprobs_equal_the_jax_path(scale):
+    """Ranks and the top alternatives equal the XLA path's (ties included: lower token first); logprobs agree
+    to float rounding of the log of the total mass."""
+    vocab, k = 4099, 20
+    logits = random_logits(6, vocab, seed=int(scale * 7), scale=scale)
+    logits[1, 100:140] = logits[1].max()  # a tie across the top
+    logits[2, 50:] = -np.inf  # 50 finite tokens, -inf ones past them
+    logits[3, 5:] = -np.inf  # fewer finite tokens than K: -inf alternatives, lowest tokens first
+    tokens = np.array([0, 120, 7, 4, 4000, int(np.argmax(logits[5]))], np.int32)
+    got = LOGPROBS(jnp.asarray(logits), jnp.asarray(tokens), k)
+    want = REFERENCE_LOGPROBS(jnp.asarray(logits), jnp.asarray(tokens), k)
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want.top_ids))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want.rank))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want.logprob), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[3]), np.asarray(want.top_logprobs), rtol=1e-6, atol=1e-5)
+    assert int(got[1][5]) == 1
+
+
+def test_logprobs_at_full_vocab_through_the_sampler_and_padding_rows():
+    vocab = 49152
+    logits = random_logits(8, vocab, seed=12, scale=2.0)
+    rows = [row(seed=i, temperature=0.0 if i % 2 else 0.9, top_p=0.9, logprobs=5) for i in range(6)]
+    tensors, flags = build_sampling_tensors(rows, 8, vocab, 5)
+    by_kernel = SAMPLE(jnp.asarray(logits), tensors, flags=flags, cpu_kernel=True)
+    by_jax = SAMPLE(jnp.asarray(logits), tensors, flags=flags, cpu_kernel=False)
+    for name in ("token_ids", "rank", "top_ids"):
+        np.testing.assert_array_equal(np.asarray(getattr(by_kernel, name))[:6], np.asarray(getattr(by_jax, name))[:6])
+    np.testing.assert_allclose(np.asarray(by_kernel.top_logprobs)[:6], np.asarray(by_jax.top_logprobs)[:6], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(by_kernel.top_ids)[6:], 0)  # bucket padding left alone
