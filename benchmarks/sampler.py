@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/sampler.py [--sizes 1 8 32 64] [--vocab 49152] [--repeats 15] [--cpu-kernel]
 
---cpu-kernel: the top_k / top_p / min_p cut-offs through pallas_kernels/cpu_sampling.cc, as an engine on one
-CPU device runs them.
+--cpu-kernel: the top_k / top_p / min_p cut-offs and the logprobs through pallas_kernels/cpu_sampling.cc, as an
+engine on one CPU device runs them.
 
 Prints a markdown table for docs/benchmarks.md: per call, after compilation, the median and (in
 parentheses) the fastest of --repeats calls in milliseconds; on a shared machine the fastest is the

@@ -56,7 +56,8 @@ class RunnerConfig:
     # their kernels run at every batch size, reading the layer-stacked weights in place.
     block_formats: tuple[tuple[str, str], ...] = ()
     kv_cache_dtype: str | None = None  # None = activation_dtype
-    # The sampler's top_k / top_p / min_p cut-offs through the CPU kernel (jaxserve/sampler.sample): one CPU device.
+    # The sampler's top_k / top_p / min_p cut-offs and logprobs through the CPU kernels (pallas_kernels/
+    # cpu_sampling.cc, jaxserve/sampler.sample): one CPU device.
     cpu_sampling: bool = False
 
 

@@ -1,22 +1,21 @@
-// The sampler's two passes over the vocabulary that XLA's CPU path sorts for, as XLA FFI calls:
+// The sampler's two passes over the vocabulary that XLA's CPU backend sorts for, as XLA FFI calls:
 //
 //   jaxserve_sampling_threshold(scaled f32[S, V], top_k i32[S], top_p f32[S], min_p f32[S], live_rows i32[1])
 //     -> threshold f32[S] (the tokens with scaled >= threshold survive all three filters), row_max f32[S]
 //   jaxserve_token_logprobs(logits f32[S, V], token_ids i32[S], live_rows i32[1])
 //     -> token_logprob f32[S], rank i32[S], top_ids i32[S, K], top_logprobs f32[S, K] (sampler.token_logprobs)
 //
-// The threshold is jaxserve/sampler.py's filter_threshold, exactly as defined there, without its sort or
-// bisection.
-// Per row: top_k keeps the values down to the k-th largest (ties kept); top_p then keeps, of those, the
-// fewest largest values whose probability reaches top_p of their mass (ties kept); min_p keeps values within
-// log(min_p) of the row's maximum. XLA's CPU top_k is a sort, and a nucleus wider than the sampler's window
-// needed 32 passes of bisection over the vocabulary (45 ms a step at 32 rows). Here a row costs two passes:
-// its maximum, then each token's e^(x - max) with the tokens within kPruneNats of the maximum set aside; the
-// cut-offs are selected among those (a weighted quickselect, linear). When those cannot hold them, or are too
-// many (a flat distribution's nucleus, a top_k beyond them), a histogram of every token's distance below the
-// maximum finds the one bin each cut-off lies in, and the selection runs among that bin's tokens. Masses add up in double;
-// the thresholds are the tokens' own values, so they differ from the sampler's reference only where a sum
-// lands within rounding of top_p.
+// The threshold is jaxserve/sampler.py's filter_threshold, as defined there: top_k keeps the values down to
+// the k-th largest (ties kept); top_p then keeps, of those, the fewest largest values whose probability
+// reaches top_p of their mass (ties kept); min_p keeps values within log(min_p) of the row's maximum. XLA's
+// CPU top_k is a sort, and a nucleus wider than the sampler's window needed 32 passes of bisection over the
+// vocabulary (45 ms a step at 32 rows). Here a row costs two passes: its maximum, then each token's
+// e^(x - max) with the tokens within kPruneNats of the maximum set aside; a cut-off is selected among those
+// (a weighted quickselect, linear). When they cannot hold it, or are too many (a flat distribution's nucleus,
+// a top_k beyond them), a histogram of every token's distance below the maximum finds the one bin the cut-off
+// lies in, and the selection runs among that bin's tokens. Masses add up in double; the thresholds are the
+// tokens' own values, so they differ from the sampler's reference only where a sum lands within rounding of
+// top_p.
 
 #include <immintrin.h>
 
