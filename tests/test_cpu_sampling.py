@@ -162,3 +162,21 @@ def test_logprobs_at_full_vocab_through_the_sampler_and_padding_rows():
         np.testing.assert_array_equal(np.asarray(getattr(by_kernel, name))[:6], np.asarray(getattr(by_jax, name))[:6])
     np.testing.assert_allclose(np.asarray(by_kernel.top_logprobs)[:6], np.asarray(by_jax.top_logprobs)[:6], atol=1e-5)
     np.testing.assert_array_equal(np.asarray(by_kernel.top_ids)[6:], 0)  # bucket padding left alone
+
+
+def test_masked_rows_through_the_sampler():
+    """allowed_token_ids (the bitmask's -inf) with a top_k beyond the allowed tokens, a temperature just above
+    greedy, and min_p 1: the same draws as the JAX path, all from the allowed tokens."""
+    vocab = 49152
+    logits = random_logits(4, vocab, seed=13, scale=2.0)
+    allowed = [3, 77, 1000, 4096, 30000, 49151]
+    rows = [row(seed=5, temperature=1.0, top_k=50, top_p=0.9, allowed_token_ids=allowed),
+            row(seed=6, temperature=2e-5, top_p=0.5),
+            row(seed=7, temperature=0.7, min_p=1.0),
+            row(seed=8, temperature=1.5, top_k=1)]
+    tensors, flags = build_sampling_tensors(rows, 4, vocab, 0)
+    by_kernel = np.asarray(SAMPLE(jnp.asarray(logits), tensors, flags=flags, cpu_kernel=True).token_ids)
+    by_jax = np.asarray(SAMPLE(jnp.asarray(logits), tensors, flags=flags, cpu_kernel=False).token_ids)
+    np.testing.assert_array_equal(by_kernel, by_jax)
+    assert by_kernel[0] in allowed
+    np.testing.assert_array_equal(by_kernel[1:], np.argmax(logits[1:], axis=1))  # each keeps only its maximum
