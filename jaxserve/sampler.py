@@ -73,8 +73,8 @@ class SamplerOutput(NamedTuple):
 def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
            cpu_kernel: bool = False) -> SamplerOutput:
     """One token per row of `logits` [S, V]; `flags` must be static under jit. `cpu_kernel` (static; one CPU
-    device with the kernels built): the top_k / top_p / min_p cut-offs and the top logprobs come from
-    pallas_kernels/cpu_sampling.cc, the same values without a sort."""
+    device with the kernels built): the greedy tokens, the top_k / top_p / min_p cut-offs and the logprobs come
+    from pallas_kernels/cpu_sampling.cc, the same values without XLA's sorts and single-threaded reductions."""
     raw = logits.astype(jnp.float32)
     logits = raw
     # Bias then mask equals mask then bias (-inf + b = -inf); scattering into the raw logits first
@@ -86,7 +86,11 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
     if flags.needs_penalties:
         logits = apply_penalties(logits, tensors)
 
-    if flags.all_greedy:
+    if flags.all_greedy and cpu_kernel:
+        log_total, tokens = cpu_kernels.log_normalizer(logits, tensors.live_rows)
+        if logits is raw and flags.num_logprobs == 0:  # the same pass gave the raw distribution's normalizer
+            return SamplerOutput(tokens, jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - log_total)
+    elif flags.all_greedy:
         tokens = greedy_tokens(logits)
     else:
         is_greedy = tensors.temperature < GREEDY_TEMPERATURE
@@ -334,13 +338,16 @@ def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int, c
     """Raw-distribution logprob of `token_ids` [N] under `logits` [N, V]; when num_logprobs > 0 also
     their 1-based rank and the top `num_logprobs` alternatives. `sample` uses it for the sampled
     tokens; the runner uses it for prompt_logprobs (position i's logits against prompt token i+1).
-    `cpu_kernel`: the alternatives and the rank from pallas_kernels/cpu_sampling.cc (rows from `live_rows`
-    on are padding and come back zero)."""
+    `cpu_kernel`: the normalizer, the alternatives and the rank from pallas_kernels/cpu_sampling.cc (rows from
+    `live_rows` on are padding and come back zero)."""
     raw = logits.astype(jnp.float32)
     token_ids = token_ids.astype(jnp.int32)
     if num_logprobs > 0 and cpu_kernel:
         logprob, rank, top_ids, top_logprobs = cpu_kernels.token_logprobs(raw, token_ids, num_logprobs, live_rows)
         return SamplerOutput(token_ids, logprob, top_ids, top_logprobs, rank)
+    if cpu_kernel:
+        log_total, _ = cpu_kernels.log_normalizer(raw, live_rows)
+        return SamplerOutput(token_ids, jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total)
     log_total = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
     logprobs = raw - log_total  # fused by XLA into the rank count, never materialized
     token_logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total[:, 0]

@@ -1,9 +1,11 @@
-// The sampler's two passes over the vocabulary that XLA's CPU backend sorts for, as XLA FFI calls:
+// The sampler's passes over the vocabulary, as XLA FFI calls (XLA's CPU backend sorts for the first two):
 //
 //   jaxserve_sampling_threshold(scaled f32[S, V], top_k i32[S], top_p f32[S], min_p f32[S], live_rows i32[1])
 //     -> threshold f32[S] (the tokens with scaled >= threshold survive all three filters), row_max f32[S]
 //   jaxserve_token_logprobs(logits f32[S, V], token_ids i32[S], live_rows i32[1])
 //     -> token_logprob f32[S], rank i32[S], top_ids i32[S, K], top_logprobs f32[S, K] (sampler.token_logprobs)
+//   jaxserve_log_normalizer(logits f32[S, V], live_rows i32[1]) -> log_total f32[S], first_max i32[S]
+//     (log(sum(e^x)) for every sampled token's logprob, and the greedy token)
 //
 // The threshold is jaxserve/sampler.py's filter_threshold, as defined there: top_k keeps the values down to
 // the k-th largest (ties kept); top_p then keeps, of those, the fewest largest values whose probability
@@ -378,7 +380,86 @@ ffi::Error TokenLogprobs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi
   return ffi::Error::Success();
 }
 
+// ---- Every sampled token's logprob: a row's log-normalizer, and its first maximum (the greedy token) ----
+
+// log(sum(e^x)) in double from the maximum, and the first index of the maximum; a row with a NaN gives NaN and
+// its last index (as sampler.greedy_tokens, whose comparisons with a NaN maximum all fail).
+void row_normalizer(const float* x, int64_t V, float& log_total, int32_t& first_max) {
+  __m256 vmax = _mm256_set1_ps(kNegInf), nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vmax = _mm256_max_ps(vmax, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  float max = hmax(vmax);
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < V; ++i) {
+    max = std::max(max, x[i]);
+    has_nan |= std::isnan(x[i]);
+  }
+  if (has_nan) {
+    log_total = std::numeric_limits<float>::quiet_NaN();
+    first_max = static_cast<int32_t>(V - 1);
+    return;
+  }
+  const __m256 target = _mm256_set1_ps(max);
+  first_max = static_cast<int32_t>(V - 1);
+  for (i = 0; i + 8 <= V; i += 8)
+    if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ))) {
+      first_max = static_cast<int32_t>(i + __builtin_ctz(hit));
+      break;
+    }
+  if (i + 8 > V)
+    for (; i < V; ++i)
+      if (x[i] == max) {
+        first_max = static_cast<int32_t>(i);
+        break;
+      }
+  if (!std::isfinite(max)) {  // all -inf (or +inf present): as logsumexp
+    log_total = max;
+    return;
+  }
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  __m256d sum = _mm256_setzero_pd();
+  for (i = 0; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(v, target)), _mm256_cmp_ps(v, neg_inf, _CMP_GT_OQ));
+    sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, sum);
+  double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < V; ++i) total += x[i] > kNegInf ? std::exp(x[i] - max) : 0.0;
+  log_total = max + static_cast<float>(std::log(total));
+}
+
+ffi::Error LogNormalizer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> live_rows,
+                         ffi::ResultBuffer<ffi::F32> log_total, ffi::ResultBuffer<ffi::S32> first_max) {
+  auto d = logits.dimensions();
+  if (d.size() != 2 || live_rows.element_count() != 1)
+    return ffi::Error::InvalidArgument("log_normalizer: expected logits[S, V]");
+  const int64_t S = d[0], V = d[1];
+  const int64_t live = std::clamp<int64_t>(live_rows.typed_data()[0], 0, S);
+  float* totals = log_total->typed_data();
+  int32_t* firsts = first_max->typed_data();
+  std::fill(totals + live, totals + S, 0.f);  // bucket padding
+  std::fill(firsts + live, firsts + S, 0);
+  const float* x = logits.typed_data();
+  parallel_blocks(pool, live, [&](int64_t r) { row_normalizer(x + r * V, V, totals[r], firsts[r]); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_log_normalizer, LogNormalizer,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_token_logprobs, TokenLogprobs,
                               ffi::Ffi::Bind()

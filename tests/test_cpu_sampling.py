@@ -180,3 +180,26 @@ def test_masked_rows_through_the_sampler():
     np.testing.assert_array_equal(by_kernel, by_jax)
     assert by_kernel[0] in allowed
     np.testing.assert_array_equal(by_kernel[1:], np.argmax(logits[1:], axis=1))  # each keeps only its maximum
+
+
+def test_greedy_tokens_and_logprobs_through_the_normalizer():
+    """First maximum (ties to the lower token), log-normalizer as logsumexp, padding rows zero, and a NaN row
+    as greedy_tokens leaves it (its last token)."""
+    vocab = 49152
+    logits = random_logits(6, vocab, seed=14, scale=3.0)
+    logits[1, [10, 20, 30]] = 50.0
+    logits[2, 100:] = -np.inf
+    logits[3, 7] = np.nan
+    log_total, first = map(np.asarray, jax.jit(cpu_kernels.log_normalizer)(jnp.asarray(logits), np.array([5], np.int32)))
+    np.testing.assert_array_equal(first[[0, 1, 2, 4]], np.argmax(logits[[0, 1, 2, 4]], axis=1))
+    assert first[1] == 10 and first[3] == vocab - 1 and np.isnan(log_total[3])
+    np.testing.assert_allclose(log_total[[0, 1, 2, 4]], np.asarray(jax.nn.logsumexp(logits[[0, 1, 2, 4]], axis=1)),
+                               rtol=1e-6)
+    assert first[5] == 0 and log_total[5] == 0.0
+    rows = [row(temperature=0.0, logprobs=None) for _ in range(4)]
+    tensors, flags = build_sampling_tensors(rows, 4, vocab, 0)
+    clean = np.delete(logits, 3, axis=0)[:4]
+    by_kernel = SAMPLE(jnp.asarray(clean), tensors, flags=flags, cpu_kernel=True)
+    by_jax = SAMPLE(jnp.asarray(clean), tensors, flags=flags, cpu_kernel=False)
+    np.testing.assert_array_equal(np.asarray(by_kernel.token_ids), np.asarray(by_jax.token_ids))
+    np.testing.assert_allclose(np.asarray(by_kernel.logprob), np.asarray(by_jax.logprob), atol=1e-5)
