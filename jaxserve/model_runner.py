@@ -5,6 +5,7 @@ flattened parameter leaves (no Flax on the hot path); the KV cache is donated an
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -254,6 +255,8 @@ class ModelRunner:
         return last_hidden, hidden
 
     def sample(self, last_hidden, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
+        if self.config.cpu_sampling and flags.filter_window:  # the kernel needs no window: one variant for all
+            flags = dataclasses.replace(flags, filter_window=0)
         compiled = self._compiled_samplers.get((flags, last_hidden.shape[0]))
         if compiled is not None:
             try:

@@ -203,3 +203,20 @@ def test_greedy_tokens_and_logprobs_through_the_normalizer():
     by_jax = SAMPLE(jnp.asarray(clean), tensors, flags=flags, cpu_kernel=False)
     np.testing.assert_array_equal(np.asarray(by_kernel.token_ids), np.asarray(by_jax.token_ids))
     np.testing.assert_allclose(np.asarray(by_kernel.logprob), np.asarray(by_jax.logprob), atol=1e-5)
+
+
+
+def test_one_compiled_sampler_for_every_top_k_window(random_llama_dir, tmp_path):
+    """With the kernel the cut-off needs no lax.top_k window: steps whose top_k would pick different windows
+    share one compiled sampler (the JAX path compiles one per window)."""
+    from jaxserve import LLM, SamplingParams
+    llm = LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(tmp_path), dtype="float32", max_model_len=128,
+              max_num_seqs=2, max_num_batched_tokens=32, precompile=False)
+    runner = llm.engine.runner
+    assert runner.config.cpu_sampling
+    run = lambda k: llm.generate([[5, 6, 7]], SamplingParams(temperature=0.9, top_k=k, max_tokens=2, seed=1))
+    assert len(run(10)[0].outputs[0].token_ids) == 2
+    compiled = runner._sample_fn._cache_size()  # the prompt's step and the decode step
+    for k in (100, 300, 1000):  # windows 128, 512 and 1024 on the JAX path
+        assert len(run(k)[0].outputs[0].token_ids) == 2
+    assert runner._sample_fn._cache_size() == compiled
