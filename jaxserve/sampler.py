@@ -82,8 +82,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
     if flags.needs_logit_bias:
         logits = apply_logit_bias(logits, tensors.logit_bias_ids, tensors.logit_bias_values)
     if flags.needs_bitmask:
-        logits = (cpu_kernels.apply_bitmask(logits, tensors.bitmask) if cpu_kernel
-                  else apply_bitmask(logits, tensors.bitmask))
+        logits = apply_bitmask(logits, tensors.bitmask)
     if flags.needs_penalties:
         logits = apply_penalties(logits, tensors)
 

@@ -9,10 +9,9 @@ sampler's passes over the vocabulary.
   in place with an online softmax. pallas_kernels/reference.py is its oracle.
 - The sampler's passes over the vocabulary (cpu_sampling.cc): the top_k / top_p / min_p threshold per row
   (`sampling_threshold`), a token's logprob with its rank and the most likely alternatives
-  (`token_logprobs`), a row's log-normalizer with its greedy token (`log_normalizer`) and the allowed-token
-  bitmask (`apply_bitmask`). XLA CPU's top_k is a sort, jaxserve/sampler.py's exact fallback bisects the
-  vocabulary 32 times, its logsumexp over [32, 49152] took 2.2 ms on one thread and unpacking the bitmask
-  1.4 ms.
+  (`token_logprobs`), and a row's log-normalizer with its greedy token (`log_normalizer`). XLA CPU's top_k is
+  a sort, jaxserve/sampler.py's exact fallback bisects the vocabulary 32 times, and its logsumexp over
+  [32, 49152] took 2.2 ms on one thread.
 
 All run on XLA's own intra-op threads (cpu_kernels.cc). The library is compiled on first use with the
 system's C++ compiler into the user's cache (keyed by the source and the JAX headers), so an install needs no
@@ -50,7 +49,6 @@ ATTENTION_TARGETS = {"float32": "jaxserve_ragged_paged_attention", "bfloat16": "
 SAMPLING_TARGET = "jaxserve_sampling_threshold"
 LOGPROBS_TARGET = "jaxserve_token_logprobs"
 NORMALIZER_TARGET = "jaxserve_log_normalizer"
-BITMASK_TARGET = "jaxserve_apply_bitmask"
 BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_q4_dequantize_f32",
                        "jaxserve_q8_dequantize_f32", "jaxserve_q4_dequantize_bf16", "jaxserve_q8_dequantize_bf16")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
@@ -125,7 +123,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
         targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, *ATTENTION_TARGETS.values(),
-                                                          SAMPLING_TARGET, LOGPROBS_TARGET, NORMALIZER_TARGET, BITMASK_TARGET,
+                                                          SAMPLING_TARGET, LOGPROBS_TARGET, NORMALIZER_TARGET,
                                                           *BLOCK_QUANT_TARGETS)}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
@@ -235,13 +233,6 @@ def log_normalizer(logits, live_rows=None) -> tuple[jax.Array, jax.Array]:
     live_rows = jnp.full((1,), rows, jnp.int32) if live_rows is None else jnp.asarray(live_rows, jnp.int32).reshape(1)
     out = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32))
     return jax.ffi.ffi_call(NORMALIZER_TARGET, out)(logits.astype(jnp.float32), live_rows)
-
-
-def apply_bitmask(logits, bitmask) -> jax.Array:
-    """`logits` f32[S, V] with -inf where the row's bit in `bitmask` i32[S, ceil(V / 32)] is clear (bit j of word
-    i is token 32 i + j), as sampler.apply_bitmask (cpu_sampling.cc)."""
-    call = jax.ffi.ffi_call(BITMASK_TARGET, jax.ShapeDtypeStruct(logits.shape, jnp.float32))
-    return call(logits.astype(jnp.float32), bitmask.astype(jnp.int32))
 
 
 def attention_fits(q, k_pages) -> bool:

@@ -6,7 +6,6 @@
 //     -> token_logprob f32[S], rank i32[S], top_ids i32[S, K], top_logprobs f32[S, K] (sampler.token_logprobs)
 //   jaxserve_log_normalizer(logits f32[S, V], live_rows i32[1]) -> log_total f32[S], first_max i32[S]
 //     (log(sum(e^x)) for every sampled token's logprob, and the greedy token)
-//   jaxserve_apply_bitmask(logits f32[S, V], bitmask i32[S, ceil(V / 32)]) -> logits with -inf where a bit is clear
 //
 // The threshold is jaxserve/sampler.py's filter_threshold, as defined there: top_k keeps the values down to
 // the k-th largest (ties kept); top_p then keeps, of those, the fewest largest values whose probability
@@ -452,43 +451,7 @@ ffi::Error LogNormalizer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi
   return ffi::Error::Success();
 }
 
-// ---- The allowed-token bitmask (guided decoding, allowed_token_ids, min_tokens) ----
-
-// out = logits where the token's bit is set, else -inf; bit j of word i is token 32 i + j (sampler.apply_bitmask).
-ffi::Error ApplyBitmask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> bitmask,
-                        ffi::ResultBuffer<ffi::F32> out) {
-  auto d = logits.dimensions(), bd = bitmask.dimensions();
-  if (d.size() != 2 || bd.size() != 2 || bd[0] != d[0] || bd[1] * 32 < d[1])
-    return ffi::Error::InvalidArgument("apply_bitmask: expected logits[S, V] and bitmask[S, >= V / 32]");
-  const int64_t S = d[0], V = d[1], W = bd[1];
-  const float* x = logits.typed_data();
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(bitmask.typed_data());
-  float* y = out->typed_data();
-  parallel_blocks(pool, S, [&](int64_t r) {
-    const float* xr = x + r * V;
-    const uint32_t* br = bits + r * W;
-    float* yr = y + r * V;
-    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 neg_inf = _mm256_set1_ps(kNegInf);
-    int64_t i = 0;
-    for (; i + 8 <= V; i += 8) {
-      const __m256i byte = _mm256_set1_epi32(static_cast<int32_t>((br[i / 32] >> (i % 32)) & 0xff));
-      const __m256 allowed = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit));
-      _mm256_storeu_ps(yr + i, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(xr + i), allowed));
-    }
-    for (; i < V; ++i) yr[i] = (br[i / 32] >> (i % 32)) & 1u ? xr[i] : kNegInf;
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_apply_bitmask, ApplyBitmask,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_log_normalizer, LogNormalizer,
                               ffi::Ffi::Bind()

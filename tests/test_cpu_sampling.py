@@ -220,16 +220,3 @@ def test_one_compiled_sampler_for_every_top_k_window(random_llama_dir, tmp_path)
     for k in (100, 300, 1000):  # windows 128, 512 and 1024 on the JAX path
         assert len(run(k)[0].outputs[0].token_ids) == 2
     assert runner._sample_fn._cache_size() == compiled
-
-
-@pytest.mark.parametrize("vocab", [49152, 1003])  # and a last word only partly used
-def test_bitmask_kernel_equals_the_jax_mask(vocab):
-    from jaxserve.sampler import apply_bitmask
-    rng = np.random.default_rng(15)
-    logits = jnp.asarray(random_logits(5, vocab, seed=15))
-    words = -(-vocab // 32)
-    bitmask = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (5, words), dtype=np.int64).astype(np.int32))
-    got = np.asarray(jax.jit(cpu_kernels.apply_bitmask)(logits, bitmask))
-    want = np.asarray(apply_bitmask(logits, bitmask))
-    np.testing.assert_array_equal(got, want)
-    assert 0.4 < np.isfinite(got).mean() < 0.6
