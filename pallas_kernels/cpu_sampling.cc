@@ -91,21 +91,35 @@ struct RowFilter {
   float min_p;    // 0 = off
 };
 
+// e^(x - max) per lane, 0 for -inf (a masked token has no mass; exp_nonpositive alone would give it e^-87).
+inline __m256 token_masses(__m256 x, __m256 max) {
+  return _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(x, max)), _mm256_cmp_ps(x, _mm256_set1_ps(kNegInf), _CMP_GT_OQ));
+}
+
+// Masses add up in double: a float sum of 49152 terms is off by ~1e-6, a nucleus at top_p 0.999 by a dozen tokens.
+inline __m256d add_in_double(__m256d sum, __m256 v) {
+  return _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                                          _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
+
+inline double lanes_total(__m256d sum) {
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, sum);
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
 // Every token's e^(x - max) into e[V]; the tokens with x > floor into `out`, at most kMaxPruned + 8 of them
 // (more: `out` holds more than kMaxPruned, incomplete). Returns the sum of every token's e^(x - max).
 double masses(const float* x, int64_t V, float max, float floor, float* e, std::vector<Candidate>& out) {
   out.clear();
-  const __m256 vmax = _mm256_set1_ps(max), vfloor = _mm256_set1_ps(floor), neg_inf = _mm256_set1_ps(kNegInf);
-  __m256d sum = _mm256_setzero_pd();  // in double: a float sum of 49152 terms is off by ~1e-6, a nucleus at
-                                     // top_p 0.999 by a dozen tokens
+  const __m256 vmax = _mm256_set1_ps(max), vfloor = _mm256_set1_ps(floor);
+  __m256d sum = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
-    // -inf (a masked token) has no mass; exp_nonpositive alone would give it e^-87
-    const __m256 ev = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(v, vmax)), _mm256_cmp_ps(v, neg_inf, _CMP_GT_OQ));
+    const __m256 ev = token_masses(v, vmax);
     _mm256_storeu_ps(e + i, ev);
-    sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(ev)),
-                                           _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1))));
+    sum = add_in_double(sum, ev);
     int keep = _mm256_movemask_ps(_mm256_cmp_ps(v, vfloor, _CMP_GT_OQ));
     if (keep && static_cast<int64_t>(out.size()) <= kMaxPruned)
       for (; keep; keep &= keep - 1) {
@@ -113,9 +127,7 @@ double masses(const float* x, int64_t V, float max, float floor, float* e, std::
         out.push_back({x[i + j], e[i + j], static_cast<int32_t>(i + j)});
       }
   }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, sum);
-  double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  double total = lanes_total(sum);
   for (; i < V; ++i) {
     e[i] = x[i] > kNegInf ? std::exp(x[i] - max) : 0.f;
     total += e[i];
@@ -420,17 +432,9 @@ void row_normalizer(const float* x, int64_t V, float& log_total, int32_t& first_
     log_total = max;
     return;
   }
-  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   __m256d sum = _mm256_setzero_pd();
-  for (i = 0; i + 8 <= V; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(v, target)), _mm256_cmp_ps(v, neg_inf, _CMP_GT_OQ));
-    sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e)),
-                                           _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
-  }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, sum);
-  double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (i = 0; i + 8 <= V; i += 8) sum = add_in_double(sum, token_masses(_mm256_loadu_ps(x + i), target));
+  double total = lanes_total(sum);
   for (; i < V; ++i) total += x[i] > kNegInf ? std::exp(x[i] - max) : 0.0;
   log_total = max + static_cast<float>(std::log(total));
 }
