@@ -381,7 +381,7 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>& s
   const int64_t rank = qd.size(), nb = K / kBlock;
   if ((rank != 2 && rank != 3) || static_cast<int64_t>(sd.size()) != rank || K % kBlock ||
       qd[rank - 1] != nb * kTile * (kFourBit ? kBlock / 2 : kBlock) || sd[rank - 2] != qd[rank - 2] ||
-      sd[rank - 1] != nb * kTile || (rank == 3 && sd[0] != qd[0]) || layer.element_count() != 1)
+      sd[rank - 1] != nb * kTile || (rank == 3 && sd[0] != qd[0]) || layer.element_count() != 1 || nb < 1)
     return ffi::Error::InvalidArgument("block quant: expected q[(L,) N/2, bytes] and scale[(L,) N/2, K/16] for K");
   const int64_t L = rank == 3 ? qd[0] : 1, tiles = qd[rank - 2];
   const int32_t l = *layer.typed_data();

@@ -115,14 +115,18 @@ JAXSERVE_AVX512_BF16 void panel_rows(const uint16_t* x, int64_t K, const uint16_
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
   const uint16_t* xr = x + m0 * K;
-  for (int64_t k = 0; k < K; k += 32) {
+  int64_t k = 0;
+  // K >= 32: with no path around the loop GCC keeps the accumulators in registers throughout (a for loop had
+  // it zero a stack copy of all 24 before the loop and spill them after: ~15% of a prefill's panel time)
+  do {
     __m512bh a[MR];
     for (int i = 0; i < MR; ++i) a[i] = reinterpret_cast<__m512bh>(_mm512_load_si512(xr + i * K + k));
     for (int j = 0; j < NP; ++j) {
       const __m512bh b = reinterpret_cast<__m512bh>(_mm512_load_si512(panel + j * K + k));
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a[i], b);
     }
-  }
+    k += 32;
+  } while (k < K);
   for (int i = 0; i < MR; ++i) {
     __m256 half[NP];
     for (int j = 0; j < NP; ++j) half[j] = half_sum(acc[i][j]);
