@@ -123,6 +123,9 @@ BFLOAT16_CASES = [
             head_dim=40, num_pages=40), {"sliding_window": 5, "soft_cap": 20.0}),
     (Shapes(page_size=16, num_kv_heads=1, group=3, num_seq_slots=3, num_tokens=6, pages_per_seq=24,
             head_dim=64, num_pages=80), {}),  # decode positions split into parts
+    # rows of 4 x 160 values, past what the kernel widens whole: a KV head at a time
+    (Shapes(page_size=16, num_kv_heads=4, group=2, num_seq_slots=3, num_tokens=12, pages_per_seq=6,
+            head_dim=160, num_pages=40), {}),
 ]
 
 
