@@ -308,14 +308,16 @@ void panel_rows(const float* x, int64_t K, const float* panel, int64_t m0, float
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_setzero_ps();
   const float* xr = x + m0 * K;
-  for (int64_t k = 0; k < K; k += 8) {
+  int64_t k = 0;
+  do {  // K >= 32: a do loop keeps the accumulators in registers (block_quant_avx512.cc's panel_rows)
     __m256 a[MR];
     for (int i = 0; i < MR; ++i) a[i] = _mm256_loadu_ps(xr + i * K + k);
     for (int j = 0; j < NP; ++j) {
       const __m256 b = _mm256_loadu_ps(panel + j * K + k);
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(a[i], b, acc[i][j]);
     }
-  }
+    k += 8;
+  } while (k < K);
   for (int i = 0; i < MR; ++i) {
     float* out = y + (m0 + i) * N + n0;
     if (NP == 4) {  // four reductions at once: lanes of hadd(hadd(a, b), hadd(c, d)) halves sum to a..d
