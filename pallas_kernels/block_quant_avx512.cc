@@ -72,8 +72,8 @@ JAXSERVE_AVX512_BF16 inline void unpack_block(const Weights& t, int64_t b, __m51
 }
 
 // Blocks go by faster than the hardware's prefetchers fetch them: unpacking waited on memory until each block
-// prefetched the weights 2 KiB ahead (alternated in one process: a one-row decode step 9.1 -> 8.0-8.3 ms, a
-// 32-row one 55.7 -> 52.1 ms, medians of six to twelve; 1-3 KiB within the noise of each other).
+// prefetched the weights 2 KiB ahead (alternated in one process: a one-row decode step 9.1 -> 8.0-8.6 ms, a
+// 32-row one 55.7 -> 52.1 ms, medians of six to twelve; 1-4 KiB within the noise of each other).
 constexpr int64_t kPrefetchBytes = 2048;
 
 template <bool kFourBit>
