@@ -89,7 +89,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
     if flags.all_greedy and cpu_kernel:
         log_total, tokens = cpu_kernels.log_normalizer(logits, tensors.live_rows)
         if logits is raw and flags.num_logprobs == 0:  # the same pass gave the raw distribution's normalizer
-            return SamplerOutput(tokens, jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - log_total)
+            return SamplerOutput(tokens, _chosen_logprob(raw, tokens, log_total))
     elif flags.all_greedy:
         tokens = greedy_tokens(logits)
     else:
@@ -333,6 +333,11 @@ def _sample_categorical(scaled: jax.Array, uniforms: jax.Array, is_greedy: jax.A
     return (block * CDF_BLOCK + offset).astype(jnp.int32)
 
 
+def _chosen_logprob(raw: jax.Array, token_ids: jax.Array, log_total: jax.Array) -> jax.Array:
+    """raw[i, token_ids[i]] - log_total[i]: each row's token's logprob given its log-normalizer."""
+    return jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total
+
+
 def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int, cpu_kernel: bool = False,
                    live_rows: jax.Array | None = None) -> SamplerOutput:
     """Raw-distribution logprob of `token_ids` [N] under `logits` [N, V]; when num_logprobs > 0 also
@@ -347,10 +352,10 @@ def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int, c
         return SamplerOutput(token_ids, logprob, top_ids, top_logprobs, rank)
     if cpu_kernel:
         log_total, _ = cpu_kernels.log_normalizer(raw, live_rows)
-        return SamplerOutput(token_ids, jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total)
+        return SamplerOutput(token_ids, _chosen_logprob(raw, token_ids, log_total))
     log_total = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
     logprobs = raw - log_total  # fused by XLA into the rank count, never materialized
-    token_logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_total[:, 0]
+    token_logprob = _chosen_logprob(raw, token_ids, log_total[:, 0])
     if num_logprobs <= 0:  # the sampled token's logprob only (cumulative_logprob); no rank count
         return SamplerOutput(token_ids, token_logprob)
     rank = 1 + jnp.sum(logprobs > token_logprob[:, None], axis=-1).astype(jnp.int32)

@@ -211,7 +211,12 @@ def sampling_threshold(scaled, top_k, top_p, min_p, live_rows) -> tuple[jax.Arra
     out = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
     return jax.ffi.ffi_call(SAMPLING_TARGET, out)(
         scaled.astype(jnp.float32), top_k.astype(jnp.int32), top_p.astype(jnp.float32), min_p.astype(jnp.float32),
-        jnp.asarray(live_rows, jnp.int32).reshape(1))
+        _live_rows(live_rows, rows))
+
+
+def _live_rows(live_rows, rows: int) -> jax.Array:
+    """The sampling kernels' live-row count operand, i32[1] (all `rows` when None)."""
+    return jnp.full((1,), rows, jnp.int32) if live_rows is None else jnp.asarray(live_rows, jnp.int32).reshape(1)
 
 
 def token_logprobs(logits, token_ids, num_logprobs: int, live_rows=None):
@@ -219,20 +224,19 @@ def token_logprobs(logits, token_ids, num_logprobs: int, live_rows=None):
     likely tokens i32[S, K] and their logprobs f32[S, K]), as the sampler's `token_logprobs` defines them
     (cpu_sampling.cc). Rows from live_rows on come back zero."""
     rows = logits.shape[0]
-    live_rows = jnp.full((1,), rows, jnp.int32) if live_rows is None else jnp.asarray(live_rows, jnp.int32).reshape(1)
     out = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32),
            jax.ShapeDtypeStruct((rows, num_logprobs), jnp.int32),
            jax.ShapeDtypeStruct((rows, num_logprobs), jnp.float32))
-    return jax.ffi.ffi_call(LOGPROBS_TARGET, out)(logits.astype(jnp.float32), token_ids.astype(jnp.int32), live_rows)
+    return jax.ffi.ffi_call(LOGPROBS_TARGET, out)(logits.astype(jnp.float32), token_ids.astype(jnp.int32),
+                                                  _live_rows(live_rows, rows))
 
 
 def log_normalizer(logits, live_rows=None) -> tuple[jax.Array, jax.Array]:
     """Per row of `logits` f32[S, V]: (log(sum(exp(logits))) f32[S], the first index of the maximum i32[S]), as
     jax.nn.logsumexp and sampler.greedy_tokens (cpu_sampling.cc). Rows from live_rows on come back zero."""
     rows = logits.shape[0]
-    live_rows = jnp.full((1,), rows, jnp.int32) if live_rows is None else jnp.asarray(live_rows, jnp.int32).reshape(1)
     out = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32))
-    return jax.ffi.ffi_call(NORMALIZER_TARGET, out)(logits.astype(jnp.float32), live_rows)
+    return jax.ffi.ffi_call(NORMALIZER_TARGET, out)(logits.astype(jnp.float32), _live_rows(live_rows, rows))
 
 
 def attention_fits(q, k_pages) -> bool:
