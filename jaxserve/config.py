@@ -68,6 +68,10 @@ class EngineConfig:
     compilation_cache_dir: str | None = None  # None = ~/.cache/jaxserve/xla
     checkpoint_cache_dir: str | None = None  # None = ~/.cache/jaxserve/checkpoints
     guided_decoding_backend: str = "llguidance"
+    # Prompt-lookup speculation (jaxserve/speculative.py): draft tokens per greedy sequence and step (0 = off),
+    # added while a decode step has at most speculative_max_rows rows.
+    num_speculative_tokens: int = 4
+    speculative_max_rows: int = 8
     precompile: bool = True
     trust_remote_code: bool = False
 

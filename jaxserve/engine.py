@@ -23,6 +23,7 @@ from jaxserve.sampling_metadata import RowSamplingState, build_sampling_tensors
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
 from jaxserve.sequence import Sequence
+from jaxserve.speculative import PromptLookup, SpeculationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class LLMEngine:
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv_cache)
+        self.speculation = PromptLookup(
+            SpeculationConfig(config.num_speculative_tokens, config.speculative_max_rows), self.max_model_len)
         self.requests: dict[str, RequestState] = {}
         self._rng = np.random.default_rng(config.seed)
         self._next_seq_id = 0
@@ -145,36 +148,45 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        step = self.runner.prepare(out.scheduled)
+        scheduled, drafts = self.speculation.add_drafts(out.scheduled, self.scheduler)
+        step = self.runner.prepare(scheduled)
         last_hidden, hidden = self.runner.execute(step)  # async dispatch: the host goes on meanwhile
-        rows = [self._row_state(item.seq, item.samples) for item in out.scheduled]
+        rows = [self._row_state(item.seq, item.samples) for item in scheduled]
         tensors, flags = build_sampling_tensors(rows, step.shape.num_seqs, self.model_config.vocab_size,
                                                 self.config.max_logprobs)
         sampled = self.runner.sample(last_hidden, tensors, flags)
-        prompt_lp = self._prompt_logprobs(out.scheduled, hidden, step.shape.num_tokens)
-        self.scheduler.after_step(out.scheduled)
+        prompt_lp = self._prompt_logprobs(scheduled, hidden, step.shape.num_tokens)
+        self.scheduler.after_step(scheduled)
         token_ids = np.asarray(sampled.token_ids)
         logprob = np.asarray(sampled.logprob)
         tops = None
         if flags.num_logprobs:
             tops = (np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs), np.asarray(sampled.rank))
+        outputs = []
         touched: dict[str, RequestState] = {}
         for row in step.sample_rows:
-            seq = out.scheduled[row].seq
+            seq = scheduled[row].seq
             state = self.requests.get(seq.request_id)
-            if state is None or seq.is_finished:
+            if scheduled[row].draft_index or state is None or seq.is_finished:
                 continue
-            top = None if tops is None else (tops[0][row], tops[1][row], tops[2][row])
-            finished = state.append_token(seq, int(token_ids[row]), float(logprob[row]), top,
-                                          self.max_model_len)
-            self.generation_tokens_total += 1
-            if finished:
-                self.scheduler.finish(seq, seq.finish_reason, seq.stop_reason)
+            draft = drafts.get(row)
+            kept = self.speculation.rows_to_keep(row, draft, token_ids)
+            for i, r in enumerate(kept):
+                if i:  # one output per token, as without drafts (streams send a chunk each)
+                    if (output := state.make_output()) is not None:
+                        outputs.append(output)
+                top = None if tops is None else (tops[0][r], tops[1][r], tops[2][r])
+                finished = state.append_token(seq, int(token_ids[r]), float(logprob[r]), top, self.max_model_len)
+                self.generation_tokens_total += 1
+                if finished:
+                    self.scheduler.finish(seq, seq.finish_reason, seq.stop_reason)
+                    break
+            if draft is not None and not seq.is_finished:
+                self.speculation.accepted(seq, draft, len(kept) - 1)
             touched[state.request_id] = state
         for request_id, lps in prompt_lp.items():
             if request_id in self.requests:
                 touched[request_id] = self.requests[request_id]
-        outputs = []
         for state in touched.values():
             output = state.make_output()
             if output is not None:

@@ -227,10 +227,11 @@ class ModelRunner:
         page_rows = view["page_indices"].reshape(shape.num_seqs, self.config.pages_per_seq)
         for row, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
+            start = seq.num_computed_tokens + item.draft_index
             positions = np.arange(start, start + n, dtype=np.int32)
             pages = np.asarray(seq.pages, np.int32)
-            view["token_ids"][cursor:cursor + n] = seq.token_slice(start, start + n)
+            view["token_ids"][cursor:cursor + n] = (item.draft_token if item.draft_index
+                                                    else seq.token_slice(start, start + n))
             view["positions"][cursor:cursor + n] = positions
             view["slot_mapping"][cursor:cursor + n] = pages[positions // ps] * ps + positions % ps
             view["kv_lens"][row] = start + n

@@ -25,11 +25,15 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    # A draft row (jaxserve/speculative.py): draft token `draft_token` at draft_index positions past the
+    # sequence's last known token, computed (and sampled) as a decode row of its own. 0: a real row.
+    draft_index: int = 0
+    draft_token: int = -1
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the sequence's last known token, so its logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.draft_index > 0 or self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -99,6 +103,10 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pages for the sequence's first `num_tokens` positions (draft rows write past its known tokens)."""
+        return self._grow(seq, num_tokens)
+
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         missing = self.kv_cache.pages_needed(num_tokens) - len(seq.pages)
         if missing <= 0:
@@ -128,6 +136,8 @@ class Scheduler:
         """Advance computed-token counts and publish newly full pages to the prefix cache."""
         ps = self.kv_cache.page_size
         for item in scheduled:
+            if item.draft_index:  # counted when the draft is accepted (speculative.verify)
+                continue
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             full = min(seq.num_computed_tokens // ps, len(seq.page_hashes))

@@ -73,6 +73,10 @@ _ENGINE_HELP = {
     "checkpoint_cache_dir": "Directory for converted-weights checkpoints.",
     "guided_decoding_backend": "Default guided-decoding backend.",
     "precompile": "Compile every bucket before serving (slower start, no compile stalls later).",
+    "num_speculative_tokens": "Prompt-lookup speculation for plain greedy requests: up to this many draft tokens "
+                              "a step, copied from where the sequence's last tokens occurred before and verified "
+                              "in the same step (outputs unchanged); 0 turns it off.",
+    "speculative_max_rows": "Draft rows are added while a decode step has at most this many rows.",
 }
 
 

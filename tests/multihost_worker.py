@@ -27,7 +27,8 @@ def scheduled(tokens: list[int], computed: int):
     """A stand-in for the scheduler's ScheduledSeq: the sequence's pages are 0, 1, 2, ... in order."""
     pages = list(range(-(-len(tokens) // PAGE_SIZE)))
     seq = SimpleNamespace(num_computed_tokens=computed, pages=pages, token_slice=lambda a, b: tokens[a:b])
-    return SimpleNamespace(seq=seq, num_new_tokens=len(tokens) - computed, samples=True)
+    return SimpleNamespace(seq=seq, num_new_tokens=len(tokens) - computed, samples=True, draft_index=0,
+                           draft_token=-1)
 
 
 def run(out: Path, name: str, model_dir: str, tp: int) -> None:

@@ -1,0 +1,154 @@
+"""Prompt-lookup speculation: drafts from the history, and greedy outputs exactly as without drafts."""
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind
+from jaxserve.models.weights import default_gguf_path
+from jaxserve.speculative import SpeculationConfig, eligible, propose
+
+ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=4)
+
+
+def test_propose_copies_what_followed_the_latest_match():
+    history = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert propose(history, 3) == [7, 8, 5]  # the latest earlier [1, 2, 3], not the first
+    assert propose(history, 1) == [7]
+    assert propose(history, 10) == [7, 8, 5, 1, 2, 3]  # up to the end of the history
+
+
+def test_propose_prefers_the_longest_ngram_and_needs_the_shortest():
+    # the last 2 tokens [4, 5] occur twice; the last 3 [3, 4, 5] only at the start
+    history = [3, 4, 5, 6, 0, 4, 5, 8, 3, 4, 5]
+    assert propose(history, 2) == [6, 0]
+    assert propose(history, 2, min_ngram=2, max_ngram=2) == [8, 3]
+    assert propose([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert propose([5, 5], 4) == []  # a 1-gram is below the minimum
+    assert propose([1, 2, 1, 2], 0) == []
+
+
+def test_only_plain_greedy_requests_draft():
+    assert eligible(SamplingParams(temperature=0))
+    assert eligible(SamplingParams(temperature=0, stop=["x"], max_tokens=5, ignore_eos=True))
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, logprobs=2),
+                   SamplingParams(temperature=0, presence_penalty=0.5),
+                   SamplingParams(temperature=0, repetition_penalty=1.2),
+                   SamplingParams(temperature=0, logit_bias={5: 1.0}),
+                   SamplingParams(temperature=0, min_tokens=3),
+                   SamplingParams(temperature=0, allowed_token_ids=[1, 2, 3]),
+                   SamplingParams(temperature=0, n=2),
+                   SamplingParams(temperature=0, guided_decoding=GuidedDecodingParams(regex="[ab]+"))):
+        assert not eligible(params), params
+
+
+@pytest.fixture(scope="module")
+def random_engines(random_llama_dir, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("ckpt"))
+    plain = LLM(model=str(random_llama_dir), checkpoint_cache_dir=cache, num_speculative_tokens=0, **ENGINE_ARGS)
+    drafting = LLM(model=str(random_llama_dir), checkpoint_cache_dir=cache, num_speculative_tokens=4,
+                   **ENGINE_ARGS)
+    return plain, drafting
+
+
+def repetitive_prompts(n, seed=0):
+    """Token prompts that repeat a short phrase: the history always has a match to draft from."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        phrase = rng.integers(100, 5000, size=int(rng.integers(2, 6))).tolist()
+        out.append(phrase * int(rng.integers(3, 8)) + phrase[: int(rng.integers(0, len(phrase)))])
+    return out
+
+
+def test_rejected_drafts_leave_the_tokens_unchanged(random_engines):
+    # A random model does not continue the phrase: its rows reject the drafts (the sequence must still get
+    # its real row's token, and its cache must not keep the rejected rows' K/V as its own).
+    plain, drafting = random_engines
+    prompts = repetitive_prompts(6)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    before = drafting.engine.speculation.draft_tokens_total
+    for prompt in prompts:
+        assert drafting.generate([prompt], params)[0].outputs[0].token_ids == \
+            plain.generate([prompt], params)[0].outputs[0].token_ids
+    assert drafting.engine.speculation.draft_tokens_total > before
+    together = [o.outputs[0].token_ids for o in drafting.generate(prompts, params)]
+    assert together == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+
+
+def test_sampled_and_large_steps_do_not_draft(random_engines):
+    _, drafting = random_engines
+    spec = drafting.engine.speculation
+    before = spec.draft_tokens_total
+    drafting.generate(repetitive_prompts(2, seed=7), SamplingParams(temperature=0.8, seed=1, max_tokens=12))
+    drafting.generate(repetitive_prompts(8, seed=8), SamplingParams(temperature=0, max_tokens=12))  # 8 rows
+    assert spec.draft_tokens_total == before
+
+
+# The default model continues a list of random words by looping over a phrase: prompt lookup's drafts are
+# then mostly right. Its bfloat16 projections and attention give a row the same sums in any step, so the
+# tokens must be exactly those of one token a step.
+WORDS = ("time year people way day man thing woman life child world school state family student group "
+         "country problem hand part place case week company system program question work government").split()
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return LLM(model=default_gguf_path(), max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
+
+
+def word_prompts(n, seed=0, length=48):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=length)).capitalize() for _ in range(n)]
+
+
+def with_drafts(llm, num_tokens, fn):
+    engine = llm.engine
+    saved = engine.speculation.config
+    engine.speculation.config = SpeculationConfig(num_tokens, saved.max_rows)
+    try:
+        return fn()
+    finally:
+        engine.speculation.config = saved
+
+
+def test_greedy_tokens_are_those_of_one_token_a_step(smol):
+    spec = smol.engine.speculation
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    prompts = word_prompts(3)
+    want = with_drafts(smol, 0, lambda: [smol.generate([p], params)[0].outputs[0] for p in prompts])
+    accepted = spec.accepted_tokens_total
+    got = [smol.generate([p], params)[0].outputs[0] for p in prompts]
+    assert spec.accepted_tokens_total - accepted > 20  # most steps kept several tokens
+    for g, w in zip(got, want):
+        assert (g.token_ids, g.text) == (w.token_ids, w.text)
+        assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-3)
+    together = [o.outputs[0].token_ids for o in smol.generate(prompts, params)]  # 3 rows + drafts
+    assert together == [w.token_ids for w in want]
+
+
+def test_stops_inside_an_accepted_draft_end_the_output_there(smol):
+    prompt = word_prompts(1, seed=3)[0]
+    free = with_drafts(smol, 0, lambda: smol.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0])
+    for params in (SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[free.token_ids[21]]),
+                   SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[free.text[-9:-5]])):
+        want = with_drafts(smol, 0, lambda: smol.generate([prompt], params)[0].outputs[0])
+        got = smol.generate([prompt], params)[0].outputs[0]
+        assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == \
+            (want.token_ids, want.text, want.finish_reason, want.stop_reason)
+
+
+def test_streams_get_one_output_per_token(smol):
+    engine = smol.engine
+    accepted = engine.speculation.accepted_tokens_total
+    engine.add_request("stream", word_prompts(1, seed=5)[0], SamplingParams(
+        temperature=0, max_tokens=32, ignore_eos=True, output_kind=RequestOutputKind.DELTA))
+    pieces, steps = [], 0
+    while engine.has_unfinished_requests():
+        pieces += [o.outputs[0].token_ids for o in engine.step() if o.request_id == "stream"]
+        steps += 1
+        # kept drafts' K/V count as computed: the next step is a decode step again, not a recompute
+        assert all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in engine.scheduler.running)
+    assert engine.speculation.accepted_tokens_total > accepted and steps < 32  # steps kept several tokens
+    assert [len(p) for p in pieces] == [1] * 32
