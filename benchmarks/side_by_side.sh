@@ -4,6 +4,7 @@
 # 1:8,32:64 = concurrency 1 with 8 requests, 32 with 64). Peers live under $PEERS (../shared/bench/setup_peers.sh).
 #   bash benchmarks/side_by_side.sh                       # jaxserve, llama-server -np 8 and -np 32, vLLM
 #   WHO="jaxserve llama-np8" OUT=/tmp/run bash benchmarks/side_by_side.sh
+#   WHO="jaxserve jaxserve-nospec" ...                     # jaxserve without prompt-lookup speculation
 #   LOADGEN_EXTRA='--temperature 0.8 --extra-body {"top_p":0.95}' bash ...   # sampled instead of greedy (no spaces
 #                                                                             # inside the JSON: the args are split)
 set -u
@@ -21,6 +22,9 @@ for who in ${WHO:-jaxserve llama-np8 llama-np32 vllm}; do
   case $who in
     jaxserve) "${B[@]}" --name jaxserve --port 8110 --health /health --out "$out/jaxserve.jsonl" --env JAX_PLATFORMS=cpu -- \
         "$proj/.venv/bin/jaxserve" --host 127.0.0.1 --port 8110 >/dev/null 2>&1 ;;
+    jaxserve-nospec) "${B[@]}" --name jaxserve-nospec --port 8110 --health /health --out "$out/jaxserve-nospec.jsonl" \
+        --env JAX_PLATFORMS=cpu -- "$proj/.venv/bin/jaxserve" --host 127.0.0.1 --port 8110 \
+        --num-speculative-tokens 0 >/dev/null 2>&1 ;;
     llama-np*) "${B[@]}" --name "$who" --port 8104 --health /health --out "$out/$who.jsonl" -- \
         "$P/src/llama.cpp/build/bin/llama-server" -m "$gguf" --host 127.0.0.1 --port 8104 -t 2 -tb 2 \
         -np "${who#llama-np}" -c 16384 --kv-unified -cb --no-webui >/dev/null 2>&1 ;;

@@ -69,9 +69,9 @@ class EngineConfig:
     checkpoint_cache_dir: str | None = None  # None = ~/.cache/jaxserve/checkpoints
     guided_decoding_backend: str = "llguidance"
     # Prompt-lookup speculation (jaxserve/speculative.py): draft tokens per greedy sequence and step (0 = off),
-    # added while a decode step has at most speculative_max_rows rows.
+    # in decode steps of at most speculative_max_rows rows, drafts included (and at most max_num_seqs).
     num_speculative_tokens: int = 4
-    speculative_max_rows: int = 8
+    speculative_max_rows: int = 64
     precompile: bool = True
     trust_remote_code: bool = False
 

@@ -56,8 +56,10 @@ class LLMEngine:
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv_cache)
-        self.speculation = PromptLookup(
-            SpeculationConfig(config.num_speculative_tokens, config.speculative_max_rows), self.max_model_len)
+        # a decode step's rows, drafts included, stay within the compiled step shapes (max_num_seqs)
+        max_rows = min(config.speculative_max_rows, config.max_num_seqs)
+        self.speculation = PromptLookup(SpeculationConfig(config.num_speculative_tokens, max_rows),
+                                        self.max_model_len)
         self.requests: dict[str, RequestState] = {}
         self._rng = np.random.default_rng(config.seed)
         self._next_seq_id = 0
@@ -171,6 +173,7 @@ class LLMEngine:
                 continue
             draft = drafts.get(row)
             kept = self.speculation.rows_to_keep(row, draft, token_ids)
+            self.speculation.update(seq, draft, [int(token_ids[r]) for r in kept])
             for i, r in enumerate(kept):
                 if i:  # one output per token, as without drafts (streams send a chunk each)
                     if (output := state.make_output()) is not None:
@@ -181,8 +184,6 @@ class LLMEngine:
                 if finished:
                     self.scheduler.finish(seq, seq.finish_reason, seq.stop_reason)
                     break
-            if draft is not None and not seq.is_finished:
-                self.speculation.accepted(seq, draft, len(kept) - 1)
             touched[state.request_id] = state
         for request_id, lps in prompt_lp.items():
             if request_id in self.requests:

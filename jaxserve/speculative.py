@@ -11,14 +11,15 @@ first mismatch: at least one token a step, as without drafts.
 
 With the CPU kernels a row's sums do not depend on what else shares its step (batch invariance), so the
 tokens are exactly those of decoding one token a step. Only plain greedy rows draft (no logprobs, penalties,
-biases, guided decoding or minimum length), only in decode-only steps, and only while the step stays small
-(`max_rows`): a large step is compute-bound and an extra row costs what a token costs.
+biases, guided decoding or minimum length), and only in decode-only steps. Up to `cheap_rows` rows a step
+(memory-bound: an extra row costs a fraction of a token) every drafting sequence gets a share; past them a
+row costs about what a token costs, so only sequences whose drafts have mostly been right (`min_hit_rate`)
+get more, up to `max_rows`. A proposal that gets no rows is still scored against the token the step gives,
+so a sequence's record needs no rows to build.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import ScheduledSeq, Scheduler
@@ -28,7 +29,9 @@ from jaxserve.sequence import Sequence
 @dataclass(frozen=True)
 class SpeculationConfig:
     num_tokens: int  # most draft tokens per sequence and step; 0 = off
-    max_rows: int  # draft rows are added while the step has at most this many rows
+    max_rows: int  # most rows (real and draft) of a step with drafts
+    cheap_rows: int = 8  # rows any drafting sequence may fill; past them only reliable drafters draft
+    min_hit_rate: float = 0.8  # a reliable drafter's recent share of draft tokens kept (from 0.5 at start)
     min_ngram: int = 2
     max_ngram: int = 4
 
@@ -41,23 +44,41 @@ def eligible(params: SamplingParams) -> bool:
             and params.guided_decoding is None and params.min_tokens == 0)
 
 
-def propose(token_ids: list[int], max_tokens: int, min_ngram: int = 2, max_ngram: int = 4) -> list[int]:
-    """Up to max_tokens tokens that followed the latest earlier occurrence of the history's last n tokens,
-    for the longest n in [min_ngram, max_ngram] that occurs; [] if none does."""
-    if max_tokens <= 0:
+class NgramIndex:
+    """Where each n-gram (min_ngram <= n <= max_ngram) of a sequence's history last ended, built as the
+    history grows: a lookup per step instead of a scan of the whole history."""
+
+    def __init__(self, min_ngram: int = 2, max_ngram: int = 4):
+        self.sizes = range(max_ngram, min_ngram - 1, -1)
+        self.last_end: dict[tuple[int, ...], int] = {}
+        self.indexed = 0  # n-grams ending before this position are in last_end
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """Up to max_tokens tokens that followed the latest earlier occurrence of the history's last n tokens,
+        for the longest n that occurs; [] if none does. A copy that reaches the end of the history goes on
+        from its own start (a loop of period p repeats every p tokens)."""
+        length = len(token_ids)
+        for end in range(self.indexed, length - 1):  # every n-gram but the last one's own
+            for n in self.sizes:
+                if end + 1 >= n:
+                    self.last_end[tuple(token_ids[end + 1 - n:end + 1])] = end
+        self.indexed = max(self.indexed, length - 1)
+        if max_tokens <= 0:
+            return []
+        for n in self.sizes:
+            end = self.last_end.get(tuple(token_ids[length - n:])) if length > n else None
+            if end is not None:
+                first = end + 1
+                draft = token_ids[first:first + max_tokens]
+                while len(draft) < max_tokens:
+                    draft.append(draft[len(draft) - (length - first)])
+                return draft
         return []
-    history = np.asarray(token_ids)
-    length = len(history)
-    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        # starts s < length - n of an earlier n-gram equal to the last one (each followed by a token)
-        match = np.ones(length - n, bool)
-        for i in range(n):
-            match &= history[i:length - n + i] == history[length - n + i]
-        starts = np.flatnonzero(match)
-        if starts.size:
-            first = int(starts[-1]) + n
-            return history[first:first + max_tokens].tolist()
-    return []
+
+
+def propose(token_ids: list[int], max_tokens: int, min_ngram: int = 2, max_ngram: int = 4) -> list[int]:
+    """NgramIndex.propose on a fresh index."""
+    return NgramIndex(min_ngram, max_ngram).propose(list(token_ids), max_tokens)
 
 
 @dataclass
@@ -77,26 +98,44 @@ class PromptLookup:
                    ) -> tuple[list[ScheduledSeq], dict[int, Draft]]:
         """The step's rows with draft rows appended, and each drafting sequence's draft by its real row."""
         cfg = self.config
-        spare = cfg.max_rows - len(scheduled)
-        if cfg.num_tokens <= 0 or spare <= 0 or not all(
+        if cfg.num_tokens <= 0 or len(scheduled) >= cfg.max_rows or not all(
                 item.num_new_tokens == 1 and item.samples for item in scheduled):
             return scheduled, {}
-        rows, drafts = list(scheduled), {}
+        proposals = []  # (row, draft tokens) of the sequences that have one
         for row, item in enumerate(scheduled):
             seq = item.seq
-            limit = min(cfg.num_tokens, seq.extra.get("draft_limit", cfg.num_tokens), spare,
-                        self._room(seq))
-            if limit <= 0 or not eligible(seq.sampling_params):
-                continue
-            tokens = propose(seq.token_ids, limit, cfg.min_ngram, cfg.max_ngram)
+            limit = min(cfg.num_tokens, seq.extra.get("draft_limit", cfg.num_tokens), self._room(seq))
+            if limit > 0 and eligible(seq.sampling_params):
+                index = seq.extra.get("ngram_index")
+                if index is None:
+                    index = seq.extra["ngram_index"] = NgramIndex(cfg.min_ngram, cfg.max_ngram)
+                tokens = index.propose(seq.token_ids, limit)
+                if tokens:
+                    proposals.append((row, tokens))
+        # Spare rows are dealt one at a time round the drafting sequences, so that each gets a share: the
+        # cheap ones to all, the rest up to max_rows to the reliable ones.
+        share = [0] * len(proposals)
+        cheap = max(0, cfg.cheap_rows - len(scheduled))
+        reliable = [scheduled[row].seq.extra.setdefault("draft_hit_rate", 0.5) >= cfg.min_hit_rate
+                    for row, _ in proposals]
+        for spare, allowed in ((cheap, [True] * len(proposals)),
+                               (cfg.max_rows - max(len(scheduled), cfg.cheap_rows), reliable)):
+            open_ = [i for i, (_, tokens) in enumerate(proposals) if allowed[i]]
+            while spare > 0 and any(share[i] < len(proposals[i][1]) for i in open_):
+                for i in open_:
+                    if spare > 0 and share[i] < len(proposals[i][1]):
+                        share[i] += 1
+                        spare -= 1
+        rows, drafts = list(scheduled), {}
+        for (row, tokens), n in zip(proposals, share):
+            seq = scheduled[row].seq
+            seq.extra["unchecked_draft"] = tokens[0]  # scored against the step's token if it gets no rows
+            tokens = tokens[:n]
             if not tokens or not scheduler.reserve(seq, seq.num_computed_tokens + 1 + len(tokens)):
                 continue
             drafts[row] = Draft(tokens, list(range(len(rows), len(rows) + len(tokens))))
             rows.extend(ScheduledSeq(seq, 1, draft_index=j + 1, draft_token=t) for j, t in enumerate(tokens))
-            spare -= len(tokens)
             self.draft_tokens_total += len(tokens)
-            if spare <= 0:
-                break
         return rows, drafts
 
     def _room(self, seq: Sequence) -> int:
@@ -118,9 +157,20 @@ class PromptLookup:
             kept.append(draft_row)
         return kept
 
-    def accepted(self, seq: Sequence, draft: Draft, num_accepted: int) -> None:
-        """Bookkeeping once a draft's first `num_accepted` tokens were kept: their K/V are the sequence's now,
-        and its next draft is at most one token longer than what was kept (a missed draft shrinks it to 1)."""
-        seq.num_computed_tokens += num_accepted
-        seq.extra["draft_limit"] = num_accepted + 1
-        self.accepted_tokens_total += num_accepted
+    def update(self, seq: Sequence, draft: Draft | None, kept: list[int]) -> None:
+        """Bookkeeping once the sequence kept the tokens `kept` this step. A draft's accepted tokens' K/V are
+        the sequence's now; its next draft is at most one token longer than what was kept (a missed draft
+        shrinks it to 1). Its hit rate moves toward the share of the draft kept, or, for a proposal that got
+        no rows, toward whether its first token was right (so a sequence left out is still scored)."""
+        unchecked = seq.extra.pop("unchecked_draft", None)
+        if draft is not None:
+            num_accepted = len(kept) - 1
+            seq.num_computed_tokens += num_accepted
+            seq.extra["draft_limit"] = num_accepted + 1
+            hit = num_accepted / len(draft.tokens)
+            self.accepted_tokens_total += num_accepted
+        elif unchecked is not None:
+            hit = float(unchecked == kept[0])
+        else:
+            return
+        seq.extra["draft_hit_rate"] = 0.7 * seq.extra.get("draft_hit_rate", 0.5) + 0.3 * hit

@@ -74,9 +74,11 @@ _ENGINE_HELP = {
     "guided_decoding_backend": "Default guided-decoding backend.",
     "precompile": "Compile every bucket before serving (slower start, no compile stalls later).",
     "num_speculative_tokens": "Prompt-lookup speculation for plain greedy requests: up to this many draft tokens "
-                              "a step, copied from where the sequence's last tokens occurred before and verified "
-                              "in the same step (outputs unchanged); 0 turns it off.",
-    "speculative_max_rows": "Draft rows are added while a decode step has at most this many rows.",
+                              "a step, copied from where the sequence's last tokens occurred before and checked "
+                              "in the same step, so a step can keep several tokens (the same tokens: each draft "
+                              "token is computed as a decode row of its own); 0 turns it off.",
+    "speculative_max_rows": "Most rows of a decode step with draft rows (at most --max-num-seqs); past 8 rows only "
+                            "sequences whose drafts were mostly right get draft rows.",
 }
 
 

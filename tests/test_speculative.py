@@ -14,7 +14,9 @@ def test_propose_copies_what_followed_the_latest_match():
     history = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
     assert propose(history, 3) == [7, 8, 5]  # the latest earlier [1, 2, 3], not the first
     assert propose(history, 1) == [7]
-    assert propose(history, 10) == [7, 8, 5, 1, 2, 3]  # up to the end of the history
+    # past the end of the history the copy goes on from its own start: the loop's next turn
+    assert propose(history, 10) == [7, 8, 5, 1, 2, 3, 7, 8, 5, 1]
+    assert propose([4, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]
 
 
 def test_propose_prefers_the_longest_ngram_and_needs_the_shortest():
@@ -152,3 +154,37 @@ def test_streams_get_one_output_per_token(smol):
         assert all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in engine.scheduler.running)
     assert engine.speculation.accepted_tokens_total > accepted and steps < 32  # steps kept several tokens
     assert [len(p) for p in pieces] == [1] * 32
+
+
+def test_spare_rows_are_shared_round_the_drafting_sequences():
+    from jaxserve.kv_cache_manager import KVCacheManager
+    from jaxserve.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+    from jaxserve.sequence import Sequence
+    from jaxserve.speculative import PromptLookup
+
+    scheduler = Scheduler(SchedulerConfig(8, 64, 256), KVCacheManager(64, 4, False))
+    greedy = SamplingParams(temperature=0, max_tokens=50)
+    histories = [[7, 8, 9] * 5, [1, 2, 3, 4, 5] * 3, [30, 31] * 6, [40, 41, 42, 43]]  # the last has no match
+    params = [greedy, greedy, greedy, greedy]
+    scheduled = []
+    for i, (history, p) in enumerate(zip(histories, params)):
+        seq = Sequence(i, f"r{i}", 0, history[:-1], p, 0.0, 0, output_token_ids=history[-1:])
+        seq.num_computed_tokens = len(history) - 1  # decoding: the last token is this step's input
+        assert scheduler.reserve(seq, len(history))
+        scheduled.append(ScheduledSeq(seq, 1))
+    lookup = PromptLookup(SpeculationConfig(num_tokens=4, max_rows=8), max_model_len=256)
+    rows, drafts = lookup.add_drafts(scheduled, scheduler)
+    # 4 spare rows over three sequences with drafts: 2, 1, 1 (dealt in turn), none for the fourth
+    assert {row: d.tokens for row, d in drafts.items()} == {0: [7, 8], 1: [1], 2: [30]}
+    assert len(rows) == 8 and rows[:4] == scheduled
+    assert [(r.seq.seq_id, r.draft_index, r.draft_token) for r in rows[4:]] == \
+        [(0, 1, 7), (0, 2, 8), (1, 1, 1), (2, 1, 30)]
+    assert drafts[0].rows == [4, 5] and drafts[1].rows == [6] and drafts[2].rows == [7]
+    # every draft row's position has a page
+    assert all(len(s.seq.pages) * 4 >= s.seq.num_tokens + len(drafts[i].tokens)
+               for i, s in enumerate(scheduled) if i in drafts)
+    # a sequence whose last draft missed drafts one token; a sampled one none
+    scheduled[0].seq.extra["draft_limit"] = 1
+    scheduled[1].seq.sampling_params = SamplingParams(temperature=0.5)
+    rows, drafts = lookup.add_drafts(scheduled, scheduler)
+    assert {row: d.tokens for row, d in drafts.items()} == {0: [7], 2: [30, 31, 30]}
