@@ -39,6 +39,8 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_compilations: int
+    spec_draft_tokens_total: int = 0  # prompt-lookup draft tokens computed, and those kept
+    spec_accepted_tokens_total: int = 0
 
 
 class LLMEngine:
@@ -238,4 +240,6 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions_total, kv_cache_usage=self.kv_cache.usage,
             prefix_cache_queries=self.kv_cache.stats.queries, prefix_cache_hits=self.kv_cache.stats.hits,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
-            num_compilations=self.loaded.compilation_counter.count)
+            num_compilations=self.loaded.compilation_counter.count,
+            spec_draft_tokens_total=self.speculation.draft_tokens_total,
+            spec_accepted_tokens_total=self.speculation.accepted_tokens_total)

@@ -121,6 +121,9 @@ def test_greedy_tokens_are_those_of_one_token_a_step(smol):
     accepted = spec.accepted_tokens_total
     got = [smol.generate([p], params)[0].outputs[0] for p in prompts]
     assert spec.accepted_tokens_total - accepted > 20  # most steps kept several tokens
+    stats = smol.engine.stats()  # as /metrics reports them
+    assert (stats.spec_draft_tokens_total, stats.spec_accepted_tokens_total) == \
+        (spec.draft_tokens_total, spec.accepted_tokens_total)
     for g, w in zip(got, want):
         assert (g.token_ids, g.text) == (w.token_ids, w.text)
         assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-3)
