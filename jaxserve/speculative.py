@@ -12,9 +12,10 @@ first mismatch: at least one token a step, as without drafts.
 With the CPU kernels a row's sums do not depend on what else shares its step (batch invariance), so the
 tokens are exactly those of decoding one token a step. Only plain greedy rows draft (no logprobs, penalties,
 biases, guided decoding or minimum length), and only in decode-only steps. Up to `cheap_rows` rows a step
-(memory-bound: an extra row costs a fraction of a token) every drafting sequence gets a share; past them a
-row costs about what a token costs, so only sequences whose drafts have mostly been right (`min_hit_rate`)
-get more, up to `max_rows`. A proposal that gets no rows is still scored against the token the step gives,
+(memory-bound: an extra row costs a fraction of a token) every drafting sequence of a short context gets a
+share; past them, or past `cheap_context` tokens (a draft row reads the whole context again), a row costs
+about what a token costs, so only sequences whose drafts have mostly been right (`min_hit_rate`) get rows,
+up to `max_rows`. A proposal that gets no rows is still scored against the token the step gives,
 so a sequence's record needs no rows to build.
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ class SpeculationConfig:
     num_tokens: int  # most draft tokens per sequence and step; 0 = off
     max_rows: int  # most rows (real and draft) of a step with drafts
     cheap_rows: int = 8  # rows any drafting sequence may fill; past them only reliable drafters draft
+    # ... unless its context is longer: a draft row's attention reads the whole context again (at 1024 tokens
+    # of the default model, 24 MB of KV against a step's 111 MB of weights)
+    cheap_context: int = 1024
     min_hit_rate: float = 0.8  # a reliable drafter's recent share of draft tokens kept (from 0.5 at start)
     min_ngram: int = 2
     max_ngram: int = 4
@@ -118,7 +122,8 @@ class PromptLookup:
         cheap = max(0, cfg.cheap_rows - len(scheduled))
         reliable = [scheduled[row].seq.extra.setdefault("draft_hit_rate", 0.5) >= cfg.min_hit_rate
                     for row, _ in proposals]
-        for spare, allowed in ((cheap, [True] * len(proposals)),
+        short = [scheduled[row].seq.num_tokens <= cfg.cheap_context for row, _ in proposals]
+        for spare, allowed in ((cheap, [s or r for s, r in zip(short, reliable)]),
                                (cfg.max_rows - max(len(scheduled), cfg.cheap_rows), reliable)):
             open_ = [i for i, (_, tokens) in enumerate(proposals) if allowed[i]]
             while spare > 0 and any(share[i] < len(proposals[i][1]) for i in open_):

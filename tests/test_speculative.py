@@ -191,3 +191,8 @@ def test_spare_rows_are_shared_round_the_drafting_sequences():
     scheduled[1].seq.sampling_params = SamplingParams(temperature=0.5)
     rows, drafts = lookup.add_drafts(scheduled, scheduler)
     assert {row: d.tokens for row, d in drafts.items()} == {0: [7], 2: [30, 31, 30]}
+    # past cheap_context only a sequence with a good record drafts
+    lookup.config = SpeculationConfig(num_tokens=4, max_rows=8, cheap_context=10)
+    scheduled[2].seq.extra["draft_hit_rate"] = 0.9
+    rows, drafts = lookup.add_drafts(scheduled, scheduler)
+    assert {row: d.tokens for row, d in drafts.items()} == {2: [30, 31, 30, 31]}
