@@ -136,7 +136,7 @@ class Scheduler:
         """Advance computed-token counts and publish newly full pages to the prefix cache."""
         ps = self.kv_cache.page_size
         for item in scheduled:
-            if item.draft_index:  # counted when the draft is accepted (speculative.verify)
+            if item.draft_index:  # counted once the draft is checked (PromptLookup.update)
                 continue
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens

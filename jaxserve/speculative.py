@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import ScheduledSeq, Scheduler
 from jaxserve.sequence import Sequence
@@ -125,9 +127,9 @@ class PromptLookup:
         short = [scheduled[row].seq.num_tokens <= cfg.cheap_context for row, _ in proposals]
         for spare, allowed in ((cheap, [s or r for s, r in zip(short, reliable)]),
                                (cfg.max_rows - max(len(scheduled), cfg.cheap_rows), reliable)):
-            open_ = [i for i, (_, tokens) in enumerate(proposals) if allowed[i]]
-            while spare > 0 and any(share[i] < len(proposals[i][1]) for i in open_):
-                for i in open_:
+            takers = [i for i in range(len(proposals)) if allowed[i]]
+            while spare > 0 and any(share[i] < len(proposals[i][1]) for i in takers):
+                for i in takers:
                     if spare > 0 and share[i] < len(proposals[i][1]):
                         share[i] += 1
                         spare -= 1
