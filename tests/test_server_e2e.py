@@ -58,6 +58,23 @@ def test_streaming_matches_non_streaming(client):
     assert finals[-1] == "length" and all(f is None for f in finals[:-1])
 
 
+def test_greedy_speculation_streams_every_token(client, base_url):
+    """A greedy request over text that loops keeps several draft tokens a step, yet streams one chunk per token
+    and the text of a request that does not draft (logprobs turn drafting off)."""
+    def accepted():
+        metrics = httpx.get(base_url + "/metrics", headers={"Authorization": "Bearer test-key"}).text
+        return float(re.search(r"^jaxserve:spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)$", metrics,
+                               re.M).group(1))
+    before = accepted()
+    kw = dict(model=MODEL, prompt="Paper small that day paper small that day paper small that day paper",
+              max_tokens=40, temperature=0)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert chunks[-1].usage.completion_tokens == 40 and len(texts) == 40
+    assert accepted() > before
+    assert "".join(texts) == client.completions.create(logprobs=1, **kw).choices[0].text
+
+
 def test_stop_string_cuts_text(client):
     r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=["7"])
     assert r.choices[0].finish_reason == "stop" and "7" not in r.choices[0].text
