@@ -72,6 +72,8 @@ class EngineConfig:
     # in decode steps of at most speculative_max_rows rows, drafts included (and at most max_num_seqs).
     num_speculative_tokens: int = 4
     speculative_max_rows: int = 64
+    prompt_lookup_min: int = 2  # the n-grams looked up: the longest n in [min, max] that occurred before
+    prompt_lookup_max: int = 4
     precompile: bool = True
     trust_remote_code: bool = False
 

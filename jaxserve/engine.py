@@ -60,8 +60,9 @@ class LLMEngine:
                                                    self.max_model_len), self.kv_cache)
         # a decode step's rows, drafts included, stay within the compiled step shapes (max_num_seqs)
         max_rows = min(config.speculative_max_rows, config.max_num_seqs)
-        self.speculation = PromptLookup(SpeculationConfig(config.num_speculative_tokens, max_rows),
-                                        self.max_model_len)
+        self.speculation = PromptLookup(SpeculationConfig(
+            config.num_speculative_tokens, max_rows, min_ngram=max(1, config.prompt_lookup_min),
+            max_ngram=max(1, config.prompt_lookup_min, config.prompt_lookup_max)), self.max_model_len)
         self.requests: dict[str, RequestState] = {}
         self._rng = np.random.default_rng(config.seed)
         self._next_seq_id = 0

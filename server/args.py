@@ -79,6 +79,8 @@ _ENGINE_HELP = {
                               "token is computed as a decode row of its own); 0 turns it off.",
     "speculative_max_rows": "Most rows of a decode step with draft rows (at most --max-num-seqs); past 8 rows only "
                             "sequences whose drafts were mostly right get draft rows.",
+    "prompt_lookup_min": "Prompt lookup: the shortest run of last tokens looked up in the history.",
+    "prompt_lookup_max": "Prompt lookup: the longest run of last tokens looked up (the longest found wins).",
 }
 
 
@@ -110,6 +112,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine", "Model, memory and batching (EngineConfig).")
     distributed = parser.add_argument_group(
         "distributed", "Tensor / data parallelism and multi-host serving (jax.distributed).")
+    engine.add_argument("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
+                        help="vLLM's form of the prompt-lookup flags, e.g. '{\"method\": \"ngram\", "
+                             "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}'.")
     for f in dataclasses.fields(EngineConfig):
         if f.name in _NOT_FLAGS:
             continue
@@ -130,6 +135,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
                                metavar=f.name.upper(), help=help_text)
+
+
+def _speculative_config(text: str) -> dict:
+    """vLLM's --speculative-config as JSON; only its n-gram (prompt lookup) method is built here."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"method\": \"ngram\", ...}'")
+    if value.get("method", "ngram") not in ("ngram", "[ngram]"):
+        raise argparse.ArgumentTypeError(f"method {value.get('method')!r} is not supported: only \"ngram\" "
+                                         "(prompt lookup)")
+    known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+    if set(value) - known:
+        raise argparse.ArgumentTypeError(f"unsupported keys {sorted(set(value) - known)}; known: {sorted(known)}")
+    for key in known - {"method"}:
+        if key in value and (not isinstance(value[key], int) or value[key] < 0):
+            raise argparse.ArgumentTypeError(f"{key} must be a non-negative integer, got {value[key]!r}")
+    return value
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -188,6 +213,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
 
     values = vars(args)
     engine_kwargs = {name: values[name] for name in EngineConfig.field_names() if name in values}
+    for key, value in (values.get("speculative_config") or {}).items():
+        if key != "method":
+            engine_kwargs[key] = value
     if values.get("model_tag"):
         if engine_kwargs.get("model") not in (None, values["model_tag"]):
             raise SystemExit("error: give the model either positionally or with --model, not both")

@@ -196,3 +196,23 @@ def test_spare_rows_are_shared_round_the_drafting_sequences():
     scheduled[2].seq.extra["draft_hit_rate"] = 0.9
     rows, drafts = lookup.add_drafts(scheduled, scheduler)
     assert {row: d.tokens for row, d in drafts.items()} == {2: [30, 31, 30, 31]}
+
+
+def test_flags_and_vllms_speculative_config(capsys):
+    from jaxserve.config import EngineConfig
+    from jaxserve.server.args import build_parser, configs_from_args
+
+    def config(*argv):
+        return configs_from_args(build_parser().parse_args(list(argv)))[0]
+
+    assert config().num_speculative_tokens == 4 and config("--num-speculative-tokens", "0").num_speculative_tokens == 0
+    vllm_form = config("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
+                                               '"prompt_lookup_max": 5, "prompt_lookup_min": 3}')
+    assert (vllm_form.num_speculative_tokens, vllm_form.prompt_lookup_min, vllm_form.prompt_lookup_max) == (3, 3, 5)
+    assert config().replace(num_speculative_tokens=3, prompt_lookup_min=3, prompt_lookup_max=5) == vllm_form
+    assert isinstance(vllm_form, EngineConfig)
+    for bad, says in (('{"method": "eagle", "model": "x"}', "only"), ("[1]", "JSON object"), ("{", "not JSON"),
+                      ('{"num_speculative_tokens": -1}', "non-negative"), ('{"draft_model": "x"}', "unsupported")):
+        with pytest.raises(SystemExit):
+            config("--speculative-config", bad)
+        assert says in capsys.readouterr().err
