@@ -103,8 +103,12 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Pages for the sequence's first `num_tokens` positions (draft rows write past its known tokens)."""
+    def reserve(self, seq: Sequence, num_tokens: int, keep_free: int = 0) -> bool:
+        """Pages for the sequence's first `num_tokens` positions (draft rows write past its known tokens), if
+        at least `keep_free` pages stay free after."""
+        missing = self.kv_cache.pages_needed(num_tokens) - len(seq.pages)
+        if missing > 0 and self.kv_cache.num_free_pages - missing < keep_free:
+            return False
         return self._grow(seq, num_tokens)
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:

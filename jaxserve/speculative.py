@@ -138,7 +138,9 @@ class PromptLookup:
             seq = scheduled[row].seq
             seq.extra["unchecked_draft"] = tokens[0]  # scored against the step's token if it gets no rows
             tokens = tokens[:n]
-            if not tokens or not scheduler.reserve(seq, seq.num_computed_tokens + 1 + len(tokens)):
+            # a page per running sequence stays free: drafts never cost a real token a preemption
+            if not tokens or not scheduler.reserve(seq, seq.num_computed_tokens + 1 + len(tokens),
+                                                   keep_free=scheduler.num_running):
                 continue
             drafts[row] = Draft(tokens, list(range(len(rows), len(rows) + len(tokens))))
             rows.extend(ScheduledSeq(seq, 1, draft_index=j + 1, draft_token=t) for j, t in enumerate(tokens))

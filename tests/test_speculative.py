@@ -191,6 +191,18 @@ def test_spare_rows_are_shared_round_the_drafting_sequences():
     scheduled[1].seq.sampling_params = SamplingParams(temperature=0.5)
     rows, drafts = lookup.add_drafts(scheduled, scheduler)
     assert {row: d.tokens for row, d in drafts.items()} == {0: [7], 2: [30, 31, 30]}
+    # drafts leave a page per running sequence free: with the pool nearly full, none
+    tight = Scheduler(SchedulerConfig(8, 64, 256), KVCacheManager(6, 4, False))
+    seq = Sequence(9, "r9", 0, [5, 6, 7, 5, 6], greedy, 0.0, 0, output_token_ids=[7])
+    seq.num_computed_tokens = 5
+    assert tight.reserve(seq, 6)
+    tight.running.extend([seq, seq, seq])  # three running sequences: three pages must stay free
+    assert tight.kv_cache.num_free_pages == 3
+    rows, drafts = lookup.add_drafts([ScheduledSeq(seq, 1)], tight)  # 4 drafts need a third page
+    assert drafts == {} and len(seq.pages) == 2
+    tight.running.clear()
+    rows, drafts = lookup.add_drafts([ScheduledSeq(seq, 1)], tight)
+    assert drafts[0].tokens == [5, 6, 7, 5] and len(seq.pages) == 3
     # past cheap_context only a sequence with a good record drafts
     lookup.config = SpeculationConfig(num_tokens=4, max_rows=8, cheap_context=10)
     scheduled[2].seq.extra["draft_hit_rate"] = 0.9
