@@ -11,7 +11,8 @@ first mismatch: at least one token a step, as without drafts.
 
 With the CPU kernels a row's sums do not depend on what else shares its step (batch invariance), so the
 tokens are exactly those of decoding one token a step. Only plain greedy rows draft (no logprobs, penalties,
-biases, guided decoding or minimum length), and only in decode-only steps. Up to `cheap_rows` rows a step
+biases, guided decoding or minimum length); a step that also carries prompt chunks drafts within its token
+budget. Up to `cheap_rows` rows a step
 (memory-bound: an extra row costs a fraction of a token) every drafting sequence of a short context gets a
 share; past them, or past `cheap_context` tokens (a draft row reads the whole context again), a row costs
 about what a token costs, so only sequences whose drafts have mostly been right (`min_hit_rate`) get rows,
@@ -104,12 +105,17 @@ class PromptLookup:
                    ) -> tuple[list[ScheduledSeq], dict[int, Draft]]:
         """The step's rows with draft rows appended, and each drafting sequence's draft by its real row."""
         cfg = self.config
-        if cfg.num_tokens <= 0 or len(scheduled) >= cfg.max_rows or not all(
-                item.num_new_tokens == 1 and item.samples for item in scheduled):
+        decoding = [item.num_new_tokens == 1 and item.samples for item in scheduled]
+        # rows within max_rows, tokens within the step's budget (a step with prompt chunks may have filled it)
+        budget = min(cfg.max_rows - len(scheduled),
+                     scheduler.config.max_num_batched_tokens - sum(item.num_new_tokens for item in scheduled))
+        if cfg.num_tokens <= 0 or budget <= 0 or not any(decoding):
             return scheduled, {}
-        proposals = []  # (row, draft tokens) of the sequences that have one
+        proposals = []  # (row, draft tokens) of the decoding sequences that have one
         for row, item in enumerate(scheduled):
             seq = item.seq
+            if not decoding[row]:
+                continue
             limit = min(cfg.num_tokens, seq.extra.get("draft_limit", cfg.num_tokens), self._room(seq))
             if limit > 0 and eligible(seq.sampling_params):
                 index = seq.extra.get("ngram_index")
@@ -121,12 +127,12 @@ class PromptLookup:
         # Spare rows are dealt one at a time round the drafting sequences, so that each gets a share: the
         # cheap ones to all, the rest up to max_rows to the reliable ones.
         share = [0] * len(proposals)
-        cheap = max(0, cfg.cheap_rows - len(scheduled))
+        cheap = min(budget, max(0, cfg.cheap_rows - len(scheduled)))
         reliable = [scheduled[row].seq.extra.setdefault("draft_hit_rate", 0.5) >= cfg.min_hit_rate
                     for row, _ in proposals]
         short = [scheduled[row].seq.num_tokens <= cfg.cheap_context for row, _ in proposals]
         for spare, allowed in ((cheap, [s or r for s, r in zip(short, reliable)]),
-                               (cfg.max_rows - max(len(scheduled), cfg.cheap_rows), reliable)):
+                               (budget - cheap, reliable)):
             takers = [i for i in range(len(proposals)) if allowed[i]]
             while spare > 0 and any(share[i] < len(proposals[i][1]) for i in takers):
                 for i in takers:

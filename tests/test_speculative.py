@@ -228,3 +228,45 @@ def test_flags_and_vllms_speculative_config(capsys):
         with pytest.raises(SystemExit):
             config("--speculative-config", bad)
         assert says in capsys.readouterr().err
+
+
+def test_steps_with_prompt_chunks_draft_within_their_token_budget():
+    from jaxserve.kv_cache_manager import KVCacheManager
+    from jaxserve.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+    from jaxserve.sequence import Sequence
+    from jaxserve.speculative import PromptLookup
+
+    scheduler = Scheduler(SchedulerConfig(8, 20, 256), KVCacheManager(64, 4, False))
+    greedy = SamplingParams(temperature=0, max_tokens=50)
+    decoding = Sequence(0, "d", 0, [7, 8, 9] * 4, greedy, 0.0, 0, output_token_ids=[7])
+    decoding.num_computed_tokens = 12
+    prompt = Sequence(1, "p", 0, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1], greedy, 0.0, 0)
+    assert scheduler.reserve(decoding, 13) and scheduler.reserve(prompt, 16)
+    scheduled = [ScheduledSeq(prompt, 16), ScheduledSeq(decoding, 1)]  # 17 of the step's 20 tokens
+    lookup = PromptLookup(SpeculationConfig(num_tokens=4, max_rows=8), max_model_len=256)
+    rows, drafts = lookup.add_drafts(scheduled, scheduler)
+    assert list(drafts) == [1] and drafts[1].tokens == [8, 9, 7]  # the prompt chunk drafts nothing; 3 tokens left
+    assert [(r.seq.seq_id, r.draft_index) for r in rows[2:]] == [(0, 1), (0, 2), (0, 3)]
+    full = [ScheduledSeq(prompt, 16), ScheduledSeq(decoding, 1)]
+    scheduler.config = SchedulerConfig(8, 17, 256)
+    assert lookup.add_drafts(full, scheduler) == (full, {})  # no token left in the budget
+
+
+def test_arrivals_between_steps_keep_the_tokens(smol):
+    # prompts arrive while others decode: steps carry prompt chunks and decode rows with drafts together
+    engine = smol.engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = word_prompts(4, seed=11)
+    want = with_drafts(smol, 0, lambda: [smol.generate([p], params)[0].outputs[0].token_ids for p in prompts])
+    drafted = engine.speculation.draft_tokens_total
+    got = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"late-{i}", prompt, params)
+        for _ in range(3):
+            for out in engine.step():
+                got[out.request_id] = out.outputs[0].token_ids
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] = out.outputs[0].token_ids
+    assert [got[f"late-{i}"] for i in range(4)] == want
+    assert engine.speculation.draft_tokens_total > drafted
