@@ -106,15 +106,14 @@ class Scheduler:
     def reserve(self, seq: Sequence, num_tokens: int, keep_free: int = 0) -> bool:
         """Pages for the sequence's first `num_tokens` positions (draft rows write past its known tokens), if
         at least `keep_free` pages stay free after."""
-        missing = self.kv_cache.pages_needed(num_tokens) - len(seq.pages)
-        if missing > 0 and self.kv_cache.num_free_pages - missing < keep_free:
-            return False
-        return self._grow(seq, num_tokens)
+        return self._grow(seq, num_tokens, keep_free)
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    def _grow(self, seq: Sequence, num_tokens: int, keep_free: int = 0) -> bool:
         missing = self.kv_cache.pages_needed(num_tokens) - len(seq.pages)
         if missing <= 0:
             return True
+        if self.kv_cache.num_free_pages - missing < keep_free:
+            return False
         pages = self.kv_cache.allocate(missing)
         if pages is None:
             return False

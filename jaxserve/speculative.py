@@ -12,12 +12,11 @@ first mismatch: at least one token a step, as without drafts.
 With the CPU kernels a row's sums do not depend on what else shares its step (batch invariance), so the
 tokens are exactly those of decoding one token a step. Only plain greedy rows draft (no logprobs, penalties,
 biases, guided decoding or minimum length); a step that also carries prompt chunks drafts within its token
-budget. Up to `cheap_rows` rows a step
-(memory-bound: an extra row costs a fraction of a token) every drafting sequence of a short context gets a
-share; past them, or past `cheap_context` tokens (a draft row reads the whole context again), a row costs
-about what a token costs, so only sequences whose drafts have mostly been right (`min_hit_rate`) get rows,
-up to `max_rows`. A proposal that gets no rows is still scored against the token the step gives,
-so a sequence's record needs no rows to build.
+budget. Up to `cheap_rows` rows a step (memory-bound: an extra row costs a fraction of a token) every
+drafting sequence of a short context gets a share; past them, or past `cheap_context` tokens (a draft row
+reads the whole context again), a row costs about what a token costs, so only sequences whose drafts have
+mostly been right (`min_hit_rate`) get rows, up to `max_rows`. A proposal that gets no rows is still scored
+against the token the step gives, so a sequence's record needs no rows to build.
 """
 from __future__ import annotations
 
@@ -38,7 +37,8 @@ class SpeculationConfig:
     # ... unless its context is longer: a draft row's attention reads the whole context again (at 1024 tokens
     # of the default model, 24 MB of KV against a step's 111 MB of weights)
     cheap_context: int = 1024
-    min_hit_rate: float = 0.8  # a reliable drafter's recent share of draft tokens kept (from 0.5 at start)
+    min_hit_rate: float = 0.8  # a reliable drafter's recent share of draft tokens kept
+    start_hit_rate: float = 0.5  # a new sequence's, before any of its proposals was scored
     min_ngram: int = 2
     max_ngram: int = 4
 
@@ -128,7 +128,7 @@ class PromptLookup:
         # cheap ones to all, the rest up to max_rows to the reliable ones.
         share = [0] * len(proposals)
         cheap = min(budget, max(0, cfg.cheap_rows - len(scheduled)))
-        reliable = [scheduled[row].seq.extra.setdefault("draft_hit_rate", 0.5) >= cfg.min_hit_rate
+        reliable = [scheduled[row].seq.extra.get("draft_hit_rate", cfg.start_hit_rate) >= cfg.min_hit_rate
                     for row, _ in proposals]
         short = [scheduled[row].seq.num_tokens <= cfg.cheap_context for row, _ in proposals]
         for spare, allowed in ((cheap, [s or r for s, r in zip(short, reliable)]),
@@ -188,4 +188,4 @@ class PromptLookup:
             hit = float(unchecked == kept[0])
         else:
             return
-        seq.extra["draft_hit_rate"] = 0.7 * seq.extra.get("draft_hit_rate", 0.5) + 0.3 * hit
+        seq.extra["draft_hit_rate"] = 0.7 * seq.extra.get("draft_hit_rate", self.config.start_hit_rate) + 0.3 * hit
