@@ -51,6 +51,11 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None = default budget
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # Dispatch each step before the previous step's sampled tokens reach the host (they stay on the device and
+    # feed the next step), so the host's bookkeeping overlaps the device's work; steps fall back to one at a time
+    # while a request needs its tokens on the host first (guided decoding, penalties, prompt-lookup drafts).
+    # None: on for accelerators, off on the CPU (whose "device" is the host's own cores: nothing to overlap).
+    async_scheduling: bool | None = None
     max_num_seqs: int | None = None  # None: 64 on the CPU, 256 on accelerators (with_platform_defaults)
     max_num_batched_tokens: int | None = None  # None: 512 on the CPU, 2048 (at least max_num_seqs) elsewhere
     max_logprobs: int = 20
@@ -81,12 +86,13 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
     def with_platform_defaults(self, platform: str) -> "EngineConfig":
-        """Batch limits left unset, for the platform: a 2-core CPU's steps are compute-bound well before 64
-        sequences and 512 tokens; an accelerator's batches are as large as vLLM's defaults."""
+        """Batch limits and async scheduling left unset, for the platform: a 2-core CPU's steps are compute-bound
+        well before 64 sequences and 512 tokens; an accelerator's batches are as large as vLLM's defaults."""
         seqs, tokens = (64, 512) if platform == "cpu" else (256, 2048)
         seqs = seqs if self.max_num_seqs is None else self.max_num_seqs
         tokens = max(tokens, seqs) if self.max_num_batched_tokens is None else self.max_num_batched_tokens
-        return self.replace(max_num_seqs=seqs, max_num_batched_tokens=tokens)
+        overlap = platform != "cpu" if self.async_scheduling is None else self.async_scheduling
+        return self.replace(max_num_seqs=seqs, max_num_batched_tokens=tokens, async_scheduling=overlap)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -15,15 +15,16 @@ import numpy as np
 from jaxserve.config import EngineConfig
 from jaxserve.engine_setup import LoadedModel, load_engine_model
 from jaxserve.kv_cache_manager import KVCacheManager
-from jaxserve.model_runner import ModelRunner
+from jaxserve.model_runner import ModelRunner, StepInput
 from jaxserve.outputs import RequestOutput
 from jaxserve.request_state import RequestState
-from jaxserve.sampler import SamplerFlags
+from jaxserve.sampler import SamplerFlags, SamplerOutput
 from jaxserve.sampling_metadata import RowSamplingState, build_sampling_tensors
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
-from jaxserve.sequence import Sequence
-from jaxserve.speculative import PromptLookup, SpeculationConfig
+from jaxserve.sequence import PENDING_TOKEN, Sequence
+from jaxserve.speculative import Draft, PromptLookup, SpeculationConfig
+from jaxserve.speculative import eligible as speculation_eligible
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,20 @@ class EngineStats:
     num_compilations: int
     spec_draft_tokens_total: int = 0  # prompt-lookup draft tokens computed, and those kept
     spec_accepted_tokens_total: int = 0
+
+
+@dataclass
+class _Launched:
+    """A dispatched step whose tokens the host has not read yet (device arrays)."""
+
+    scheduled: list[ScheduledSeq]
+    drafts: dict[int, Draft]
+    step: StepInput
+    sampled: SamplerOutput
+    next_tokens: jax.Array  # the sampled ids padded for the next step's token_src
+    flags: SamplerFlags
+    prompt_lp: dict
+    pending_rows: dict[int, int]  # seq_id -> row, for the sequences whose token the next step may read
 
 
 class LLMEngine:
@@ -69,6 +84,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._guided = None
+        # One step in flight (async scheduling), on one device of one host.
+        self._async = config.async_scheduling and config.tensor_parallel_size == 1 and config.num_hosts == 1
+        self._in_flight: _Launched | None = None
         if config.precompile:
             self.warmup_seconds = self.runner.precompile(
                 self.runner.config.buckets.all_shapes(), [SamplerFlags(), SamplerFlags(all_greedy=False)])
@@ -150,22 +168,76 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. With async scheduling the step dispatched here is usually read on the next call:
+        the host reads and emits the previous step's tokens while this one runs, and the tokens it sampled
+        feed this step on the device (`ModelRunner.prepare`'s token_src)."""
+        in_flight, self._in_flight = self._in_flight, None
+        launched = self._launch(in_flight) if in_flight is None or self._may_overlap() else None
+        outputs = self._collect(in_flight) if in_flight is not None else []
+        if launched is not None:
+            if not launched.drafts and self._may_overlap():
+                self._in_flight = launched
+            else:
+                outputs += self._collect(launched)
+        return outputs
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the step in flight's tokens reach the host: not while a
+        request needs them there first (guided decoding's masks, penalties' counts), and only with free pages
+        enough that the scheduler cannot preempt (a preempted sequence would recompute from its tokens). A
+        plain greedy request steps one at a time while speculation is on: its drafts need its latest token."""
+        if not self._async:
+            return False
+        running = self.scheduler.num_running
+        if self.kv_cache.num_free_pages < running + self.config.max_num_batched_tokens // self.kv_cache.page_size + 2:
+            return False
+        drafting = self.speculation.config.num_tokens > 0  # a greedy request's draft starts from its last token
+        return not any(state.needs_host_tokens or (drafting and speculation_eligible(state.params))
+                       for state in self.requests.values())
+
+    def _launch(self, in_flight: _Launched | None) -> _Launched | None:
+        """Schedules and dispatches a step (the model, then the sampler) without waiting for it. Drafts only
+        in a step that follows none in flight: a draft starts from the sequence's latest token."""
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return []
-        scheduled, drafts = self.speculation.add_drafts(out.scheduled, self.scheduler)
-        step = self.runner.prepare(scheduled)
-        last_hidden, hidden = self.runner.execute(step)  # async dispatch: the host goes on meanwhile
+            return None
+        scheduled, drafts = (out.scheduled, {}) if in_flight is not None else \
+            self.speculation.add_drafts(out.scheduled, self.scheduler)
+        step = self.runner.prepare(scheduled, in_flight.pending_rows if in_flight else None)
+        # async dispatch: the host goes on meanwhile
+        last_hidden, hidden = self.runner.execute(step, in_flight.next_tokens if in_flight else None)
         rows = [self._row_state(item.seq, item.samples) for item in scheduled]
         tensors, flags = build_sampling_tensors(rows, step.shape.num_seqs, self.model_config.vocab_size,
                                                 self.config.max_logprobs)
-        sampled = self.runner.sample(last_hidden, tensors, flags)
+        sampled, next_tokens = self.runner.sample(last_hidden, tensors, flags)
         prompt_lp = self._prompt_logprobs(scheduled, hidden, step.shape.num_tokens)
         self.scheduler.after_step(scheduled)
+        pending_rows = {}  # sequences that may go on after this token: the next step can read it on the device
+        if self._async and not drafts:
+            for row in step.sample_rows:
+                seq = scheduled[row].seq
+                if self._may_follow(seq):
+                    seq.num_pending_tokens += 1
+                    pending_rows[seq.seq_id] = row
+        return _Launched(scheduled, drafts, step, sampled, next_tokens, flags, prompt_lp, pending_rows)
+
+    def _may_follow(self, seq: Sequence) -> bool:
+        """False when the token being sampled is certainly the sequence's last (max_tokens, the context)."""
+        state = self.requests.get(seq.request_id)
+        if state is None or seq.is_finished:
+            return False
+        count = len(seq.output_token_ids) + seq.num_pending_tokens + 1  # outputs once this token is in
+        return count < state.max_tokens and seq.num_tokens + 1 < self.max_model_len
+
+    def _collect(self, launched: _Launched) -> list[RequestOutput]:
+        """Waits for a dispatched step's tokens and records them: detokenize, check stops, emit outputs."""
+        scheduled, drafts, step, sampled = launched.scheduled, launched.drafts, launched.step, launched.sampled
+        for row in launched.pending_rows.values():
+            scheduled[row].seq.num_pending_tokens -= 1
         token_ids = np.asarray(sampled.token_ids)
         logprob = np.asarray(sampled.logprob)
         tops = None
-        if flags.num_logprobs:
+        if launched.flags.num_logprobs:
             tops = (np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs), np.asarray(sampled.rank))
         outputs = []
         touched: dict[str, RequestState] = {}
@@ -188,7 +260,7 @@ class LLMEngine:
                     self.scheduler.finish(seq, seq.finish_reason, seq.stop_reason)
                     break
             touched[state.request_id] = state
-        for request_id, lps in prompt_lp.items():
+        for request_id, lps in launched.prompt_lp.items():
             if request_id in self.requests:
                 touched[request_id] = self.requests[request_id]
         for state in touched.values():
@@ -202,8 +274,11 @@ class LLMEngine:
     def _row_state(self, seq: Sequence, samples: bool) -> RowSamplingState:
         state = self.requests.get(seq.request_id)
         bitmask = state.bitmask_for(seq, self.model_config.vocab_size, samples) if state else None
-        return RowSamplingState(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids, seq.seed,
-                                bitmask, self.eos_token_ids)
+        # A token still in flight counts (the random stream's step, min_tokens); its value is not needed here.
+        outputs = seq.output_token_ids + [PENDING_TOKEN] * seq.num_pending_tokens if seq.num_pending_tokens \
+            else seq.output_token_ids
+        return RowSamplingState(seq.sampling_params, seq.prompt_token_ids, outputs, seq.seed, bitmask,
+                                self.eos_token_ids)
 
     def _prompt_logprobs(self, scheduled: list[ScheduledSeq], hidden, num_tokens: int) -> dict:
         """Prompt logprobs for prefill chunks of requests that asked for them (rare: computed on demand)."""

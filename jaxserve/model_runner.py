@@ -65,7 +65,7 @@ class RunnerConfig:
 def _layout(shape: StepShape, pages_per_seq: int) -> dict[str, tuple[int, int]]:
     """Offsets of each field inside the packed int32 metadata buffer (static per bucket)."""
     t, s = shape.num_tokens, shape.num_seqs
-    sizes = [("token_ids", t), ("positions", t), ("slot_mapping", t), ("kv_lens", s),
+    sizes = [("token_ids", t), ("token_src", t), ("positions", t), ("slot_mapping", t), ("kv_lens", s),
              ("cu_q_lens", s + 1), ("num_seqs", 1), ("logits_indices", s), ("page_indices", s * pages_per_seq)]
     layout, offset = {}, 0
     for name, size in sizes:
@@ -91,6 +91,7 @@ class StepInput:
     packed: np.ndarray  # int32, laid out by _layout
     num_seqs: int
     sample_rows: list[int]  # rows (sequence slots) whose logits are sampled
+    reads_previous: bool = False  # some token comes from the previous step's sampled tokens (token_src)
 
 
 class ModelRunner:
@@ -133,6 +134,10 @@ class ModelRunner:
         self._step_fns: dict[StepShape, object] = {}  # lazily jitted, or compiled ahead by precompile()
         self._sample_fn = jax.jit(self._sample, static_argnames=("flags",))
         self._compiled_samplers: dict[tuple[SamplerFlags, int], object] = {}
+        # The previous step's sampled tokens, padded to the widest sequence bucket (the step's input shape
+        # does not depend on the previous step's bucket); zeros when no token comes from there.
+        self.max_sample_rows = max(shape.num_seqs for shape in runner_config.buckets.all_shapes())
+        self.no_previous_tokens = jax.device_put(np.zeros(self.max_sample_rows, np.int32), self.replicated)
         self.num_compiled_ahead = 0  # by the last precompile(); the rest came from the executable cache
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs, static_argnames=("num_logprobs",))
 
@@ -174,13 +179,17 @@ class ModelRunner:
         unrolled = self._unrolled(shape)
         forward, split = (unrolled_forward, self.kernel_split) if unrolled else (scanned_forward, self.split)
 
-        def step(outer, layers, kv_cache, packed):
+        def step(outer, layers, kv_cache, packed, previous_tokens):
             field = lambda name: jax.lax.dynamic_slice_in_dim(packed, *layout[name])
+            # A token still on the device (async scheduling) is the previous step's sampled token of row
+            # token_src; the others came from the host.
+            src = field("token_src")
+            token_ids = jnp.where(src >= 0, previous_tokens[jnp.maximum(src, 0)], field("token_ids"))
             meta = AttentionMetadata(
                 slot_mapping=field("slot_mapping"), kv_lens=field("kv_lens"),
                 page_indices=field("page_indices").reshape(shape.num_seqs, pps),
                 cu_q_lens=field("cu_q_lens"), num_seqs=field("num_seqs"))
-            hidden, kv_cache = forward(split, outer, layers, field("token_ids"), field("positions"),
+            hidden, kv_cache = forward(split, outer, layers, token_ids, field("positions"),
                                        kv_cache, meta, num_pages)
             return hidden[field("logits_indices")], hidden, kv_cache
 
@@ -199,8 +208,10 @@ class ModelRunner:
         return outer, (per_layer if self._unrolled(shape) else stacked)
 
     def _sample(self, outer, last_hidden, tensors: SamplingTensors, flags: SamplerFlags):
+        """(SamplerOutput, its token ids padded to max_sample_rows: the next step's previous_tokens)."""
         logits = logits_from_hidden(self.kernel_split, outer, last_hidden, tensors.live_rows)
-        return sample(logits, tensors, flags, cpu_kernel=self.config.cpu_sampling)
+        out = sample(logits, tensors, flags, cpu_kernel=self.config.cpu_sampling)
+        return out, jnp.pad(out.token_ids.astype(jnp.int32), (0, self.max_sample_rows - out.token_ids.shape[0]))
 
     def _prompt_logprobs(self, outer, hidden, target_ids, num_logprobs: int):
         """Log-probabilities of each next prompt token (and the top alternatives) for all T positions."""
@@ -215,7 +226,9 @@ class ModelRunner:
         return fn
 
     # ---- host side ------------------------------------------------------------------------------
-    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInput:
+    def prepare(self, scheduled: list[ScheduledSeq], previous_rows: dict[int, int] | None = None) -> StepInput:
+        """`previous_rows`: seq_id -> that sequence's row in the step in flight, whose sampled token (pending
+        on the device) this step reads where the sequence's tokens say PENDING_TOKEN."""
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         shape = self.config.buckets.bucket_for(num_tokens, len(scheduled))
         layout = _layout(shape, self.config.pages_per_seq)
@@ -225,6 +238,8 @@ class ModelRunner:
         cursor = 0
         sample_rows = []
         page_rows = view["page_indices"].reshape(shape.num_seqs, self.config.pages_per_seq)
+        view["token_src"][:] = -1
+        reads_previous = False
         for row, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens + item.draft_index
@@ -232,6 +247,10 @@ class ModelRunner:
             pages = np.asarray(seq.pages, np.int32)
             view["token_ids"][cursor:cursor + n] = (item.draft_token if item.draft_index
                                                     else seq.token_slice(start, start + n))
+            if seq.num_pending_tokens and start + n > seq.num_known_tokens:
+                # only a decode step's single token can be pending (one step in flight, no drafts then)
+                view["token_src"][cursor + n - 1] = previous_rows[seq.seq_id]
+                reads_previous = True
             view["positions"][cursor:cursor + n] = positions
             view["slot_mapping"][cursor:cursor + n] = pages[positions // ps] * ps + positions % ps
             view["kv_lens"][row] = start + n
@@ -243,19 +262,24 @@ class ModelRunner:
                 sample_rows.append(row)
         view["cu_q_lens"][len(scheduled) + 1:] = cursor
         view["num_seqs"][0] = len(scheduled)
-        return StepInput(shape, packed, len(scheduled), sample_rows)
+        return StepInput(shape, packed, len(scheduled), sample_rows, reads_previous)
 
-    def execute(self, step: StepInput):
-        """Dispatches the model step; returns device arrays (last-token hidden [S, H], all hidden [T, H])."""
+    def execute(self, step: StepInput, previous_tokens=None):
+        """Dispatches the model step; returns device arrays (last-token hidden [S, H], all hidden [T, H]).
+        `previous_tokens`: the step in flight's padded sampled tokens, for a step that reads them."""
+        if step.reads_previous and previous_tokens is None:
+            raise ValueError("the step reads tokens of a step in flight that were not given")
         fn = self.step_fn(step.shape)
         # One device: the call takes the host buffer itself (about 0.3 ms a step less than a device_put first,
         # measured on a 2-core CPU: ~4% of a one-sequence decode step). Several: device_put with the
         # replicated sharding (not jnp.asarray, which compiles a copy per buffer size on first use).
         packed = step.packed if self.mesh.size == 1 else jax.device_put(step.packed, self.replicated)
-        last_hidden, hidden, self.kv_cache = fn(*self.step_params(step.shape), self.kv_cache, packed)
+        previous = previous_tokens if step.reads_previous else self.no_previous_tokens
+        last_hidden, hidden, self.kv_cache = fn(*self.step_params(step.shape), self.kv_cache, packed, previous)
         return last_hidden, hidden
 
-    def sample(self, last_hidden, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
+    def sample(self, last_hidden, tensors: SamplingTensors, flags: SamplerFlags) -> tuple[SamplerOutput, jax.Array]:
+        """Device arrays: the sampler's output and its token ids padded for the next step (`execute`)."""
         if self.config.cpu_sampling and flags.filter_window:  # the kernel needs no window: one variant for all
             flags = dataclasses.replace(flags, filter_window=0)
         compiled = self._compiled_samplers.get((flags, last_hidden.shape[0]))
@@ -283,7 +307,8 @@ class ModelRunner:
             name = f"step_{shape.num_tokens}x{shape.num_seqs}"
             packed = np.zeros(sum(size for _, size in _layout(shape, self.config.pages_per_seq).values()), np.int32)
             jobs.append((name, lambda shape=shape, packed=packed, name=name: self._build_step(
-                shape, self._module_name(name)).lower(*self.step_params(shape), self.kv_cache, packed),
+                shape, self._module_name(name)).lower(*self.step_params(shape), self.kv_cache, packed,
+                                                      self.no_previous_tokens),
                          lambda fn, shape=shape: self._step_fns.__setitem__(shape, fn)))
         for num_seqs in sorted({shape.num_seqs for shape in shapes}):
             hidden = jax.ShapeDtypeStruct((num_seqs, self.model_config.hidden_size), self.activation_dtype,

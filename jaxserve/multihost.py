@@ -187,10 +187,16 @@ class LeaderRunner:
         for sock in self._followers:
             sock.sendall(frame)
 
-    def prepare(self, scheduled):
-        return self.runner.prepare(scheduled)  # host-side padding only: followers get its result in execute
+    def prepare(self, scheduled, previous_rows=None):
+        # host-side padding only: followers get its result in execute; the engine keeps one step at a time
+        # across hosts, so no step reads one in flight
+        if previous_rows:
+            raise ValueError("a multi-host step cannot read the tokens of a step in flight")
+        return self.runner.prepare(scheduled)
 
-    def execute(self, step):
+    def execute(self, step, previous_tokens=None):
+        if getattr(step, "reads_previous", False):
+            raise ValueError("a multi-host step cannot read the tokens of a step in flight")
         self._broadcast("execute", step)
         return self.runner.execute(step)
 

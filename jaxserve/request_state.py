@@ -61,6 +61,14 @@ class RequestState:
         self.streams.append(StreamState(seq, detok, stop, matcher,
                                         logprobs=[] if p.logprobs is not None else None))
 
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Whether the next step's sampling inputs depend on this request's latest token values (guided
+        decoding's masks, penalties' counts): async scheduling then waits for them."""
+        p = self.params
+        return (p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+                or any(stream.matcher is not None for stream in self.streams))
+
     def bitmask_for(self, seq: Sequence, vocab_size: int, samples: bool) -> np.ndarray | None:
         """The guided-decoding mask for this step's sampled token (None when unconstrained or not sampling)."""
         stream = self.streams[seq.index]
@@ -98,7 +106,7 @@ class RequestState:
             flush = decision.finish_reason == "length"
         elif grammar_done:
             seq.finish_reason = "stop"
-        elif seq.num_tokens >= max_model_len:
+        elif seq.num_known_tokens >= max_model_len:
             seq.finish_reason = "length"
         else:
             return False

@@ -68,6 +68,9 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.pop(0)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:  # its last token is on its way (async scheduling): nothing to compute
+                kept.append(seq)
+                continue
             while not self._grow(seq, seq.num_computed_tokens + num_new):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)

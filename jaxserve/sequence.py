@@ -8,6 +8,9 @@ from typing import Any
 from jaxserve.sampling_params import SamplingParams
 
 
+PENDING_TOKEN = -1  # token_slice's stand-in for a token still on the device
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -31,6 +34,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at (re)admission
     num_preemptions: int = 0
+    # Sampled by the step in flight, not on the host yet (async scheduling): counted in num_tokens, so the
+    # scheduler gives the sequence its next position; token_slice shows them as PENDING_TOKEN.
+    num_pending_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-stream engine state (detokenizer, ...)
@@ -40,7 +46,11 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """token_ids[start:stop] without concatenating the whole history (decode asks for one token)."""
+        """token_ids[start:stop] without concatenating the whole history (decode asks for one token); a
+        position whose token is still pending on the device reads PENDING_TOKEN."""
+        known = self.num_known_tokens
+        if stop > known and self.num_pending_tokens:
+            return self.token_slice(start, known) + [PENDING_TOKEN] * (min(stop, self.num_tokens) - max(start, known))
         num_prompt = len(self.prompt_token_ids)
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt:stop - num_prompt]
@@ -50,6 +60,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens plus those pending on the device."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

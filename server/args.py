@@ -49,6 +49,9 @@ _ENGINE_HELP = {
     "kv_cache_memory": "Bytes for the KV cache, e.g. 4GiB, 512MiB or a byte count.",
     "gpu_memory_utilization": "Fraction of accelerator memory to use when --kv-cache-memory is unset.",
     "enable_prefix_caching": "Reuse KV pages of shared prompt prefixes.",
+    "async_scheduling": "Dispatch each step before the previous step's tokens reach the host (one step in "
+                        "flight while the host finishes the last); off: one step at a time. Default: on for "
+                        "GPU/TPU, off on the CPU. Greedy requests that may draft (prompt lookup) step one at a time.",
     "max_num_seqs": "Most sequences in one batch. Default: 64 on the CPU, 256 on GPU/TPU.",
     "max_num_batched_tokens": "Most tokens processed in one engine step. Default: 512 on the CPU, 2048 on "
                               "GPU/TPU (at least --max-num-seqs).",

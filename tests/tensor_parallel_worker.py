@@ -39,7 +39,8 @@ def step_collectives(runner) -> dict[str, int]:
 
     shape = runner.config.buckets.bucket_for(4, 4)
     packed = np.zeros(sum(n for _, n in _layout(shape, runner.config.pages_per_seq).values()), np.int32)
-    hlo = runner.step_fn(shape).lower(*runner.step_params(shape), runner.kv_cache, packed).compile().as_text()
+    hlo = runner.step_fn(shape).lower(*runner.step_params(shape), runner.kv_cache, packed,
+                                      runner.no_previous_tokens).compile().as_text()
     collective = r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     ops = re.findall(r"= \S+ " + collective + r"(?:-start)?\(", hlo)
     return dict(collections.Counter(ops))

@@ -1,4 +1,6 @@
 """Engine behaviour on a tiny random checkpoint: batching, seeds, preemption, compilation, stops."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,94 @@ def test_invalid_requests_raise_clear_errors(llm):
         llm.generate(["hi"], SamplingParams(top_p=0.0))
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], SamplingParams())
+
+
+@pytest.fixture(scope="module")
+def async_llm(random_llama_dir, tmp_path_factory):
+    """Async scheduling (on by default on accelerators, off on the CPU) forced on; speculation off unless a
+    test turns it on (a greedy request that may draft steps one at a time)."""
+    cache = tmp_path_factory.mktemp("ckpt")
+    return LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(cache), async_scheduling=True,
+               num_speculative_tokens=0, **ENGINE_ARGS)
+
+
+def recording_reads(engine) -> list[bool]:
+    """Records, per dispatched step, whether it read a token from the step in flight (on the device)."""
+    reads, execute = [], engine.runner.execute
+
+    def recording(step, previous_tokens=None):
+        reads.append(step.reads_previous)
+        return execute(step, previous_tokens)
+
+    engine.runner.execute = recording
+    return reads
+
+
+def assert_same_outputs(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert [(c.token_ids, c.finish_reason, c.stop_reason) for c in g.outputs] == \
+            [(c.token_ids, c.finish_reason, c.stop_reason) for c in w.outputs]
+        for gc, wc in zip(g.outputs, w.outputs):
+            assert (gc.logprobs is None) == (wc.logprobs is None)
+            for a, b in zip(gc.logprobs or [], wc.logprobs or []):
+                assert a.keys() == b.keys()
+                assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
+
+
+def test_async_scheduling_gives_the_one_step_at_a_time_outputs(llm, async_llm):
+    """With a step in flight while the host reads the last one, every request gets exactly the tokens,
+    logprobs and finish reasons of one-step-at-a-time scheduling: greedy and seeded, n=2, max_tokens 1 and 2
+    (whose last token is known not to go on), a stop token found late, min_tokens, logprobs, and a request
+    with penalties, during which steps go one at a time."""
+    assert not llm.engine.config.async_scheduling  # the CPU's default
+    ps = prompts(8, seed=21)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    stop_at = llm.generate([ps[2]], greedy)[0].outputs[0].token_ids[5]
+    params = [greedy,
+              SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_at]),
+              SamplingParams(temperature=1.0, n=2, seed=5, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=1),
+              SamplingParams(temperature=0.8, seed=8, max_tokens=2, logprobs=3),
+              SamplingParams(temperature=0.7, seed=9, max_tokens=10, min_tokens=6, logprobs=2),
+              SamplingParams(temperature=0.7, seed=10, max_tokens=10, ignore_eos=True, presence_penalty=0.5)]
+    reads = recording_reads(async_llm.engine)
+    try:
+        got = async_llm.generate(ps, params)
+        with_penalty = len(reads)
+        got_alone = async_llm.generate(ps[:7], params[:7])  # without the penalty request: overlapped throughout
+    finally:
+        del async_llm.engine.runner.execute
+    want, want_alone = llm.generate(ps, params), llm.generate(ps[:7], params[:7])
+    assert_same_outputs(got + got_alone, want + want_alone)
+    assert got[2].outputs[0].finish_reason == "stop" and len(got[4].outputs[0].token_ids) == 1
+    # the run with the penalty request overlapped only once it had finished
+    assert sum(reads[with_penalty:]) > 10 and sum(reads[:with_penalty]) < sum(reads[with_penalty:])
+    assert not any(seq.num_pending_tokens for state in async_llm.engine.requests.values() for seq in state.seqs)
+
+
+def test_async_scheduling_steps_greedy_drafters_one_at_a_time(llm, async_llm):
+    """With speculation on, a plain greedy request drafts (its draft starts from its latest token, which must
+    be on the host), so steps go one at a time while it runs; sampled requests alone overlap."""
+    # prompts that repeat a phrase (the random model's greedy tokens soon repeat themselves too)
+    loops = [[101, 102, 103, 104, 105] * 6 + [101, 102], [7001, 7002, 7003] * 9]
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)
+    batch, params = loops + prompts(1, seed=2), [greedy, greedy, sampled]
+    engine = async_llm.engine
+    engine.speculation.config = dataclasses.replace(engine.speculation.config, num_tokens=4)
+    reads = recording_reads(engine)
+    drafts_before = engine.speculation.draft_tokens_total
+    try:
+        got = async_llm.generate(batch, params)
+        while_greedy = len(reads)
+        got_sampled = async_llm.generate(prompts(2, seed=3), sampled)
+    finally:
+        del engine.runner.execute
+        engine.speculation.config = dataclasses.replace(engine.speculation.config, num_tokens=0)
+    assert_same_outputs(got + got_sampled, llm.generate(batch, params) + llm.generate(prompts(2, seed=3), sampled))
+    assert engine.speculation.draft_tokens_total > drafts_before
+    assert not any(reads[:while_greedy]) and sum(reads[while_greedy:]) > 5
 
 
 def test_preemption_keeps_outputs_exact(random_llama_dir, tmp_path):
