@@ -26,9 +26,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="one step in flight (default: the platform's)")
+    ap.add_argument("--num-speculative-tokens", type=int, default=None, help="prompt-lookup drafts (0: off)")
+    ap.add_argument("--tokens-out", default=None, help="write each decode request's tokens here (JSON)")
     args = ap.parse_args()
-    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, max_model_len=1024, max_num_seqs=max(args.batches),
-              max_num_batched_tokens=512)
+    extra = {k: v for k, v in (("async_scheduling", args.async_scheduling),
+                               ("num_speculative_tokens", args.num_speculative_tokens)) if v is not None}
+    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, max_model_len=1024,
+              max_num_seqs=max(args.batches), max_num_batched_tokens=512, **extra)
     eng = llm.engine
     cfg = eng.model_config
     leaves = eng.runner.params[0] + eng.runner.params[1]
@@ -39,7 +45,7 @@ def main() -> None:
                  if p[-1] not in ("scales", "mins"))
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(eng.runner.activation_dtype).itemsize
     rng = np.random.default_rng(0)
-    rows = []
+    rows, tokens = [], {}
     for batch in args.batches:
         prompts = [rng.integers(100, 40000, size=args.prompt_len).tolist() for _ in range(batch)]
         sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -49,8 +55,9 @@ def main() -> None:
         steps, decode_time, first = 0, 0.0, True
         while eng.has_unfinished_requests():
             t = time.perf_counter()
-            eng.step()
+            outputs = eng.step()
             dt = time.perf_counter() - t
+            tokens.update((o.request_id, o.outputs[0].token_ids) for o in outputs if o.finished)
             if all(not s.in_prefill for s in eng.scheduler.running) and not eng.scheduler.waiting and not first:
                 steps += 1
                 decode_time += dt
@@ -74,7 +81,11 @@ def main() -> None:
         print(f"| {r['batch']} | {r['step_ms']} | {r['tok_per_s']} | {r['GB_per_s']} | {r['GFLOP_per_s']} |")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"dtype": args.dtype, "decode": rows, "prefill": prefill}, f, indent=2)
+            json.dump({"dtype": args.dtype, "async_scheduling": eng.config.async_scheduling, "decode": rows,
+                       "prefill": prefill}, f, indent=2)
+    if args.tokens_out:
+        with open(args.tokens_out, "w") as f:
+            json.dump(tokens, f)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class LLMEngine:
         # One step in flight (async scheduling), on one device of one host.
         self._async = config.async_scheduling and config.tensor_parallel_size == 1 and config.num_hosts == 1
         self._in_flight: _Launched | None = None
+        self._steps_on_host: set[str] = set()  # ids of requests during which steps go one at a time
         if config.precompile:
             self.warmup_seconds = self.runner.precompile(
                 self.runner.config.buckets.all_shapes(), [SamplerFlags(), SamplerFlags(all_greedy=False)])
@@ -122,6 +123,8 @@ class LLMEngine:
             state.add_sequence(seq, matcher)
             self.scheduler.add(seq)
         self.requests[request_id] = state
+        if state.needs_host_tokens or (self.speculation.config.num_tokens > 0 and speculation_eligible(params)):
+            self._steps_on_host.add(request_id)  # its next step's inputs need its latest token on the host
         self.prompt_tokens_total += len(prompt_ids)
         return state
 
@@ -156,6 +159,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         state = self.requests.pop(request_id, None)
+        self._steps_on_host.discard(request_id)
         if state is None:
             return None
         for seq in state.seqs:
@@ -191,9 +195,7 @@ class LLMEngine:
         running = self.scheduler.num_running
         if self.kv_cache.num_free_pages < running + self.config.max_num_batched_tokens // self.kv_cache.page_size + 2:
             return False
-        drafting = self.speculation.config.num_tokens > 0  # a greedy request's draft starts from its last token
-        return not any(state.needs_host_tokens or (drafting and speculation_eligible(state.params))
-                       for state in self.requests.values())
+        return not self._steps_on_host
 
     def _launch(self, in_flight: _Launched | None) -> _Launched | None:
         """Schedules and dispatches a step (the model, then the sampler) without waiting for it. Drafts only
@@ -269,6 +271,7 @@ class LLMEngine:
                 outputs.append(output)
             if state.finished:
                 self.requests.pop(state.request_id, None)
+                self._steps_on_host.discard(state.request_id)
         return outputs
 
     def _row_state(self, seq: Sequence, samples: bool) -> RowSamplingState:

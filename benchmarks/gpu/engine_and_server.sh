@@ -13,7 +13,8 @@ say() {
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 PY=${PY:-python3}
 SMALL=${SMALL:-0}   # SMALL=1: tiny shapes, for a dry run on the CPU
-STAGES=${STAGES:-"parity serve offline"}
+STAGES=${STAGES:-"parity serve offline"}   # also: async (the server and offline steps with async scheduling off)
+MODELS=${MODELS:-"llama1b smol"}            # the offline stage's models
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 say "install"
@@ -38,7 +39,7 @@ else:  # SmolLM2-135M's shapes, then Llama-3.2-1B's (with SmolLM2's vocabulary)
     # std 0.02 (HF's init): deep random models with larger weights amplify rounding noise past any parity check
     write_random_llama(Path('/tmp/smol'), tok, layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536,
                        max_positions=8192, std=0.02)
-    if "offline" in "$STAGES".split():
+    if "offline" in "$STAGES".split() and "llama1b" in "$MODELS".split():
         write_random_llama(Path('/tmp/llama1b'), tok, layers=16, hidden=2048, heads=32, kv_heads=8,
                            intermediate=8192, max_positions=8192, tied=False, std=0.02)
 EOF
@@ -51,29 +52,35 @@ timeout 150 $PY benchmarks/backend_parity.py --model /tmp/smol --save "$OUT/pari
 fi
 
 
-serve() {  # $1: log name; sets SERVER_PID and UP_S (seconds to /health)
+serve() {  # $1: log name, then extra flags; sets SERVER_PID and UP_S (seconds to /health)
+  local name=$1; shift
   /tmp/jx/bin/jaxserve serve --model /tmp/smol --port 8000 --max-num-seqs 256 --max-num-batched-tokens 2048 \
-    --gpu-memory-utilization 0.5 --disable-log-requests > "$OUT/$1.log" 2>&1 &
+    --gpu-memory-utilization 0.5 --disable-log-requests "$@" > "$OUT/$name.log" 2>&1 &
   SERVER_PID=$!
   local t0=$(date +%s.%N)
   for i in $(seq 1 480); do
     curl -sf http://127.0.0.1:8000/health > /dev/null && break
-    kill -0 $SERVER_PID 2>/dev/null || { say "server died"; tail -20 "$OUT/$1.log"; return 1; }
+    kill -0 $SERVER_PID 2>/dev/null || { say "server died"; tail -20 "$OUT/$name.log"; return 1; }
     sleep 0.5
   done
   UP_S=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")
 }
 
+bench_matrix() {  # $1: a tag for the logs; concurrency 1, 32 and 256 against the running server
+  for c in 1 32 256; do
+    n=$(( c == 1 ? 8 : 2 * c ))
+    timeout 120 /tmp/jx/bin/jaxserve bench --base-url http://127.0.0.1:8000 --ignore-eos --prompt-len 128 \
+      --output-len 128 --concurrency $c --num-requests $n --warmup 1 --tokenizer .gpu/tokenizer \
+      --json-out "$OUT/bench_$1_c$c.json" > "$OUT/bench_$1_c$c.log" 2>&1
+    say "bench $1 c=$c rc=$?"; grep -E "failed|output_tok_per_s|ttft_ms|tpot_ms" "$OUT/bench_$1_c$c.log" \
+      | tee -a "$OUT/summary.txt"
+  done
+}
+
 if want serve; then
 say "server cold start (smol)"
 serve serve_cold && say "to /health: $UP_S s"
-for c in 1 32 256; do
-  n=$(( c == 1 ? 8 : 2 * c ))
-  timeout 120 /tmp/jx/bin/jaxserve bench --base-url http://127.0.0.1:8000 --ignore-eos --prompt-len 128 \
-    --output-len 128 --concurrency $c --num-requests $n --warmup 1 --tokenizer .gpu/tokenizer \
-    --json-out "$OUT/bench_c$c.json" > "$OUT/bench_c$c.log" 2>&1
-  say "bench c=$c rc=$?"; grep -E "failed|output_tok_per_s|ttft_ms|tpot_ms" "$OUT/bench_c$c.log" | tee -a "$OUT/summary.txt"
-done
+bench_matrix default
 kill $SERVER_PID; wait $SERVER_PID 2>/dev/null
 say "server warm start"
 serve serve_warm && say "to /health: $UP_S s"
@@ -82,10 +89,29 @@ timeout 60 /tmp/jx/bin/jaxserve bench --base-url http://127.0.0.1:8000 --ignore-
 say "warm bench rc=$?"; grep -E "failed|output_tok_per_s" "$OUT/bench_warm.log" | tee -a "$OUT/summary.txt"
 kill $SERVER_PID; wait $SERVER_PID 2>/dev/null
 fi
-want offline && for m in llama1b smol; do
-  say "offline decode: $m"
-  timeout 170 $PY benchmarks/throughput.py --model /tmp/$m --dtype bfloat16 --batches $BATCHES \
-    --json-out "$OUT/throughput_$m.json" > "$OUT/throughput_$m.log" 2>&1
-  say "rc=$?"; grep -E "^\||prefill" "$OUT/throughput_$m.log" | tee -a "$OUT/summary.txt"
+if want async; then  # the same matrix one step at a time, then async again (the machine drifts)
+  for mode in no-async async; do
+    say "server --$mode-scheduling"
+    serve serve_$mode --$mode-scheduling && say "to /health: $UP_S s" && bench_matrix $mode
+    kill $SERVER_PID; wait $SERVER_PID 2>/dev/null
+  done
+fi
+MODES=default; want async && MODES="async no-async"
+want offline && for m in $MODELS; do
+  for mode in $MODES; do  # greedy tokens without drafts, so that both modes decode one token a step
+    flags=""; [ $mode != default ] && flags="--$mode-scheduling --num-speculative-tokens 0"
+    say "offline decode: $m $mode"
+    timeout 170 $PY benchmarks/throughput.py --model /tmp/$m --dtype bfloat16 --batches $BATCHES $flags \
+      --json-out "$OUT/throughput_${m}_$mode.json" --tokens-out "$OUT/tokens_${m}_$mode.json" \
+      > "$OUT/throughput_${m}_$mode.log" 2>&1
+    say "rc=$?"; grep -E "^\||prefill" "$OUT/throughput_${m}_$mode.log" | tee -a "$OUT/summary.txt"
+  done
 done
+if want offline && want async; then
+  for m in $MODELS; do
+    $PY -c "import json; a, b = (json.load(open(f'$OUT/tokens_${m}_{x}.json')) for x in ('async', 'no-async')); \
+same = sum(a[k] == b.get(k) for k in a); print(f'$m: async and one-at-a-time tokens agree on {same}/{len(a)} requests')" \
+      2>&1 | tee -a "$OUT/summary.txt"
+  done
+fi
 say "done"
