@@ -19,10 +19,10 @@ from jaxserve.model_runner import ModelRunner, StepInput
 from jaxserve.outputs import RequestOutput
 from jaxserve.request_state import RequestState
 from jaxserve.sampler import SamplerFlags, SamplerOutput
-from jaxserve.sampling_metadata import RowSamplingState, build_sampling_tensors
+from jaxserve.sampling_metadata import RowSamplingState, allowed_token_mask, build_sampling_tensors
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
-from jaxserve.sequence import PENDING_TOKEN, Sequence
+from jaxserve.sequence import Sequence
 from jaxserve.speculative import Draft, PromptLookup, SpeculationConfig
 from jaxserve.speculative import eligible as speculation_eligible
 
@@ -275,13 +275,19 @@ class LLMEngine:
         return outputs
 
     def _row_state(self, seq: Sequence, samples: bool) -> RowSamplingState:
-        state = self.requests.get(seq.request_id)
-        bitmask = state.bitmask_for(seq, self.model_config.vocab_size, samples) if state else None
-        # A token still in flight counts (the random stream's step, min_tokens); its value is not needed here.
-        outputs = seq.output_token_ids + [PENDING_TOKEN] * seq.num_pending_tokens if seq.num_pending_tokens \
-            else seq.output_token_ids
-        return RowSamplingState(seq.sampling_params, seq.prompt_token_ids, outputs, seq.seed, bitmask,
-                                self.eos_token_ids)
+        """The sampler's view of the sequence; kept between steps (its output list is the sequence's own,
+        growing in place) unless a guided-decoding mask changes it every step."""
+        row = seq.extra.get("row_state")
+        if row is None:
+            state = self.requests.get(seq.request_id)
+            bitmask = state.bitmask_for(seq, self.model_config.vocab_size, samples) if state else None
+            row = RowSamplingState(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids, seq.seed,
+                                   bitmask, self.eos_token_ids,
+                                   allowed_token_mask(seq.sampling_params, self.model_config.vocab_size))
+            if state is not None and all(stream.matcher is None for stream in state.streams):
+                seq.extra["row_state"] = row
+        row.num_pending = seq.num_pending_tokens  # counted (the random stream's step, min_tokens), not read
+        return row
 
     def _prompt_logprobs(self, scheduled: list[ScheduledSeq], hidden, num_tokens: int) -> dict:
         """Prompt logprobs for prefill chunks of requests that asked for them (rare: computed on demand)."""

@@ -235,31 +235,46 @@ class ModelRunner:
         packed = np.zeros(sum(size for _, size in layout.values()), np.int32)
         view = {name: packed[o:o + n] for name, (o, n) in layout.items()}
         ps = self.config.page_size
-        cursor = 0
-        sample_rows = []
         page_rows = view["page_indices"].reshape(shape.num_seqs, self.config.pages_per_seq)
         view["token_src"][:] = -1
-        reads_previous = False
+        # Gathered as Python lists and written once per field: a decode row's few scalars cost less so than
+        # as numpy slices (256 rows: ~0.5 ms a step on a 2-core CPU host).
+        token_ids, positions, slots, kv_lens, cu_q_lens, last_rows = [], [], [], [], [], []
+        sample_rows, pending = [], []
+        cursor = 0
         for row, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens + item.draft_index
-            positions = np.arange(start, start + n, dtype=np.int32)
-            pages = np.asarray(seq.pages, np.int32)
-            view["token_ids"][cursor:cursor + n] = (item.draft_token if item.draft_index
-                                                    else seq.token_slice(start, start + n))
+            pages = seq.pages
+            if n == 1:
+                token_ids.append(item.draft_token if item.draft_index else seq.token_slice(start, start + 1)[0])
+                positions.append(start)
+                slots.append(pages[start // ps] * ps + start % ps)
+            else:
+                token_ids.extend(seq.token_slice(start, start + n))
+                span = range(start, start + n)
+                positions.extend(span)
+                slots.extend(pages[p // ps] * ps + p % ps for p in span)
             if seq.num_pending_tokens and start + n > seq.num_known_tokens:
                 # only a decode step's single token can be pending (one step in flight, no drafts then)
-                view["token_src"][cursor + n - 1] = previous_rows[seq.seq_id]
-                reads_previous = True
-            view["positions"][cursor:cursor + n] = positions
-            view["slot_mapping"][cursor:cursor + n] = pages[positions // ps] * ps + positions % ps
-            view["kv_lens"][row] = start + n
-            view["cu_q_lens"][row + 1] = cursor + n
-            view["logits_indices"][row] = cursor + n - 1
-            page_rows[row, :len(pages)] = pages
+                pending.append((cursor + n - 1, previous_rows[seq.seq_id]))
             cursor += n
+            kv_lens.append(start + n)
+            cu_q_lens.append(cursor)
+            last_rows.append(cursor - 1)
+            page_rows[row, :len(pages)] = pages
             if item.samples:
                 sample_rows.append(row)
+        rows = len(scheduled)
+        view["token_ids"][:cursor] = token_ids
+        view["positions"][:cursor] = positions
+        view["slot_mapping"][:cursor] = slots
+        view["kv_lens"][:rows] = kv_lens
+        view["cu_q_lens"][1:rows + 1] = cu_q_lens
+        view["logits_indices"][:rows] = last_rows
+        for index, source_row in pending:
+            view["token_src"][index] = source_row
+        reads_previous = bool(pending)
         view["cu_q_lens"][len(scheduled) + 1:] = cursor
         view["num_seqs"][0] = len(scheduled)
         return StepInput(shape, packed, len(scheduled), sample_rows, reads_previous)

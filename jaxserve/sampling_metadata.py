@@ -34,6 +34,11 @@ class RowSamplingState:
     # The packed allowed_token_ids mask. Converting a long id list costs ~2 ms per row per step, so
     # the engine should compute it once per request with `allowed_token_mask`; built here when None.
     allowed_mask: np.ndarray | None = None
+    num_pending: int = 0  # outputs sampled by a step in flight (async scheduling), not in output_token_ids yet
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
 
 
 def bucket_width(needed: int, minimum: int) -> int:
@@ -86,7 +91,7 @@ def _uses_penalties(params: SamplingParams) -> bool:
 
 def _forbidden_before_min_tokens(row: RowSamplingState) -> list[int]:
     params = row.params
-    if len(row.output_token_ids) >= params.min_tokens:
+    if row.num_outputs >= params.min_tokens:
         return []
     forbidden = list(params.stop_token_ids or [])
     if not params.ignore_eos:
@@ -171,7 +176,7 @@ def build_sampling_tensors(rows: list[RowSamplingState], bucket_size: int, vocab
     for i, row in enumerate(rows):
         params = row.params
         seed[i] = row.seed % (1 << 32)
-        step[i] = len(row.output_token_ids)
+        step[i] = row.num_outputs
         if not greedy[i]:
             temperature[i] = params.temperature
         if filtering[i]:

@@ -96,7 +96,7 @@ if want async; then  # the same matrix one step at a time, then async again (the
     kill $SERVER_PID; wait $SERVER_PID 2>/dev/null
   done
 fi
-MODES=default; want async && MODES="async no-async"
+MODES=${MODES:-default}; want async && MODES="async no-async"
 want offline && for m in $MODELS; do
   for mode in $MODES; do  # greedy tokens without drafts, so that both modes decode one token a step
     flags=""; [ $mode != default ] && flags="--$mode-scheduling --num-speculative-tokens 0"
@@ -107,7 +107,7 @@ want offline && for m in $MODELS; do
     say "rc=$?"; grep -E "^\||prefill" "$OUT/throughput_${m}_$mode.log" | tee -a "$OUT/summary.txt"
   done
 done
-if want offline && want async; then
+if want offline && [[ " $MODES " == *" no-async "* ]]; then
   for m in $MODELS; do
     $PY -c "import json; a, b = (json.load(open(f'$OUT/tokens_${m}_{x}.json')) for x in ('async', 'no-async')); \
 same = sum(a[k] == b.get(k) for k in a); print(f'$m: async and one-at-a-time tokens agree on {same}/{len(a)} requests')" \
