@@ -79,7 +79,8 @@ _ENGINE_HELP = {
     "num_speculative_tokens": "Prompt-lookup speculation for plain greedy requests: up to this many draft tokens "
                               "a step, copied from where the sequence's last tokens occurred before and checked "
                               "in the same step, so a step can keep several tokens (the same tokens: each draft "
-                              "token is computed as a decode row of its own); 0 turns it off.",
+                              "token is computed as a decode row of its own); 0 turns it off. Default: 4 on the "
+                              "CPU, 0 with async scheduling (GPU/TPU), which a drafting request suspends.",
     "speculative_max_rows": "Most rows of a decode step with draft rows (at most --max-num-seqs); past 8 rows only "
                             "sequences whose drafts were mostly right get draft rows.",
     "prompt_lookup_min": "Prompt lookup: the shortest run of last tokens looked up in the history.",
@@ -216,9 +217,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
 
     values = vars(args)
     engine_kwargs = {name: values[name] for name in EngineConfig.field_names() if name in values}
-    for key, value in (values.get("speculative_config") or {}).items():
-        if key != "method":
-            engine_kwargs[key] = value
+    speculative = values.get("speculative_config")
+    if speculative is not None:  # asking for n-gram speculation turns it on whatever the platform's default
+        engine_kwargs["num_speculative_tokens"] = 4
+        engine_kwargs.update((key, value) for key, value in speculative.items() if key != "method")
     if values.get("model_tag"):
         if engine_kwargs.get("model") not in (None, values["model_tag"]):
             raise SystemExit("error: give the model either positionally or with --model, not both")

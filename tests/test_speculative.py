@@ -217,11 +217,22 @@ def test_flags_and_vllms_speculative_config(capsys):
     def config(*argv):
         return configs_from_args(build_parser().parse_args(list(argv)))[0]
 
-    assert config().num_speculative_tokens == 4 and config("--num-speculative-tokens", "0").num_speculative_tokens == 0
+    assert config().num_speculative_tokens is None and config("--num-speculative-tokens", "0").num_speculative_tokens == 0
+    # the platform's default: drafts without async scheduling (the CPU), none with it (accelerators)
+    assert config().with_platform_defaults("cpu").num_speculative_tokens == 4
+    gpu = config().with_platform_defaults("gpu")
+    assert gpu.async_scheduling and gpu.num_speculative_tokens == 0
+    assert config("--no-async-scheduling").with_platform_defaults("gpu").num_speculative_tokens == 4
+    assert config("--tensor-parallel-size", "2").with_platform_defaults("gpu").async_scheduling is False
+    # asking for speculation turns it on even with async scheduling
+    assert config("--speculative-config", '{"method": "ngram"}').with_platform_defaults("gpu").num_speculative_tokens == 4
+    assert config("--async-scheduling", "--num-speculative-tokens", "2").with_platform_defaults("cpu") \
+        .num_speculative_tokens == 2
     vllm_form = config("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
                                                '"prompt_lookup_max": 5, "prompt_lookup_min": 3}')
     assert (vllm_form.num_speculative_tokens, vllm_form.prompt_lookup_min, vllm_form.prompt_lookup_max) == (3, 3, 5)
     assert config().replace(num_speculative_tokens=3, prompt_lookup_min=3, prompt_lookup_max=5) == vllm_form
+    assert config("--speculative-config", '{"method": "ngram"}').num_speculative_tokens == 4
     assert isinstance(vllm_form, EngineConfig)
     for bad, says in (('{"method": "eagle", "model": "x"}', "only"), ("[1]", "JSON object"), ("{", "not JSON"),
                       ('{"num_speculative_tokens": -1}', "non-negative"), ('{"draft_model": "x"}', "unsupported")):
