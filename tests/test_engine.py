@@ -172,6 +172,28 @@ def test_async_scheduling_gives_the_one_step_at_a_time_outputs(llm, async_llm):
     # the run with the penalty request overlapped only once it had finished
     assert sum(reads[with_penalty:]) > 10 and sum(reads[:with_penalty]) < sum(reads[with_penalty:])
     assert not any(seq.num_pending_tokens for state in async_llm.engine.requests.values() for seq in state.seqs)
+    assert not async_llm.engine._steps_on_host  # the penalty request's hold on overlapping ended with it
+
+
+def test_async_scheduling_survives_an_abort_with_a_step_in_flight(llm, async_llm):
+    """Aborting a request whose next token is in flight frees its pages at once; the step's token is dropped
+    when read, and the other requests get the tokens of one step at a time."""
+    engine = async_llm.engine
+    ps = prompts(3, seed=31)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for i, p in enumerate(ps):
+        engine.add_request(f"abort-{i}", p, params)
+    while not engine._in_flight or not engine._in_flight.pending_rows:
+        engine.step()
+    victim = engine.requests["abort-1"].seqs[0]
+    assert victim.num_pending_tokens == 1
+    assert engine.abort_request("abort-1").finished and not victim.pages
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    assert "abort-1" not in outputs and victim.num_pending_tokens == 0 and engine._in_flight is None
+    want = llm.generate([ps[0], ps[2]], params)
+    assert [outputs["abort-0"], outputs["abort-2"]] == [w.outputs[0].token_ids for w in want]
 
 
 def test_async_scheduling_steps_greedy_drafters_one_at_a_time(llm, async_llm):
