@@ -1,7 +1,8 @@
 """The synchronous engine core: add requests, step, collect outputs. One thread owns it.
 
 A step: schedule → pad and dispatch the model step → (while the device runs) build sampling tensors and
-guided-decoding masks on the host → sample → detokenize, check stops, emit outputs.
+guided-decoding masks on the host → sample → detokenize, check stops, emit outputs. With async scheduling
+(accelerators) the last part of one step runs while the next is already dispatched (`step`).
 """
 from __future__ import annotations
 
