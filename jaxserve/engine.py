@@ -237,8 +237,8 @@ class LLMEngine:
         scheduled, drafts, step, sampled = launched.scheduled, launched.drafts, launched.step, launched.sampled
         for row in launched.pending_rows.values():
             scheduled[row].seq.num_pending_tokens -= 1
-        token_ids = np.asarray(sampled.token_ids)
-        logprob = np.asarray(sampled.logprob)
+        token_ids = np.asarray(sampled.token_ids).tolist()  # Python ints: indexed per row below
+        logprob = np.asarray(sampled.logprob).tolist()
         tops = None
         if launched.flags.num_logprobs:
             tops = (np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs), np.asarray(sampled.rank))
@@ -251,13 +251,13 @@ class LLMEngine:
                 continue
             draft = drafts.get(row)
             kept = self.speculation.rows_to_keep(row, draft, token_ids)
-            self.speculation.update(seq, draft, [int(token_ids[r]) for r in kept])
+            self.speculation.update(seq, draft, [token_ids[r] for r in kept])
             for i, r in enumerate(kept):
                 if i:  # one output per token, as without drafts (streams send a chunk each)
                     if (output := state.make_output()) is not None:
                         outputs.append(output)
                 top = None if tops is None else (tops[0][r], tops[1][r], tops[2][r])
-                finished = state.append_token(seq, int(token_ids[r]), float(logprob[r]), top, self.max_model_len)
+                finished = state.append_token(seq, token_ids[r], logprob[r], top, self.max_model_len)
                 self.generation_tokens_total += 1
                 if finished:
                     self.scheduler.finish(seq, seq.finish_reason, seq.stop_reason)

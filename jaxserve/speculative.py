@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import ScheduledSeq, Scheduler
 from jaxserve.sequence import Sequence
@@ -160,7 +158,7 @@ class PromptLookup:
             left = min(left, seq.sampling_params.max_tokens - len(seq.output_token_ids))
         return left - 1
 
-    def rows_to_keep(self, row: int, draft: Draft | None, token_ids: np.ndarray) -> list[int]:
+    def rows_to_keep(self, row: int, draft: Draft | None, token_ids: list[int]) -> list[int]:
         """The rows whose samples the sequence keeps: its real row, then each draft row whose input token
         is the previous kept row's sample."""
         kept = [row]

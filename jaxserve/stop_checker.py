@@ -88,11 +88,11 @@ class StopChecker:
         return longest
 
     def _check_stops(self, token_id: int, text: str, new_text_len: int) -> StopDecision | None:
-        without_token_text = text[:len(text) - new_text_len]
+        # the text without this token's characters is sliced only when a stop uses it (a copy per token)
         if token_id in self.eos_token_ids and not self.ignore_eos:
-            return StopDecision("stop", None, without_token_text)
+            return StopDecision("stop", None, text[:len(text) - new_text_len])
         if token_id in self.stop_token_ids:
-            kept = text if self.include_stop_str_in_output else without_token_text
+            kept = text if self.include_stop_str_in_output else text[:len(text) - new_text_len]
             return StopDecision("stop", token_id, kept)
         match = self._find_stop_string(text, new_text_len)
         if match is None:
