@@ -129,7 +129,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if os.environ.get(_ENV_DEFAULTS.get(f.name, "")):
             # argparse converts a string default with the flag's type: a bad variable fails like a bad flag.
             default = os.environ[_ENV_DEFAULTS[f.name]]
-        help_text += f" (default: {default})"
+        if not (default is None and "Default:" in help_text):  # platform defaults are spelled out in the help
+            help_text += f" (default: {default})"
         if kind is bool:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
