@@ -65,9 +65,7 @@ class RequestState:
     def needs_host_tokens(self) -> bool:
         """Whether the next step's sampling inputs depend on this request's latest token values (guided
         decoding's masks, penalties' counts): async scheduling then waits for them."""
-        p = self.params
-        return (p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
-                or any(stream.matcher is not None for stream in self.streams))
+        return self.params.uses_penalties or any(stream.matcher is not None for stream in self.streams)
 
     def bitmask_for(self, seq: Sequence, vocab_size: int, samples: bool) -> np.ndarray | None:
         """The guided-decoding mask for this step's sampled token (None when unconstrained or not sampling)."""

@@ -84,11 +84,6 @@ def _uses_filtering(params: SamplingParams) -> bool:
     return not _is_greedy(params) and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
 
 
-def _uses_penalties(params: SamplingParams) -> bool:
-    return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-            or params.repetition_penalty != 1.0)
-
-
 def _forbidden_before_min_tokens(row: RowSamplingState) -> list[int]:
     params = row.params
     if row.num_outputs >= params.min_tokens:
@@ -169,7 +164,7 @@ def build_sampling_tensors(rows: list[RowSamplingState], bucket_size: int, vocab
 
     greedy = [_is_greedy(r.params) for r in rows]
     filtering = [_uses_filtering(r.params) for r in rows]
-    penalties = [_uses_penalties(r.params) for r in rows]
+    penalties = [r.params.uses_penalties for r in rows]
     biased = [bool(r.params.logit_bias) for r in rows]
     masked = [_uses_bitmask(r) for r in rows]
 

@@ -128,3 +128,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Presence, frequency or repetition penalties: the sampler then needs the tokens so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -44,8 +44,7 @@ class SpeculationConfig:
 def eligible(params: SamplingParams) -> bool:
     """Plain greedy decoding: the draft rows' samples are then exactly the sequential tokens."""
     return (params.greedy and params.n == 1 and (params.best_of or 1) == 1 and params.logprobs is None
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-            and params.repetition_penalty == 1.0 and not params.logit_bias and params.allowed_token_ids is None
+            and not params.uses_penalties and not params.logit_bias and params.allowed_token_ids is None
             and params.guided_decoding is None and params.min_tokens == 0)
 
 
