@@ -21,7 +21,7 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.request_state import RequestState
 from jaxserve.sampler import SamplerFlags, SamplerOutput
 from jaxserve.sampling_metadata import RowSamplingState, allowed_token_mask, build_sampling_tensors
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, bad_words_token_ids, truncate_prompt
 from jaxserve.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
 from jaxserve.sequence import Sequence
 from jaxserve.speculative import Draft, PromptLookup, SpeculationConfig
@@ -112,6 +112,13 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
+        if params.truncate_prompt_tokens is not None:
+            kept = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len)
+            if len(kept) < len(prompt_ids):
+                prompt_text, prompt_ids = self.tokenizer.decode(kept), kept
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = bad_words_token_ids(
+                params.bad_words, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.validate(prompt_ids, params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         matchers = [self.guided_matcher(params) for _ in range(params.best_of or params.n)]

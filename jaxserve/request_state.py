@@ -64,8 +64,9 @@ class RequestState:
     @property
     def needs_host_tokens(self) -> bool:
         """Whether the next step's sampling inputs depend on this request's latest token values (guided
-        decoding's masks, penalties' counts): async scheduling then waits for them."""
-        return self.params.uses_penalties or any(stream.matcher is not None for stream in self.streams)
+        decoding's masks, penalties' counts, bad words' prefixes): async scheduling then waits for them."""
+        return (self.params.uses_penalties or bool(self.params.bad_words)
+                or any(stream.matcher is not None for stream in self.streams))
 
     def bitmask_for(self, seq: Sequence, vocab_size: int, samples: bool) -> np.ndarray | None:
         """The guided-decoding mask for this step's sampled token (None when unconstrained or not sampling)."""

@@ -94,19 +94,31 @@ def _forbidden_before_min_tokens(row: RowSamplingState) -> list[int]:
     return forbidden
 
 
+def _bad_word_bans(row: RowSamplingState) -> list[int]:
+    """The last tokens of the bad words whose other tokens end the output so far (one-token words: always)."""
+    bans = []
+    out = row.output_token_ids
+    for ids in row.params.bad_words_token_ids or ():
+        before = len(ids) - 1
+        if before == 0 or (len(out) >= before and list(out[len(out) - before:]) == ids[:-1]):
+            bans.append(ids[-1])
+    return bans
+
+
 def _uses_bitmask(row: RowSamplingState) -> bool:
     return (row.bitmask is not None or row.params.allowed_token_ids is not None
-            or bool(_forbidden_before_min_tokens(row)))
+            or bool(row.params.bad_words_token_ids) or bool(_forbidden_before_min_tokens(row)))
 
 
 def _row_bitmask(row: RowSamplingState, vocab_size: int, out: np.ndarray) -> None:
-    """Write the row's combined mask (guided ∧ allowed_token_ids ∧ not-yet-allowed stops) into `out`."""
+    """Write the row's combined mask (guided ∧ allowed_token_ids ∧ not-yet-allowed stops ∧ not a bad word's
+    end) into `out`."""
     if row.bitmask is not None:
         out &= np.asarray(row.bitmask, dtype=np.int32)
     if row.params.allowed_token_ids is not None:
         allowed = row.allowed_mask
         out &= allowed_token_mask(row.params, vocab_size) if allowed is None else allowed
-    forbidden = np.asarray(_forbidden_before_min_tokens(row), dtype=np.int64)
+    forbidden = np.asarray(_forbidden_before_min_tokens(row) + _bad_word_bans(row), dtype=np.int64)
     forbidden = forbidden[(forbidden >= 0) & (forbidden < vocab_size)]
     if forbidden.size:
         as_uint = out.view(np.uint32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 class RequestOutputKind(enum.Enum):
@@ -60,6 +60,13 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # Words never to complete: a word's last token is banned whenever the output so far ends with the tokens
+    # before it (vLLM's semantics; a one-token word is banned outright). The engine tokenizes them into
+    # bad_words_token_ids (with and without a leading space, see `bad_words_token_ids`).
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
+    # Keep only the prompt's last k tokens (-1: as many as the context holds).
+    truncate_prompt_tokens: int | None = None
     guided_decoding: GuidedDecodingParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
@@ -114,6 +121,12 @@ class SamplingParams:
                 bad(f"{name} must be non-negative, got {value}.")
             if value is not None and value > max_logprobs:
                 bad(f"Requested {name} of {value}, which is greater than max allowed: {max_logprobs}")
+        keep = self.truncate_prompt_tokens
+        if keep is not None and (keep == 0 or keep < -1):
+            bad("truncate_prompt_tokens must be -1 (the model's context length) or at least 1, "
+                f"got {self.truncate_prompt_tokens}.")
+        if any(not isinstance(word, str) or not word.strip() for word in self.bad_words or ()):
+            bad("bad_words must be non-empty strings.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             bad("allowed_token_ids must list at least one token id when given.")
         if vocab_size is not None:
@@ -121,6 +134,9 @@ class SamplingParams:
                 for tok in getattr(self, name) or ():
                     if not 0 <= tok < vocab_size:
                         bad(f"{name}: token id {tok} out of vocabulary range [0, {vocab_size}).")
+            for ids in self.bad_words_token_ids or ():
+                if any(not 0 <= tok < vocab_size for tok in ids):
+                    bad(f"bad_words: token ids {ids} are outside the vocabulary range [0, {vocab_size}).")
         if self.guided_decoding is not None and len(self.guided_decoding.constraint_kinds()) > 1:
             bad("You can only use one kind of guided decoding but multiple were specified: "
                 + ", ".join(self.guided_decoding.constraint_kinds()))
@@ -133,3 +149,29 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         """Presence, frequency or repetition penalties: the sampler then needs the tokens so far."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def bad_words_token_ids(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """Each word's token ids as it would start the text and as it would follow a space (a different token
+    sequence in most BPE vocabularies), the second only when it differs in its first token and has as many
+    tokens (vLLM's rule: then it is the same word, spelled as a continuation)."""
+    out: list[list[int]] = []
+    for word in words:
+        bare = encode(word.lstrip())
+        out.append(bare)
+        spaced = encode(" " + word.lstrip())
+        if spaced and bare and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return [ids for ids in out if ids]
+
+
+def truncate_prompt(prompt_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """The prompt's last `keep` tokens (-1: the model's context length; None: all of them)."""
+    if keep is None:
+        return prompt_ids
+    if keep == -1:
+        keep = max_model_len
+    if keep > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens ({keep}) is greater than the model's context length "
+                         f"({max_model_len}): ask for fewer tokens.")
+    return prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids

@@ -45,6 +45,7 @@ def eligible(params: SamplingParams) -> bool:
     """Plain greedy decoding: the draft rows' samples are then exactly the sequential tokens."""
     return (params.greedy and params.n == 1 and (params.best_of or 1) == 1 and params.logprobs is None
             and not params.uses_penalties and not params.logit_bias and params.allowed_token_ids is None
+            and not params.bad_words
             and params.guided_decoding is None and params.min_tokens == 0)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxserve.beam_search import BeamSearchParams
-from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams
+from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams, truncate_prompt
 from jaxserve.server.errors import bad_request
 
 DEFAULT_TEMPERATURE = 1.0
@@ -83,6 +83,8 @@ class _GenerationRequest(OpenAIModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context length)
     prompt_logprobs: int | None = None
     # Logprob tokens as "token_id:{id}" (None: the server's --return-tokens-as-token-ids)
     return_tokens_as_token_ids: bool | None = None
@@ -94,6 +96,9 @@ class _GenerationRequest(OpenAIModel):
     guided_whitespace_pattern: str | None = None
     structured_outputs: StructuredOutputs | None = None
     request_id: str | None = None
+    # vLLM extras this server refuses unless they are no-ops (no priority scheduling, no custom processors)
+    priority: int = 0
+    logits_processors: list[Any] | None = None
 
     @model_validator(mode="after")
     def _check_stream_options(self):
@@ -102,8 +107,24 @@ class _GenerationRequest(OpenAIModel):
             raise ValueError("stream_options can only be set when stream is true")
         return self
 
+    def truncated(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's tokens as the engine gets them: the last truncate_prompt_tokens of them."""
+        keep = self.truncate_prompt_tokens
+        if keep is not None and (keep == 0 or keep < -1):
+            raise bad_request("truncate_prompt_tokens must be -1 (the model's context length) or at least 1, "
+                              f"got {keep}.", "truncate_prompt_tokens")
+        try:
+            return truncate_prompt(prompt_ids, keep, max_model_len)
+        except ValueError as exc:
+            raise bad_request(str(exc), "truncate_prompt_tokens")
+
     # --- pieces of to_sampling_params -------------------------------------------------------
     def _refuse_unsupported(self) -> None:
+        if self.priority != 0:
+            raise bad_request("priority needs priority scheduling, which this server does not run.", "priority")
+        if self.logits_processors:
+            raise bad_request("logits_processors (custom logits processors) are not supported by jaxserve.",
+                              "logits_processors")
         if self.use_beam_search:
             return
         if self.length_penalty != 1.0:
@@ -125,7 +146,8 @@ class _GenerationRequest(OpenAIModel):
                    "presence_penalty": bool(self.presence_penalty),
                    "frequency_penalty": bool(self.frequency_penalty),
                    "repetition_penalty": self.repetition_penalty not in (None, 1.0),
-                   "logit_bias": bool(self.logit_bias), "allowed_token_ids": self.allowed_token_ids is not None}
+                   "logit_bias": bool(self.logit_bias), "allowed_token_ids": self.allowed_token_ids is not None,
+                   "bad_words": bool(self.bad_words)}
         for name, present in refused.items():
             if present:
                 raise bad_request(f"{name} is not supported with use_beam_search.", name)
@@ -224,6 +246,7 @@ class _GenerationRequest(OpenAIModel):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             logit_bias=self._logit_bias(), allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words, truncate_prompt_tokens=self.truncate_prompt_tokens,
             guided_decoding=guided,
             # The server always consumes deltas: it streams them, or accumulates them while
             # timing first token / inter-token latency for /metrics.

@@ -53,6 +53,9 @@ async def create_chat_completion(ctx: ServingContext, request: ChatCompletionReq
         continue_final_message=request.continue_final_message, tools=request.tools,
         documents=request.documents)
     prompt_ids = ctx.tokenizer.encode(prompt_text, add_special_tokens=request.add_special_tokens)
+    kept = request.truncated(prompt_ids, ctx.engine.max_model_len)
+    if kept is not prompt_ids:
+        prompt_text, prompt_ids = ctx.tokenizer.decode(kept), kept
     max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_ids), request.requested_max_tokens,
                                     "messages")
     params = request.to_sampling_params(max_tokens, tools.guided)

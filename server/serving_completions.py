@@ -31,16 +31,18 @@ def _prompts(ctx: ServingContext, request: CompletionRequest) -> list[tuple[str,
     for p in raw:
         if isinstance(p, str):
             ids = tokenizer.encode(p, add_special_tokens=request.add_special_tokens)
-            out.append((p, ids))
         else:
             if not p:
                 raise bad_request("prompt token lists must not be empty.", "prompt")
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
                 raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab}).", "prompt")
-            out.append((tokenizer.decode(p), list(p)))
-        if not out[-1][1]:
+            ids = list(p)
+        if not ids:
             raise bad_request("prompt must contain at least one token.", "prompt")
+        kept = request.truncated(ids, ctx.engine.max_model_len)
+        # a truncated prompt is what the model saw, and what echo returns
+        out.append((p if isinstance(p, str) and kept is ids else tokenizer.decode(kept), kept))
     return out
 
 

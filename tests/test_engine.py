@@ -220,6 +220,30 @@ def test_async_scheduling_steps_greedy_drafters_one_at_a_time(llm, async_llm):
     assert not any(reads[:while_greedy]) and sum(reads[while_greedy:]) > 5
 
 
+def test_bad_words_and_truncated_prompts(llm, async_llm):
+    """A bad word's last token never follows the rest of it (one step at a time and with a step in flight,
+    where such a request steps on the host); truncate_prompt_tokens keeps the prompt's last tokens."""
+    tok = llm.get_tokenizer()
+    prompt = prompts(1, seed=31)[0]
+    greedy = dict(temperature=0, max_tokens=10, ignore_eos=True)
+    base = llm.generate([prompt], SamplingParams(**greedy))[0].outputs[0].token_ids
+    word = tok.decode(base[1:3])
+    assert tok.encode(word, add_special_tokens=False) == base[1:3]  # the word is these two tokens
+    for engine in (llm, async_llm):
+        out = engine.generate([prompt], SamplingParams(bad_words=[word], **greedy))[0].outputs[0].token_ids
+        assert out[:2] == base[:2] and out[2] != base[2]  # its first token is fine, its second is not
+        assert all(pair != tuple(base[1:3]) for pair in zip(out, out[1:]))
+    first = tok.decode(base[:1])
+    out = llm.generate([prompt], SamplingParams(bad_words=[first], **greedy))[0]
+    assert base[0] not in out.outputs[0].token_ids
+    assert not async_llm.engine._steps_on_host
+    short = llm.generate([prompt], SamplingParams(truncate_prompt_tokens=5, **greedy))[0]
+    assert short.prompt_token_ids == prompt[-5:]
+    assert short.outputs[0].token_ids == llm.generate([prompt[-5:]], SamplingParams(**greedy))[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        llm.generate([prompt], SamplingParams(truncate_prompt_tokens=1000, **greedy))
+
+
 def test_preemption_keeps_outputs_exact(random_llama_dir, tmp_path):
     # 24 usable pages of 4 tokens: 4 sequences of ~40 tokens cannot all stay resident.
     small = LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(tmp_path), kv_cache_memory=None,

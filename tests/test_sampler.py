@@ -11,7 +11,7 @@ from jaxserve.sampler import (SamplerFlags, greedy_tokens, apply_penalties, appl
                               _sample_categorical, sample, token_logprobs)
 from jaxserve.sampling_metadata import (RowSamplingState, allowed_token_mask, build_sampling_tensors,
                                         pack_token_mask, placeholder_sampling_tensors, unpack_token_mask)
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, bad_words_token_ids, truncate_prompt
 
 SAMPLE = jax.jit(sample, static_argnames="flags")
 
@@ -229,6 +229,44 @@ def test_min_tokens_forbids_eos_and_stop_tokens_until_reached():
     rows = [make([7]), make([7, 8, 9]), make([7], ignore_eos=True), make([7, 8])]
     out, _ = run(logits, rows)
     assert np.asarray(out.token_ids).tolist() == [2, 0, 0, 2]
+
+
+def test_bad_words_ban_a_last_token_only_after_its_prefix():
+    vocab = 30
+    logits = np.zeros((5, vocab), np.float32)
+    logits[:, 4], logits[:, 6], logits[:, 9] = 50.0, 40.0, 30.0  # greedy prefers 4, then 6, then 9
+    make = lambda output, words: RowSamplingState(
+        SamplingParams(temperature=0.0, bad_words=["x"], bad_words_token_ids=words), [5], output, 0)
+    rows = [make([], [[4]]),  # a one-token word: banned from the start
+            make([1, 2], [[2, 4]]),  # the output ends with the word's prefix: its end is banned
+            make([2, 1], [[2, 4]]),  # it does not: nothing banned
+            make([7, 8], [[7, 8, 4], [8, 6]]),  # two words' prefixes end the output: both ends banned
+            make([8], [[7, 8, 4]])]  # shorter than the prefix: nothing banned
+    out, flags = run(logits, rows)
+    assert flags.needs_bitmask
+    assert np.asarray(out.token_ids).tolist() == [6, 6, 4, 9, 4]
+
+
+def test_bad_words_token_ids_take_the_spaced_spelling_when_it_is_the_same_word():
+    vocab = {"Paris": [10], " Paris": [11], "New York": [20, 21], " New York": [22, 21], "ab": [30, 31],
+             " ab": [32]}
+    assert bad_words_token_ids(["Paris", " New York", "ab"], vocab.__getitem__) == [[10], [11], [20, 21],
+                                                                                   [22, 21], [30, 31]]
+
+
+def test_truncate_prompt_keeps_the_last_tokens():
+    ids = list(range(10))
+    assert truncate_prompt(ids, None, 8) is ids
+    assert truncate_prompt(ids, 3, 8) == [7, 8, 9]
+    assert truncate_prompt(ids, -1, 8) == ids[2:]
+    assert truncate_prompt(ids[:2], 3, 8) == [0, 1]
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        truncate_prompt(ids, 9, 8)
+    for keep in (0, -2):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=keep).validate()
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=[" "]).validate()
 
 
 def test_same_seed_same_tokens_alone_and_in_a_busy_bucket_at_full_vocab():

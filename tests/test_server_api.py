@@ -155,6 +155,12 @@ async def test_streaming_n_choices_interleave(fake):
     ({"prompt": "x", "use_beam_search": True, "n": 11}, "n"),
     ({"prompt": "x", "suffix": "!"}, "suffix"),
     ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": 513}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "bad_words": ["a"], "use_beam_search": True, "n": 2}, "bad_words"),
+    ({"prompt": "x", "bad_words": [" "]}, "bad_words"),
+    ({"prompt": "x", "priority": 1}, "priority"),
+    ({"prompt": "x", "logits_processors": ["my.module:Processor"]}, "logits_processors"),
 ])
 async def test_invalid_parameters_answer_400(fake, body, param):
     url, _ = fake
@@ -319,6 +325,28 @@ async def test_cors_and_root_path_and_served_names(tokenizer):
     async with running(FakeAsyncEngine(tokenizer), ServerConfig(served_model_names=("a", "b"))) as url:
         r = await client(url).completions.create(model="b", prompt="x", max_tokens=1)
         assert r.model == "b"
+
+
+async def test_truncate_prompt_tokens_keeps_the_last_tokens_and_bad_words_reach_the_engine(fake, tokenizer):
+    url, engine = fake
+    c = client(url)
+    text = "one two three four five six seven eight"
+    ids = tokenizer.encode(text)
+    r = await c.completions.create(model="fake-model", prompt=text, max_tokens=2, echo=True,
+                                   extra_body={"truncate_prompt_tokens": 3, "bad_words": ["nine"]})
+    assert engine.seen_prompts[-1]["prompt_token_ids"] == ids[-3:] and r.usage.prompt_tokens == 3
+    assert r.choices[0].text.startswith(tokenizer.decode(ids[-3:]))  # echo gives what the model saw
+    assert engine.seen_params[-1].bad_words == ["nine"]
+    r = await c.completions.create(model="fake-model", prompt=[ids, ids[:2]], max_tokens=1,
+                                   extra_body={"truncate_prompt_tokens": 4})
+    assert [p["prompt_token_ids"] for p in engine.seen_prompts[-2:]] == [ids[-4:], ids[:2]]
+    assert r.usage.prompt_tokens == 6
+    messages = [{"role": "user", "content": text}]
+    whole = await c.chat.completions.create(model="fake-model", messages=messages, max_tokens=1)
+    r = await c.chat.completions.create(model="fake-model", messages=messages, max_tokens=1,
+                                        extra_body={"truncate_prompt_tokens": 5})
+    assert whole.usage.prompt_tokens > 5 and r.usage.prompt_tokens == 5
+    assert engine.seen_prompts[-1]["prompt_token_ids"] == engine.seen_prompts[-2]["prompt_token_ids"][-5:]
 
 
 async def test_echo_with_max_tokens_0_returns_the_prompt_alone(fake, tokenizer):
