@@ -88,6 +88,8 @@ class _GenerationRequest(OpenAIModel):
     prompt_logprobs: int | None = None
     # Logprob tokens as "token_id:{id}" (None: the server's --return-tokens-as-token-ids)
     return_tokens_as_token_ids: bool | None = None
+    # The prompt's and the generated token ids beside the text (vLLM's, for RL rollouts)
+    return_token_ids: bool | None = None
     guided_json: str | dict | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None

@@ -42,6 +42,9 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, in whole responses only
+    # vLLM's return_token_ids: the prompt's ids (a stream's first chunk of the choice) and the generated ids
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -97,6 +100,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -108,6 +112,7 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
     system_fingerprint: str | None = None
     prompt_logprobs: list[dict[int, Any] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class DeltaMessage(BaseModel):
@@ -122,6 +127,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: the delta's generated ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -131,13 +137,14 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids, in the first chunk
 
     def to_sse(self) -> str:
         data = self.model_dump(exclude={"choices"})
-        if data["usage"] is None:
-            del data["usage"]
+        _drop_nones(data, "usage", "prompt_token_ids")
         # Deltas carry only what changed, like OpenAI's own chunks.
-        data["choices"] = [{**c.model_dump(exclude={"delta"}), "delta": c.delta.model_dump(exclude_none=True)}
+        data["choices"] = [_drop_nones({**c.model_dump(exclude={"delta"}),
+                                        "delta": c.delta.model_dump(exclude_none=True)}, "token_ids")
                            for c in self.choices]
         return sse(data)
 
@@ -145,9 +152,18 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChunk(CompletionResponse):
     def to_sse(self) -> str:
         data = self.model_dump(exclude={"choices": {"__all__": {"prompt_logprobs"}}})
-        if data["usage"] is None:
-            del data["usage"]
+        _drop_nones(data, "usage")
+        for choice in data["choices"]:
+            _drop_nones(choice, "prompt_token_ids", "token_ids")
         return sse(data)
+
+
+def _drop_nones(data: dict, *keys: str) -> dict:
+    """A chunk's optional fields are left out unless set (vLLM's chunks and OpenAI's alike)."""
+    for key in keys:
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
 
 
 def sse(data: Any) -> str:

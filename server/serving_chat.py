@@ -68,10 +68,10 @@ async def create_chat_completion(ctx: ServingContext, request: ChatCompletionReq
     try:
         await gens.first()
         if request.stream:
-            await stream_sse(http_request, _stream(ctx, request, model, request_id, role, len(prompt_ids),
+            await stream_sse(http_request, _stream(ctx, request, model, request_id, role, prompt_ids,
                                                    tools, gens))
             return None
-        return await _complete(ctx, request, model, request_id, role, len(prompt_ids), tools, gens)
+        return await _complete(ctx, request, model, request_id, role, prompt_ids, tools, gens)
     finally:
         await gens.close()
 
@@ -96,7 +96,7 @@ def _forced_finish(request: ChatCompletionRequest, finish: str | None) -> str | 
     return "tool_calls" if finish == "stop" and request.effective_tool_choice == "required" else finish
 
 
-async def _complete(ctx, request, model, request_id, role, prompt_len, tools, gens):
+async def _complete(ctx, request, model, request_id, role, prompt_ids, tools, gens):
     states = [ChoiceState(i) for i in range(request.n)]
     prompt_logprobs = None
     async for _, out in gens:
@@ -110,10 +110,12 @@ async def _complete(ctx, request, model, request_id, role, prompt_len, tools, ge
                                    ctx.tokens_as_ids(request))
                     if request.logprobs else None)
         choices.append(ChatChoice(index=state.index, message=message, logprobs=logprobs,
-                                  finish_reason=finish, stop_reason=state.stop_reason))
+                                  finish_reason=finish, stop_reason=state.stop_reason,
+                                  token_ids=list(state.token_ids) if request.return_token_ids else None))
     completion_tokens = sum(len(s.token_ids) for s in states)
     body = ChatCompletionResponse(id=request_id, created=now(), model=model, choices=choices,
-                                  usage=UsageInfo.of(prompt_len, completion_tokens), prompt_logprobs=None)
+                                  usage=UsageInfo.of(len(prompt_ids), completion_tokens), prompt_logprobs=None,
+                                  prompt_token_ids=prompt_ids if request.return_token_ids else None)
     data = body.model_dump()
     if request.prompt_logprobs is not None:
         data["prompt_logprobs"] = prompt_logprobs_json(prompt_logprobs)
@@ -132,20 +134,25 @@ def _parser_delta(raw: dict) -> DeltaMessage:
 
 
 async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: str, role: str,
-                  prompt_len: int, tools: ToolMode, gens: MergedGenerations) -> AsyncIterator[str]:
+                  prompt_ids: list[int], tools: ToolMode, gens: MergedGenerations) -> AsyncIterator[str]:
     created = now()
     states = [ChoiceState(i) for i in range(request.n)]
+    prompt_len = len(prompt_ids)
 
-    def chunk(index: int, delta: DeltaMessage, logprobs=None, finish=None, stop_reason=None) -> str:
+    def chunk(index: int, delta: DeltaMessage, logprobs=None, finish=None, stop_reason=None, token_ids=None,
+              with_prompt_ids: bool = False) -> str:
         usage = (UsageInfo.of(prompt_len, len(states[index].token_ids))
                  if request.continuous_usage_in_stream else None)
-        return ChatCompletionChunk(id=request_id, created=created, model=model, usage=usage, choices=[
-            ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish,
-                             stop_reason=stop_reason)]).to_sse()
+        return ChatCompletionChunk(
+            id=request_id, created=created, model=model, usage=usage,
+            prompt_token_ids=prompt_ids if with_prompt_ids and request.return_token_ids else None,
+            choices=[ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish,
+                                      stop_reason=stop_reason,
+                                      token_ids=token_ids if request.return_token_ids else None)]).to_sse()
 
     echo = _echo_text(request, role)
     for i in range(request.n):  # the role comes first, in a delta of its own, like OpenAI
-        yield chunk(i, DeltaMessage(role=role, content=""))
+        yield chunk(i, DeltaMessage(role=role, content=""), with_prompt_ids=i == 0)
         if echo:
             yield chunk(i, DeltaMessage(content=echo))
     parsers = [tools.new_parser(ctx.tokenizer) for _ in states] if tools.kind == "auto" else []
@@ -177,9 +184,10 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
                         finish = "tool_calls"
                 else:  # "" rather than no content when the last token adds no text, as vLLM
                     message = DeltaMessage(content=delta.text)
-                if not message.content and message.tool_calls is None and finish is None and not logprobs:
+                if (not message.content and message.tool_calls is None and finish is None and not logprobs
+                        and not (request.return_token_ids and delta.token_ids)):
                     continue
-                yield chunk(delta.index, message, logprobs, finish, delta.stop_reason)
+                yield chunk(delta.index, message, logprobs, finish, delta.stop_reason, list(delta.token_ids))
     except APIError as err:
         yield sse(err.to_dict())
     except Exception:

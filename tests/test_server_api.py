@@ -349,6 +349,39 @@ async def test_truncate_prompt_tokens_keeps_the_last_tokens_and_bad_words_reach_
     assert engine.seen_prompts[-1]["prompt_token_ids"] == engine.seen_prompts[-2]["prompt_token_ids"][-5:]
 
 
+async def test_return_token_ids_whole_and_streamed(fake, tokenizer):
+    url, engine = fake
+    c = client(url)
+    ids = tokenizer.encode("Hello there")
+    r = await c.completions.create(model="fake-model", prompt="Hello there", max_tokens=4, n=2,
+                                   extra_body={"return_token_ids": True})
+    for choice in r.choices:
+        assert choice.prompt_token_ids == ids and len(choice.token_ids) == 4
+        assert tokenizer.decode(choice.token_ids) == choice.text
+    plain = await c.completions.create(model="fake-model", prompt="Hello there", max_tokens=2)
+    assert plain.choices[0].model_extra.get("token_ids") is None
+    body = {"model": "fake-model", "prompt": "Hello there", "max_tokens": 5, "stream": True, "return_token_ids": True}
+    chunks = [json.loads(line[6:]) for line in await sse_events(url, "/v1/completions", body)
+              if line != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == ids
+    assert all("prompt_token_ids" not in ch["choices"][0] for ch in chunks[1:])
+    streamed = [t for ch in chunks for t in ch["choices"][0]["token_ids"]]
+    assert len(streamed) == 5 and tokenizer.decode(streamed) == "".join(ch["choices"][0]["text"] for ch in chunks)
+
+    messages = [{"role": "user", "content": "Hi"}]
+    r = await c.chat.completions.create(model="fake-model", messages=messages, max_tokens=3,
+                                        extra_body={"return_token_ids": True})
+    assert r.model_extra["prompt_token_ids"] == engine.seen_prompts[-1]["prompt_token_ids"]
+    assert len(r.choices[0].token_ids) == 3
+    assert tokenizer.decode(r.choices[0].token_ids) == r.choices[0].message.content
+    body = {"model": "fake-model", "messages": messages, "max_tokens": 3, "stream": True, "return_token_ids": True}
+    chunks = [json.loads(line[6:]) for line in await sse_events(url, "/v1/chat/completions", body)
+              if line != "data: [DONE]"]
+    assert chunks[0]["prompt_token_ids"] == engine.seen_prompts[-1]["prompt_token_ids"]
+    assert "prompt_token_ids" not in chunks[1] and "token_ids" not in chunks[0]["choices"][0]
+    assert len([t for ch in chunks for t in ch["choices"][0].get("token_ids", [])]) == 3
+
+
 async def test_echo_with_max_tokens_0_returns_the_prompt_alone(fake, tokenizer):
     """vLLM's prompt scoring (lm-eval's loglikelihood): echo, max_tokens 0, logprobs."""
     url, _ = fake
