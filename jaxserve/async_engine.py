@@ -60,7 +60,7 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine stopped after an error: {self.error!r}")
         await self.start()
         # Validate on the caller's side so a bad request fails fast with its message.
-        _, prompt_ids = self.engine.tokenize_prompt(prompt)
+        prompt_text, prompt_ids = self.engine.prompt_for(prompt, sampling_params)
         self.engine.validate(prompt_ids, sampling_params)
         if sampling_params.guided_decoding is not None:
             self.engine.guided_matcher(sampling_params)  # compiles (cached) and raises on a bad grammar
@@ -69,8 +69,9 @@ class AsyncLLMEngine:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._queues[request_id] = (loop, queue)
-        self._post("add", (request_id, {"prompt": prompt if isinstance(prompt, str) else None,
-                                        "prompt_token_ids": prompt_ids}, sampling_params))
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        self._post("add", (request_id, {"prompt": prompt_text, "prompt_token_ids": prompt_ids, "cache_salt": salt},
+                           sampling_params))
         finished = False
         try:
             while True:

@@ -77,8 +77,10 @@ class BeamSearch:
     """One request's beams: `live` to extend, `advance` with each live beam's next-token log-probabilities,
     `done`, then `best()`."""
 
-    def __init__(self, prompt_token_ids: Sequence[int], params: BeamSearchParams, eos_token_ids: Iterable[int]):
+    def __init__(self, prompt_token_ids: Sequence[int], params: BeamSearchParams, eos_token_ids: Iterable[int],
+                 cache_salt: str | None = None):
         self.prompt_token_ids = list(prompt_token_ids)
+        self.cache_salt = cache_salt  # every round's requests share the prefix cache under the request's salt
         self.params = params
         self.eos_token_ids = frozenset(eos_token_ids)
         self.live: list[Beam] = [Beam([])]
@@ -129,8 +131,8 @@ class BeamSearch:
     def round_requests(self) -> list[tuple[dict, SamplingParams]]:
         """This round's engine request (prompt, params) for each live beam, in order."""
         asked = self.params.prompt_logprobs if self.rounds == 0 else None
-        return [({"prompt_token_ids": self.prompt_token_ids + beam.tokens}, self.params.step_params(asked))
-                for beam in self.live]
+        return [({"prompt_token_ids": self.prompt_token_ids + beam.tokens, "cache_salt": self.cache_salt},
+                 self.params.step_params(asked)) for beam in self.live]
 
     def advance_outputs(self, outputs: Sequence[RequestOutput | None]) -> None:
         """`advance` with the finished outputs of round_requests(), in order."""
@@ -176,7 +178,7 @@ async def beam_search(engine, prompt: dict, params: BeamSearchParams, request_id
                       eos_token_ids: Iterable[int]) -> AsyncIterator[RequestOutput]:
     """Yields one finished RequestOutput. `engine` streams requests (`generate`, as AsyncLLMEngine); a
     cancelled caller cancels the round in flight, whose requests abort in the engine."""
-    search = BeamSearch(prompt["prompt_token_ids"], params, eos_token_ids)
+    search = BeamSearch(prompt["prompt_token_ids"], params, eos_token_ids, prompt.get("cache_salt"))
 
     async def last_output(step: dict, step_params: SamplingParams, rid: str) -> RequestOutput | None:
         last = None
@@ -195,7 +197,8 @@ def run_beam_search(engine, prompts: Sequence[dict], params: BeamSearchParams,
                     request_prefix: str) -> list[RequestOutput]:
     """Beam search for several prompts at once on a synchronous LLMEngine: each round's requests of every
     prompt are stepped together."""
-    searches = [BeamSearch(p["prompt_token_ids"], params, engine.eos_token_ids) for p in prompts]
+    searches = [BeamSearch(p["prompt_token_ids"], params, engine.eos_token_ids, p.get("cache_salt"))
+                for p in prompts]
     while not all(s.done for s in searches):
         pending = {}
         for k, search in enumerate(searches):

@@ -105,17 +105,22 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         return None, [int(t) for t in prompt]
 
+    def prompt_for(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """The prompt's text and token ids as the model gets them (truncate_prompt_tokens applied)."""
+        prompt_text, prompt_ids = self.tokenize_prompt(prompt)
+        kept = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len)
+        if len(kept) < len(prompt_ids):
+            return self.tokenizer.decode(kept), kept
+        return prompt_text, prompt_ids
+
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> RequestState:
-        """Validates and queues a request; raises ValueError with a user-facing message when invalid."""
+        """Validates and queues a request; raises ValueError with a user-facing message when invalid. `prompt`:
+        text, token ids, or a dict of "prompt" and/or "prompt_token_ids" (and optionally "cache_salt")."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text, prompt_ids = self.tokenize_prompt(prompt)
-        if params.truncate_prompt_tokens is not None:
-            kept = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len)
-            if len(kept) < len(prompt_ids):
-                prompt_text, prompt_ids = self.tokenizer.decode(kept), kept
+        prompt_text, prompt_ids = self.prompt_for(prompt, params)
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = bad_words_token_ids(
                 params.bad_words, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
@@ -126,7 +131,8 @@ class LLMEngine:
                              self.eos_token_ids, arrival_time or time.time())
         for index, matcher in enumerate(matchers):
             seed = (params.seed + index * 7919) if params.seed is not None else int(self._rng.integers(2**31))
-            seq = Sequence(self._next_seq_id, request_id, index, prompt_ids, params, state.arrival_time, seed)
+            seq = Sequence(self._next_seq_id, request_id, index, prompt_ids, params, state.arrival_time, seed,
+                           cache_salt=prompt.get("cache_salt") if isinstance(prompt, dict) else None)
             self._next_seq_id += 1
             state.add_sequence(seq, matcher)
             self.scheduler.add(seq)

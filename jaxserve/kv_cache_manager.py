@@ -11,10 +11,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
-def page_hashes(token_ids: list[int], page_size: int, num_pages: int | None = None) -> list[int]:
-    """Chained hashes of the first `num_pages` full pages: each covers the whole prefix up to it."""
+def page_hashes(token_ids: list[int], page_size: int, num_pages: int | None = None,
+                salt: str | None = None) -> list[int]:
+    """Chained hashes of the first `num_pages` full pages: each covers the whole prefix up to it. A salt
+    (vLLM's cache_salt) starts the chain, so that only requests with the same salt share pages."""
     full = len(token_ids) // page_size if num_pages is None else num_pages
-    hashes, parent = [], None
+    hashes, parent = [], (None if salt is None else hash(("cache_salt", salt)))
     for i in range(full):
         parent = hash((parent, tuple(token_ids[i * page_size:(i + 1) * page_size])))
         hashes.append(parent)
@@ -56,13 +58,14 @@ class KVCacheManager:
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def lookup_prefix(self, token_ids: list[int], use_cache: bool = True) -> tuple[list[int], list[int]]:
+    def lookup_prefix(self, token_ids: list[int], use_cache: bool = True,
+                      salt: str | None = None) -> tuple[list[int], list[int]]:
         """Cached pages for the longest cached prefix, taken (ref-counted) by the caller.
 
         The last prompt token is always recomputed (its logits are needed), so at most
         (len - 1) // page_size pages can hit. Returns (pages, hashes of all full prompt pages).
         """
-        hashes = page_hashes(token_ids, self.page_size)
+        hashes = page_hashes(token_ids, self.page_size, salt=salt)
         if not (self.enable_prefix_caching and use_cache):
             return [], hashes
         pages = []

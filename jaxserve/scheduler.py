@@ -90,7 +90,7 @@ class Scheduler:
             if not seq.pages:
                 # Prompt logprobs need every prompt position computed, so those requests skip the cache.
                 use_cache = seq.sampling_params.prompt_logprobs is None
-                cached, seq.page_hashes = self.kv_cache.lookup_prefix(seq.token_ids, use_cache)
+                cached, seq.page_hashes = self.kv_cache.lookup_prefix(seq.token_ids, use_cache, seq.cache_salt)
                 seq.pages = cached
                 seq.num_registered_pages = len(cached)
                 seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.kv_cache.page_size

@@ -40,6 +40,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-stream engine state (detokenizer, ...)
+    cache_salt: str | None = None  # prefix-cache pages are shared only between requests with the same salt
 
     @property
     def token_ids(self) -> list[int]:

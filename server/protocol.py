@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jaxserve.beam_search import BeamSearchParams
 from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams, truncate_prompt
@@ -90,6 +90,8 @@ class _GenerationRequest(OpenAIModel):
     return_tokens_as_token_ids: bool | None = None
     # The prompt's and the generated token ids beside the text (vLLM's, for RL rollouts)
     return_token_ids: bool | None = None
+    # Prefix-cache pages are shared only between requests with the same salt (vLLM's tenant isolation)
+    cache_salt: str | None = None
     guided_json: str | dict | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -101,6 +103,20 @@ class _GenerationRequest(OpenAIModel):
     # vLLM extras this server refuses unless they are no-ops (no priority scheduling, no custom processors)
     priority: int = 0
     logits_processors: list[Any] | None = None
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _check_cache_salt(cls, salt: str | None) -> str | None:
+        if salt is not None and not salt:
+            raise ValueError("cache_salt must be a non-empty string when given")
+        return salt
+
+    def engine_prompt(self, text: str | None, token_ids: list[int]) -> dict:
+        """What the engine gets for one prompt."""
+        prompt = {"prompt_token_ids": token_ids, "prompt": text}
+        if self.cache_salt is not None:
+            prompt["cache_salt"] = self.cache_salt
+        return prompt
 
     @model_validator(mode="after")
     def _check_stream_options(self):

@@ -63,8 +63,7 @@ async def create_chat_completion(ctx: ServingContext, request: ChatCompletionReq
     request_id = request.request_id or random_id("chatcmpl")
     ctx.log_request(request_id, prompt_text, params)
     role = ctx.response_role if request.add_generation_prompt else request.messages[-1].role
-    gens = MergedGenerations(ctx, [{"prompt_token_ids": prompt_ids, "prompt": prompt_text}], [params],
-                             request_id)
+    gens = MergedGenerations(ctx, [request.engine_prompt(prompt_text, prompt_ids)], [params], request_id)
     try:
         await gens.first()
         if request.stream:

@@ -81,7 +81,7 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest, htt
     request_id = request.request_id or random_id("cmpl")
     for i, ((text, ids), p) in enumerate(zip(prompts, params)):
         ctx.log_request(f"{request_id}-{i}", text, p)
-    engine_prompts = [{"prompt_token_ids": ids, "prompt": text} for text, ids in prompts]
+    engine_prompts = [request.engine_prompt(text, ids) for text, ids in prompts]
     gens = MergedGenerations(ctx, engine_prompts, params, request_id)
     try:
         await gens.first()

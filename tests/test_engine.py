@@ -244,6 +244,18 @@ def test_bad_words_and_truncated_prompts(llm, async_llm):
         llm.generate([prompt], SamplingParams(truncate_prompt_tokens=1000, **greedy))
 
 
+def test_cache_salt_keeps_prefix_pages_to_requests_with_the_same_salt(llm):
+    shared = prompts(1, seed=12, lo=30, hi=31)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = llm.generate([{"prompt_token_ids": shared, "cache_salt": "tenant-a"}], params)[0]
+    other = llm.generate([{"prompt_token_ids": shared, "cache_salt": "tenant-b"}], params)[0]
+    unsalted = llm.generate([shared], params)[0]
+    again = llm.generate([{"prompt_token_ids": shared, "cache_salt": "tenant-a"}], params)[0]
+    assert (other.num_cached_tokens, unsalted.num_cached_tokens) == (0, 0)
+    assert again.num_cached_tokens >= 28  # 7 full pages of 4
+    assert first.outputs[0].token_ids == other.outputs[0].token_ids == again.outputs[0].token_ids
+
+
 def test_preemption_keeps_outputs_exact(random_llama_dir, tmp_path):
     # 24 usable pages of 4 tokens: 4 sequences of ~40 tokens cannot all stay resident.
     small = LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(tmp_path), kv_cache_memory=None,

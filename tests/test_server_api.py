@@ -161,6 +161,7 @@ async def test_streaming_n_choices_interleave(fake):
     ({"prompt": "x", "bad_words": [" "]}, "bad_words"),
     ({"prompt": "x", "priority": 1}, "priority"),
     ({"prompt": "x", "logits_processors": ["my.module:Processor"]}, "logits_processors"),
+    ({"prompt": "x", "cache_salt": ""}, "cache_salt"),
 ])
 async def test_invalid_parameters_answer_400(fake, body, param):
     url, _ = fake
@@ -337,6 +338,8 @@ async def test_truncate_prompt_tokens_keeps_the_last_tokens_and_bad_words_reach_
     assert engine.seen_prompts[-1]["prompt_token_ids"] == ids[-3:] and r.usage.prompt_tokens == 3
     assert r.choices[0].text.startswith(tokenizer.decode(ids[-3:]))  # echo gives what the model saw
     assert engine.seen_params[-1].bad_words == ["nine"]
+    await c.completions.create(model="fake-model", prompt=text, max_tokens=1, extra_body={"cache_salt": "t1"})
+    assert engine.seen_prompts[-1]["cache_salt"] == "t1"
     r = await c.completions.create(model="fake-model", prompt=[ids, ids[:2]], max_tokens=1,
                                    extra_body={"truncate_prompt_tokens": 4})
     assert [p["prompt_token_ids"] for p in engine.seen_prompts[-2:]] == [ids[-4:], ids[:2]]
