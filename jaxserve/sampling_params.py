@@ -121,10 +121,7 @@ class SamplingParams:
                 bad(f"{name} must be non-negative, got {value}.")
             if value is not None and value > max_logprobs:
                 bad(f"Requested {name} of {value}, which is greater than max allowed: {max_logprobs}")
-        keep = self.truncate_prompt_tokens
-        if keep is not None and (keep == 0 or keep < -1):
-            bad("truncate_prompt_tokens must be -1 (the model's context length) or at least 1, "
-                f"got {self.truncate_prompt_tokens}.")
+        check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         if any(not isinstance(word, str) or not word.strip() for word in self.bad_words or ()):
             bad("bad_words must be non-empty strings.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
@@ -165,8 +162,14 @@ def bad_words_token_ids(words: list[str], encode: Callable[[str], list[int]]) ->
     return [ids for ids in out if ids]
 
 
+def check_truncate_prompt_tokens(keep: int | None) -> None:
+    if keep is not None and (keep == 0 or keep < -1):
+        raise ValueError(f"truncate_prompt_tokens must be -1 (the model's context length) or at least 1, got {keep}.")
+
+
 def truncate_prompt(prompt_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
     """The prompt's last `keep` tokens (-1: the model's context length; None: all of them)."""
+    check_truncate_prompt_tokens(keep)
     if keep is None:
         return prompt_ids
     if keep == -1:

@@ -127,12 +127,8 @@ class _GenerationRequest(OpenAIModel):
 
     def truncated(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
         """The prompt's tokens as the engine gets them: the last truncate_prompt_tokens of them."""
-        keep = self.truncate_prompt_tokens
-        if keep is not None and (keep == 0 or keep < -1):
-            raise bad_request("truncate_prompt_tokens must be -1 (the model's context length) or at least 1, "
-                              f"got {keep}.", "truncate_prompt_tokens")
         try:
-            return truncate_prompt(prompt_ids, keep, max_model_len)
+            return truncate_prompt(prompt_ids, self.truncate_prompt_tokens, max_model_len)
         except ValueError as exc:
             raise bad_request(str(exc), "truncate_prompt_tokens")
 

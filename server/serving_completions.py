@@ -114,11 +114,12 @@ async def _complete(ctx, request: CompletionRequest, model: str, request_id: str
             positions = list(prompt_lps.get(prompt_index) or [None] * len(prompt_ids)) + positions
         logprobs = None if request.logprobs is None else _logprobs(ctx, tokens, positions, request.logprobs, 0,
                                                                   ctx.tokens_as_ids(request))
-        ids = {"prompt_token_ids": prompt_ids, "token_ids": generated_ids} if request.return_token_ids else {}
+        token_fields = ({"prompt_token_ids": prompt_ids, "token_ids": generated_ids} if request.return_token_ids
+                        else {})
         choices.append(CompletionChoice(index=state.index, text=text, logprobs=logprobs,
                                         finish_reason=state.finish_reason, stop_reason=state.stop_reason,
                                         prompt_logprobs=prompt_logprobs_json(prompt_lps.get(prompt_index)),
-                                        **ids))
+                                        **token_fields))
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     completion_tokens = sum(len(s.token_ids) for s in states)
     body = CompletionResponse(id=request_id, created=now(), model=model, choices=choices,
@@ -148,11 +149,11 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
             for delta in out.outputs:
                 index = prompt_index * n + delta.index
                 text, tokens, positions = _generated(request, delta.text, delta.token_ids, delta.logprobs)
-                ids = {"token_ids": list(tokens)} if request.return_token_ids else {}
+                token_fields = {"token_ids": list(tokens)} if request.return_token_ids else {}
                 if not started[index]:
                     started[index] = True
                     if request.return_token_ids:
-                        ids["prompt_token_ids"] = prompt_ids
+                        token_fields["prompt_token_ids"] = prompt_ids
                     if request.echo:
                         text = prompt_text + text
                         tokens = prompt_ids + tokens
@@ -169,7 +170,8 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
                          if request.continuous_usage_in_stream else None)
                 chunk = CompletionChunk(id=request_id, created=created, model=model, usage=usage, choices=[
                     CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                     finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, **ids)])
+                                     finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+                                     **token_fields)])
                 yield chunk.to_sse()
     except APIError as err:
         yield sse(err.to_dict())
