@@ -184,6 +184,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     api.add_argument("--enable-auto-tool-choice", action="store_true",
                      help='Allow tool_choice "auto" (needs --tool-call-parser).')
     api.add_argument("--tool-call-parser", default=None, help="Parser that extracts tool calls from text.")
+    api.add_argument("--enable-prompt-tokens-details", action="store_true",
+                     help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served.")
     api.add_argument("--return-tokens-as-token-ids", action="store_true",
                      help='Logprob tokens as "token_id:{id}" (bytes that are not valid UTF-8 stay identifiable).')
     cors = parser.add_argument_group("cors", "Cross-origin requests.")
@@ -242,5 +244,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         disable_log_requests=args.disable_log_requests, max_log_len=args.max_log_len,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         max_request_bytes=args.max_request_bytes)
     return EngineConfig(**engine_kwargs), server

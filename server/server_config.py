@@ -25,6 +25,7 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
     max_request_bytes: int = 16 * 1024 * 1024
     # Seconds a graceful shutdown waits for open requests.
     graceful_shutdown_timeout: float = 5.0

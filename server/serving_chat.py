@@ -12,7 +12,7 @@ from jaxserve.server.errors import APIError
 from jaxserve.server.protocol import ChatCompletionRequest
 from jaxserve.server.responses import (SSE_DONE, ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
                                        ChatLogprobContent, ChatLogprobs, ChatMessageOut, ChatStreamChoice,
-                                       DeltaMessage, TopLogprob, UsageInfo, now, random_id, sse)
+                                       DeltaMessage, TopLogprob, now, random_id, sse)
 from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, ServingContext, clamp_logprob,
                                             logger, prompt_logprobs_json, resolve_max_tokens, stream_sse,
                                             token_text, top_ranked, validate_params)
@@ -113,7 +113,7 @@ async def _complete(ctx, request, model, request_id, role, prompt_ids, tools, ge
                                   token_ids=list(state.token_ids) if request.return_token_ids else None))
     completion_tokens = sum(len(s.token_ids) for s in states)
     body = ChatCompletionResponse(id=request_id, created=now(), model=model, choices=choices,
-                                  usage=UsageInfo.of(len(prompt_ids), completion_tokens), prompt_logprobs=None,
+                                  usage=ctx.usage(len(prompt_ids), completion_tokens, gens), prompt_logprobs=None,
                                   prompt_token_ids=prompt_ids if request.return_token_ids else None)
     data = body.model_dump()
     if request.prompt_logprobs is not None:
@@ -140,7 +140,7 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
 
     def chunk(index: int, delta: DeltaMessage, logprobs=None, finish=None, stop_reason=None, token_ids=None,
               with_prompt_ids: bool = False) -> str:
-        usage = (UsageInfo.of(prompt_len, len(states[index].token_ids))
+        usage = (ctx.usage(prompt_len, len(states[index].token_ids), gens)
                  if request.continuous_usage_in_stream else None)
         return ChatCompletionChunk(
             id=request_id, created=created, model=model, usage=usage,
@@ -193,7 +193,7 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
         logger.exception("request %s failed while streaming", request_id)
         yield sse(APIError(f"Internal error in request {request_id}.", 500).to_dict())
     if request.include_usage_in_stream:
-        usage = UsageInfo.of(prompt_len, sum(len(s.token_ids) for s in states))
+        usage = ctx.usage(prompt_len, sum(len(s.token_ids) for s in states), gens)
         yield ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                   usage=usage).to_sse()
     yield SSE_DONE

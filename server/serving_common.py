@@ -12,6 +12,7 @@ from jaxserve.beam_search import BeamSearchParams, beam_search
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.errors import APIError, bad_request, not_found
+from jaxserve.server.responses import UsageInfo
 
 logger = logging.getLogger("jaxserve.server")
 
@@ -30,12 +31,23 @@ class ServingContext:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False
     log_requests: bool = True
     max_log_len: int | None = None
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, gens: "MergedGenerations",
+              prompt_index: int | None = None) -> UsageInfo:
+        """A response's usage (or one prompt's); with --enable-prompt-tokens-details, the prompt tokens the prefix
+        cache served."""
+        cached = None
+        if self.enable_prompt_tokens_details:
+            ids = gens.request_ids if prompt_index is None else [gens.request_ids[prompt_index]]
+            cached = sum(gens.cached_tokens[rid] for rid in ids)
+        return UsageInfo.of(prompt_tokens, completion_tokens, cached)
 
     def tokens_as_ids(self, request) -> bool:
         """Whether a request's logprob tokens are spelled "token_id:{id}" (the request decides, else the flag)."""
@@ -154,6 +166,7 @@ class MergedGenerations:
         self.unfinished = set(self.request_ids)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.timing = {rid: _Timing(time.monotonic()) for rid in self.request_ids}
+        self.cached_tokens = dict.fromkeys(self.request_ids, 0)  # each prompt's tokens from the prefix cache
         self.tasks = [asyncio.ensure_future(self._pump(i, rid, prompt, p))
                       for i, (rid, prompt, p) in enumerate(zip(self.request_ids, prompts, params))]
         self._pending_first: tuple[int, RequestOutput] | None = None
@@ -191,6 +204,7 @@ class MergedGenerations:
 
     def _record(self, out: RequestOutput) -> None:
         timing = self.timing[out.request_id]
+        self.cached_tokens[out.request_id] = max(self.cached_tokens[out.request_id], out.num_cached_tokens)
         t = time.monotonic()
         new_tokens = sum(len(o.token_ids) for o in out.outputs)
         if new_tokens:

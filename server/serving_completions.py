@@ -9,7 +9,7 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.server.errors import APIError, bad_request
 from jaxserve.server.protocol import CompletionRequest
 from jaxserve.server.responses import (SSE_DONE, CompletionChoice, CompletionChunk, CompletionLogProbs,
-                                       CompletionResponse, UsageInfo, now, random_id, sse)
+                                       CompletionResponse, now, random_id, sse)
 from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, ServingContext, clamp_logprob,
                                             logger, prompt_logprobs_json, resolve_max_tokens, stream_sse,
                                             token_text, top_ranked, validate_params)
@@ -123,7 +123,7 @@ async def _complete(ctx, request: CompletionRequest, model: str, request_id: str
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     completion_tokens = sum(len(s.token_ids) for s in states)
     body = CompletionResponse(id=request_id, created=now(), model=model, choices=choices,
-                              usage=UsageInfo.of(prompt_tokens, completion_tokens))
+                              usage=ctx.usage(prompt_tokens, completion_tokens, gens))
     return response.json(body.model_dump())
 
 
@@ -166,7 +166,7 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
                 offsets[index] += len(text)
                 if not text and delta.finish_reason is None and not tokens:
                     continue
-                usage = (UsageInfo.of(len(prompt_ids), generated[index])
+                usage = (ctx.usage(len(prompt_ids), generated[index], gens, prompt_index)
                          if request.continuous_usage_in_stream else None)
                 chunk = CompletionChunk(id=request_id, created=created, model=model, usage=usage, choices=[
                     CompletionChoice(index=index, text=text, logprobs=logprobs,
@@ -179,6 +179,6 @@ async def _stream(ctx, request: CompletionRequest, model: str, request_id: str, 
         logger.exception("request %s failed while streaming", request_id)
         yield sse(APIError(f"Internal error in request {request_id}.", 500).to_dict())
     if request.include_usage_in_stream:
-        usage = UsageInfo.of(sum(len(ids) for _, ids in prompts), sum(generated))
+        usage = ctx.usage(sum(len(ids) for _, ids in prompts), sum(generated), gens)
         yield CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage).to_sse()
     yield SSE_DONE

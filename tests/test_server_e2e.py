@@ -12,7 +12,7 @@ from server_utils import jaxserve_subprocess
 
 MODEL = "SmolLM2-135M-Instruct"
 SERVER_ARGS = ("--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
-               "--kv-cache-memory", "256MiB", "--api-key", "test-key")
+               "--kv-cache-memory", "256MiB", "--api-key", "test-key", "--enable-prompt-tokens-details")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,18 @@ def test_greedy_speculation_streams_every_token(client, base_url):
     assert chunks[-1].usage.completion_tokens == 40 and len(texts) == 40
     assert accepted() > before
     assert "".join(texts) == client.completions.create(logprobs=1, **kw).choices[0].text
+
+
+def test_usage_reports_prompt_tokens_the_prefix_cache_served(client):
+    prompt = "A long shared preamble that several requests repeat word for word. " * 6
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and first.usage.prompt_tokens - 16 <= cached < first.usage.prompt_tokens
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
 
 
 def test_stop_string_cuts_text(client):
