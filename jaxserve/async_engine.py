@@ -61,6 +61,8 @@ class AsyncLLMEngine:
         await self.start()
         # Validate on the caller's side so a bad request fails fast with its message.
         prompt_text, prompt_ids = self.engine.prompt_for(prompt, sampling_params)
+        options = prompt if isinstance(prompt, dict) else {}
+        self.engine.check_priority(options.get("priority", 0))
         self.engine.validate(prompt_ids, sampling_params)
         if sampling_params.guided_decoding is not None:
             self.engine.guided_matcher(sampling_params)  # compiles (cached) and raises on a bad grammar
@@ -69,9 +71,9 @@ class AsyncLLMEngine:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._queues[request_id] = (loop, queue)
-        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        self._post("add", (request_id, {"prompt": prompt_text, "prompt_token_ids": prompt_ids, "cache_salt": salt},
-                           sampling_params))
+        request = {"prompt": prompt_text, "prompt_token_ids": prompt_ids,
+                   "cache_salt": options.get("cache_salt"), "priority": options.get("priority", 0)}
+        self._post("add", (request_id, request, sampling_params))
         finished = False
         try:
             while True:

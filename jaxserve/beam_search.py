@@ -78,9 +78,10 @@ class BeamSearch:
     `done`, then `best()`."""
 
     def __init__(self, prompt_token_ids: Sequence[int], params: BeamSearchParams, eos_token_ids: Iterable[int],
-                 cache_salt: str | None = None):
+                 options: dict | None = None):
         self.prompt_token_ids = list(prompt_token_ids)
-        self.cache_salt = cache_salt  # every round's requests share the prefix cache under the request's salt
+        # the request's cache_salt and priority, for every round's requests
+        self.options = {k: v for k, v in (options or {}).items() if k in ("cache_salt", "priority")}
         self.params = params
         self.eos_token_ids = frozenset(eos_token_ids)
         self.live: list[Beam] = [Beam([])]
@@ -131,7 +132,7 @@ class BeamSearch:
     def round_requests(self) -> list[tuple[dict, SamplingParams]]:
         """This round's engine request (prompt, params) for each live beam, in order."""
         asked = self.params.prompt_logprobs if self.rounds == 0 else None
-        return [({"prompt_token_ids": self.prompt_token_ids + beam.tokens, "cache_salt": self.cache_salt},
+        return [({"prompt_token_ids": self.prompt_token_ids + beam.tokens, **self.options},
                  self.params.step_params(asked)) for beam in self.live]
 
     def advance_outputs(self, outputs: Sequence[RequestOutput | None]) -> None:
@@ -178,7 +179,7 @@ async def beam_search(engine, prompt: dict, params: BeamSearchParams, request_id
                       eos_token_ids: Iterable[int]) -> AsyncIterator[RequestOutput]:
     """Yields one finished RequestOutput. `engine` streams requests (`generate`, as AsyncLLMEngine); a
     cancelled caller cancels the round in flight, whose requests abort in the engine."""
-    search = BeamSearch(prompt["prompt_token_ids"], params, eos_token_ids, prompt.get("cache_salt"))
+    search = BeamSearch(prompt["prompt_token_ids"], params, eos_token_ids, prompt)
 
     async def last_output(step: dict, step_params: SamplingParams, rid: str) -> RequestOutput | None:
         last = None
@@ -197,8 +198,7 @@ def run_beam_search(engine, prompts: Sequence[dict], params: BeamSearchParams,
                     request_prefix: str) -> list[RequestOutput]:
     """Beam search for several prompts at once on a synchronous LLMEngine: each round's requests of every
     prompt are stepped together."""
-    searches = [BeamSearch(p["prompt_token_ids"], params, engine.eos_token_ids, p.get("cache_salt"))
-                for p in prompts]
+    searches = [BeamSearch(p["prompt_token_ids"], params, engine.eos_token_ids, p) for p in prompts]
     while not all(s.done for s in searches):
         pending = {}
         for k, search in enumerate(searches):

@@ -59,6 +59,7 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: 64 on the CPU, 256 on accelerators (with_platform_defaults)
     max_num_batched_tokens: int | None = None  # None: 512 on the CPU, 2048 (at least max_num_seqs) elsewhere
     max_logprobs: int = 20
+    scheduling_policy: str = "fcfs"  # or "priority": requests' priority (lower first), then arrival
     attention_backend: str = "auto"  # auto | pallas | xla | cpu
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1

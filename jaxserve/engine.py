@@ -73,7 +73,7 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(loaded.runner.config.num_pages, config.block_size,
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.kv_cache)
+                                                   self.max_model_len, config.scheduling_policy), self.kv_cache)
         # a decode step's rows, drafts included, stay within the compiled step shapes (max_num_seqs)
         max_rows = min(config.speculative_max_rows, config.max_num_seqs)
         self.speculation = PromptLookup(SpeculationConfig(
@@ -116,10 +116,13 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> RequestState:
         """Validates and queues a request; raises ValueError with a user-facing message when invalid. `prompt`:
-        text, token ids, or a dict of "prompt" and/or "prompt_token_ids" (and optionally "cache_salt")."""
+        text, token ids, or a dict of "prompt" and/or "prompt_token_ids" (and optionally "cache_salt" and, with
+        the priority scheduling policy, "priority")."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        options = prompt if isinstance(prompt, dict) else {}
+        priority = self.check_priority(options.get("priority", 0))
         prompt_text, prompt_ids = self.prompt_for(prompt, params)
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = bad_words_token_ids(
@@ -132,7 +135,7 @@ class LLMEngine:
         for index, matcher in enumerate(matchers):
             seed = (params.seed + index * 7919) if params.seed is not None else int(self._rng.integers(2**31))
             seq = Sequence(self._next_seq_id, request_id, index, prompt_ids, params, state.arrival_time, seed,
-                           cache_salt=prompt.get("cache_salt") if isinstance(prompt, dict) else None)
+                           cache_salt=options.get("cache_salt"), priority=priority)
             self._next_seq_id += 1
             state.add_sequence(seq, matcher)
             self.scheduler.add(seq)
@@ -141,6 +144,14 @@ class LLMEngine:
             self._steps_on_host.add(request_id)  # its next step's inputs need its latest token on the host
         self.prompt_tokens_total += len(prompt_ids)
         return state
+
+    def check_priority(self, priority) -> int:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError("priority needs priority scheduling: start the server with --scheduling-policy "
+                             "priority.")
+        return priority
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         params.validate(max_logprobs=self.config.max_logprobs, vocab_size=self.model_config.vocab_size)

@@ -152,6 +152,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     config = config.with_platform_defaults(jax.default_backend())
     if min(config.max_num_seqs, config.max_num_batched_tokens) < 1:
         raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+    if config.scheduling_policy not in ("fcfs", "priority"):
+        raise ValueError(f"scheduling_policy must be fcfs or priority, got {config.scheduling_policy!r}")
     if config.max_num_batched_tokens < config.max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
                          f"max_num_seqs ({config.max_num_seqs})")

@@ -62,8 +62,9 @@ class LLM:
             if len(ids) + params.max_tokens > self.engine.max_model_len:
                 raise ValueError(f"a prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
                                  f"max_model_len={self.engine.max_model_len}")
-            requests.append({"prompt": text, "prompt_token_ids": ids,
-                             "cache_salt": prompt.get("cache_salt") if isinstance(prompt, dict) else None})
+            options = {k: v for k, v in prompt.items() if k in ("cache_salt", "priority")} \
+                if isinstance(prompt, dict) else {}
+            requests.append({"prompt": text, "prompt_token_ids": ids, **options})
         return run_beam_search(self.engine, requests, params, f"offline-beam-{next(self._ids)}")
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,

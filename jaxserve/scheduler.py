@@ -4,9 +4,14 @@ Every step: running sequences first (oldest first), each gets its next tokens (1
 a prompt still prefilling) under the token budget; then waiting sequences join while budget and slots
 last. When pages run out, the most recently admitted running sequence is preempted: its pages are freed
 and it goes back to the front of the queue to be recomputed later (prefix-cache hits make that cheap).
+
+With the "priority" policy (vLLM's --scheduling-policy priority) sequences go by (priority, arrival), lower
+first: the queue is kept in that order, running sequences get the step's budget in that order, and the
+sequence preempted when pages run out is the last in that order.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,6 +24,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    policy: str = "fcfs"  # or "priority"
 
 
 @dataclass
@@ -54,8 +60,19 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
 
+    @property
+    def _by_priority(self) -> bool:
+        return self.config.policy == "priority"
+
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self._by_priority:
+            self._queue_by_priority(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _queue_by_priority(self, seq: Sequence) -> None:
+        keys = [_priority_key(s) for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, _priority_key(seq)), seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -64,7 +81,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         kept: list[Sequence] = []
-        queue = list(self.running)
+        queue = sorted(self.running, key=_priority_key) if self._by_priority else list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -72,13 +89,13 @@ class Scheduler:
                 kept.append(seq)
                 continue
             while not self._grow(seq, seq.num_computed_tokens + num_new):
-                victim = queue.pop() if queue else seq
+                victim = self._victim(seq, queue)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
-            if seq.status is SequenceStatus.WAITING:  # preempted itself
-                break
+            if seq.status is SequenceStatus.WAITING:  # preempted itself (by priority others may still fit)
+                continue
             kept.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
@@ -105,6 +122,16 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
+
+    def _victim(self, seq: Sequence, queue: list[Sequence]) -> Sequence:
+        """Who gives up its pages so that `seq` can grow: the newest running sequence not yet scheduled this
+        step (by priority: the last in priority order, `seq` itself included), else `seq`."""
+        if self._by_priority:
+            victim = max([*queue, seq], key=_priority_key)
+            if victim is not seq:
+                queue.remove(victim)
+            return victim
+        return queue.pop() if queue else seq
 
     def reserve(self, seq: Sequence, num_tokens: int, keep_free: int = 0) -> bool:
         """Pages for the sequence's first `num_tokens` positions (draft rows write past its known tokens), if
@@ -136,7 +163,10 @@ class Scheduler:
         self.num_preemptions_total += 1
         if seq in self.running:
             self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        if self._by_priority:
+            self._queue_by_priority(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def after_step(self, scheduled: list[ScheduledSeq]) -> None:
         """Advance computed-token counts and publish newly full pages to the prefix cache."""
@@ -169,3 +199,7 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _priority_key(seq: Sequence) -> tuple:
+    return seq.priority, seq.arrival_time, seq.seq_id

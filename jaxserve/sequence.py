@@ -41,6 +41,7 @@ class Sequence:
     stop_reason: int | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-stream engine state (detokenizer, ...)
     cache_salt: str | None = None  # prefix-cache pages are shared only between requests with the same salt
+    priority: int = 0  # with the "priority" scheduling policy: lower goes first
 
     @property
     def token_ids(self) -> list[int]:

@@ -56,6 +56,8 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "Most tokens processed in one engine step. Default: 512 on the CPU, 2048 on "
                               "GPU/TPU (at least --max-num-seqs).",
     "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
+    "scheduling_policy": "fcfs: requests in arrival order; priority: by the requests' priority (lower first), "
+                         "then arrival, and the last in that order is preempted when KV pages run out.",
     "quantization": "gguf: keep a .gguf model's Q4_0 / Q4_1 / Q8_0 weights in their blocks and multiply through "
                     "the CPU block kernels (the default for .gguf models on one CPU device with the kernels); "
                     "none: dequantize GGUF weights to --dtype; int8: round the layers' projection weights to int8 "

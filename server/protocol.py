@@ -100,8 +100,9 @@ class _GenerationRequest(OpenAIModel):
     guided_whitespace_pattern: str | None = None
     structured_outputs: StructuredOutputs | None = None
     request_id: str | None = None
-    # vLLM extras this server refuses unless they are no-ops (no priority scheduling, no custom processors)
+    # With --scheduling-policy priority: lower goes first (else anything but 0 is refused, as in vLLM)
     priority: int = 0
+    # Refused unless empty: no custom logits processors
     logits_processors: list[Any] | None = None
 
     @field_validator("cache_salt")
@@ -116,6 +117,8 @@ class _GenerationRequest(OpenAIModel):
         prompt = {"prompt_token_ids": token_ids, "prompt": text}
         if self.cache_salt is not None:
             prompt["cache_salt"] = self.cache_salt
+        if self.priority:
+            prompt["priority"] = self.priority
         return prompt
 
     @model_validator(mode="after")
@@ -134,8 +137,6 @@ class _GenerationRequest(OpenAIModel):
 
     # --- pieces of to_sampling_params -------------------------------------------------------
     def _refuse_unsupported(self) -> None:
-        if self.priority != 0:
-            raise bad_request("priority needs priority scheduling, which this server does not run.", "priority")
         if self.logits_processors:
             raise bad_request("logits_processors (custom logits processors) are not supported by jaxserve.",
                               "logits_processors")

@@ -244,6 +244,27 @@ def test_bad_words_and_truncated_prompts(llm, async_llm):
         llm.generate([prompt], SamplingParams(truncate_prompt_tokens=1000, **greedy))
 
 
+def test_priority_policy_serves_lower_priorities_first(random_llama_dir, tmp_path):
+    llm = LLM(model=str(random_llama_dir), checkpoint_cache_dir=str(tmp_path), scheduling_policy="priority",
+              **dict(ENGINE_ARGS, max_num_seqs=1))
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for request_id, priority in (("a", 3), ("b", 0), ("c", -2)):
+        eng.add_request(request_id, {"prompt_token_ids": prompts(1, seed=priority + 5)[0], "priority": priority},
+                        params)
+    finished = []
+    while eng.has_unfinished_requests():
+        finished += [out.request_id for out in eng.step() if out.finished]
+    assert finished == ["c", "b", "a"]  # one at a time (max_num_seqs 1), lowest priority value first
+
+
+def test_priority_needs_the_priority_policy(llm):
+    with pytest.raises(ValueError, match="--scheduling-policy priority"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7], "priority": 1}], SamplingParams(max_tokens=2))
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7], "priority": 0}], SamplingParams(max_tokens=2))
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
 def test_cache_salt_keeps_prefix_pages_to_requests_with_the_same_salt(llm):
     shared = prompts(1, seed=12, lo=30, hi=31)[0]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

@@ -85,3 +85,38 @@ def test_out_of_pages_preempts_the_newest_and_recomputes_it():
     assert out.preempted == [new] and new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0
     assert [s.seq for s in out.scheduled] == [old]
     assert sched.waiting[0] is new and new.output_token_ids == [7, 7]  # its sampled tokens are kept
+
+
+def test_priority_policy_orders_the_queue_and_preempts_the_lowest_priority():
+    kv = KVCacheManager(num_pages=7, page_size=4)  # 6 usable pages
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64,
+                                      policy="priority"), kv)
+    background, urgent, normal = seq(0, 11), seq(1, 11, start=50), seq(2, 3, start=90)
+    background.priority, urgent.priority = 5, -1
+    for s in (background, normal, urgent):  # arrival order; all arrive at time 0, ties go by seq_id
+        sched.add(s)
+    assert list(sched.waiting) == [urgent, normal, background]
+    first = run_step(sched)
+    assert [s.seq for s in first.scheduled] == [urgent, normal]  # two slots: the lowest priorities first
+    assert list(sched.waiting) == [background]
+    kv_full = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                                        policy="priority"), KVCacheManager(num_pages=7, page_size=4))
+    low, high = seq(3, 11), seq(4, 11, start=50)
+    low.priority, high.priority = 2, 1
+    kv_full.add(low)
+    kv_full.add(high)
+    run_step(kv_full)
+    run_step(kv_full)
+    out = run_step(kv_full)  # both need a 4th page: the lower-priority one (admitted first) gives way
+    assert out.preempted == [low] and [s.seq for s in out.scheduled] == [high]
+    assert list(kv_full.waiting) == [low]
+
+
+def test_fcfs_policy_keeps_arrival_order_whatever_the_priority():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64),
+                      KVCacheManager(num_pages=16, page_size=4))
+    first, second = seq(0, 3), seq(1, 3, start=10)
+    second.priority = -5
+    sched.add(first)
+    sched.add(second)
+    assert list(sched.waiting) == [first, second]

@@ -159,7 +159,6 @@ async def test_streaming_n_choices_interleave(fake):
     ({"prompt": "x", "truncate_prompt_tokens": 513}, "truncate_prompt_tokens"),
     ({"prompt": "x", "bad_words": ["a"], "use_beam_search": True, "n": 2}, "bad_words"),
     ({"prompt": "x", "bad_words": [" "]}, "bad_words"),
-    ({"prompt": "x", "priority": 1}, "priority"),
     ({"prompt": "x", "logits_processors": ["my.module:Processor"]}, "logits_processors"),
     ({"prompt": "x", "cache_salt": ""}, "cache_salt"),
 ])

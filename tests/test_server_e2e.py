@@ -243,6 +243,7 @@ def test_continue_final_message_with_echo(client):
     (dict(n=0), "n"),
     (dict(extra_body={"guided_regex": "(["}), "guided_regex"),
     (dict(extra_body={"guided_choice": ["a"], "guided_regex": "a"}), None),
+    (dict(extra_body={"priority": 1}), "priority"),  # the server schedules first come, first served
 ])
 def test_bad_parameters_name_themselves(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:
