@@ -32,6 +32,7 @@ class AsyncLLMEngine:
         self.model_config = self.engine.model_config
         self.eos_token_ids = self.engine.eos_token_ids
         self.max_model_len = self.engine.max_model_len
+        self.default_sampling = self.engine.default_sampling
         self.model_name = self.engine.loaded.model_name
         self.ready = True  # weights loaded and every bucket compiled in __init__
         self._inbox: list[tuple[str, Any]] = []

@@ -60,6 +60,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: 512 on the CPU, 2048 (at least max_num_seqs) elsewhere
     max_logprobs: int = 20
     scheduling_policy: str = "fcfs"  # or "priority": requests' priority (lower first), then arrival
+    # Sampling defaults for what a request leaves unset: "auto" = the model folder's generation_config.json,
+    # "vllm" = none (OpenAI's defaults), or another folder holding a generation_config.json
+    generation_config: str = "auto"
     attention_backend: str = "auto"  # auto | pallas | xla | cpu
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1

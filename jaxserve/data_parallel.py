@@ -34,6 +34,7 @@ class DataParallelEngine:
         self.tokenizer, self.model_config = first.tokenizer, first.model_config
         self.eos_token_ids = getattr(first, "eos_token_ids", None) or tuple(first.model_config.eos_token_ids)
         self.max_model_len, self.model_name = first.max_model_len, first.model_name
+        self.default_sampling = getattr(first, "default_sampling", {})
         self.in_flight = [0] * len(replicas)  # requests each replica is serving now
         self.routed = [0] * len(replicas)  # requests each replica has been given in all
         self._owner: dict[str, int] = {}  # request id -> replica (for aborts)

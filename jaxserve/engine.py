@@ -69,6 +69,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids = loaded.eos_token_ids
+        self.default_sampling = loaded.default_sampling  # what a request leaves unset (generation_config)
         self.runner: ModelRunner = loaded.runner
         self.kv_cache = KVCacheManager(loaded.runner.config.num_pages, config.block_size,
                                        config.enable_prefix_caching)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ class LoadedModel:
     compilation_counter: CompilationCounter
     config: EngineConfig  # with the platform's defaults filled in
     checkpoint_bytes_read: int | None = None  # sharded loads: bytes this host read from the checkpoint
+    default_sampling: dict = field(default_factory=dict)  # see resolve_default_sampling
 
 
 def enable_compilation_cache(cache_dir: str | None) -> str:
@@ -139,6 +140,21 @@ def kv_budget_bytes(config: EngineConfig, device=None) -> int:
     stats = (device or jax.local_devices()[0]).memory_stats() or {}
     limit, in_use = stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
     return max(int(limit * config.gpu_memory_utilization) - in_use, 0)
+
+
+def resolve_default_sampling(generation_config: str, source) -> dict:
+    """Request defaults from a generation_config.json (as vLLM's --generation-config): "auto" reads the model
+    folder's (a .gguf file has none), "vllm" none, anything else is a folder that must hold one."""
+    from jaxserve.models.weights import generation_defaults
+
+    if generation_config == "vllm" or (generation_config == "auto" and source.is_gguf):
+        return {}
+    if generation_config == "auto":
+        return generation_defaults(source.path)
+    if not os.path.isfile(os.path.join(generation_config, "generation_config.json")):
+        raise ValueError(f"--generation-config {generation_config!r}: no generation_config.json in that folder "
+                         "(or use auto or vllm)")
+    return generation_defaults(generation_config)
 
 
 def load_engine_model(config: EngineConfig) -> LoadedModel:
@@ -259,8 +275,12 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                 num_pages * device_bytes_per_page / 1024**3, kv_cache_dtype, max_model_len, dtype, mesh.size,
                 attention,
                 describe_projection_kernels(formats, cpu_kernel, int8_weights))
+    default_sampling = resolve_default_sampling(config.generation_config, source)
+    if default_sampling:
+        logger.info("Sampling defaults from the model's generation_config.json for what requests leave unset: %s "
+                    "(--generation-config vllm keeps OpenAI's)", default_sampling)
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter,
-                       config, checkpoint_files.bytes_read if checkpoint_files else None)
+                       config, checkpoint_files.bytes_read if checkpoint_files else None, default_sampling)
 
 
 def describe_projection_kernels(formats, cpu_kernel: bool, int8_weights: bool) -> str:

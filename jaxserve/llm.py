@@ -27,10 +27,17 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (--generation-config), what
+        `generate` uses when given none."""
+        defaults = dict(self.engine.default_sampling)
+        defaults.setdefault("max_tokens", SamplingParams.max_tokens)
+        return SamplingParams(**defaults)
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         prompts = _prompt_list(prompts)
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("the number of sampling params must equal the number of prompts")

@@ -273,6 +273,18 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+# generation_config.json's sampling fields and the request fields they give defaults to (vLLM's set)
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(folder: str) -> dict[str, float | int]:
+    """The sampling defaults a model's creator recommends (`folder`/generation_config.json), under the request
+    fields' names; {} when the folder has none."""
+    cfg = _read_json(os.path.join(folder, "generation_config.json")) or {}
+    return {name: cfg[key] for key, name in _GENERATION_DEFAULTS.items() if cfg.get(key) is not None}
+
+
 def load_model_config(source: ModelSource) -> ModelConfig:
     if source.is_gguf:
         return config_from_gguf(read_gguf_header(source.path))

@@ -56,6 +56,9 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "Most tokens processed in one engine step. Default: 512 on the CPU, 2048 on "
                               "GPU/TPU (at least --max-num-seqs).",
     "max_logprobs": "Most logprobs / top_logprobs a request may ask for.",
+    "generation_config": "Sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens) "
+                         "for what a request leaves unset: auto = the model folder's generation_config.json, "
+                         "vllm = none (OpenAI's defaults), or a folder holding a generation_config.json.",
     "scheduling_policy": "fcfs: requests in arrival order; priority: by the requests' priority (lower first), "
                          "then arrival, and the last in that order is preempted when KV pages run out.",
     "quantization": "gguf: keep a .gguf model's Q4_0 / Q4_1 / Q8_0 weights in their blocks and multiply through "

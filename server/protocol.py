@@ -1,7 +1,8 @@
 """Request models of OpenAI's Completions and Chat Completions APIs plus vLLM's extra parameters.
 
 Field names, types and defaults follow the OpenAI API reference (and vLLM's `extra_body` names).
-`to_sampling_params()` turns a validated request into the engine's `SamplingParams`; anything the
+`to_sampling_params()` turns a validated request into the engine's `SamplingParams` (what the request leaves
+unset takes the model's generation_config.json defaults, then OpenAI's); anything the
 engine cannot do is refused with a 400 naming the parameter instead of being silently ignored.
 """
 from __future__ import annotations
@@ -238,22 +239,25 @@ class _GenerationRequest(OpenAIModel):
         return params
 
     def _sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None,
-                         guided: GuidedDecodingParams | None) -> SamplingParams | BeamSearchParams:
+                         prompt_logprobs: int | None, guided: GuidedDecodingParams | None,
+                         defaults: dict) -> SamplingParams | BeamSearchParams:
         self._refuse_unsupported()
         if self.use_beam_search:
             return self._beam_search_params(max_tokens=max_tokens, logprobs=logprobs,
                                             prompt_logprobs=prompt_logprobs, guided=guided)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        # what the request leaves unset: the model's generation_config.json, else OpenAI's / vLLM's defaults
+        unset = lambda name, default: value if (value := getattr(self, name)) is not None else \
+            defaults.get(name, default)
         return SamplingParams(
             n=self.n, best_of=self.best_of,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else 1.0,
-            temperature=self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE,
-            top_p=self.top_p if self.top_p is not None else DEFAULT_TOP_P,
-            top_k=self.top_k if self.top_k is not None else -1,
-            min_p=self.min_p if self.min_p is not None else 0.0,
+            repetition_penalty=unset("repetition_penalty", 1.0),
+            temperature=unset("temperature", DEFAULT_TEMPERATURE),
+            top_p=unset("top_p", DEFAULT_TOP_P),
+            top_k=unset("top_k", -1),
+            min_p=unset("min_p", 0.0),
             seed=self.seed, stop=stop, stop_token_ids=self.stop_token_ids,
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
@@ -293,7 +297,8 @@ class CompletionRequest(_GenerationRequest):
         is the prompt alone; the engine still runs one step, which computes the prompt logprobs."""
         return self.echo and self.max_tokens == 0
 
-    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams | BeamSearchParams:
+    def to_sampling_params(self, max_tokens: int | None,
+                           defaults: dict | None = None) -> SamplingParams | BeamSearchParams:
         if self.suffix:
             raise bad_request("suffix (insertion / fill-in-the-middle) is not supported by jaxserve.",
                               "suffix")
@@ -302,8 +307,8 @@ class CompletionRequest(_GenerationRequest):
         prompt_logprobs = self.prompt_logprobs
         if self.echo and self.logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
-        return self._sampling_params(max_tokens=max_tokens, logprobs=self.logprobs,
-                                     prompt_logprobs=prompt_logprobs, guided=self.guided_decoding())
+        return self._sampling_params(max_tokens=max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
+                                     guided=self.guided_decoding(), defaults=defaults or {})
 
 
 class FunctionCall(OpenAIModel):
@@ -366,12 +371,11 @@ class ChatCompletionRequest(_GenerationRequest):
             return self.tool_choice
         return "auto" if self.tools else "none"
 
-    def to_sampling_params(self, max_tokens: int | None,
-                           tool_guided: GuidedDecodingParams | None = None) -> SamplingParams | BeamSearchParams:
+    def to_sampling_params(self, max_tokens: int | None, tool_guided: GuidedDecodingParams | None = None,
+                           defaults: dict | None = None) -> SamplingParams | BeamSearchParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs,
-                                     prompt_logprobs=self.prompt_logprobs,
-                                     guided=self.guided_decoding(tool_guided))
+        return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
+                                     guided=self.guided_decoding(tool_guided), defaults=defaults or {})
 
 
 class TokenizeRequest(OpenAIModel):

@@ -57,8 +57,8 @@ async def create_chat_completion(ctx: ServingContext, request: ChatCompletionReq
     if kept is not prompt_ids:
         prompt_text, prompt_ids = ctx.tokenizer.decode(kept), kept
     max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_ids), request.requested_max_tokens,
-                                    "messages")
-    params = request.to_sampling_params(max_tokens, tools.guided)
+                                    "messages", ctx.default_sampling)
+    params = request.to_sampling_params(max_tokens, tools.guided, ctx.default_sampling)
     validate_params(ctx, params)
     request_id = request.request_id or random_id("chatcmpl")
     ctx.log_request(request_id, prompt_text, params)

@@ -49,6 +49,11 @@ class ServingContext:
             cached = sum(gens.cached_tokens[rid] for rid in ids)
         return UsageInfo.of(prompt_tokens, completion_tokens, cached)
 
+    @property
+    def default_sampling(self) -> dict:
+        """The model's generation_config.json defaults for what a request leaves unset (--generation-config)."""
+        return getattr(self.engine, "default_sampling", None) or {}
+
     def tokens_as_ids(self, request) -> bool:
         """Whether a request's logprob tokens are spelled "token_id:{id}" (the request decides, else the flag)."""
         asked = request.return_tokens_as_token_ids
@@ -78,8 +83,10 @@ class ServingContext:
         logger.info("Received request %s: prompt: %r, params: %s", request_id, shown, params)
 
 
-def resolve_max_tokens(max_model_len: int, prompt_len: int, requested: int | None, what: str) -> int:
-    """`requested` None = up to the context limit; too long = 400 giving the token counts."""
+def resolve_max_tokens(max_model_len: int, prompt_len: int, requested: int | None, what: str,
+                       defaults: dict | None = None) -> int:
+    """`requested` None = up to the context limit (or the model's generation_config default, `defaults`'
+    max_tokens, when smaller); too long = 400 giving the token counts."""
     if requested is not None and requested < 1:
         raise bad_request(f"max_tokens must be at least 1, got {requested}.", "max_tokens")
     needed = prompt_len + (requested if requested is not None else 1)
@@ -93,7 +100,9 @@ def resolve_max_tokens(max_model_len: int, prompt_len: int, requested: int | Non
                        f"requested {needed} tokens ({prompt_len} in the {what}, {requested} in the "
                        f"completion). Please reduce the length of the {what} or completion.")
         raise APIError(message, 400, "max_tokens" if requested is not None else what.split()[0])
-    return requested if requested is not None else max_model_len - prompt_len
+    if requested is not None:
+        return requested
+    return min(max_model_len - prompt_len, (defaults or {}).get("max_tokens", max_model_len))
 
 
 def validate_params(ctx: ServingContext, params: SamplingParams) -> None:

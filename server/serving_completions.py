@@ -74,8 +74,8 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest, htt
     params = []
     requested = 1 if request.echo_only else request.max_tokens
     for text, ids in prompts:
-        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(ids), requested, "prompt")
-        p = request.to_sampling_params(max_tokens)
+        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(ids), requested, "prompt", ctx.default_sampling)
+        p = request.to_sampling_params(max_tokens, ctx.default_sampling)
         validate_params(ctx, p)
         params.append(p)
     request_id = request.request_id or random_id("cmpl")

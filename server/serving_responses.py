@@ -177,8 +177,9 @@ async def create_response(ctx: ServingContext, request: ResponsesRequest, http_r
     prompt_text = ctx.renderer.render(chat.messages, chat_template_kwargs=chat.chat_template_kwargs,
                                       add_generation_prompt=True)
     prompt_ids = ctx.tokenizer.encode(prompt_text, add_special_tokens=False)
-    max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_ids), chat.requested_max_tokens, "input")
-    params = chat.to_sampling_params(max_tokens)
+    max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_ids), chat.requested_max_tokens, "input",
+                                    ctx.default_sampling)
+    params = chat.to_sampling_params(max_tokens, defaults=ctx.default_sampling)
     validate_params(ctx, params)
     request_id = chat.request_id or f"resp_{uuid.uuid4().hex}"
     ctx.log_request(request_id, prompt_text, params)

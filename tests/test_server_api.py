@@ -384,6 +384,24 @@ async def test_return_token_ids_whole_and_streamed(fake, tokenizer):
     assert len([t for ch in chunks for t in ch["choices"][0].get("token_ids", [])]) == 3
 
 
+async def test_generation_config_defaults_fill_what_a_request_leaves_unset(tokenizer):
+    engine = FakeAsyncEngine(tokenizer)
+    engine.default_sampling = {"temperature": 0.25, "top_k": 7, "repetition_penalty": 1.1, "max_tokens": 5}
+    async with running(engine) as url:
+        c = client(url)
+        messages = [{"role": "user", "content": "Hi"}]
+        r = await c.chat.completions.create(model="fake-model", messages=messages)
+        p = engine.seen_params[-1]
+        assert (p.temperature, p.top_k, p.repetition_penalty, p.max_tokens, p.top_p) == (0.25, 7, 1.1, 5, 1.0)
+        assert r.usage.completion_tokens == 5
+        await c.chat.completions.create(model="fake-model", messages=messages, temperature=0.9, max_tokens=3,
+                                        extra_body={"top_k": -1})
+        p = engine.seen_params[-1]
+        assert (p.temperature, p.top_k, p.max_tokens) == (0.9, -1, 3)  # what the request sets wins
+        await c.completions.create(model="fake-model", prompt="Hello")
+        assert engine.seen_params[-1].max_tokens == 16  # the Completions API's own default
+
+
 async def test_echo_with_max_tokens_0_returns_the_prompt_alone(fake, tokenizer):
     """vLLM's prompt scoring (lm-eval's loglikelihood): echo, max_tokens 0, logprobs."""
     url, _ = fake

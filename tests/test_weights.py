@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from jaxserve.config import ModelConfig
 from jaxserve.models.gguf_reader import read_gguf_header, undo_rotary_permutation
 from jaxserve.models.weights import (
-    iter_hf_tensors, load_model_config, load_tokenizer, resolve_model_source)
+    generation_defaults, iter_hf_tensors, load_model_config, load_tokenizer, resolve_model_source)
 
 # A tiny Llama: vocab 64, hidden 32, 4 heads of 8, 2 KV heads, 2 layers.
 V, H, I, L, NH, NKV = 64, 32, 64, 2, 4, 2
@@ -118,6 +118,24 @@ def test_llama_config_from_hf(tmp_path):
     assert cfg.rope_scaling_dict()["nested"] == (("a", 0), ("b", (1, 2)))
     assert cfg.rope_scaling_dict()["factor"] == 8.0
     hash(cfg)  # frozen and hashable, nested values included
+
+
+def test_generation_config_gives_request_defaults(tmp_path):
+    from jaxserve.engine_setup import resolve_default_sampling
+    write_hf_dir(str(tmp_path / "m"), tiny_hf_config(), tiny_hf_tensors())
+    source = resolve_model_source(str(tmp_path / "m"))
+    assert resolve_default_sampling("auto", source) == {}  # no generation_config.json: OpenAI's defaults
+    with open(tmp_path / "m" / "generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [3, 9], "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": None,
+                   "max_new_tokens": 50}, f)
+    assert generation_defaults(str(tmp_path / "m")) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 50}
+    assert resolve_default_sampling("auto", source) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 50}
+    assert resolve_default_sampling("vllm", source) == {}
+    assert resolve_default_sampling(str(tmp_path / "m"), resolve_model_source(None)) == \
+        {"temperature": 0.6, "top_p": 0.9, "max_tokens": 50}
+    assert resolve_default_sampling("auto", resolve_model_source(None)) == {}  # the embedded .gguf has none
+    with pytest.raises(ValueError, match="generation_config.json"):
+        resolve_default_sampling(str(tmp_path), source)
 
 
 def test_eos_as_int_and_default_head_dim(tmp_path):
