@@ -89,13 +89,14 @@ class Scheduler:
                 kept.append(seq)
                 continue
             while not self._grow(seq, seq.num_computed_tokens + num_new):
-                victim = self._victim(seq, queue)
+                # the newest running sequence not yet scheduled (by priority: the last in priority order)
+                victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
-            if seq.status is SequenceStatus.WAITING:  # preempted itself (by priority others may still fit)
-                continue
+            if seq.status is SequenceStatus.WAITING:  # preempted itself
+                break
             kept.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
@@ -122,16 +123,6 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
-
-    def _victim(self, seq: Sequence, queue: list[Sequence]) -> Sequence:
-        """Who gives up its pages so that `seq` can grow: the newest running sequence not yet scheduled this
-        step (by priority: the last in priority order, `seq` itself included), else `seq`."""
-        if self._by_priority:
-            victim = max([*queue, seq], key=_priority_key)
-            if victim is not seq:
-                queue.remove(victim)
-            return victim
-        return queue.pop() if queue else seq
 
     def reserve(self, seq: Sequence, num_tokens: int, keep_free: int = 0) -> bool:
         """Pages for the sequence's first `num_tokens` positions (draft rows write past its known tokens), if

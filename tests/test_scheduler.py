@@ -104,10 +104,10 @@ def test_priority_policy_orders_the_queue_and_preempts_the_lowest_priority():
     low, high = seq(3, 11), seq(4, 11, start=50)
     low.priority, high.priority = 2, 1
     kv_full.add(low)
+    run_step(kv_full)  # low admitted first
     kv_full.add(high)
-    run_step(kv_full)
-    run_step(kv_full)
-    out = run_step(kv_full)  # both need a 4th page: the lower-priority one (admitted first) gives way
+    run_step(kv_full)  # high admitted: all 6 pages taken
+    out = run_step(kv_full)  # low needs a 4th page: the newest (high) would give way first come first served
     assert out.preempted == [low] and [s.seq for s in out.scheduled] == [high]
     assert list(kv_full.waiting) == [low]
 
