@@ -58,7 +58,7 @@ def attach_engine(app: Sanic, engine: Any) -> None:
         renderer=ChatTemplateRenderer(engine.tokenizer, state.config.chat_template),
         metrics=state.metrics, response_role=state.config.response_role,
         enable_auto_tool_choice=state.config.enable_auto_tool_choice,
-        tool_call_parser=state.config.tool_call_parser,
+        tool_call_parser=state.config.tool_call_parser, reasoning_parser=state.config.reasoning_parser,
         return_tokens_as_token_ids=state.config.return_tokens_as_token_ids,
         enable_prompt_tokens_details=state.config.enable_prompt_tokens_details,
         log_requests=not state.config.disable_log_requests, max_log_len=state.config.max_log_len)

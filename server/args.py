@@ -9,6 +9,7 @@ import re
 import typing
 
 from jaxserve.config import EngineConfig
+from jaxserve.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxserve.server.server_config import ServerConfig
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -189,6 +190,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     api.add_argument("--enable-auto-tool-choice", action="store_true",
                      help='Allow tool_choice "auto" (needs --tool-call-parser).')
     api.add_argument("--tool-call-parser", default=None, help="Parser that extracts tool calls from text.")
+    api.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                     help="Split a reasoning model's <think> block from its answer into the chat message's "
+                          "reasoning_content.")
     api.add_argument("--enable-prompt-tokens-details", action="store_true",
                      help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served.")
     api.add_argument("--return-tokens-as-token-ids", action="store_true",
@@ -248,6 +252,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         ssl_certfile=args.ssl_certfile, root_path=args.root_path.rstrip("/"), log_level=args.log_level,
         disable_log_requests=args.disable_log_requests, max_log_len=args.max_log_len,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         max_request_bytes=args.max_request_bytes)

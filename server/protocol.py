@@ -350,6 +350,7 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, str]] | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: whether reasoning_content is returned
 
     @model_validator(mode="after")
     def _check_chat(self):

@@ -79,6 +79,7 @@ class ToolCallOut(BaseModel):
 class ChatMessageOut(BaseModel):
     role: str
     content: str | None = None
+    reasoning_content: str | None = None  # --reasoning-parser: the model's thinking
     tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
     @field_serializer("tool_calls")
@@ -124,6 +125,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 

@@ -24,6 +24,7 @@ class ServerConfig:
     max_log_len: int | None = None
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None  # server/reasoning.py: deepseek_r1 | qwen3
     return_tokens_as_token_ids: bool = False
     enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
     max_request_bytes: int = 16 * 1024 * 1024

@@ -10,6 +10,7 @@ from jaxserve.server.chat_template import conversation_from_messages
 from jaxserve.server.chat_tools import ToolMode, guided_tool_calls, tool_call_out, tool_mode_for
 from jaxserve.server.errors import APIError
 from jaxserve.server.protocol import ChatCompletionRequest
+from jaxserve.server.reasoning import ReasoningStream, split_reasoning
 from jaxserve.server.responses import (SSE_DONE, ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
                                        ChatLogprobContent, ChatLogprobs, ChatMessageOut, ChatStreamChoice,
                                        DeltaMessage, TopLogprob, now, random_id, sse)
@@ -60,6 +61,8 @@ async def create_chat_completion(ctx: ServingContext, request: ChatCompletionReq
                                     "messages", ctx.default_sampling)
     params = request.to_sampling_params(max_tokens, tools.guided, ctx.default_sampling)
     validate_params(ctx, params)
+    # a constrained answer (guided decoding, forced tool calls) has no room to think: all of it is content
+    reasoning = ctx.reasoning_parser if getattr(params, "guided_decoding", None) is None else None
     request_id = request.request_id or random_id("chatcmpl")
     ctx.log_request(request_id, prompt_text, params)
     role = ctx.response_role if request.add_generation_prompt else request.messages[-1].role
@@ -68,15 +71,24 @@ async def create_chat_completion(ctx: ServingContext, request: ChatCompletionReq
         await gens.first()
         if request.stream:
             await stream_sse(http_request, _stream(ctx, request, model, request_id, role, prompt_ids,
-                                                   tools, gens))
+                                                   tools, gens, reasoning))
             return None
-        return await _complete(ctx, request, model, request_id, role, prompt_ids, tools, gens)
+        return await _complete(ctx, request, model, request_id, role, prompt_ids, tools, gens, reasoning)
     finally:
         await gens.close()
 
 
-def _final_message(ctx, request, role: str, tools: ToolMode, text: str, finish: str | None):
-    """(message, finish_reason) for a finished choice, extracting tool calls as the mode says."""
+def _final_message(ctx, request, role: str, tools: ToolMode, text: str, finish: str | None,
+                   reasoning: str | None = None):
+    """(message, finish_reason) for a finished choice: its reasoning split off (with a reasoning parser), tool
+    calls extracted from the rest as the mode says."""
+    if reasoning:
+        thinking, answer = split_reasoning(reasoning, text)
+        message, finish = _final_message(ctx, request, role, tools, answer or "", finish)
+        if answer is None and not message.tool_calls:
+            message.content = _echo_text(request, role) or None  # still thinking when it stopped
+        message.reasoning_content = thinking if request.include_reasoning else None
+        return message, finish
     if tools.kind == "guided":
         calls = guided_tool_calls(text, request)
         if calls:  # a truncated forced answer parses to no call: it is returned as content, "length"
@@ -95,7 +107,7 @@ def _forced_finish(request: ChatCompletionRequest, finish: str | None) -> str | 
     return "tool_calls" if finish == "stop" and request.effective_tool_choice == "required" else finish
 
 
-async def _complete(ctx, request, model, request_id, role, prompt_ids, tools, gens):
+async def _complete(ctx, request, model, request_id, role, prompt_ids, tools, gens, reasoning=None):
     states = [ChoiceState(i) for i in range(request.n)]
     prompt_logprobs = None
     async for _, out in gens:
@@ -104,7 +116,7 @@ async def _complete(ctx, request, model, request_id, role, prompt_ids, tools, ge
             states[delta.index].add(delta)
     choices = []
     for state in states:
-        message, finish = _final_message(ctx, request, role, tools, state.text, state.finish_reason)
+        message, finish = _final_message(ctx, request, role, tools, state.text, state.finish_reason, reasoning)
         logprobs = (_chat_logprobs(ctx, state.token_ids, state.logprobs, request.top_logprobs or 0,
                                    ctx.tokens_as_ids(request))
                     if request.logprobs else None)
@@ -133,7 +145,8 @@ def _parser_delta(raw: dict) -> DeltaMessage:
 
 
 async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: str, role: str,
-                  prompt_ids: list[int], tools: ToolMode, gens: MergedGenerations) -> AsyncIterator[str]:
+                  prompt_ids: list[int], tools: ToolMode, gens: MergedGenerations,
+                  reasoning: str | None = None) -> AsyncIterator[str]:
     created = now()
     states = [ChoiceState(i) for i in range(request.n)]
     prompt_len = len(prompt_ids)
@@ -156,16 +169,23 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
             yield chunk(i, DeltaMessage(content=echo))
     parsers = [tools.new_parser(ctx.tokenizer) for _ in states] if tools.kind == "auto" else []
     called_tools = [False] * request.n
+    thinkers = [ReasoningStream(reasoning) for _ in states] if reasoning else []
+    answers = [""] * request.n  # each choice's text past its reasoning (all of it without a reasoning parser)
     try:
         async for _, out in gens:
             for delta in out.outputs:
                 state = states[delta.index]
-                previous = state.text
                 state.add(delta)
                 logprobs = (_chat_logprobs(ctx, delta.token_ids, delta.logprobs or [], request.top_logprobs or 0,
                                            ctx.tokens_as_ids(request))
                             if request.logprobs else None)
                 finish = delta.finish_reason
+                text, thought = delta.text, None
+                if thinkers:
+                    thought, text = thinkers[delta.index].add(delta.text, final=finish is not None)
+                    text, thought = text or "", thought if request.include_reasoning else None
+                previous_answer = answers[delta.index]
+                answers[delta.index] += text
                 if tools.kind == "guided":
                     message = DeltaMessage()
                     if finish is not None:  # the constrained text is complete: send the calls whole
@@ -176,15 +196,16 @@ async def _stream(ctx, request: ChatCompletionRequest, model: str, request_id: s
                         else:
                             message = DeltaMessage(content=state.text)
                 elif tools.kind == "auto":
-                    raw = parsers[delta.index].extract_tool_calls_streaming(previous, state.text, delta.text)
+                    raw = parsers[delta.index].extract_tool_calls_streaming(previous_answer, answers[delta.index], text)
                     message = _parser_delta(raw) if raw else DeltaMessage()
                     called_tools[delta.index] |= bool(message.tool_calls)
                     if finish == "stop" and called_tools[delta.index]:
                         finish = "tool_calls"
                 else:  # "" rather than no content when the last token adds no text, as vLLM
-                    message = DeltaMessage(content=delta.text)
-                if (not message.content and message.tool_calls is None and finish is None and not logprobs
-                        and not (request.return_token_ids and delta.token_ids)):
+                    message = DeltaMessage(content=text if text or not thinkers else None)
+                message.reasoning_content = thought
+                if (not message.content and not thought and message.tool_calls is None and finish is None
+                        and not logprobs and not (request.return_token_ids and delta.token_ids)):
                     continue
                 yield chunk(delta.index, message, logprobs, finish, delta.stop_reason, list(delta.token_ids))
     except APIError as err:

@@ -30,6 +30,7 @@ class ServingContext:
     response_role: str = "assistant"
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     return_tokens_as_token_ids: bool = False
     enable_prompt_tokens_details: bool = False
     log_requests: bool = True

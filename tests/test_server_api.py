@@ -583,3 +583,28 @@ async def test_streamed_echo_logprobs_when_a_choice_starts_after_the_prompt_logp
     for choice in first_chunks.values():
         assert choice.logprobs.token_logprobs[0] is None
         assert all(v is not None for v in choice.logprobs.token_logprobs[1:]), choice.logprobs.token_logprobs
+
+
+async def test_reasoning_parser_splits_thinking_from_the_answer(tokenizer):
+    engine = ScriptedEngine(tokenizer)
+    engine.pieces = ["<think>Two and", " two make</th", "ink>The answer", " is 4."]
+    messages = [{"role": "user", "content": "2+2?"}]
+    async with running(engine, ServerConfig(reasoning_parser="deepseek_r1")) as url:
+        c = client(url)
+        r = await c.chat.completions.create(model="fake-model", messages=messages)
+        message = r.choices[0].message
+        assert (message.reasoning_content, message.content) == ("Two and two make", "The answer is 4.")
+        chunks = [ch async for ch in await c.chat.completions.create(model="fake-model", messages=messages,
+                                                                        stream=True)]
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Two and two make"
+        assert "".join(d.content or "" for d in deltas) == "The answer is 4."
+        r = await c.chat.completions.create(model="fake-model", messages=messages,
+                                            extra_body={"include_reasoning": False})
+        assert r.choices[0].message.reasoning_content is None and r.choices[0].message.content == "The answer is 4."
+        engine.pieces, engine.finish = ["Still", " thinking"], "length"
+        r = await c.chat.completions.create(model="fake-model", messages=messages)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("Still thinking", None)
+    async with running(engine) as url:  # without a parser the tags are content
+        r = await client(url).chat.completions.create(model="fake-model", messages=messages)
+        assert r.choices[0].message.content == "Still thinking" and r.choices[0].message.reasoning_content is None
