@@ -246,9 +246,10 @@ class _GenerationRequest(OpenAIModel):
             return self._beam_search_params(max_tokens=max_tokens, logprobs=logprobs,
                                             prompt_logprobs=prompt_logprobs, guided=guided)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        # what the request leaves unset: the model's generation_config.json, else OpenAI's / vLLM's defaults
-        unset = lambda name, default: value if (value := getattr(self, name)) is not None else \
-            defaults.get(name, default)
+        def unset(name: str, default):  # the request's, else the model's generation_config.json, else OpenAI's
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, default)
+
         return SamplingParams(
             n=self.n, best_of=self.best_of,
             presence_penalty=self.presence_penalty or 0.0,
