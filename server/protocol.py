@@ -291,6 +291,7 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
+    prompt_embeds: Any = None  # vLLM's embeddings in place of tokens: refused
 
     @property
     def echo_only(self) -> bool:
@@ -303,6 +304,9 @@ class CompletionRequest(_GenerationRequest):
         if self.suffix:
             raise bad_request("suffix (insertion / fill-in-the-middle) is not supported by jaxserve.",
                               "suffix")
+        if self.prompt_embeds is not None:
+            raise bad_request("prompt_embeds is not supported by jaxserve: send the prompt as text or token ids.",
+                              "prompt_embeds")
         if self.stream and self.best_of is not None and self.best_of > self.n:
             raise bad_request("best_of greater than n is not supported when streaming.", "best_of")
         prompt_logprobs = self.prompt_logprobs

@@ -161,6 +161,7 @@ async def test_streaming_n_choices_interleave(fake):
     ({"prompt": "x", "bad_words": [" "]}, "bad_words"),
     ({"prompt": "x", "logits_processors": ["my.module:Processor"]}, "logits_processors"),
     ({"prompt": "x", "cache_salt": ""}, "cache_salt"),
+    ({"prompt": "x", "prompt_embeds": "AAAA"}, "prompt_embeds"),
 ])
 async def test_invalid_parameters_answer_400(fake, body, param):
     url, _ = fake
