@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import re
 import typing
@@ -11,6 +12,9 @@ import typing
 from jaxserve.config import EngineConfig
 from jaxserve.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxserve.server.server_config import ServerConfig
+from jaxserve.server.vllm_flags import add_vllm_compat_args, apply_vllm_compat_args
+
+logger = logging.getLogger("jaxserve.server")
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
@@ -221,12 +225,15 @@ def build_parser(prog: str = "jaxserve serve") -> argparse.ArgumentParser:
                         help="The model, as a positional alternative to --model.")
     add_server_args(parser)
     add_engine_args(parser)
+    add_vllm_compat_args(parser)
     return parser
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     from jaxserve.server.chat_template import load_chat_template
 
+    for warning in apply_vllm_compat_args(args):
+        logger.warning(warning)
     values = vars(args)
     engine_kwargs = {name: values[name] for name in EngineConfig.field_names() if name in values}
     speculative = values.get("speculative_config")

@@ -176,3 +176,27 @@ def test_responses_request_becomes_a_chat_request():
     with pytest.raises(APIError) as err:
         ResponsesRequest.model_validate({"input": "x", "background": True}).refuse_unsupported()
     assert err.value.param == "background"
+
+
+def test_vllm_command_lines_start_with_their_no_op_flags_named(caplog, monkeypatch):
+    from jaxserve.config import EngineConfig
+    from jaxserve.server.args import build_parser, configs_from_args
+
+    monkeypatch.setenv("JAX_PLATFORMS", "restored-after-the-test")  # --device cpu sets it: monkeypatch undoes
+    monkeypatch.delenv("JAX_PLATFORMS")
+    argv = ["--enforce-eager", "--disable-log-stats", "--swap-space", "4", "--uvicorn-log-level", "warning",
+            "--no-enable-chunked-prefill", "--task", "generate", "--load-format", "safetensors", "-tp", "1",
+            "--device", "cpu", "--max-model-len", "512"]
+    with caplog.at_level("WARNING", logger="jaxserve.server"):
+        engine, _ = configs_from_args(build_parser().parse_args(argv))
+    named = " ".join(r.getMessage() for r in caplog.records)
+    for flag in ("--enforce-eager", "--disable-log-stats", "--swap-space 4", "--uvicorn-log-level warning",
+                 "--no-enable-chunked-prefill"):
+        assert flag in named
+    assert engine == EngineConfig(max_model_len=512)  # nothing else reaches the engine
+    import os
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    assert configs_from_args(build_parser().parse_args(["-tp", "2"]))[0].tensor_parallel_size == 2
+    for bad in (["-pp", "2"], ["--task", "embed"], ["--load-format", "pt"], ["--device", "xpu"]):
+        with pytest.raises(SystemExit):
+            configs_from_args(build_parser().parse_args(bad))
