@@ -63,6 +63,8 @@ class EngineConfig:
     # Sampling defaults for what a request leaves unset: "auto" = the model folder's generation_config.json,
     # "vllm" = none (OpenAI's defaults), or another folder holding a generation_config.json
     generation_config: str = "auto"
+    # A JSON object of generation-config fields (e.g. '{"temperature": 0.5}') merged over those defaults
+    override_generation_config: str | None = None
     attention_backend: str = "auto"  # auto | pallas | xla | cpu
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1

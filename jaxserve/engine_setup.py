@@ -1,6 +1,7 @@
 """Start-up: resolve the model, load (or restore) weights, size the KV cache, build the runner."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -142,19 +143,30 @@ def kv_budget_bytes(config: EngineConfig, device=None) -> int:
     return max(int(limit * config.gpu_memory_utilization) - in_use, 0)
 
 
-def resolve_default_sampling(generation_config: str, source) -> dict:
+def resolve_default_sampling(generation_config: str, source, override: str | None = None) -> dict:
     """Request defaults from a generation_config.json (as vLLM's --generation-config): "auto" reads the model
-    folder's (a .gguf file has none), "vllm" none, anything else is a folder that must hold one."""
-    from jaxserve.models.weights import generation_defaults
+    folder's (a .gguf file has none), "vllm" none, anything else is a folder that must hold one; `override`
+    (--override-generation-config, a JSON object of generation-config fields) is merged over them."""
+    from jaxserve.models.weights import generation_defaults, generation_defaults_from
 
     if generation_config == "vllm" or (generation_config == "auto" and source.is_gguf):
-        return {}
-    if generation_config == "auto":
-        return generation_defaults(source.path)
-    if not os.path.isfile(os.path.join(generation_config, "generation_config.json")):
+        defaults = {}
+    elif generation_config == "auto":
+        defaults = generation_defaults(source.path)
+    elif not os.path.isfile(os.path.join(generation_config, "generation_config.json")):
         raise ValueError(f"--generation-config {generation_config!r}: no generation_config.json in that folder "
                          "(or use auto or vllm)")
-    return generation_defaults(generation_config)
+    else:
+        defaults = generation_defaults(generation_config)
+    if override:
+        try:
+            fields = json.loads(override)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--override-generation-config is not JSON: {exc}")
+        if not isinstance(fields, dict):
+            raise ValueError("--override-generation-config must be a JSON object, e.g. '{\"temperature\": 0.5}'")
+        defaults = {**defaults, **generation_defaults_from(fields)}
+    return defaults
 
 
 def load_engine_model(config: EngineConfig) -> LoadedModel:
@@ -275,7 +287,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                 num_pages * device_bytes_per_page / 1024**3, kv_cache_dtype, max_model_len, dtype, mesh.size,
                 attention,
                 describe_projection_kernels(formats, cpu_kernel, int8_weights))
-    default_sampling = resolve_default_sampling(config.generation_config, source)
+    default_sampling = resolve_default_sampling(config.generation_config, source, config.override_generation_config)
     if default_sampling:
         logger.info("Sampling defaults from the model's generation_config.json for what requests leave unset: %s "
                     "(--generation-config vllm keeps OpenAI's)", default_sampling)

@@ -281,7 +281,11 @@ _GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k":
 def generation_defaults(folder: str) -> dict[str, float | int]:
     """The sampling defaults a model's creator recommends (`folder`/generation_config.json), under the request
     fields' names; {} when the folder has none."""
-    cfg = _read_json(os.path.join(folder, "generation_config.json")) or {}
+    return generation_defaults_from(_read_json(os.path.join(folder, "generation_config.json")) or {})
+
+
+def generation_defaults_from(cfg: dict[str, Any]) -> dict[str, float | int]:
+    """A generation config's sampling fields under the request fields' names (max_new_tokens -> max_tokens)."""
     return {name: cfg[key] for key, name in _GENERATION_DEFAULTS.items() if cfg.get(key) is not None}
 
 

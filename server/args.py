@@ -64,6 +64,8 @@ _ENGINE_HELP = {
     "generation_config": "Sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens) "
                          "for what a request leaves unset: auto = the model folder's generation_config.json, "
                          "vllm = none (OpenAI's defaults), or a folder holding a generation_config.json.",
+    "override_generation_config": "A JSON object of generation-config fields merged over --generation-config's "
+                                  "defaults, e.g. '{\"temperature\": 0.5, \"max_new_tokens\": 256}'.",
     "scheduling_policy": "fcfs: requests in arrival order; priority: by the requests' priority (lower first), "
                          "then arrival, and the last in that order is preempted when KV pages run out.",
     "quantization": "gguf: keep a .gguf model's Q4_0 / Q4_1 / Q8_0 weights in their blocks and multiply through "

@@ -27,7 +27,7 @@ from jaxserve.server.serving_common import (ChoiceState, MergedGenerations, Serv
 # Fields of a Responses request that become the chat request's fields of the same meaning.
 _SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
                     "stop", "ignore_eos", "min_tokens", "skip_special_tokens", "logit_bias", "request_id",
-                    "chat_template_kwargs")
+                    "chat_template_kwargs", "bad_words", "cache_salt", "priority")
 
 
 class TextFormat(OpenAIModel):
@@ -183,7 +183,7 @@ async def create_response(ctx: ServingContext, request: ResponsesRequest, http_r
     validate_params(ctx, params)
     request_id = chat.request_id or f"resp_{uuid.uuid4().hex}"
     ctx.log_request(request_id, prompt_text, params)
-    gens = MergedGenerations(ctx, [{"prompt_token_ids": prompt_ids, "prompt": prompt_text}], [params], request_id)
+    gens = MergedGenerations(ctx, [chat.engine_prompt(prompt_text, prompt_ids)], [params], request_id)
     reply = _Reply(request, model, request_id)
     try:
         await gens.first()

@@ -609,3 +609,13 @@ async def test_reasoning_parser_splits_thinking_from_the_answer(tokenizer):
     async with running(engine) as url:  # without a parser the tags are content
         r = await client(url).chat.completions.create(model="fake-model", messages=messages)
         assert r.choices[0].message.content == "Still thinking" and r.choices[0].message.reasoning_content is None
+
+
+async def test_responses_pass_vllms_request_options_on(fake):
+    url, engine = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/responses", json={"model": "fake-model", "input": "Hi", "max_output_tokens": 3,
+                                                     "cache_salt": "tenant-a", "bad_words": ["no"], "top_k": 5})
+    assert r.status_code == 200, r.text
+    assert engine.seen_prompts[-1]["cache_salt"] == "tenant-a"
+    assert engine.seen_params[-1].bad_words == ["no"] and engine.seen_params[-1].top_k == 5

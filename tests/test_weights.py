@@ -136,6 +136,12 @@ def test_generation_config_gives_request_defaults(tmp_path):
     assert resolve_default_sampling("auto", resolve_model_source(None)) == {}  # the embedded .gguf has none
     with pytest.raises(ValueError, match="generation_config.json"):
         resolve_default_sampling(str(tmp_path), source)
+    merged = resolve_default_sampling("auto", source, '{"temperature": 0.2, "max_new_tokens": 8, "top_k": 4}')
+    assert merged == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 8, "top_k": 4}
+    assert resolve_default_sampling("vllm", source, '{"min_p": 0.1}') == {"min_p": 0.1}
+    for bad in ("{not json", "[1]"):
+        with pytest.raises(ValueError, match="override-generation-config"):
+            resolve_default_sampling("auto", source, bad)
 
 
 def test_eos_as_int_and_default_head_dim(tmp_path):
