@@ -16,6 +16,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine import EngineStats, LLMEngine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.sequence import request_options
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class AsyncLLMEngine:
         await self.start()
         # Validate on the caller's side so a bad request fails fast with its message.
         prompt_text, prompt_ids = self.engine.prompt_for(prompt, sampling_params)
-        options = prompt if isinstance(prompt, dict) else {}
+        options = request_options(prompt)
         self.engine.check_priority(options.get("priority", 0))
         self.engine.validate(prompt_ids, sampling_params)
         if sampling_params.guided_decoding is not None:
@@ -72,9 +73,8 @@ class AsyncLLMEngine:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._queues[request_id] = (loop, queue)
-        request = {"prompt": prompt_text, "prompt_token_ids": prompt_ids,
-                   "cache_salt": options.get("cache_salt"), "priority": options.get("priority", 0)}
-        self._post("add", (request_id, request, sampling_params))
+        self._post("add", (request_id, {"prompt": prompt_text, "prompt_token_ids": prompt_ids, **options},
+                           sampling_params))
         finished = False
         try:
             while True:

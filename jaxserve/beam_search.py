@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from jaxserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+from jaxserve.sequence import request_options
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,9 @@ class BeamSearch:
     `done`, then `best()`."""
 
     def __init__(self, prompt_token_ids: Sequence[int], params: BeamSearchParams, eos_token_ids: Iterable[int],
-                 options: dict | None = None):
+                 prompt: dict | None = None):
         self.prompt_token_ids = list(prompt_token_ids)
-        # the request's cache_salt and priority, for every round's requests
-        self.options = {k: v for k, v in (options or {}).items() if k in ("cache_salt", "priority")}
+        self.options = request_options(prompt)  # the request's cache_salt and priority, for every round
         self.params = params
         self.eos_token_ids = frozenset(eos_token_ids)
         self.live: list[Beam] = [Beam([])]

@@ -23,7 +23,7 @@ from jaxserve.sampler import SamplerFlags, SamplerOutput
 from jaxserve.sampling_metadata import RowSamplingState, allowed_token_mask, build_sampling_tensors
 from jaxserve.sampling_params import SamplingParams, bad_words_token_ids, truncate_prompt
 from jaxserve.scheduler import Scheduler, SchedulerConfig, ScheduledSeq
-from jaxserve.sequence import Sequence
+from jaxserve.sequence import Sequence, request_options
 from jaxserve.speculative import Draft, PromptLookup, SpeculationConfig
 from jaxserve.speculative import eligible as speculation_eligible
 
@@ -122,7 +122,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        options = prompt if isinstance(prompt, dict) else {}
+        options = request_options(prompt)
         priority = self.check_priority(options.get("priority", 0))
         prompt_text, prompt_ids = self.prompt_for(prompt, params)
         if params.bad_words and params.bad_words_token_ids is None:

@@ -11,6 +11,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine import LLMEngine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+from jaxserve.sequence import request_options
 
 
 class LLM:
@@ -69,9 +70,7 @@ class LLM:
             if len(ids) + params.max_tokens > self.engine.max_model_len:
                 raise ValueError(f"a prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
                                  f"max_model_len={self.engine.max_model_len}")
-            options = {k: v for k, v in prompt.items() if k in ("cache_salt", "priority")} \
-                if isinstance(prompt, dict) else {}
-            requests.append({"prompt": text, "prompt_token_ids": ids, **options})
+            requests.append({"prompt": text, "prompt_token_ids": ids, **request_options(prompt)})
         return run_beam_search(self.engine, requests, params, f"offline-beam-{next(self._ids)}")
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -10,6 +10,16 @@ from jaxserve.sampling_params import SamplingParams
 
 PENDING_TOKEN = -1  # token_slice's stand-in for a token still on the device
 
+# Request-level options a prompt dict may carry beside its text or token ids (as vLLM's request options).
+REQUEST_OPTIONS = ("cache_salt", "priority")
+
+
+def request_options(prompt) -> dict:
+    """The request options a prompt dict carries (set ones only); {} for text or token ids."""
+    if not isinstance(prompt, dict):
+        return {}
+    return {key: prompt[key] for key in REQUEST_OPTIONS if prompt.get(key) is not None}
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"

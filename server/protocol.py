@@ -246,6 +246,7 @@ class _GenerationRequest(OpenAIModel):
             return self._beam_search_params(max_tokens=max_tokens, logprobs=logprobs,
                                             prompt_logprobs=prompt_logprobs, guided=guided)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
         def unset(name: str, default):  # the request's, else the model's generation_config.json, else OpenAI's
             value = getattr(self, name)
             return value if value is not None else defaults.get(name, default)
