@@ -78,6 +78,11 @@ class EngineConfig:
     host_index: int = 0
     compilation_cache_dir: str | None = None  # None = ~/.cache/jaxserve/xla
     checkpoint_cache_dir: str | None = None  # None = ~/.cache/jaxserve/checkpoints
+    # Disk budgets (GiB) of the caches above, least recently used entries out first; -1: none. Converted
+    # checkpoints larger than theirs are not written (0: none are). The compiled budget holds for XLA's cache
+    # and for jaxserve's serialized executables each (0: neither is kept).
+    checkpoint_cache_max_gb: float = 16.0
+    compilation_cache_max_gb: float = 4.0
     guided_decoding_backend: str = "llguidance"
     # Prompt-lookup speculation (jaxserve/speculative.py): draft tokens per greedy sequence and step (0 = off),
     # in decode steps of at most speculative_max_rows rows, drafts included (and at most max_num_seqs).

@@ -14,6 +14,7 @@ from jaxserve.buckets import BucketSet
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.executable_cache import ExecutableCache
 from jaxserve.model_runner import ModelRunner, RunnerConfig
+from jaxserve.models.checkpoint_cache import prune_lru
 from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
 from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
 from jaxserve.pallas_kernels import cpu_kernels
@@ -54,12 +55,26 @@ class LoadedModel:
     default_sampling: dict = field(default_factory=dict)  # see resolve_default_sampling
 
 
-def enable_compilation_cache(cache_dir: str | None) -> str:
+def budget_bytes(gib: float) -> int | None:
+    """A cache budget in GiB as bytes; a negative budget is none (None)."""
+    return None if gib < 0 else int(gib * 2**30)
+
+
+def enable_compilation_cache(cache_dir: str | None, max_bytes: int | None = None) -> str | None:
+    """Points XLA's persistent compilation cache at `cache_dir` (default ~/.cache/jaxserve/xla), first pruned
+    to its budget (oldest files out); a budget of 0 keeps no cache (returns None). JAX's own eviction
+    (jax_compilation_cache_max_size) scans the whole directory at every write: 0.7 s each with 14k files."""
+    if max_bytes == 0:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
     os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if max_bytes is not None:
+        prune_lru(cache_dir, max_bytes, files=True)
     return cache_dir
 
 
@@ -191,7 +206,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     mesh = tensor_parallel_mesh(config.tensor_parallel_size, devices)  # raises when JAX sees too few devices
     if multihost:
         check_mesh_spans_hosts(mesh, config.num_hosts)
-    cache_dir = enable_compilation_cache(config.compilation_cache_dir)
+    compiled_budget = budget_bytes(config.compilation_cache_max_gb)
+    cache_dir = enable_compilation_cache(config.compilation_cache_dir, compiled_budget)
     counter = CompilationCounter()
     source = resolve_model_source(config.model)
     model_config = load_model_config(source)
@@ -216,7 +232,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         # processes, so hosts whose caches differ (one restores, one builds) would wait on each other forever.
         flat = build()
     else:
-        flat = load_or_build(config.checkpoint_cache_dir, key, build)
+        flat = load_or_build(config.checkpoint_cache_dir, key, build, budget_bytes(config.checkpoint_cache_max_gb))
 
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings, DEFAULT_CPU_MAX_MODEL_LEN
                                                 if jax.default_backend() == "cpu" else 1 << 30)
@@ -270,9 +286,10 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.
     executables = None
-    if mesh.size == 1 and jax.process_count() == 1 and mesh.devices.flat[0] == jax.devices()[0]:
+    if cache_dir and mesh.size == 1 and jax.process_count() == 1 and mesh.devices.flat[0] == jax.devices()[0]:
         executables = ExecutableCache(os.path.join(cache_dir, "jaxserve-executables"),
-                                      {"model": repr(model_config), "runner": repr(runner_config)})
+                                      {"model": repr(model_config), "runner": repr(runner_config)},
+                                      compiled_budget)
     runner = ModelRunner(model_config, runner_config, flat, mesh, executables)
     if checkpoint_files is not None:
         logger.info("read %.1f MiB of the %.1f MiB checkpoint for this host's shards",

@@ -3,7 +3,8 @@
 XLA's persistent compilation cache only skips the compile: every start still traces and lowers each step
 shape (about a second each, several for the unrolled decode shapes). Serialized executables skip both.
 The key covers everything a compiled step depends on: the JAX version and devices, the model and runner
-configs, and the source of the packages that build the step, so a code change starts a fresh directory.
+configs, and the source of the packages that build the step, so a code change starts a fresh directory; the
+directories share a size budget, least recently used out first (models/checkpoint_cache.prune_lru).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import jax
+
+from jaxserve.models.checkpoint_cache import mark_used, prune_lru
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +54,19 @@ def _host_cpu() -> str:
 
 
 class ExecutableCache:
-    def __init__(self, directory: str, key: dict):
+    def __init__(self, directory: str, key: dict, max_bytes: int | None = None):
         devices = [(d.platform, d.device_kind) for d in jax.devices()]
         full_key = repr(sorted({**key, "jax": jax.__version__, "devices": devices, "cpu": _host_cpu(),
                                 "source": source_fingerprint()}.items()))
         self.directory = Path(directory) / hashlib.sha256(full_key.encode()).hexdigest()[:24]
+        self.max_bytes = max_bytes
+
+    def prune(self) -> list[str]:
+        """Marks this config's directory used and drops the least recently used others over the budget."""
+        if self.max_bytes is None or not self.directory.is_dir():
+            return []
+        mark_used(str(self.directory))
+        return prune_lru(str(self.directory.parent), self.max_bytes, keep=str(self.directory))
 
     def load(self, name: str):
         """The executable saved under `name`, or None (missing, or written by an incompatible runtime)."""

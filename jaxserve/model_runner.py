@@ -353,6 +353,8 @@ class ModelRunner:
             for future in as_completed(futures):
                 futures[future](future.result())
                 bar.update()
+        if self.executable_cache:
+            self.executable_cache.prune()
         return time.perf_counter() - start
 
     def _compile(self, name: str, lower):

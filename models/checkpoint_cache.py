@@ -7,6 +7,11 @@ a model file invalidates its entry.
 
 Layout: <cache_dir>/<hash>/{key.json, state/ (orbax checkpoint)}. An entry is built in a temporary sibling
 directory and renamed into place only once complete, so a half-written entry is never read.
+
+The cache has a size budget: a new entry pushes out the least recently used ones (an entry's directory mtime
+is its last use), and a state larger than the whole budget is not written. Every fresh install, model file or
+dtype makes a new entry, so without a budget the directory only grows (a default model's float32 copy is half
+a GB; a 7B model's, 14 GB).
 """
 from __future__ import annotations
 
@@ -28,6 +33,10 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 _KEY_FILE = "key.json"
 _STATE_DIR = "state"
+# An entry used or written this recently is never pruned: another process may be reading or writing it.
+RECENT_SECONDS = 600
+# A temporary directory this old was left by a writer that died.
+STALE_TMP_SECONDS = 24 * 3600
 
 
 def default_cache_dir() -> str:
@@ -50,6 +59,73 @@ def _canonical_key(key: dict[str, Any]) -> str:
 def cache_entry_dir(cache_dir: str | None, key: dict[str, Any]) -> str:
     digest = hashlib.sha256(_canonical_key(key).encode("utf-8")).hexdigest()[:32]
     return os.path.join(os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir())), digest)
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # removed meanwhile
+    return total
+
+
+def mark_used(entry: str) -> None:
+    """Records a use of `entry` (its mtime) for prune_lru."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass  # a read-only cache still serves
+
+
+def prune_lru(root: str, max_bytes: int, keep: str | None = None, files: bool = False) -> list[str]:
+    """Deletes the least recently used entries of `root` (its subdirectories, or with `files` its plain files;
+    by mtime) until the rest fit in `max_bytes`; never `keep` nor an entry used in the last RECENT_SECONDS.
+    Dot-named directories are a writer's work in progress, deleted only when STALE_TMP_SECONDS old. Returns
+    what was deleted. Also prunes the compiled caches (jaxserve/executable_cache.py, XLA's files)."""
+    now = time.time()
+    entries, removed = [], []
+    try:
+        listing = list(os.scandir(root))
+    except OSError:
+        return removed
+    for item in listing:
+        try:
+            st = item.stat(follow_symlinks=False)
+            is_dir = item.is_dir(follow_symlinks=False)
+        except OSError:
+            continue  # removed meanwhile
+        if is_dir and item.name.startswith("."):
+            if now - st.st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(item.path, ignore_errors=True)
+                removed.append(item.path)
+        elif is_dir != files:
+            entries.append((st.st_mtime, item.path, st.st_size if files else _tree_bytes(item.path)))
+    total = sum(size for _, _, size in entries)
+    for mtime, path, size in sorted(entries):  # oldest use first
+        if total <= max_bytes:
+            break
+        if (keep is not None and os.path.abspath(path) == os.path.abspath(keep)) or now - mtime < RECENT_SECONDS:
+            continue
+        try:
+            if files:
+                os.remove(path)
+            else:
+                # Renamed first (atomic): a reader never sees half an entry; one deleted halfway is a stale tmp
+                doomed = os.path.join(root, f".{os.path.basename(path)}.tmp-deleted-{os.getpid()}-"
+                                            f"{uuid.uuid4().hex[:8]}")
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        except OSError:
+            continue  # gone already, or not ours to delete
+        total -= size
+        removed.append(path)
+    if removed:
+        logger.info("Cache %s over its %.1f GiB budget: removed %d least recently used entries", root,
+                    max_bytes / 2**30, len(removed))
+    return removed
 
 
 def _checkpointer():
@@ -91,18 +167,22 @@ def _save(entry: str, key: dict[str, Any], state: dict[str, np.ndarray]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_or_build(cache_dir: str | None, key: dict[str, Any],
-                  build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def load_or_build(cache_dir: str | None, key: dict[str, Any], build: Callable[[], dict[str, np.ndarray]],
+                  max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Restore the state cached under `key`, or call `build()` once, cache its result and return it.
 
     Arrays come back as numpy in the dtype they were saved in (bfloat16 via ml_dtypes). A corrupt or
-    unreadable entry is rebuilt with a warning; failing to write the cache only warns.
+    unreadable entry is rebuilt with a warning; failing to write the cache only warns. `max_bytes`: the
+    cache's budget (None: none); a state larger than it is not written, and writing one prunes the others.
     """
     entry = cache_entry_dir(cache_dir, key)
     if os.path.isdir(entry):
         start = time.perf_counter()
         try:
             state = _restore(entry, key)
+            mark_used(entry)
+            if max_bytes is not None:  # a cache left over budget (an older version, a changed budget)
+                prune_lru(os.path.dirname(entry), max_bytes, keep=entry)
             logger.info("Restored converted checkpoint from %s in %.2f s", entry, time.perf_counter() - start)
             return state
         except Exception as e:  # noqa: BLE001 -- any failure means: rebuild
@@ -113,10 +193,18 @@ def load_or_build(cache_dir: str | None, key: dict[str, Any],
     start = time.perf_counter()
     state = build()
     logger.info("Built converted checkpoint in %.2f s", time.perf_counter() - start)
+    arrays = {name: np.asarray(value) for name, value in state.items()}
+    size = sum(a.nbytes for a in arrays.values())
+    if max_bytes is not None and size > max_bytes:
+        logger.info("Not caching the converted checkpoint: %.2f GiB is over the cache's %.2f GiB budget",
+                    size / 2**30, max_bytes / 2**30)
+        return state
     start = time.perf_counter()
     try:
-        _save(entry, key, {name: np.asarray(value) for name, value in state.items()})
+        _save(entry, key, arrays)
         logger.info("Saved converted checkpoint to %s in %.2f s", entry, time.perf_counter() - start)
+        if max_bytes is not None:
+            prune_lru(os.path.dirname(entry), max_bytes, keep=entry)
     except Exception as e:  # noqa: BLE001 -- a read-only or full disk must not stop the server
         logger.warning("Could not write checkpoint cache %s (%s: %s)", entry, type(e).__name__, e)
     return state

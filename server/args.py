@@ -86,6 +86,12 @@ _ENGINE_HELP = {
                   "the others only replay its model steps.",
     "compilation_cache_dir": "Persistent XLA compilation cache directory.",
     "checkpoint_cache_dir": "Directory for converted-weights checkpoints.",
+    "checkpoint_cache_max_gb": "Disk budget of the converted-weights cache in GiB: the least recently used "
+                               "entries go first, a checkpoint larger than the budget is not cached (0: none "
+                               "is); -1: no limit.",
+    "compilation_cache_max_gb": "Disk budget in GiB of each compiled cache (XLA's, and jaxserve's serialized "
+                                "step executables), least recently used first; 0: no compiled cache; -1: no "
+                                "limit.",
     "guided_decoding_backend": "Default guided-decoding backend.",
     "precompile": "Compile every bucket before serving (slower start, no compile stalls later).",
     "num_speculative_tokens": "Prompt-lookup speculation for plain greedy requests: up to this many draft tokens "

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from jaxserve.models.checkpoint_cache import (
-    cache_entry_dir, default_cache_dir, load_or_build, source_identity)
+    STALE_TMP_SECONDS, cache_entry_dir, default_cache_dir, load_or_build, prune_lru, source_identity)
 from jaxserve.models.weights import ModelSource
 
 
@@ -138,3 +139,65 @@ def test_source_identity_changes_when_the_file_changes(tmp_path):
     assert after != before
     assert cache_entry_dir(str(tmp_path), {**before, "dtype": "f32"}) != cache_entry_dir(
         str(tmp_path), {**after, "dtype": "f32"})
+
+
+# ---- the size budget ----------------------------------------------------------------------------------------
+
+def make_entry(root, name, size, age_seconds):
+    """An entry directory holding `size` bytes, last used `age_seconds` ago."""
+    entry = root / name
+    (entry / "state").mkdir(parents=True)
+    (entry / "state" / "data").write_bytes(b"x" * size)
+    when = time.time() - age_seconds
+    os.utime(entry, (when, when))
+    return entry
+
+
+def test_prune_drops_the_least_recently_used_entries_first(tmp_path):
+    entries = [make_entry(tmp_path, f"e{i}", 1000, age) for i, age in enumerate([4000, 3000, 2000, 1000])]
+    removed = prune_lru(str(tmp_path), 2500)
+    assert sorted(removed) == [str(entries[0]), str(entries[1])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e2", "e3"]
+    # Within budget: nothing goes.
+    assert prune_lru(str(tmp_path), 2000) == []
+
+
+def test_prune_spares_the_kept_entry_recent_ones_and_live_writers(tmp_path):
+    oldest = make_entry(tmp_path, "oldest", 1000, 5000)
+    older = make_entry(tmp_path, "older", 1000, 4000)
+    recent = make_entry(tmp_path, "recent", 1000, 60)  # another process may be using it
+    writing = make_entry(tmp_path, ".new.tmp-1-a", 1000, 60)
+    abandoned = make_entry(tmp_path, ".old.tmp-2-b", 1000, STALE_TMP_SECONDS + 60)
+    removed = prune_lru(str(tmp_path), 0, keep=str(oldest))
+    assert sorted(removed) == sorted([str(older), str(abandoned)])
+    assert oldest.exists() and recent.exists() and writing.exists()
+
+
+def test_a_state_over_the_budget_is_not_cached(tmp_path, caplog):
+    state = make_state()
+    size = sum(a.nbytes for a in state.values())
+    build = CountingBuild(state)
+    with caplog.at_level(logging.INFO, logger="jaxserve.models.checkpoint_cache"):
+        assert_same_state(load_or_build(str(tmp_path), KEY, build, max_bytes=size - 1), state)
+    assert "over the cache's" in caplog.text
+    assert not os.path.isdir(cache_entry_dir(str(tmp_path), KEY))
+    load_or_build(str(tmp_path), KEY, build, max_bytes=size - 1)
+    assert build.calls == 2
+    load_or_build(str(tmp_path), KEY, build, max_bytes=0)  # 0: nothing is cached
+    assert build.calls == 3 and not os.listdir(tmp_path)
+
+
+def test_a_new_entry_pushes_out_old_ones_and_a_restore_counts_as_use(tmp_path):
+    old = make_entry(tmp_path, "0" * 32, 4000, 7200)
+    build = CountingBuild(make_state())
+    load_or_build(str(tmp_path), KEY, build, max_bytes=6000)
+    entry = cache_entry_dir(str(tmp_path), KEY)
+    assert not old.exists() and os.path.isdir(entry)
+    when = time.time() - 7200
+    os.utime(entry, (when, when))
+    left_over = make_entry(tmp_path, "1" * 32, 4000, 3600)  # say, by an older version without a budget
+    load_or_build(str(tmp_path), KEY, build, max_bytes=6000)
+    assert build.calls == 1
+    assert time.time() - os.stat(entry).st_mtime < 60  # marked used: the next prune spares it longest
+    assert not left_over.exists()  # a restore prunes too
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(entry)]

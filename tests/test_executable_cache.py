@@ -1,9 +1,12 @@
 """Serialized step/sampler executables: a warm start loads them instead of tracing and compiling."""
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxserve import LLM, SamplingParams
@@ -64,3 +67,43 @@ def test_key_separates_configs(tmp_path):
     assert a.directory != b.directory
     assert ExecutableCache(str(tmp_path), {"runner": "num_pages=10"}).directory == a.directory
     assert np.all([a.directory.parent == tmp_path])
+
+
+def test_config_directories_share_a_budget(tmp_path):
+    cache = ExecutableCache(str(tmp_path), {"runner": "num_pages=10"}, max_bytes=3000)
+    stale = []
+    for i, age in enumerate([9000, 8000, 7000]):
+        other = tmp_path / f"other{i}"
+        other.mkdir()
+        (other / "step_4x4.bin").write_bytes(b"x" * 1000)
+        os.utime(other, (time.time() - age,) * 2)
+        stale.append(other)
+    cache.directory.mkdir()
+    (cache.directory / "step_4x4.bin").write_bytes(b"x" * 1500)
+    os.utime(cache.directory, (time.time() - 10000,) * 2)  # oldest, but the one in use
+    assert sorted(cache.prune()) == [str(stale[0]), str(stale[1])]
+    assert cache.directory.exists() and stale[2].exists()
+    assert ExecutableCache(str(tmp_path), {"runner": "r"}).prune() == []  # no budget, or nothing written
+
+
+def test_compilation_cache_budget(tmp_path):
+    from jaxserve.engine_setup import budget_bytes, enable_compilation_cache
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir")
+    before = {name: getattr(jax.config, name) for name in names}
+    try:
+        assert budget_bytes(-1) is None and budget_bytes(0) == 0 and budget_bytes(1.5) == 3 * 2**29
+        for i, age in enumerate([9000, 8000, 7000]):  # XLA's files, oldest first
+            (tmp_path / f"jit_f{i}-cache").write_bytes(b"x" * 1000)
+            os.utime(tmp_path / f"jit_f{i}-cache", (time.time() - age,) * 2)
+        (tmp_path / "jaxserve-executables").mkdir()  # pruned by ExecutableCache, not here
+        assert enable_compilation_cache(str(tmp_path), 2500) == str(tmp_path)
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path) and jax.config.jax_enable_compilation_cache
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["jaxserve-executables", "jit_f1-cache",
+                                                              "jit_f2-cache"]
+        assert enable_compilation_cache(str(tmp_path), None) == str(tmp_path)  # no budget: nothing goes
+        assert len(list(tmp_path.iterdir())) == 3
+        assert enable_compilation_cache(str(tmp_path), 0) is None  # 0: no compiled cache at all
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)

@@ -197,6 +197,9 @@ def test_vllm_command_lines_start_with_their_no_op_flags_named(caplog, monkeypat
     import os
     assert os.environ["JAX_PLATFORMS"] == "cpu"
     assert configs_from_args(build_parser().parse_args(["-tp", "2"]))[0].tensor_parallel_size == 2
+    budgets = configs_from_args(build_parser().parse_args(["--checkpoint-cache-max-gb", "0.5",
+                                                           "--compilation-cache-max-gb", "-1"]))[0]
+    assert (budgets.checkpoint_cache_max_gb, budgets.compilation_cache_max_gb) == (0.5, -1)
     for bad in (["-pp", "2"], ["--task", "embed"], ["--load-format", "pt"], ["--device", "xpu"]):
         with pytest.raises(SystemExit):
             configs_from_args(build_parser().parse_args(bad))
