@@ -219,18 +219,114 @@ struct SoftmaxState {
   }
 };
 
-// acc[0, 8V) = acc * c + sum_j p[j] * v_row[j][d0 + (0, 8V)] over a block's eight positions (p = 0 past its
-// end), V vectors at a time so that V FMA chains run side by side.
-template <int V>
-inline void accumulate_values(float* acc, __m256 c, const float* p, const float* const* v_row, int64_t d0) {
-  __m256 o[V];
-  for (int v = 0; v < V; ++v) o[v] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * v), c);
-  for (int j = 0; j < 8; ++j) {
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int v = 0; v < V; ++v) o[v] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v_row[j] + d0 + 8 * v), o[v]);
+// dots[l][j] = q[l] . k_row[j] for L query vectors and a block's eight rows, each exactly as a one-vector loop
+// computes it (one FMA chain over d, eight lanes at a time); the vectors share each loaded K vector, P
+// positions at a time (L x P accumulators: 12 of AVX2's 16 registers).
+template <int L>
+inline void block_dots(const float* const* q, const float* const* k_row, int64_t D, __m256 (*dots)[8]) {
+  constexpr int P = L <= 3 ? 4 : 2;
+  for (int first = 0; first < 8; first += P) {
+    __m256 acc[L][P];
+    for (int l = 0; l < L; ++l)
+      for (int j = 0; j < P; ++j) acc[l][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      for (int j = 0; j < P; ++j) {
+        const __m256 k = _mm256_loadu_ps(k_row[first + j] + d);
+        for (int l = 0; l < L; ++l) acc[l][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q[l] + d), k, acc[l][j]);
+      }
+    }
+    for (int l = 0; l < L; ++l)
+      for (int j = 0; j < P; ++j) dots[l][first + j] = acc[l][j];
   }
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc + 8 * v, o[v]);
 }
+
+// For L (query token, query head) pairs of one KV head: acc[l][d0, d0 + 8V) = acc * c[l] + sum_j p[l][j] *
+// v_row[j][d0, d0 + 8V) over a block's eight positions (p = 0 past its end), each pair's FMA chains in
+// position order whatever else shares the call; each loaded V vector serves every pair (3 x 4 accumulators,
+// three broadcasts and the vector: AVX2's 16 registers).
+template <int L, int V>
+inline void accumulate_lanes(float* const* acc, const float* c, const float (*p)[8], const float* const* v_row,
+                             int64_t d0) {
+  __m256 o[L][V];
+  for (int l = 0; l < L; ++l)
+    for (int v = 0; v < V; ++v) o[l][v] = _mm256_mul_ps(_mm256_loadu_ps(acc[l] + d0 + 8 * v), _mm256_set1_ps(c[l]));
+  for (int j = 0; j < 8; ++j) {
+    __m256 pj[L];
+    for (int l = 0; l < L; ++l) pj[l] = _mm256_set1_ps(p[l][j]);
+    for (int v = 0; v < V; ++v) {
+      const __m256 value = _mm256_loadu_ps(v_row[j] + d0 + 8 * v);
+      for (int l = 0; l < L; ++l) o[l][v] = _mm256_fmadd_ps(pj[l], value, o[l][v]);
+    }
+  }
+  for (int l = 0; l < L; ++l)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc[l] + d0 + 8 * v, o[l][v]);
+}
+
+// One (query token, query head) pair's view of a block of eight positions: its query, which of the positions
+// it sees, and its running softmax for that head.
+struct AttentionLane {
+  const float* q;
+  __m256 valid;
+  SoftmaxState* state;
+  int64_t head;
+};
+
+// A block's online-softmax update for L pairs at once, each pair's arithmetic that of one pair alone (the
+// dots, the scores' maximum, the exponentials, the value sums in the same order): side by side, the pairs'
+// dependency chains (reductions, exp, the accumulators' FMA chains) overlap instead of queueing, which is
+// what one pair at a time left a prefill's attention waiting on.
+template <int L>
+void attend_lanes(const AttentionShape& a, const AttentionLane* lanes, const float* const* k_row,
+                  const float* const* v_row) {
+  const int64_t D = a.head_dim;
+  const float* q[L];
+  for (int l = 0; l < L; ++l) q[l] = lanes[l].q;
+  __m256 dots[L][8];
+  block_dots<L>(q, k_row, D, dots);
+  alignas(32) float score[L][8];
+  for (int l = 0; l < L; ++l) _mm256_store_ps(score[l], _mm256_mul_ps(hsum8(dots[l]), _mm256_set1_ps(a.sm_scale)));
+  if (a.soft_cap > 0.f)
+    for (int l = 0; l < L; ++l)
+      for (int j = 0; j < 8; ++j) score[l][j] = a.soft_cap * std::tanh(score[l][j] / a.soft_cap);
+  __m256 s[L], p[L];
+  float m_new[L], correction[L];
+  for (int l = 0; l < L; ++l) {
+    s[l] = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(score[l]), lanes[l].valid);
+    m_new[l] = std::max(lanes[l].state->m[lanes[l].head], hmax(s[l]));
+  }
+  for (int l = 0; l < L; ++l)
+    correction[l] = std::exp(lanes[l].state->m[lanes[l].head] - m_new[l]);  // 0 on the first block (m = -inf)
+  for (int l = 0; l < L; ++l)
+    p[l] = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(s[l], _mm256_set1_ps(m_new[l]))), lanes[l].valid);
+  for (int l = 0; l < L; ++l) {
+    SoftmaxState& state = *lanes[l].state;
+    const int64_t i = lanes[l].head;
+    state.l[i] = state.l[i] * correction[l] + hsum(p[l]);
+    state.m[i] = m_new[l];
+    _mm256_store_ps(score[l], p[l]);
+  }
+  float* acc[L];
+  for (int l = 0; l < L; ++l) acc[l] = lanes[l].state->acc + lanes[l].head * D;
+  for (int l = 0; l < L; l += 3) {  // values three pairs at a time
+    const int n = std::min(3, L - l);
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+      if (n == 3) accumulate_lanes<3, 4>(acc + l, correction + l, score + l, v_row, d);
+      if (n == 2) accumulate_lanes<2, 4>(acc + l, correction + l, score + l, v_row, d);
+      if (n == 1) accumulate_lanes<1, 4>(acc + l, correction + l, score + l, v_row, d);
+    }
+    for (; d < D; d += 8) {
+      if (n == 3) accumulate_lanes<3, 1>(acc + l, correction + l, score + l, v_row, d);
+      if (n == 2) accumulate_lanes<2, 1>(acc + l, correction + l, score + l, v_row, d);
+      if (n == 1) accumulate_lanes<1, 1>(acc + l, correction + l, score + l, v_row, d);
+    }
+  }
+}
+
+// (Query token, query head) pairs taken together by attend_lanes: two tokens' three query heads for a
+// model with three per KV head. Alternated in one process against one pair at a time (a 512-token prompt's
+// attention over 30 layers, min of 30): 126.6 -> 101.6 ms, bit for bit the same outputs.
+constexpr int kLanes = 6;
 
 // Rows are prefetched this many positions ahead: the pages are scattered, and a block of eight positions
 // computes in less time than a miss to memory takes.
@@ -317,40 +413,32 @@ void attend_tokens(const AttentionShape& a, const float* q_first, int64_t token_
           v_row[j] = v_wide + j * D;
         }
       }
+      AttentionLane lanes[kLanes];
+      int count_lanes = 0;
+      auto flush = [&] {
+        switch (count_lanes) {
+          case 6: attend_lanes<6>(a, lanes, k_row, v_row); break;
+          case 5: attend_lanes<5>(a, lanes, k_row, v_row); break;
+          case 4: attend_lanes<4>(a, lanes, k_row, v_row); break;
+          case 3: attend_lanes<3>(a, lanes, k_row, v_row); break;
+          case 2: attend_lanes<2>(a, lanes, k_row, v_row); break;
+          case 1: attend_lanes<1>(a, lanes, k_row, v_row); break;
+        }
+        count_lanes = 0;
+      };
       for (int64_t t = 0; t < count; ++t) {
         if (hi[t] <= p0 || lo[t] >= p0 + n) continue;  // none of this token's positions
         const __m256 valid = _mm256_and_ps(
             _mm256_cmp_ps(position, _mm256_set1_ps(static_cast<float>(lo[t])), _CMP_GE_OQ),
             _mm256_cmp_ps(position, _mm256_set1_ps(static_cast<float>(hi[t])), _CMP_LT_OQ));
-        SoftmaxState& state = states[t][(p0 - first[t]) / chunk[t]];
+        SoftmaxState* state = &states[t][(p0 - first[t]) / chunk[t]];
         for (int64_t g = 0; g < G; ++g) {
           const int64_t i = h * G + g;  // the query head
-          const float* qi = q_first + t * token_stride + i * D;
-          // The eight positions' dot products run side by side (eight independent FMA chains).
-          __m256 dots[8];
-          for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D; d += 8) {
-            const __m256 qd = _mm256_loadu_ps(qi + d);
-            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k_row[j] + d), dots[j]);
-          }
-          alignas(32) float score[8];
-          _mm256_store_ps(score, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(a.sm_scale)));
-          if (a.soft_cap > 0.f)
-            for (int j = 0; j < 8; ++j) score[j] = a.soft_cap * std::tanh(score[j] / a.soft_cap);
-          const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(score), valid);
-          const float m_new = std::max(state.m[i], hmax(s));
-          const float correction = std::exp(state.m[i] - m_new);  // 0 on the first block (m = -inf)
-          const __m256 p = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(m_new))), valid);
-          state.l[i] = state.l[i] * correction + hsum(p);
-          state.m[i] = m_new;
-          _mm256_store_ps(score, p);
-          float* acc = state.acc + i * D;
-          const __m256 c = _mm256_set1_ps(correction);
-          int64_t d = 0;
-          for (; d + 32 <= D; d += 32) accumulate_values<4>(acc + d, c, score, v_row, d);
-          for (; d < D; d += 8) accumulate_values<1>(acc + d, c, score, v_row, d);
+          lanes[count_lanes++] = {q_first + t * token_stride + i * D, valid, state, i};
+          if (count_lanes == kLanes) flush();
         }
       }
+      flush();
     }
   }
 }
