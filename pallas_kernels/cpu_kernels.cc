@@ -219,24 +219,26 @@ struct SoftmaxState {
   }
 };
 
-// dots[l][j] = q[l] . k_row[j] for L query vectors and a block's eight rows, each exactly as a one-vector loop
-// computes it (one FMA chain over d, eight lanes at a time); the vectors share each loaded K vector, P
-// positions at a time (L x P accumulators: 12 of AVX2's 16 registers).
+// dots[l][j] = q[l] . k_row[j] for L <= 3 query vectors and a block's eight rows, each exactly as a one-vector
+// loop computes it (one FMA chain over d, eight lanes at a time); the vectors share each loaded K vector,
+// four positions at a time (12 accumulators, the L query vectors and one K vector: AVX2's 16 registers).
 template <int L>
 inline void block_dots(const float* const* q, const float* const* k_row, int64_t D, __m256 (*dots)[8]) {
-  constexpr int P = L <= 3 ? 4 : 2;
-  for (int first = 0; first < 8; first += P) {
-    __m256 acc[L][P];
+  static_assert(L <= 3, "AVX2's 16 registers");
+  for (int first = 0; first < 8; first += 4) {
+    __m256 acc[L][4];
     for (int l = 0; l < L; ++l)
-      for (int j = 0; j < P; ++j) acc[l][j] = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) acc[l][j] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
-      for (int j = 0; j < P; ++j) {
+      __m256 qd[L];
+      for (int l = 0; l < L; ++l) qd[l] = _mm256_loadu_ps(q[l] + d);
+      for (int j = 0; j < 4; ++j) {
         const __m256 k = _mm256_loadu_ps(k_row[first + j] + d);
-        for (int l = 0; l < L; ++l) acc[l][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q[l] + d), k, acc[l][j]);
+        for (int l = 0; l < L; ++l) acc[l][j] = _mm256_fmadd_ps(qd[l], k, acc[l][j]);
       }
     }
     for (int l = 0; l < L; ++l)
-      for (int j = 0; j < P; ++j) dots[l][first + j] = acc[l][j];
+      for (int j = 0; j < 4; ++j) dots[l][first + j] = acc[l][j];
   }
 }
 
@@ -282,7 +284,11 @@ void attend_lanes(const AttentionShape& a, const AttentionLane* lanes, const flo
   const float* q[L];
   for (int l = 0; l < L; ++l) q[l] = lanes[l].q;
   __m256 dots[L][8];
-  block_dots<L>(q, k_row, D, dots);
+  for (int l = 0; l < L; l += 3) {  // dots three pairs at a time
+    if (L - l >= 3) block_dots<3>(q + l, k_row, D, dots + l);
+    if (L - l == 2) block_dots<2>(q + l, k_row, D, dots + l);
+    if (L - l == 1) block_dots<1>(q + l, k_row, D, dots + l);
+  }
   alignas(32) float score[L][8];
   for (int l = 0; l < L; ++l) _mm256_store_ps(score[l], _mm256_mul_ps(hsum8(dots[l]), _mm256_set1_ps(a.sm_scale)));
   if (a.soft_cap > 0.f)

@@ -214,11 +214,13 @@ def test_an_unloadable_library_turns_the_kernels_off(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 100}])
-def test_attention_a_token_gets_the_same_sums_in_any_step(options):
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_heads):
     """A decoding token's output is bit-identical alone, among other sequences (few or many, which once
-    changed how its positions were split over the threads) and as the last token of a prefill chunk."""
+    changed how its positions were split over the threads) and as the last token of a prefill chunk (where
+    it shares the kernel's lanes with other tokens' heads: with grouped or one query head per KV head)."""
     rng = np.random.default_rng(0)
-    page_size, pages_per_seq, heads, kv_heads, dim = 16, 20, 6, 2, 64
+    page_size, pages_per_seq, dim = 16, 20, 64
     kv_lens = [37, 130, 200, 260, 64, 129, 300, 9]
     k_pages, v_pages = (jnp.asarray(rng.standard_normal((200, page_size, kv_heads, dim)), jnp.bfloat16)
                         for _ in range(2))
@@ -243,4 +245,5 @@ def test_attention_a_token_gets_the_same_sums_in_any_step(options):
     for s in range(8):
         np.testing.assert_array_equal(run([s], [1]), together[s:s + 1])
         np.testing.assert_array_equal(run([s, (s + 1) % 8], [1, 1]), together[[s, (s + 1) % 8]])
-        np.testing.assert_array_equal(run([s], [9]), together[s:s + 1])  # the end of a 9-token chunk
+        for chunk in (9, 10, 11):  # the end of a prefill chunk, after 0, 1 or 2 others in its query block
+            np.testing.assert_array_equal(run([s], [chunk]), together[s:s + 1])
