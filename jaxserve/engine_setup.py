@@ -74,7 +74,7 @@ def enable_compilation_cache(cache_dir: str | None, max_bytes: int | None = None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if max_bytes is not None:
-        prune_lru(cache_dir, max_bytes, files=True)
+        prune_lru(cache_dir, max_bytes, r".+-(?:cache|atime)", files=True)  # JAX's file names
     return cache_dir
 
 

@@ -53,12 +53,15 @@ def _host_cpu() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
+_KEY_DIGITS = 24  # a config's directory: this many hex digits of its key's hash
+
+
 class ExecutableCache:
     def __init__(self, directory: str, key: dict, max_bytes: int | None = None):
         devices = [(d.platform, d.device_kind) for d in jax.devices()]
         full_key = repr(sorted({**key, "jax": jax.__version__, "devices": devices, "cpu": _host_cpu(),
                                 "source": source_fingerprint()}.items()))
-        self.directory = Path(directory) / hashlib.sha256(full_key.encode()).hexdigest()[:24]
+        self.directory = Path(directory) / hashlib.sha256(full_key.encode()).hexdigest()[:_KEY_DIGITS]
         self.max_bytes = max_bytes
 
     def prune(self) -> list[str]:
@@ -66,7 +69,8 @@ class ExecutableCache:
         if self.max_bytes is None or not self.directory.is_dir():
             return []
         mark_used(str(self.directory))
-        return prune_lru(str(self.directory.parent), self.max_bytes, keep=str(self.directory))
+        return prune_lru(str(self.directory.parent), self.max_bytes, rf"[0-9a-f]{{{_KEY_DIGITS}}}",
+                         keep=str(self.directory))
 
     def load(self, name: str):
         """The executable saved under `name`, or None (missing, or written by an incompatible runtime)."""

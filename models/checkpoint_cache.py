@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -80,13 +81,21 @@ def mark_used(entry: str) -> None:
         pass  # a read-only cache still serves
 
 
-def prune_lru(root: str, max_bytes: int, keep: str | None = None, files: bool = False) -> list[str]:
-    """Deletes the least recently used entries of `root` (its subdirectories, or with `files` its plain files;
-    by mtime) until the rest fit in `max_bytes`; never `keep` nor an entry used in the last RECENT_SECONDS.
-    Dot-named directories are a writer's work in progress, deleted only when STALE_TMP_SECONDS old. Returns
-    what was deleted. Also prunes the compiled caches (jaxserve/executable_cache.py, XLA's files)."""
+# Names of this cache's entries (cache_entry_dir's digests); prune_lru touches nothing else in the directory.
+ENTRY_NAME = r"[0-9a-f]{32}"
+
+
+def prune_lru(root: str, max_bytes: int, entry_name: str, keep: str | None = None, files: bool = False) -> list[str]:
+    """Deletes the least recently used entries of `root` (its subdirectories, or with `files` its plain files,
+    whose names fully match the regex `entry_name`; by mtime) until they fit in `max_bytes`; never `keep` nor
+    an entry used in the last RECENT_SECONDS. Anything else under `root` is neither counted nor touched (a
+    cache directory pointed at a folder of models must not lose them). Dot-named copies of entry names are a
+    writer's work in progress, deleted when STALE_TMP_SECONDS old. Returns what was deleted. Also prunes the
+    compiled caches (jaxserve/executable_cache.py, XLA's files)."""
     now = time.time()
     entries, removed = [], []
+    name = re.compile(entry_name)
+    temporary = re.compile(rf"\.(?:{entry_name})\.tmp-.+")
     try:
         listing = list(os.scandir(root))
     except OSError:
@@ -97,11 +106,11 @@ def prune_lru(root: str, max_bytes: int, keep: str | None = None, files: bool = 
             is_dir = item.is_dir(follow_symlinks=False)
         except OSError:
             continue  # removed meanwhile
-        if is_dir and item.name.startswith("."):
+        if is_dir and temporary.fullmatch(item.name):
             if now - st.st_mtime > STALE_TMP_SECONDS:
                 shutil.rmtree(item.path, ignore_errors=True)
                 removed.append(item.path)
-        elif is_dir != files:
+        elif is_dir != files and name.fullmatch(item.name):
             entries.append((st.st_mtime, item.path, st.st_size if files else _tree_bytes(item.path)))
     total = sum(size for _, _, size in entries)
     for mtime, path, size in sorted(entries):  # oldest use first
@@ -182,7 +191,7 @@ def load_or_build(cache_dir: str | None, key: dict[str, Any], build: Callable[[]
             state = _restore(entry, key)
             mark_used(entry)
             if max_bytes is not None:  # a cache left over budget (an older version, a changed budget)
-                prune_lru(os.path.dirname(entry), max_bytes, keep=entry)
+                prune_lru(os.path.dirname(entry), max_bytes, ENTRY_NAME, keep=entry)
             logger.info("Restored converted checkpoint from %s in %.2f s", entry, time.perf_counter() - start)
             return state
         except Exception as e:  # noqa: BLE001 -- any failure means: rebuild
@@ -204,7 +213,7 @@ def load_or_build(cache_dir: str | None, key: dict[str, Any], build: Callable[[]
         _save(entry, key, arrays)
         logger.info("Saved converted checkpoint to %s in %.2f s", entry, time.perf_counter() - start)
         if max_bytes is not None:
-            prune_lru(os.path.dirname(entry), max_bytes, keep=entry)
+            prune_lru(os.path.dirname(entry), max_bytes, ENTRY_NAME, keep=entry)
     except Exception as e:  # noqa: BLE001 -- a read-only or full disk must not stop the server
         logger.warning("Could not write checkpoint cache %s (%s: %s)", entry, type(e).__name__, e)
     return state

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxserve.models.checkpoint_cache import (
-    STALE_TMP_SECONDS, cache_entry_dir, default_cache_dir, load_or_build, prune_lru, source_identity)
+    ENTRY_NAME, STALE_TMP_SECONDS, cache_entry_dir, default_cache_dir, load_or_build, prune_lru, source_identity)
 from jaxserve.models.weights import ModelSource
 
 
@@ -153,24 +153,42 @@ def make_entry(root, name, size, age_seconds):
     return entry
 
 
+def hex_name(i):
+    return f"{i:032x}"
+
+
 def test_prune_drops_the_least_recently_used_entries_first(tmp_path):
-    entries = [make_entry(tmp_path, f"e{i}", 1000, age) for i, age in enumerate([4000, 3000, 2000, 1000])]
-    removed = prune_lru(str(tmp_path), 2500)
+    entries = [make_entry(tmp_path, hex_name(i), 1000, age) for i, age in enumerate([4000, 3000, 2000, 1000])]
+    removed = prune_lru(str(tmp_path), 2500, ENTRY_NAME)
     assert sorted(removed) == [str(entries[0]), str(entries[1])]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e2", "e3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [hex_name(2), hex_name(3)]
     # Within budget: nothing goes.
-    assert prune_lru(str(tmp_path), 2000) == []
+    assert prune_lru(str(tmp_path), 2000, ENTRY_NAME) == []
 
 
 def test_prune_spares_the_kept_entry_recent_ones_and_live_writers(tmp_path):
-    oldest = make_entry(tmp_path, "oldest", 1000, 5000)
-    older = make_entry(tmp_path, "older", 1000, 4000)
-    recent = make_entry(tmp_path, "recent", 1000, 60)  # another process may be using it
-    writing = make_entry(tmp_path, ".new.tmp-1-a", 1000, 60)
-    abandoned = make_entry(tmp_path, ".old.tmp-2-b", 1000, STALE_TMP_SECONDS + 60)
-    removed = prune_lru(str(tmp_path), 0, keep=str(oldest))
+    oldest = make_entry(tmp_path, hex_name(1), 1000, 5000)
+    older = make_entry(tmp_path, hex_name(2), 1000, 4000)
+    recent = make_entry(tmp_path, hex_name(3), 1000, 60)  # another process may be using it
+    writing = make_entry(tmp_path, f".{hex_name(4)}.tmp-1-a", 1000, 60)
+    abandoned = make_entry(tmp_path, f".{hex_name(5)}.tmp-2-b", 1000, STALE_TMP_SECONDS + 60)
+    removed = prune_lru(str(tmp_path), 0, ENTRY_NAME, keep=str(oldest))
     assert sorted(removed) == sorted([str(older), str(abandoned)])
     assert oldest.exists() and recent.exists() and writing.exists()
+
+
+def test_prune_touches_only_the_caches_own_entries(tmp_path):
+    """A cache directory pointed at a folder that holds other things (say, the user's models) keeps them."""
+    models = make_entry(tmp_path, "llama-3-8b", 5000, 90000)
+    hidden = make_entry(tmp_path, ".git", 5000, STALE_TMP_SECONDS + 60)
+    (tmp_path / "notes.txt").write_bytes(b"x" * 5000)
+    os.utime(tmp_path / "notes.txt", (time.time() - 90000,) * 2)
+    old = make_entry(tmp_path, hex_name(1), 1000, 9000)
+    new = make_entry(tmp_path, hex_name(2), 1000, 8000)
+    assert prune_lru(str(tmp_path), 1000, ENTRY_NAME) == [str(old)]  # the others are not counted either
+    assert models.exists() and hidden.exists() and (tmp_path / "notes.txt").exists() and new.exists()
+    assert prune_lru(str(tmp_path), 0, r".+\.txt", files=True) == [str(tmp_path / "notes.txt")]  # files mode
+    assert models.exists() and new.exists()
 
 
 def test_a_state_over_the_budget_is_not_cached(tmp_path, caplog):
@@ -188,14 +206,14 @@ def test_a_state_over_the_budget_is_not_cached(tmp_path, caplog):
 
 
 def test_a_new_entry_pushes_out_old_ones_and_a_restore_counts_as_use(tmp_path):
-    old = make_entry(tmp_path, "0" * 32, 4000, 7200)
+    old = make_entry(tmp_path, hex_name(0), 4000, 7200)
     build = CountingBuild(make_state())
     load_or_build(str(tmp_path), KEY, build, max_bytes=6000)
     entry = cache_entry_dir(str(tmp_path), KEY)
     assert not old.exists() and os.path.isdir(entry)
     when = time.time() - 7200
     os.utime(entry, (when, when))
-    left_over = make_entry(tmp_path, "1" * 32, 4000, 3600)  # say, by an older version without a budget
+    left_over = make_entry(tmp_path, hex_name(1), 4000, 3600)  # say, by an older version without a budget
     load_or_build(str(tmp_path), KEY, build, max_bytes=6000)
     assert build.calls == 1
     assert time.time() - os.stat(entry).st_mtime < 60  # marked used: the next prune spares it longest

@@ -72,8 +72,10 @@ def test_key_separates_configs(tmp_path):
 def test_config_directories_share_a_budget(tmp_path):
     cache = ExecutableCache(str(tmp_path), {"runner": "num_pages=10"}, max_bytes=3000)
     stale = []
+    (tmp_path / "not-an-entry").mkdir()  # left alone whatever its age
+    os.utime(tmp_path / "not-an-entry", (time.time() - 99999,) * 2)
     for i, age in enumerate([9000, 8000, 7000]):
-        other = tmp_path / f"other{i}"
+        other = tmp_path / f"{i:024x}"
         other.mkdir()
         (other / "step_4x4.bin").write_bytes(b"x" * 1000)
         os.utime(other, (time.time() - age,) * 2)
@@ -82,7 +84,7 @@ def test_config_directories_share_a_budget(tmp_path):
     (cache.directory / "step_4x4.bin").write_bytes(b"x" * 1500)
     os.utime(cache.directory, (time.time() - 10000,) * 2)  # oldest, but the one in use
     assert sorted(cache.prune()) == [str(stale[0]), str(stale[1])]
-    assert cache.directory.exists() and stale[2].exists()
+    assert cache.directory.exists() and stale[2].exists() and (tmp_path / "not-an-entry").exists()
     assert ExecutableCache(str(tmp_path), {"runner": "r"}).prune() == []  # no budget, or nothing written
 
 
@@ -96,12 +98,14 @@ def test_compilation_cache_budget(tmp_path):
             (tmp_path / f"jit_f{i}-cache").write_bytes(b"x" * 1000)
             os.utime(tmp_path / f"jit_f{i}-cache", (time.time() - age,) * 2)
         (tmp_path / "jaxserve-executables").mkdir()  # pruned by ExecutableCache, not here
+        (tmp_path / "README").write_bytes(b"x" * 9000)  # not XLA's: neither counted nor removed
+        os.utime(tmp_path / "README", (time.time() - 99999,) * 2)
         assert enable_compilation_cache(str(tmp_path), 2500) == str(tmp_path)
         assert jax.config.jax_compilation_cache_dir == str(tmp_path) and jax.config.jax_enable_compilation_cache
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["jaxserve-executables", "jit_f1-cache",
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["README", "jaxserve-executables", "jit_f1-cache",
                                                               "jit_f2-cache"]
         assert enable_compilation_cache(str(tmp_path), None) == str(tmp_path)  # no budget: nothing goes
-        assert len(list(tmp_path.iterdir())) == 3
+        assert len(list(tmp_path.iterdir())) == 4
         assert enable_compilation_cache(str(tmp_path), 0) is None  # 0: no compiled cache at all
         assert not jax.config.jax_enable_compilation_cache
     finally:
