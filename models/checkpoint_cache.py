@@ -137,6 +137,12 @@ def prune_lru(root: str, max_bytes: int, entry_name: str, keep: str | None = Non
     return removed
 
 
+def _keep_within(entry: str, max_bytes: int | None) -> None:
+    """Prunes the cache that holds `entry` (just used or written, so kept) to its budget, if it has one."""
+    if max_bytes is not None:
+        prune_lru(os.path.dirname(entry), max_bytes, ENTRY_NAME, keep=entry)
+
+
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -189,15 +195,15 @@ def load_or_build(cache_dir: str | None, key: dict[str, Any], build: Callable[[]
         start = time.perf_counter()
         try:
             state = _restore(entry, key)
-            mark_used(entry)
-            if max_bytes is not None:  # a cache left over budget (an older version, a changed budget)
-                prune_lru(os.path.dirname(entry), max_bytes, ENTRY_NAME, keep=entry)
             logger.info("Restored converted checkpoint from %s in %.2f s", entry, time.perf_counter() - start)
-            return state
         except Exception as e:  # noqa: BLE001 -- any failure means: rebuild
             logger.warning("Checkpoint cache entry %s is unreadable (%s: %s); rebuilding it",
                            entry, type(e).__name__, e)
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            mark_used(entry)
+            _keep_within(entry, max_bytes)  # also a cache left over budget (an older version, a changed budget)
+            return state
 
     start = time.perf_counter()
     state = build()
@@ -212,8 +218,7 @@ def load_or_build(cache_dir: str | None, key: dict[str, Any], build: Callable[[]
     try:
         _save(entry, key, arrays)
         logger.info("Saved converted checkpoint to %s in %.2f s", entry, time.perf_counter() - start)
-        if max_bytes is not None:
-            prune_lru(os.path.dirname(entry), max_bytes, ENTRY_NAME, keep=entry)
+        _keep_within(entry, max_bytes)
     except Exception as e:  # noqa: BLE001 -- a read-only or full disk must not stop the server
         logger.warning("Could not write checkpoint cache %s (%s: %s)", entry, type(e).__name__, e)
     return state

@@ -249,6 +249,7 @@ inline void block_dots(const float* const* q, const float* const* k_row, int64_t
 template <int L, int V>
 inline void accumulate_lanes(float* const* acc, const float* c, const float (*p)[8], const float* const* v_row,
                              int64_t d0) {
+  static_assert(L <= 3 && V <= 4, "AVX2's 16 registers");
   __m256 o[L][V];
   for (int l = 0; l < L; ++l)
     for (int v = 0; v < V; ++v) o[l][v] = _mm256_mul_ps(_mm256_loadu_ps(acc[l] + d0 + 8 * v), _mm256_set1_ps(c[l]));
@@ -285,9 +286,10 @@ void attend_lanes(const AttentionShape& a, const AttentionLane* lanes, const flo
   for (int l = 0; l < L; ++l) q[l] = lanes[l].q;
   __m256 dots[L][8];
   for (int l = 0; l < L; l += 3) {  // dots three pairs at a time
-    if (L - l >= 3) block_dots<3>(q + l, k_row, D, dots + l);
-    if (L - l == 2) block_dots<2>(q + l, k_row, D, dots + l);
-    if (L - l == 1) block_dots<1>(q + l, k_row, D, dots + l);
+    const int n = std::min(3, L - l);
+    if (n == 3) block_dots<3>(q + l, k_row, D, dots + l);
+    if (n == 2) block_dots<2>(q + l, k_row, D, dots + l);
+    if (n == 1) block_dots<1>(q + l, k_row, D, dots + l);
   }
   alignas(32) float score[L][8];
   for (int l = 0; l < L; ++l) _mm256_store_ps(score[l], _mm256_mul_ps(hsum8(dots[l]), _mm256_set1_ps(a.sm_scale)));
