@@ -5,8 +5,8 @@
 Projections: the 30 layers' seven projections (q, k, v, o, gate, up, down; per-layer weight arrays as the
 unrolled decode step holds them) plus the tied LM head, for `rows` tokens, through XLA's bf16 dot, the bf16
 kernel, the int8 kernel and GGUF's blocks (pallas_kernels/block_quant: 4-bit projections, an 8-bit head, as the
-default model's file holds them; from DENSE_MIN_ROWS rows, unpacked to float32 for XLA's dot). Attention: one decode step's attention for `seqs` sequences of `context` tokens
-over 30 layers' bfloat16 pages (each layer its own, pages in order or scattered), XLA's gather path against
+default model's file holds them, multiplied in float32). Attention: one decode step's attention for `seqs`
+sequences of `context` tokens over 30 layers' bfloat16 pages (each layer its own, pages in order or scattered), XLA's gather path against
 the kernel. Milliseconds per pass, median of --repeats.
 """
 from __future__ import annotations
@@ -77,10 +77,10 @@ def main() -> None:
     xla = projection_stack(cpu_kernels.matmul)
     kernel = projection_stack(cpu_kernels.kernel_matmul)
     int8 = projection_stack(lambda x, qs: cpu_kernels.int8_matmul(x, *qs))
-    q4 = projection_stack(lambda x, w: block_quant.project(x.astype(jnp.float32), *w))
+    q4 = projection_stack(lambda x, w: block_quant.matmul(x, *w))
     head_xla = jax.jit(lambda x, e: cpu_kernels.matmul(x, e, True))
     head_kernel = jax.jit(lambda x, e: cpu_kernels.kernel_matmul(x, e, True))
-    head_q8 = jax.jit(lambda x, e: block_quant.project(x.astype(jnp.float32), *e))
+    head_q8 = jax.jit(lambda x, e: block_quant.matmul(x, *e))
     for rows in args.rows:
         x = bf16(rows, MLP)
         cells = [timed(f, x, w, repeats=args.repeats)

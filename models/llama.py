@@ -136,8 +136,8 @@ class Linear(nnx.Linear):
 
 
 def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int, dtype) -> None:
-    """`module`'s weight [rows, cols] as block_quant's format `fmt` (replacing a `kernel` / `embedding`);
-    many-row steps multiply in block_quant.dense_dtype(dtype)."""
+    """`module`'s weight [rows, cols] as block_quant's format `fmt` (replacing a `kernel` / `embedding`),
+    multiplied in block_quant.multiply_dtype(dtype)."""
     tiles, per_tile = rows // block_quant.TILE, cols // block_quant.BLOCK * block_quant.TILE
     for name in ("kernel", "embedding"):
         if hasattr(module, name):
@@ -146,7 +146,7 @@ def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int, dtype) -> 
                                          jnp.uint8 if fmt == "q4" else jnp.int8))
     module.scales = nnx.Param(jnp.ones((tiles, per_tile), jnp.float32))
     module.mins = nnx.Param(jnp.zeros((tiles, per_tile), jnp.float32)) if fmt == "q4" else None
-    module.dense_dtype = block_quant.dense_dtype(dtype)
+    module.multiply_dtype = block_quant.multiply_dtype(dtype)
 
 
 def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None):
@@ -154,8 +154,9 @@ def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, 
     padding rows skipped (or past `rows`, int32 [1], when given instead)."""
     mins = module.mins[...] if module.mins is not None else None
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
-    return block_quant.project(x, module.qweight[...], module.scales[...], mins, layer,
-                               meta.num_tokens() if meta is not None else rows, module.dense_dtype)
+    return block_quant.matmul(x, module.qweight[...], module.scales[...], mins, layer,
+                              meta.num_tokens() if meta is not None else rows,
+                              bf16=module.multiply_dtype == jnp.bfloat16)
 
 
 class BlockEmbed(nnx.Module):
@@ -170,11 +171,9 @@ class BlockEmbed(nnx.Module):
         return block_quant.lookup_rows(self.qweight[...], self.scales[...], mins, token_ids)
 
     def attend(self, hidden, rows=None):
-        # Always the kernel, at any row count: unpacking a whole vocabulary per step for XLA's dot costs more
-        # than the dot saves (docs/benchmarks.md).
         mins = self.mins[...] if self.mins is not None else None
         return block_quant.matmul(hidden, self.qweight[...], self.scales[...], mins, rows=rows,
-                                  bf16=self.dense_dtype == jnp.bfloat16)
+                                  bf16=self.multiply_dtype == jnp.bfloat16)
 
 
 # Projections that read the same input, held as one block-quantized weight when all their parts share a block

@@ -73,8 +73,4 @@ bool has_bf16_dots();
 void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
                  int64_t N, bool four_bit);
 
-// One tile of dequantize(w) as bfloat16 rows [kTile, K] (to nearest even), 16 values per instruction; on CPUs
-// with has_bf16_dots().
-void bf16_unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows, bool four_bit);
-
 }  // namespace jaxserve::block_quant

@@ -5,8 +5,6 @@
 // steps of up to 8 rows skip the panel and multiply each unpacked block in registers, with the same sums. The
 // activations are rounded to bfloat16 once per call. Both roundings are to nearest even, as XLA's convert;
 // the sums stay float32.
-// (A 512-bit form of the few-row integer dots, two vpdpwssd per row and tile block, measured no faster than
-// the AVX2 one on Zen 4: a one-row step is not bound by those instructions there.)
 // Only these functions use AVX-512 (by target attribute): the library still loads on AVX2-only CPUs, where
 // has_bf16_dots() is false and nothing here runs.
 
@@ -257,13 +255,6 @@ bool has_bf16_dots() {
            !(setting && std::string(setting) == "0");
   }();
   return yes;
-}
-
-void bf16_unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows, bool four_bit) {
-  if (four_bit)
-    unpack_tile<true>(w, tile, K, rows);
-  else
-    unpack_tile<false>(w, tile, K, rows);
 }
 
 void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
