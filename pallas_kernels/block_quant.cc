@@ -57,7 +57,8 @@ inline void store_pair_sums(__m256 a, __m256 b, float* out) {
 // ---- Steps of up to kFusedMaxRows rows: each block multiplied as it is unpacked ---------------------------
 //
 // The panel's store and reload cost more than they save when few rows meet it. Measured against the panels
-// (all of one step's projections and the 8-bit head, medians alternated in one process, Zen 3): at one row
+// (all of one step's projections and the 8-bit head, medians alternated in one process, Zen 3, both still
+// unpacking with a multiply and an add): at one row
 // 11.7 against 20.6 ms, at four 15.6 against 25.5, at eight 30.0 against 33.7, at ten 43.0 against 40.8.
 constexpr int64_t kFusedMaxRows = 8;
 constexpr int kFusedRows = 4;  // rows per pass: 4 x 2 accumulators beside the unpacked vector
