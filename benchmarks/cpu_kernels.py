@@ -6,8 +6,8 @@ Projections: the 30 layers' seven projections (q, k, v, o, gate, up, down; per-l
 unrolled decode step holds them) plus the tied LM head, for `rows` tokens, through XLA's bf16 dot, the bf16
 kernel, the int8 kernel and GGUF's blocks (pallas_kernels/block_quant: 4-bit projections, an 8-bit head, as the
 default model's file holds them, multiplied in float32). Attention: one decode step's attention for `seqs`
-sequences of `context` tokens over 30 layers' bfloat16 pages (each layer its own, pages in order or scattered), XLA's gather path against
-the kernel. Milliseconds per pass, median of --repeats.
+sequences of `context` tokens over 30 layers' bfloat16 pages (each layer its own, pages in order or
+scattered), XLA's gather path against the kernel. Milliseconds per pass, median of --repeats.
 """
 from __future__ import annotations
 
