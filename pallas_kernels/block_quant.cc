@@ -40,33 +40,40 @@ using jaxserve::parallel_blocks;
 using jaxserve::block_quant::AlignedBuffer;
 using jaxserve::block_quant::kBlock;
 using jaxserve::block_quant::kTile;
+using jaxserve::block_quant::store_pair_sums;
 using jaxserve::block_quant::Weights;
 
 constexpr int64_t kPrefetchBytes = 2048;  // ahead of the tile stream: 1 KiB left the cores waiting on memory
 
-// out[0], out[1] = the lane sums of a and b by hadd(hadd(a, b), hadd(a, b)): for each output the same
-// additions as panel_rows's four-output reduction.
-inline void store_pair_sums(__m256 a, __m256 b, float* out) {
-  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(a, b));
-  alignas(16) float lanes[4];
-  _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-  out[0] = lanes[0];
-  out[1] = lanes[1];
+// Values 16h + 8e .. 16h + 8e + 7 of the block at q, dequantized: scale * q + min in one FMA (rounded once;
+// block_quant.dequantize rounds the product and the sum apart, which can differ in the last bit). A 4-bit
+// block's bytes 8e.. hold them in their low nibbles (h = 0) or high ones (h = 1); an 8-bit block's bytes
+// 16h + 8e... Both loops unpack through this, so they multiply by the same weights.
+template <bool kFourBit>
+inline __m256 unpack8(const uint8_t* q, int h, int e, __m256 scale, __m256 min) {
+  const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (kFourBit ? 8 * e : 16 * h + 8 * e)));
+  __m256i wide;
+  if (kFourBit) {
+    wide = _mm256_cvtepu8_epi32(eight);
+    wide = h ? _mm256_srli_epi32(wide, 4) : _mm256_and_si256(wide, _mm256_set1_epi32(0x0f));
+  } else {
+    wide = _mm256_cvtepi8_epi32(eight);
+  }
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), scale, min);
 }
 
 // ---- Steps of up to kFusedMaxRows rows: each block multiplied as it is unpacked ---------------------------
 //
 // The panel's store and reload cost more than they save when few rows meet it. Measured against the panels
 // (all of one step's projections and the 8-bit head, medians alternated in one process, Zen 3, both still
-// unpacking with a multiply and an add): at one row
-// 11.7 against 20.6 ms, at four 15.6 against 25.5, at eight 30.0 against 33.7, at ten 43.0 against 40.8.
+// unpacking with a multiply and an add): at one row 11.7 against 20.6 ms, at four 15.6 against 25.5, at eight
+// 30.0 against 33.7, at ten 43.0 against 40.8.
 constexpr int64_t kFusedMaxRows = 8;
 constexpr int kFusedRows = 4;  // rows per pass: 4 x 2 accumulators beside the unpacked vector
 
-// Unpacking is one FMA, scale * q + min rounded once (unpack_tile's arithmetic; block_quant.dequantize rounds
-// the product and the sum apart, which can differ in the last bit): at one row a step is bound by the
-// instructions per weight, and the separate multiply and add took ~18% more time. Each output's sum is a chain
-// of FMAs four cycles apart: a pass over one row takes NT tiles at once to have more chains in flight.
+// At one row a step is bound by the instructions per weight (unpacking with a separate multiply and add took
+// ~18% more time than unpack8's one FMA). Each output's sum is a chain of FMAs four cycles apart: a pass over
+// one row takes NT tiles at once to have more chains in flight.
 template <bool kFourBit, int MR, int NT>
 void fused_tiles(const float* x, int64_t K, const Weights& w, int64_t first_tile, int64_t end_tile, float* y,
                  int64_t N) {
@@ -90,18 +97,7 @@ void fused_tiles(const float* x, int64_t K, const Weights& w, int64_t first_tile
         const __m256 scale = _mm256_set1_ps(to.scale[i]), min = _mm256_set1_ps(kFourBit ? to.min[i] : 0.0f);
         for (int h = 0; h < 2; ++h)
           for (int e = 0; e < 2; ++e) {
-            // values 16h + 8e .. 16h + 8e + 7: a 4-bit block's bytes 8e.. (low nibbles for h = 0, high for
-            // h = 1), an 8-bit block's bytes 16h + 8e..
-            const __m128i eight =
-                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (kFourBit ? 8 * e : 16 * h + 8 * e)));
-            __m256i wide;
-            if (kFourBit) {
-              wide = _mm256_cvtepu8_epi32(eight);
-              wide = h ? _mm256_srli_epi32(wide, 4) : _mm256_and_si256(wide, _mm256_set1_epi32(0x0f));
-            } else {
-              wide = _mm256_cvtepi8_epi32(eight);
-            }
-            const __m256 values = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), scale, min);
+            const __m256 values = unpack8<kFourBit>(q, h, e, scale, min);
             const int64_t k = b * kBlock + 16 * h + 8 * e;
             for (int m = 0; m < MR; ++m)
               acc[m][o] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), values, acc[m][o]);
@@ -153,34 +149,19 @@ void fused_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float
 // for down; at 32-64 rows 1.4-2.6x faster.)
 constexpr int kPanelRows = 3;  // rows per micro-kernel: 3 x 4 accumulators, 3 activation registers, one weight
 
-// Dequantizes one tile to float32 rows [kTile, K] (scale * q + min, one FMA as in fused_tiles).
+// Dequantizes one tile to float32 rows [kTile, K].
 template <bool kFourBit>
 void unpack_tile(const Weights& w, int64_t tile, int64_t K, float* rows) {
   constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
   const Weights t = jaxserve::block_quant::tile_of<kFourBit>(w, tile);
-  const uint8_t* q = t.q;
-  const float* scale = t.scale;
-  const float* min = t.min;
   for (int64_t b = 0; b < w.nb; ++b)
-    for (int r = 0; r < kTile; ++r, q += kBlockBytes) {
+    for (int r = 0; r < kTile; ++r) {
       const int64_t i = b * kTile + r;
-      const __m256 s = _mm256_set1_ps(scale[i]), m = _mm256_set1_ps(kFourBit ? min[i] : 0.0f);
+      const __m256 scale = _mm256_set1_ps(t.scale[i]), min = _mm256_set1_ps(kFourBit ? t.min[i] : 0.0f);
       float* row = rows + r * K + b * kBlock;
-      __m128i values[2];  // 32 values as two vectors of 16 bytes
-      if (kFourBit) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-        values[0] = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
-        values[1] = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
-      } else {
-        values[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-        values[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
-      }
       for (int h = 0; h < 2; ++h)
-        for (int e = 0; e < 2; ++e) {
-          const __m128i eight = e ? _mm_srli_si128(values[h], 8) : values[h];
-          const __m256i wide = kFourBit ? _mm256_cvtepu8_epi32(eight) : _mm256_cvtepi8_epi32(eight);
-          _mm256_storeu_ps(row + 16 * h + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), s, m));
-        }
+        for (int e = 0; e < 2; ++e)
+          _mm256_storeu_ps(row + 16 * h + 8 * e, unpack8<kFourBit>(t.q + i * kBlockBytes, h, e, scale, min));
     }
 }
 

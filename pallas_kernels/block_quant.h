@@ -44,6 +44,17 @@ struct AlignedBuffer {
   T* data;
 };
 
+// out[0], out[1] = the sums of a's and b's lanes, by hadd(hadd(a, b), hadd(a, b)): for each output the same
+// additions as the panels' four-output reduction (lanes of hadd(hadd(a, b), hadd(c, d)) halves), so every
+// path gives an output the same sum. Shared by the float32 and the bfloat16 loops.
+inline void store_pair_sums(__m256 a, __m256 b, float* out) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(a, b));
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  out[0] = lanes[0];
+  out[1] = lanes[1];
+}
+
 // The many-row paths walk the weights in panels of kPanel outputs (two tiles; the last may hold one), split
 // over the thread pool in contiguous ranges: each task unpacks a panel at a time into its own L1-sized
 // scratch with `unpack(tile, rows)` (T: float or bfloat16 bits) and has every row meet it with

@@ -106,16 +106,6 @@ JAXSERVE_AVX512_BF16 inline __m256 half_sum(__m512 acc) {
   return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
 }
 
-// out[0], out[1] = the sums of a's and b's lanes, by hadd(hadd(a, b), hadd(a, b)): for each output the same
-// additions as the four-output reduction in panel_rows, so every path gives an output the same sum.
-JAXSERVE_AVX512_BF16 inline void store_pair_sums(__m256 a, __m256 b, float* out) {
-  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(a, b));
-  alignas(16) float lanes[4];
-  _mm_store_ps(lanes, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-  out[0] = lanes[0];
-  out[1] = lanes[1];
-}
-
 // y[m0:m0+MR, n0:n0+NP] from MR activation rows against NP panel rows: 16 float32 lanes of pair sums per
 // output, reduced once at the end.
 template <int MR, int NP>
