@@ -147,6 +147,23 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool) 
     return tuple(sorted(block_formats(read_gguf_header(source.path)).items()))
 
 
+def bf16_block_formats(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
+    """(module, "bf16_blocks") for a bfloat16 checkpoint's projections and embedding on one CPU device: their
+    weights go into block_quant's tiles and through its float32 loops, which give a row the same sums at
+    every batch size (XLA's dot does not: its blocking changes with the row count). Modules whose shapes do
+    not tile (input not a multiple of 32 values, an odd number of outputs) stay dense."""
+    from jaxserve.pallas_kernels import block_quant
+
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h),
+              "up_proj": (i, h), "down_proj": (h, i), "embed_tokens": (v, h)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (v, h)
+    return tuple(sorted((module, "bf16_blocks") for module, (rows, cols) in shapes.items()
+                        if rows % block_quant.TILE == 0 and cols % block_quant.BLOCK == 0))
+
+
 def kv_budget_bytes(config: EngineConfig, device=None) -> int:
     """`device`: one of this engine's own (a host's local one on multi-host, its group's with data parallel)."""
     if config.kv_cache_memory is not None:
@@ -216,6 +233,10 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     on_cpu = jax.default_backend() == "cpu"
     one_cpu_with_kernels = on_cpu and mesh.size == 1 and not multihost and cpu_kernels.available()
     formats = resolve_block_formats(config.quantization, source, one_cpu_with_kernels)
+    if (one_cpu_with_kernels and not source.is_gguf and jnp.dtype(dtype) == jnp.bfloat16
+            and config.quantization != "int8" and not cpu_kernels.has_fast_bf16_dots()):
+        # Where the CPU multiplies bfloat16 in hardware, XLA's bfloat16 dot stays (twice the float32 rate).
+        formats = bf16_block_formats(model_config)
     # Block layouts carry their own version: a cache entry's arrays are used as they are.
     blocks = {"blocks": formats, "block_layout": BLOCK_LAYOUT_VERSION} if formats else {}
     key = {"source": source_identity(source), "dtype": dtype, "format": 1, **blocks}
@@ -318,4 +339,4 @@ def describe_projection_kernels(formats, cpu_kernel: bool, int8_weights: bool) -
     if not formats:
         return dense
     blocks = ", ".join(f"{module} {fmt}" for module, fmt in formats)
-    return f"GGUF blocks ({blocks}), other weights {dense}"
+    return f"blocks ({blocks}), other weights {dense}"

@@ -35,6 +35,9 @@ class AttentionMetadata(NamedTuple):
         return self.cu_q_lens[-1:]
 
 
+# The block formats (pallas_kernels/block_quant): GGUF's 4- and 8-bit blocks, and a bfloat16 model's weights
+# in the same tiles.
+BLOCK_FORMATS = ("q4", "q8", "bf16_blocks")
 # Leaves of block-quantized weights (pallas_kernels/block_quant). A scanned step reads them from the stacked
 # [num_layers, ...] arrays in place (the kernels take the layer index), so the scan never slices them.
 BLOCK_LEAVES = ("qweight", "scales", "mins")
@@ -106,9 +109,10 @@ class Linear(nnx.Linear):
 
     `cpu_kernel` (pallas_kernels/cpu_kernels), for steps on one CPU device with whole weight arrays: "bf16"
     sends small-batch projections to the bf16 kernel; "int8" holds the kernel as int8 with a per-column
-    power-of-two `weight_scale` and multiplies through the int8 kernel; "q4" / "q8" hold no kernel but GGUF's
-    blocks (`qweight`, `scales`[, `mins`]: pallas_kernels/block_quant), multiplied through its kernels at
-    every batch size, possibly stacked over layers and picked by `layer_index`."""
+    power-of-two `weight_scale` and multiplies through the int8 kernel; "q4" / "q8" / "bf16_blocks" hold no
+    kernel but GGUF's blocks or bfloat16 weights in the same tiles (`qweight`[, `scales`, `mins`]:
+    pallas_kernels/block_quant), multiplied through its kernels at every batch size, possibly stacked over
+    layers and picked by `layer_index`."""
 
     def __init__(self, din, dout, bias, dtype, activation_dtype, rngs, cpu_kernel: str | None = None):
         super().__init__(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
@@ -118,13 +122,13 @@ class Linear(nnx.Linear):
         if cpu_kernel == "int8":
             self.kernel = nnx.Param(jnp.zeros((din, dout), jnp.int8))
             self.weight_scale = nnx.Param(jnp.ones((dout,), jnp.float32))
-        elif cpu_kernel in ("q4", "q8"):
+        elif cpu_kernel in BLOCK_FORMATS:
             _block_params(self, cpu_kernel, dout, din, dtype)
 
     def __call__(self, x, meta: AttentionMetadata | None = None):
         if self.cpu_kernel is None:
             return super().__call__(x).astype(self.activation_dtype)
-        if self.cpu_kernel in ("q4", "q8"):
+        if self.cpu_kernel in BLOCK_FORMATS:
             y = _block_matmul(self, x, meta)
         elif self.cpu_kernel == "int8":
             y = cpu_kernels.int8_project(x, self.kernel[...], self.weight_scale[...])
@@ -142,19 +146,23 @@ def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int, dtype) -> 
     for name in ("kernel", "embedding"):
         if hasattr(module, name):
             setattr(module, name, None)
-    module.qweight = nnx.Param(jnp.zeros((tiles, per_tile * (16 if fmt == "q4" else 32)),
-                                         jnp.uint8 if fmt == "q4" else jnp.int8))
-    module.scales = nnx.Param(jnp.ones((tiles, per_tile), jnp.float32))
+    qtype = {"q4": jnp.uint8, "q8": jnp.int8, "bf16_blocks": jnp.uint16}[fmt]
+    module.qweight = nnx.Param(jnp.zeros((tiles, per_tile * (16 if fmt == "q4" else 32)), qtype))
+    module.scales = None if fmt == "bf16_blocks" else nnx.Param(jnp.ones((tiles, per_tile), jnp.float32))
     module.mins = nnx.Param(jnp.zeros((tiles, per_tile), jnp.float32)) if fmt == "q4" else None
-    module.multiply_dtype = block_quant.multiply_dtype(dtype)
+    # bfloat16 blocks multiply in float32 (their loops are the float32 ones)
+    module.multiply_dtype = block_quant.multiply_dtype(dtype) if fmt != "bf16_blocks" else jnp.dtype(jnp.float32)
+
+
+def _scales_mins(module: nnx.Module):
+    return tuple(None if a is None else a[...] for a in (module.scales, module.mins))
 
 
 def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None):
     """Through the block kernel; with the step's `meta`, the layer's slice of stacked weights, and the
     padding rows skipped (or past `rows`, int32 [1], when given instead)."""
-    mins = module.mins[...] if module.mins is not None else None
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
-    return block_quant.matmul(x, module.qweight[...], module.scales[...], mins, layer,
+    return block_quant.matmul(x, module.qweight[...], *_scales_mins(module), layer,
                               meta.num_tokens() if meta is not None else rows,
                               bf16=module.multiply_dtype == jnp.bfloat16)
 
@@ -167,12 +175,10 @@ class BlockEmbed(nnx.Module):
         _block_params(self, fmt, vocab_size, hidden_size, dtype)
 
     def lookup(self, token_ids):
-        mins = self.mins[...] if self.mins is not None else None
-        return block_quant.lookup_rows(self.qweight[...], self.scales[...], mins, token_ids)
+        return block_quant.lookup_rows(self.qweight[...], *_scales_mins(self), token_ids)
 
     def attend(self, hidden, rows=None):
-        mins = self.mins[...] if self.mins is not None else None
-        return block_quant.matmul(hidden, self.qweight[...], self.scales[...], mins, rows=rows,
+        return block_quant.matmul(hidden, self.qweight[...], *_scales_mins(self), rows=rows,
                                   bf16=self.multiply_dtype == jnp.bfloat16)
 
 
@@ -185,7 +191,7 @@ FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj":
 def _fused_format(kernel, fused: str, bias: bool = False) -> str | None:
     """The block format of `fused`'s parts when they all have the same one (and no bias), else None."""
     formats = {kernel(part) for part in FUSED_PROJECTIONS[fused]}
-    return formats.pop() if len(formats) == 1 and not bias and formats <= {"q4", "q8"} else None
+    return formats.pop() if len(formats) == 1 and not bias and formats <= set(BLOCK_FORMATS) else None
 
 
 def _split_columns(y, sizes):
@@ -267,8 +273,9 @@ class LlamaForCausalLM(nnx.Module):
         """`dtype`: the weights'; `activation_dtype` (default: the same): hidden states and the KV cache;
         `attention_mesh`: a tensor-parallel mesh to map the Pallas attention kernel over (by KV head);
         `cpu_kernel`: None, or "bf16" / "int8": the layers' projections and the head may use the CPU kernels
-        (one device, whole weight arrays; see Linear); `block_formats`: (module name, "q4" / "q8") pairs for
-        the modules ("q_proj", ..., "embed_tokens", "lm_head") whose weights stay in GGUF's blocks."""
+        (one device, whole weight arrays; see Linear); `block_formats`: (module name, "q4" / "q8" /
+        "bf16_blocks") pairs for the modules ("q_proj", ..., "embed_tokens", "lm_head") whose weights stay in
+        GGUF's blocks or go into the same tiles."""
         rngs = rngs or nnx.Rngs(0)
         act = activation_dtype or dtype
         self.cfg = cfg
@@ -306,7 +313,7 @@ class LlamaForCausalLM(nnx.Module):
         """Logits [S, V] of hidden [S, hidden]. `rows` (int32 [1], optional): only the first rows are real; a
         block-quantized head leaves the rest zero instead of computing them (a step's padding rows)."""
         if self.lm_head is not None:
-            if self.lm_head.cpu_kernel in ("q4", "q8"):
+            if self.lm_head.cpu_kernel in BLOCK_FORMATS:
                 return _block_matmul(self.lm_head, hidden, rows=rows)
             return self.lm_head(hidden)
         if isinstance(self.embed_tokens, BlockEmbed):

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from jaxserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from jaxserve.models.gguf_reader import GGUFHeader, iter_gguf_hf_tensors, read_gguf_header
+from jaxserve.models.gguf_reader import GGUFHeader, iter_gguf_hf_tensors, module_of, read_gguf_header
 from jaxserve.models.hf_reader import SAFETENSORS_INDEX, find_safetensors_files, iter_safetensors, lazy_safetensors
 from jaxserve.models.lazy_tensors import CheckpointFiles, CheckpointTensor
+from jaxserve.pallas_kernels import block_quant
 
 logger = logging.getLogger(__name__)
 
@@ -408,8 +409,9 @@ def iter_hf_tensors(source: ModelSource, keep_blocks: frozenset[str] = frozenset
     """Yield (hf_name, float32 array) in Hugging Face names and [out, in] layouts.
 
     GGUF tensors are dequantized (except the weights of the modules in `keep_blocks`, which come packed in
-    their blocks: gguf_reader.block_formats) and Q/K un-permuted; `lm_head.weight` only comes when it is
-    untied.
+    their blocks: gguf_reader.block_formats) and Q/K un-permuted; a safetensors checkpoint's weights of the
+    modules in `keep_blocks` come as bfloat16 blocks (block_quant.pack_bf16); `lm_head.weight` only comes
+    when it is untied.
     """
     progress = sys.stderr.isatty()
     if source.is_gguf:
@@ -419,4 +421,8 @@ def iter_hf_tensors(source: ModelSource, keep_blocks: frozenset[str] = frozenset
                                         keep_blocks=keep_blocks)
         return
     shards, skip = _safetensors_shards(source)
-    yield from iter_safetensors(shards, skip=skip, progress=progress)
+    for name, arr in iter_safetensors(shards, skip=skip, progress=progress):
+        if name.endswith(".weight") and arr.ndim == 2 and module_of(name) in keep_blocks:
+            yield name, block_quant.tile(block_quant.pack_bf16(arr))
+        else:
+            yield name, arr

@@ -5,7 +5,8 @@
 // (byte j holds value j in its low nibble and value j + 16 in its high one, GGUF's order) with a float32
 // scale and min (w = scale * q + min, q in [0, 15]); an 8-bit block is 32 int8 values with a scale
 // (w = scale * q). Rows are interleaved in tiles of two (see kTile). A decode step streams 0.75 (4-bit) or
-// 1.125 (8-bit) bytes per weight instead of bfloat16's 2.
+// 1.125 (8-bit) bytes per weight instead of bfloat16's 2. A bfloat16 model's weights come in the same tiles as
+// blocks of 32 bfloat16 values (no scale), so they take the same loops and the same promise below.
 //
 // Every step multiplies in float32, y = x . dequantize(w) with no rounding of the activations, by one of two
 // loops that give each output the same sums: steps of up to kFusedMaxRows rows unpack each block in registers
@@ -23,6 +24,7 @@
 //
 //   jaxserve_q4_matmul(x, q, scale, min, layer, rows): y[M, N] = x[M, K] . dequant(q[(L,) N/2, K], scale, min)^T
 //   jaxserve_q8_matmul(x, q, scale, layer, rows):      y[M, N] = x[M, K] . dequant(q[(L,) N/2, 2K], scale)^T
+//   jaxserve_bf16_block_matmul(x, q, layer, rows):     y[M, N] = x[M, K] . float32(q[(L,) N/2, 2K] as bfloat16)^T
 // with scale and min [(L,) N/2, K/16].
 
 #include <immintrin.h>
@@ -43,23 +45,50 @@ using jaxserve::block_quant::kTile;
 using jaxserve::block_quant::store_pair_sums;
 using jaxserve::block_quant::Weights;
 
+// The block formats: 4-bit values with a scale and min, 8-bit with a scale, bfloat16 values as they are.
+enum class Format { kQ4, kQ8, kBF16 };
+
+// Bytes and values of the q array per block (uint8 nibble pairs, int8, bfloat16 bits as uint16).
+template <Format F>
+constexpr int64_t kBlockBytes = F == Format::kQ4 ? kBlock / 2 : F == Format::kQ8 ? kBlock : 2 * kBlock;
+template <Format F>
+constexpr int64_t kBlockValues = F == Format::kQ4 ? kBlock / 2 : kBlock;
+
+template <Format F>
+inline Weights tile_of(const Weights& w, int64_t tile) {
+  return jaxserve::block_quant::tile_at<kBlockBytes<F>>(w, tile);
+}
+
 constexpr int64_t kPrefetchBytes = 2048;  // ahead of the tile stream: 1 KiB left the cores waiting on memory
 
 // Values 16h + 8e .. 16h + 8e + 7 of the block at q, dequantized: scale * q + min in one FMA (rounded once;
 // block_quant.dequantize rounds the product and the sum apart, which can differ in the last bit). A 4-bit
 // block's bytes 8e.. hold them in their low nibbles (h = 0) or high ones (h = 1); an 8-bit block's bytes
-// 16h + 8e... Both loops unpack through this, so they multiply by the same weights.
-template <bool kFourBit>
+// 16h + 8e..; a bfloat16 block's values widen exactly (scale and min unused). Both loops unpack through
+// this, so they multiply by the same weights.
+template <Format F>
 inline __m256 unpack8(const uint8_t* q, int h, int e, __m256 scale, __m256 min) {
-  const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (kFourBit ? 8 * e : 16 * h + 8 * e)));
+  if constexpr (F == Format::kBF16) {
+    const __m128i eight = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 2 * (16 * h + 8 * e)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(eight), 16));
+  }
+  const __m128i eight =
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (F == Format::kQ4 ? 8 * e : 16 * h + 8 * e)));
   __m256i wide;
-  if (kFourBit) {
+  if (F == Format::kQ4) {
     wide = _mm256_cvtepu8_epi32(eight);
     wide = h ? _mm256_srli_epi32(wide, 4) : _mm256_and_si256(wide, _mm256_set1_epi32(0x0f));
   } else {
     wide = _mm256_cvtepi8_epi32(eight);
   }
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), scale, min);
+}
+
+// A block's scale and min, broadcast (zeros where the format has none).
+template <Format F>
+inline void block_scale_min(const Weights& t, int64_t i, __m256& scale, __m256& min) {
+  scale = _mm256_set1_ps(F == Format::kBF16 ? 0.0f : t.scale[i]);
+  min = _mm256_set1_ps(F == Format::kQ4 ? t.min[i] : 0.0f);
 }
 
 // ---- Steps of up to kFusedMaxRows rows: each block multiplied as it is unpacked ---------------------------
@@ -74,30 +103,32 @@ constexpr int kFusedRows = 4;  // rows per pass: 4 x 2 accumulators beside the u
 // At one row a step is bound by the instructions per weight (unpacking with a separate multiply and add took
 // ~18% more time than unpack8's one FMA). Each output's sum is a chain of FMAs four cycles apart: a pass over
 // one row takes NT tiles at once to have more chains in flight.
-template <bool kFourBit, int MR, int NT>
+template <Format F, int MR, int NT>
 void fused_tiles(const float* x, int64_t K, const Weights& w, int64_t first_tile, int64_t end_tile, float* y,
                  int64_t N) {
-  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
+  constexpr int64_t kBytes = kBlockBytes<F>;
   constexpr int kOutputs = NT * kTile;
   for (int64_t tile = first_tile; tile < end_tile; tile += NT) {
     Weights t[NT];
-    for (int i = 0; i < NT; ++i) t[i] = jaxserve::block_quant::tile_of<kFourBit>(w, tile + i);
+    for (int i = 0; i < NT; ++i) t[i] = tile_of<F>(w, tile + i);
     __m256 acc[MR][kOutputs];
     for (int m = 0; m < MR; ++m)
       for (int o = 0; o < kOutputs; ++o) acc[m][o] = _mm256_setzero_ps();
     for (int64_t b = 0; b < w.nb; ++b) {
-      for (int i = 0; i < NT; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(t[i].q + b * kTile * kBlockBytes) + kPrefetchBytes, _MM_HINT_T0);
+      for (int i = 0; i < NT; ++i)  // every cache line of the block's tile (a bfloat16 one spans two)
+        for (int64_t line = 0; line < kTile * kBytes; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(t[i].q + b * kTile * kBytes) + line + kPrefetchBytes, _MM_HINT_T0);
       // one output row at a time (its scale, min and four vectors of values), so the accumulators stay in
       // registers (all rows' values at once spilled them)
       for (int o = 0; o < kOutputs; ++o) {
         const Weights& to = t[o / kTile];
         const int64_t i = b * kTile + o % kTile;
-        const uint8_t* q = to.q + i * kBlockBytes;
-        const __m256 scale = _mm256_set1_ps(to.scale[i]), min = _mm256_set1_ps(kFourBit ? to.min[i] : 0.0f);
+        const uint8_t* q = to.q + i * kBytes;
+        __m256 scale, min;
+        block_scale_min<F>(to, i, scale, min);
         for (int h = 0; h < 2; ++h)
           for (int e = 0; e < 2; ++e) {
-            const __m256 values = unpack8<kFourBit>(q, h, e, scale, min);
+            const __m256 values = unpack8<F>(q, h, e, scale, min);
             const int64_t k = b * kBlock + 16 * h + 8 * e;
             for (int m = 0; m < MR; ++m)
               acc[m][o] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), values, acc[m][o]);
@@ -110,7 +141,7 @@ void fused_tiles(const float* x, int64_t K, const Weights& w, int64_t first_tile
   }
 }
 
-template <bool kFourBit, int MR, int NT>
+template <Format F, int MR, int NT>
 void fused_pass(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t K, int64_t N) {
   const int64_t tiles = N / kTile, groups = (tiles + NT - 1) / NT;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(groups / 4, pool.num_threads() * 4));
@@ -118,14 +149,14 @@ void fused_pass(ffi::ThreadPool& pool, const float* x, const Weights& w, float* 
   parallel_blocks(pool, (groups + per_task - 1) / per_task, [&](int64_t task) {
     const int64_t lo = task * per_task * NT, hi = std::min(tiles, (task + 1) * per_task * NT);
     const int64_t whole = lo + (hi - lo) / NT * NT;
-    fused_tiles<kFourBit, MR, NT>(x, K, w, lo, whole, y, N);
-    if (whole < hi) fused_tiles<kFourBit, MR, 1>(x, K, w, whole, hi, y, N);
+    fused_tiles<F, MR, NT>(x, K, w, lo, whole, y, N);
+    if (whole < hi) fused_tiles<F, MR, 1>(x, K, w, whole, hi, y, N);
   });
 }
 
 // Passes of up to kFusedRows rows; each pass streams the weights again (a step this short is far from the
 // memory bandwidth).
-template <bool kFourBit>
+template <Format F>
 void fused_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
                   int64_t N) {
   static_assert(kFusedRows == 4, "one case per row count below");
@@ -133,10 +164,10 @@ void fused_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float
     const float* xm = x + m0 * K;
     float* ym = y + m0 * N;
     switch (std::min<int64_t>(kFusedRows, M - m0)) {
-      case 1: fused_pass<kFourBit, 1, 2>(pool, xm, w, ym, K, N); break;
-      case 2: fused_pass<kFourBit, 2, 2>(pool, xm, w, ym, K, N); break;
-      case 3: fused_pass<kFourBit, 3, 1>(pool, xm, w, ym, K, N); break;
-      case 4: fused_pass<kFourBit, 4, 1>(pool, xm, w, ym, K, N); break;
+      case 1: fused_pass<F, 1, 2>(pool, xm, w, ym, K, N); break;
+      case 2: fused_pass<F, 2, 2>(pool, xm, w, ym, K, N); break;
+      case 3: fused_pass<F, 3, 1>(pool, xm, w, ym, K, N); break;
+      case 4: fused_pass<F, 4, 1>(pool, xm, w, ym, K, N); break;
     }
   }
 }
@@ -150,18 +181,18 @@ void fused_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float
 constexpr int kPanelRows = 3;  // rows per micro-kernel: 3 x 4 accumulators, 3 activation registers, one weight
 
 // Dequantizes one tile to float32 rows [kTile, K].
-template <bool kFourBit>
+template <Format F>
 void unpack_tile(const Weights& w, int64_t tile, int64_t K, float* rows) {
-  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
-  const Weights t = jaxserve::block_quant::tile_of<kFourBit>(w, tile);
+  const Weights t = tile_of<F>(w, tile);
   for (int64_t b = 0; b < w.nb; ++b)
     for (int r = 0; r < kTile; ++r) {
       const int64_t i = b * kTile + r;
-      const __m256 scale = _mm256_set1_ps(t.scale[i]), min = _mm256_set1_ps(kFourBit ? t.min[i] : 0.0f);
+      __m256 scale, min;
+      block_scale_min<F>(t, i, scale, min);
       float* row = rows + r * K + b * kBlock;
       for (int h = 0; h < 2; ++h)
         for (int e = 0; e < 2; ++e)
-          _mm256_storeu_ps(row + 16 * h + 8 * e, unpack8<kFourBit>(t.q + i * kBlockBytes, h, e, scale, min));
+          _mm256_storeu_ps(row + 16 * h + 8 * e, unpack8<F>(t.q + i * kBlockBytes<F>, h, e, scale, min));
     }
 }
 
@@ -200,13 +231,13 @@ void panel_all_rows(const float* x, int64_t M, int64_t K, const float* panel, fl
   if (M - m == 1) panel_rows<1, NP>(x, K, panel, m, y, N, n0);
 }
 
-template <bool kFourBit>
+template <Format F>
 void panel_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K,
                   int64_t N) {
   AlignedBuffer<float> x(M * K);  // K is a multiple of 32, so every row starts aligned too
   std::memcpy(x.data, xf, M * K * sizeof(float));
   jaxserve::block_quant::walk_panels<float>(
-      pool, N / kTile, K, [&](int64_t tile, float* rows) { unpack_tile<kFourBit>(w, tile, K, rows); },
+      pool, N / kTile, K, [&](int64_t tile, float* rows) { unpack_tile<F>(w, tile, K, rows); },
       [&](const float* panel, int64_t outputs, int64_t n0) {
         if (outputs == 4)
           panel_all_rows<4>(x.data, M, K, panel, y, N, n0);
@@ -215,45 +246,51 @@ void panel_matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, floa
       });
 }
 
-// Checks the weights' shapes against K and points `w` at layer `layer` of them; N comes back in `n`.
-template <bool kFourBit>
-ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>& scale, const float* min,
+// Checks the weights' shapes against K and points `w` at layer `layer` of them (`scale` null for bfloat16
+// blocks, `min` for all but 4-bit ones); N comes back in `n`.
+template <Format F>
+ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>* scale, const float* min,
                          const ffi::Buffer<ffi::S32>& layer, int64_t K, Weights& w, int64_t& n) {
-  auto qd = q.dimensions(), sd = scale.dimensions();
+  auto qd = q.dimensions();
   const int64_t rank = qd.size(), nb = K / kBlock;
-  if ((rank != 2 && rank != 3) || static_cast<int64_t>(sd.size()) != rank || K % kBlock ||
-      qd[rank - 1] != nb * kTile * (kFourBit ? kBlock / 2 : kBlock) || sd[rank - 2] != qd[rank - 2] ||
-      sd[rank - 1] != nb * kTile || (rank == 3 && sd[0] != qd[0]) || layer.element_count() != 1 || nb < 1)
-    return ffi::Error::InvalidArgument("block quant: expected q[(L,) N/2, bytes] and scale[(L,) N/2, K/16] for K");
+  bool ok = (rank == 2 || rank == 3) && K % kBlock == 0 && nb >= 1 && layer.element_count() == 1 &&
+            qd[rank - 1] == nb * kTile * kBlockValues<F> &&
+            static_cast<int64_t>(q.size_bytes()) == q.element_count() * (kBlockBytes<F> / kBlockValues<F>);
+  if (ok && scale) {
+    auto sd = scale->dimensions();
+    ok = static_cast<int64_t>(sd.size()) == rank && sd[rank - 2] == qd[rank - 2] && sd[rank - 1] == nb * kTile &&
+         (rank == 2 || sd[0] == qd[0]);
+  }
+  if (!ok) return ffi::Error::InvalidArgument("block quant: expected q[(L,) N/2, values] (and scale[(L,) N/2, K/16]) for K");
   const int64_t L = rank == 3 ? qd[0] : 1, tiles = qd[rank - 2];
   const int32_t l = *layer.typed_data();
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("block quant: layer index out of range");
-  const int64_t layer_bytes = tiles * qd[rank - 1], layer_scales = tiles * sd[rank - 1];
-  w = Weights{static_cast<const uint8_t*>(q.untyped_data()) + l * layer_bytes, scale.typed_data() + l * layer_scales,
-              min ? min + l * layer_scales : nullptr, nb};
+  const int64_t layer_bytes = tiles * qd[rank - 1] * (kBlockBytes<F> / kBlockValues<F>), layer_scales = tiles * nb * kTile;
+  w = Weights{static_cast<const uint8_t*>(q.untyped_data()) + l * layer_bytes,
+              scale ? scale->typed_data() + l * layer_scales : nullptr, min ? min + l * layer_scales : nullptr, nb};
   n = tiles * kTile;
   return ffi::Error::Success();
 }
 
-template <bool kFourBit>
-ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                       const float* min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
-                       ffi::ResultBuffer<ffi::F32> y) {
+template <Format F>
+ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                       const ffi::Buffer<ffi::F32>* scale, const float* min, ffi::Buffer<ffi::S32> layer,
+                       ffi::Buffer<ffi::S32> rows, bool bf16, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || rows.element_count() != 1) return ffi::Error::InvalidArgument("block matmul: expected x[M, K]");
   const int64_t M = xd[0], K = xd[1];
   Weights w;
   int64_t N = 0;
-  if (auto err = layer_weights<kFourBit>(q, scale, min, layer, K, w, N); err.failure()) return err;
+  if (auto err = layer_weights<F>(q, scale, min, layer, K, w, N); err.failure()) return err;
   if (y->dimensions()[1] != N) return ffi::Error::InvalidArgument("block matmul: y's width is not N");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
   std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
-  if (live > 0 && bf16 && jaxserve::block_quant::has_bf16_dots())
-    jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, kFourBit);
+  if (F != Format::kBF16 && live > 0 && bf16 && jaxserve::block_quant::has_bf16_dots())
+    jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, F == Format::kQ4);
   else if (live > kFusedMaxRows)
-    panel_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
+    panel_matmul<F>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
   else if (live > 0)
-    fused_matmul<kFourBit>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
+    fused_matmul<F>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
   return ffi::Error::Success();
 }
 
@@ -262,13 +299,18 @@ ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
                     ffi::ResultBuffer<ffi::F32> y) {
   if (min.element_count() != scale.element_count())
     return ffi::Error::InvalidArgument("q4 matmul: min and scale differ in shape");
-  return BlockMatmul<true>(pool, x, q, scale, min.typed_data(), layer, rows, bf16, y);
+  return BlockMatmul<Format::kQ4>(pool, x, q, &scale, min.typed_data(), layer, rows, bf16, y);
 }
 
 ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
                     ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<false>(pool, x, q, scale, nullptr, layer, rows, bf16, y);
+  return BlockMatmul<Format::kQ8>(pool, x, q, &scale, nullptr, layer, rows, bf16, y);
+}
+
+ffi::Error BF16BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
+  return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, false, y);
 }
 
 }  // namespace
@@ -294,4 +336,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("bf16")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_block_matmul, BF16BlockMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -19,17 +19,23 @@ constexpr int kTile = 2;
 
 struct Weights {
   const uint8_t* q;  // this layer's tiles
-  const float* scale;
-  const float* min;  // nullptr for 8-bit weights
+  const float* scale;  // nullptr for bfloat16 weights
+  const float* min;    // nullptr for 8-bit and bfloat16 weights
   int64_t nb;        // blocks per row
 };
 
-// The weights of tile `tile` alone: its blocks, scales and mins (nb unchanged).
+// The weights of tile `tile` alone: its blocks, scales and mins (nb unchanged), for blocks of kBlockBytes
+// bytes; weights without scales (bfloat16 blocks) keep null ones.
+template <int64_t kBlockBytes>
+inline Weights tile_at(const Weights& w, int64_t tile) {
+  const int64_t per_tile = w.nb * kTile;
+  return {w.q + tile * per_tile * kBlockBytes, w.scale ? w.scale + tile * per_tile : nullptr,
+          w.min ? w.min + tile * per_tile : nullptr, w.nb};
+}
+
 template <bool kFourBit>
 inline Weights tile_of(const Weights& w, int64_t tile) {
-  constexpr int64_t kBlockBytes = kFourBit ? kBlock / 2 : kBlock;
-  return {w.q + tile * w.nb * kTile * kBlockBytes, w.scale + tile * w.nb * kTile,
-          kFourBit ? w.min + tile * w.nb * kTile : nullptr, w.nb};
+  return tile_at<kFourBit ? kBlock / 2 : kBlock>(w, tile);
 }
 
 // 64-byte aligned scratch: the micro-kernels' vector loads then never straddle cache lines (a malloc'd

@@ -5,12 +5,15 @@ bfloat16's 2. The kernels (block_quant.cc, built with cpu_kernels.py's library) 
 and multiply in float32 (or, on CPUs with AVX512-BF16 and a bfloat16 model, in bfloat16 with float32 sums),
 with the same sums for a row whatever else shares its step.
 
-Two formats, a row of 32-value blocks per output (GGUF's own rows), interleaved in tiles of TILE rows block
+Three formats, a row of 32-value blocks per output (GGUF's own rows), interleaved in tiles of TILE rows block
 by block so the kernel reads each array as one sequential stream:
 - "q4": `qweight` uint8 [N/TILE, K/32 * TILE * 16] (byte j of a block: value j low nibble, value j + 16 high),
   `scales` and `mins` float32 [N/TILE, K/32 * TILE]; w = scale * q + min with q in [0, 15]. Q4_0 is the
   same with min = -8 * scale.
 - "q8": `qweight` int8 [N/TILE, K/32 * TILE * 32], `scales` as above; w = scale * q.
+- "bf16": `qweight` uint16 [N/TILE, K/32 * TILE * 32], a bfloat16 model's weights as they are (their bits), no
+  scales: on the CPU a bfloat16 checkpoint's projections take the same loops as GGUF's blocks, and with them
+  the same sums for a row whatever else shares its step.
 Any of them may be stacked over layers ([L, ...]); `layer` then picks one in place.
 
 `reference_matmul` is the pure-JAX oracle: x . dequantize(w) (both rounded to bfloat16 first, for bf16).
@@ -25,7 +28,7 @@ from . import cpu_kernels
 
 BLOCK = 32
 TILE = 2
-Q4_TARGET, Q8_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul"
+Q4_TARGET, Q8_TARGET, BF16_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul"
 
 # GGUF block types -> (our format, bytes per block)
 GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
@@ -54,6 +57,14 @@ def pack_gguf(raw: np.ndarray, gguf_type_name: str) -> dict[str, np.ndarray]:
     return {"qweight": np.ascontiguousarray(nibbles), "scales": scale, "mins": mins}
 
 
+def pack_bf16(weight) -> dict[str, np.ndarray]:
+    """A weight [N, K] (float32 or bfloat16; K a multiple of 32) -> row-major {"qweight": uint16 [N, blocks, 32]},
+    its values rounded to bfloat16 (to nearest even, as XLA's convert) and kept as their bits."""
+    n, k = weight.shape
+    bits = np.asarray(weight).astype(jnp.bfloat16).view(np.uint16)
+    return {"qweight": np.ascontiguousarray(bits).reshape(n, k // BLOCK, BLOCK)}
+
+
 def tile(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Row-major packed arrays ([N, blocks(, bytes)]) -> the kernels' tiles [N/TILE, blocks * TILE(* bytes)]."""
     def one(a):
@@ -71,16 +82,22 @@ def _untile(a, blocks: int):
 
 
 def _values(qweight, blocks: int, four_bit: bool):
-    """The integer values [..., N, blocks, 32] of tiled weights (uint8 0..15 or int8)."""
+    """The values [..., N, blocks, 32] of tiled weights (uint8 0..15, int8, or float32 from bfloat16 bits)."""
     q = _untile(qweight, blocks)
+    xp = np if isinstance(q, np.ndarray) else jnp
+    if q.dtype == np.uint16:  # bfloat16 bits: the upper half of a float32's
+        return (q.astype(np.uint32) << 16).view(np.float32) if xp is np else jax.lax.bitcast_convert_type(
+            q.astype(jnp.uint32) << 16, jnp.float32)
     if not four_bit:
         return q
-    xp = np if isinstance(q, np.ndarray) else jnp
     return xp.concatenate([q & 0x0F, q >> 4], axis=-1)
 
 
-def dequantize(qweight, scales, mins=None):
-    """Tiled weights -> float32 [..., N, K] (jax or numpy): a test's oracle."""
+def dequantize(qweight, scales=None, mins=None):
+    """Tiled weights -> float32 [..., N, K] (jax or numpy): a test's oracle. No scales: bfloat16 blocks."""
+    if scales is None:
+        values = _values(qweight, qweight.shape[-1] // (TILE * BLOCK), False)
+        return values.reshape(*values.shape[:-2], -1)
     blocks = scales.shape[-1] // TILE
     values = _values(qweight, blocks, mins is not None).astype(np.float32)
     out = values * _untile(scales, blocks)
@@ -92,12 +109,12 @@ def dequantize(qweight, scales, mins=None):
 def lookup_rows(qweight, scales, mins, ids):
     """Rows `ids` of tiled weights [N/TILE, ...] dequantized -> float32 [len(ids), K] (an embedding lookup):
     each id's tile is dequantized and its row picked."""
-    tiles = [jnp.take(a, ids // TILE, axis=0) for a in (qweight, scales, mins) if a is not None]
+    tiles = [None if a is None else jnp.take(a, ids // TILE, axis=0) for a in (qweight, scales, mins)]
     rows = dequantize(*tiles).reshape(ids.shape[0], TILE, -1)  # [T, TILE, K]
     return jnp.take_along_axis(rows, (ids % TILE)[:, None, None], axis=1)[:, 0]
 
 
-def reference_matmul(x, qweight, scales, mins=None, bf16=False):
+def reference_matmul(x, qweight, scales=None, mins=None, bf16=False):
     """x [M, K] . dequantize(weights)^T -> float32 [M, N], as the kernels compute it (unstacked weights) up to
     the order of the float32 sums; with `bf16`, both sides rounded to bfloat16 first."""
     dtype = jnp.bfloat16 if bf16 else jnp.float32
@@ -105,15 +122,18 @@ def reference_matmul(x, qweight, scales, mins=None, bf16=False):
     return jnp.dot(jnp.asarray(x).astype(dtype), w.T, preferred_element_type=jnp.float32)
 
 
-def matmul(x, qweight, scales, mins=None, layer=None, rows=None, bf16=False) -> jax.Array:
+def matmul(x, qweight, scales=None, mins=None, layer=None, rows=None, bf16=False) -> jax.Array:
     """x [M, K] float32 through the kernel -> float32 [M, N]; `layer` picks from stacked weights [L, ...];
     `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero; `bf16`: multiply
-    in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc's panels, at any rows)."""
+    in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc's panels, at any rows; 4- and 8-bit
+    blocks). No scales: bfloat16 blocks, multiplied in float32."""
     n = qweight.shape[-2] * TILE
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     x = x.astype(jnp.float32)
+    if scales is None:
+        return jax.ffi.ffi_call(BF16_TARGET, out)(x, qweight, layer, rows)
     if mins is None:
         return jax.ffi.ffi_call(Q8_TARGET, out)(x, qweight, scales, layer, rows, bf16=bool(bf16))
     return jax.ffi.ffi_call(Q4_TARGET, out)(x, qweight, scales, mins, layer, rows, bf16=bool(bf16))

@@ -1,5 +1,6 @@
-"""GGUF weights kept in their blocks (pallas_kernels/block_quant): the kernels against the pure-JAX reference,
-the packing against gguf's own dequantizer, loading, and whole-engine agreement with dequantized weights."""
+"""GGUF weights kept in their blocks (pallas_kernels/block_quant), and bfloat16 checkpoints in the same tiles:
+the kernels against the pure-JAX reference, the packing against gguf's own dequantizer, loading, and
+whole-engine agreement with dequantized weights and across batches."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 import test_weights
 from test_weights import NH, NKV, write_tiny_gguf
+
+from random_checkpoint import saved_default_tokenizer, write_random_llama
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.models.gguf_reader import block_formats, iter_gguf_hf_tensors, read_gguf_header
@@ -23,6 +26,8 @@ def random_blocks(rng, fmt: str, n: int, k: int, layers: int | None = None):
     def one():
         blocks = k // block_quant.BLOCK
         scales = rng.uniform(0.001, 0.02, (n, blocks)).astype(np.float32)
+        if fmt == "bf16_blocks":
+            return block_quant.tile(block_quant.pack_bf16(rng.standard_normal((n, k)).astype(np.float32) * 0.05))
         if fmt == "q4":
             return block_quant.tile({"qweight": rng.integers(0, 256, (n, blocks, 16), dtype=np.uint8),
                                      "scales": scales, "mins": rng.uniform(-0.1, 0.0, (n, blocks)).astype(np.float32)})
@@ -34,10 +39,13 @@ def random_blocks(rng, fmt: str, n: int, k: int, layers: int | None = None):
 
 
 def weights_args(w):
-    return w["qweight"], w["scales"], w.get("mins")
+    return w["qweight"], w.get("scales"), w.get("mins")
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+FORMATS = ["q4", "q8", "bf16_blocks"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 # Rows on both sides of the kernel's two loops (up to 8 rows: blocks multiplied as they are unpacked; more:
 # panels), with an odd tile count (a last panel of two outputs).
 @pytest.mark.parametrize("m,n,k", [(1, 64, 576), (3, 130, 1536), (8, 34, 64), (9, 34, 576), (14, 34, 576),
@@ -56,7 +64,7 @@ def test_kernel_matches_the_reference(fmt, m, n, k):
     assert not partial[live:].any()
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_rows_sums_do_not_depend_on_the_rows_beside_it(fmt, bf16):
     """Every row count takes the same sums per row, bit for bit: alone, in a few rows (blocks multiplied as
@@ -75,7 +83,7 @@ def test_a_rows_sums_do_not_depend_on_the_rows_beside_it(fmt, bf16):
     np.testing.assert_array_equal(padded[:5], every[:5])
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_stacked_weights_are_read_at_the_layer_index(fmt):
     rng = np.random.default_rng(7)
     w = random_blocks(rng, fmt, 32, 64, layers=3)
@@ -109,6 +117,67 @@ def test_multiply_dtype_follows_the_weights_dtype_and_the_cpu():
     assert block_quant.multiply_dtype(jnp.float32) == jnp.float32
     expected = jnp.bfloat16 if cpu_kernels.has_fast_bf16_dots() else jnp.float32
     assert block_quant.multiply_dtype(jnp.bfloat16) == expected
+
+
+def test_bf16_blocks_hold_the_rounded_weights_and_look_rows_up():
+    import ml_dtypes
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((10, 96)).astype(np.float32)
+    q = block_quant.tile(block_quant.pack_bf16(w))["qweight"]
+    assert q.dtype == np.uint16 and q.shape == (5, 3 * 2 * 32)
+    rounded = w.astype(ml_dtypes.bfloat16).astype(np.float32)  # to nearest even, as XLA's convert
+    np.testing.assert_array_equal(block_quant.dequantize(q), rounded)
+    np.testing.assert_array_equal(np.asarray(block_quant.dequantize(jnp.asarray(q))), rounded)
+    ids = jnp.asarray([9, 0, 4, 4])
+    np.testing.assert_array_equal(np.asarray(block_quant.lookup_rows(jnp.asarray(q), None, None, ids)),
+                                  rounded[np.asarray(ids)])
+
+
+def test_bf16_block_formats_leave_modules_that_do_not_tile_dense():
+    from jaxserve.config import ModelConfig
+    from jaxserve.engine_setup import bf16_block_formats
+    # hidden 64 tiles; an odd vocabulary (embedding rows) and an intermediate of 100 values (down's input) do not
+    cfg = ModelConfig("llama", 1001, 64, 100, 2, 4, 2, 16, tie_word_embeddings=False)
+    assert dict(bf16_block_formats(cfg)) == {m: "bf16_blocks" for m in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj")}
+    cfg = ModelConfig("llama", 1000, 64, 128, 2, 4, 2, 16)
+    assert {"down_proj", "embed_tokens"} <= dict(bf16_block_formats(cfg)).keys()
+
+
+@pytest.mark.skipif(cpu_kernels.has_fast_bf16_dots(), reason="XLA's bfloat16 dot keeps these weights here")
+def test_bf16_checkpoint_rows_are_the_same_alone_and_batched(tmp_path):
+    """A bfloat16 (dtype auto) safetensors model on one CPU: every projection and the tied head go through
+    the block loops as bfloat16 tiles, so a sequence's tokens and logprobs are bit for bit the same alone and
+    batched with others; and they stay close to float32 XLA. (Head size 64: at 16 the attention kernel's
+    sums still move by ~1e-6 with the batch.)"""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+    model = write_random_llama(tmp_path / "model", saved_default_tokenizer(tmp_path), hidden=128, heads=2,
+                               kv_heads=1, intermediate=256)
+    # weights that bfloat16 holds exactly: float32 XLA then multiplies the very same numbers
+    tensors = load_file(model / "model.safetensors")
+    save_file({k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in tensors.items()},
+              model / "model.safetensors")
+    kw = dict(model=str(model), checkpoint_cache_dir=None, precompile=False, max_model_len=128,
+              max_num_seqs=4, block_size=4, kv_cache_dtype="float32", kv_cache_memory=2**22)
+    llm = LLM(max_num_batched_tokens=64, **kw)
+    formats = dict(llm.engine.runner.config.block_formats)
+    assert set(formats.values()) == {"bf16_blocks"} and {"q_proj", "down_proj", "embed_tokens"} <= formats.keys()
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(100, 40000, size=int(rng.integers(2, 30))).tolist() for _ in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    together = llm.generate(prompts, params)
+    alone = [llm.generate([p], params)[0] for p in prompts]
+    for a, b in zip(alone, together):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pa, pb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert {t: lp.logprob for t, lp in pa.items()} == {t: lp.logprob for t, lp in pb.items()}
+    reference = LLM(dtype="float32", max_num_batched_tokens=64, **kw)
+    assert reference.engine.runner.config.block_formats == ()
+    dense = reference.generate(prompts, SamplingParams(temperature=0, max_tokens=1, logprobs=3))
+    for got, want in zip(together, dense):
+        for token, lp in want.outputs[0].logprobs[0].items():  # the same products, summed in another order
+            assert abs(got.outputs[0].logprobs[0][token].logprob - lp.logprob) < 1e-3
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
