@@ -11,7 +11,7 @@ by block so the kernel reads each array as one sequential stream:
   `scales` and `mins` float32 [N/TILE, K/32 * TILE]; w = scale * q + min with q in [0, 15]. Q4_0 is the
   same with min = -8 * scale.
 - "q8": `qweight` int8 [N/TILE, K/32 * TILE * 32], `scales` as above; w = scale * q.
-- "bf16": `qweight` uint16 [N/TILE, K/32 * TILE * 32], a bfloat16 model's weights as they are (their bits), no
+- "bf16_blocks": `qweight` uint16 [N/TILE, K/32 * TILE * 32], a bfloat16 model's weights as they are (their bits), no
   scales: on the CPU a bfloat16 checkpoint's projections take the same loops as GGUF's blocks, and with them
   the same sums for a row whatever else shares its step.
 Any of them may be stacked over layers ([L, ...]); `layer` then picks one in place.
