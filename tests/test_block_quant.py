@@ -145,7 +145,8 @@ def test_bf16_block_formats_leave_modules_that_do_not_tile_dense():
 
 
 @pytest.mark.skipif(cpu_kernels.has_fast_bf16_dots(), reason="XLA's bfloat16 dot keeps these weights here")
-def test_bf16_checkpoint_rows_are_the_same_alone_and_batched(tmp_path):
+@pytest.mark.parametrize("qwen2", [False, True])  # Qwen2: q/k/v biases and an untied head
+def test_bf16_checkpoint_rows_are_the_same_alone_and_batched(tmp_path, qwen2):
     """A bfloat16 (dtype auto) safetensors model on one CPU: every projection and the tied head go through
     the block loops as bfloat16 tiles, so a sequence's tokens and logprobs are bit for bit the same alone and
     batched with others; and they stay close to float32 XLA. (Head size 64: at 16 a logprob still moves
@@ -154,7 +155,7 @@ def test_bf16_checkpoint_rows_are_the_same_alone_and_batched(tmp_path):
     import ml_dtypes
     from safetensors.numpy import load_file, save_file
     model = write_random_llama(tmp_path / "model", saved_default_tokenizer(tmp_path), hidden=128, heads=2,
-                               kv_heads=1, intermediate=256)
+                               kv_heads=1, intermediate=256, qkv_bias=qwen2, tied=not qwen2)
     # weights that bfloat16 holds exactly: float32 XLA then multiplies the very same numbers
     tensors = load_file(model / "model.safetensors")
     save_file({k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in tensors.items()},
@@ -164,6 +165,7 @@ def test_bf16_checkpoint_rows_are_the_same_alone_and_batched(tmp_path):
     llm = LLM(max_num_batched_tokens=64, **kw)
     formats = dict(llm.engine.runner.config.block_formats)
     assert set(formats.values()) == {"bf16_blocks"} and {"q_proj", "down_proj", "embed_tokens"} <= formats.keys()
+    assert ("lm_head" in formats) == qwen2
     rng = np.random.default_rng(11)
     prompts = [rng.integers(100, 40000, size=int(rng.integers(2, 30))).tolist() for _ in range(4)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
