@@ -127,8 +127,10 @@ QUANTIZATIONS = ("gguf", "int8", "none")
 BLOCK_LAYOUT_VERSION = 2  # bump when the packed layout or the block modules change (2: fused q/k/v and gate/up)
 
 
-def resolve_block_formats(quantization: str | None, source, kernels_here: bool) -> tuple[tuple[str, str], ...]:
-    """(module, format) pairs whose weights stay in GGUF's blocks (pallas_kernels/block_quant).
+def resolve_block_formats(quantization: str | None, source, kernels_here: bool, cfg: ModelConfig,
+                          dtype: str) -> tuple[tuple[str, str], ...]:
+    """(module, format) pairs whose weights go through the block kernels (pallas_kernels/block_quant): a GGUF
+    file's blocks, or a bfloat16 checkpoint's weights in the same tiles (bf16_block_formats).
 
     `quantization`: None (auto: "gguf" for a .gguf model where the kernels run), "gguf" (keep the file's
     Q4_0 / Q4_1 / Q8_0 blocks, as llama.cpp and vLLM's GGUF support run them), "none" (dequantize to the
@@ -142,7 +144,13 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool) 
     if quantization == "gguf" and not kernels_here:
         raise ValueError("--quantization gguf needs the CPU kernels: one CPU device, AVX2 and a C++ compiler "
                          "(elsewhere GGUF weights are dequantized: --quantization none)")
-    if quantization not in (None, "gguf") or not source.is_gguf or not kernels_here:
+    if not kernels_here or quantization == "int8":
+        return ()
+    if not source.is_gguf:
+        # Where the CPU multiplies bfloat16 in hardware, XLA's bfloat16 dot stays (twice the float32 rate).
+        bf16 = jnp.dtype(dtype) == jnp.bfloat16 and not cpu_kernels.has_fast_bf16_dots()
+        return bf16_block_formats(cfg) if bf16 else ()
+    if quantization == "none":
         return ()
     return tuple(sorted(block_formats(read_gguf_header(source.path)).items()))
 
@@ -232,11 +240,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, checkpoint_dtype(source))
     on_cpu = jax.default_backend() == "cpu"
     one_cpu_with_kernels = on_cpu and mesh.size == 1 and not multihost and cpu_kernels.available()
-    formats = resolve_block_formats(config.quantization, source, one_cpu_with_kernels)
-    if (one_cpu_with_kernels and not source.is_gguf and jnp.dtype(dtype) == jnp.bfloat16
-            and config.quantization != "int8" and not cpu_kernels.has_fast_bf16_dots()):
-        # Where the CPU multiplies bfloat16 in hardware, XLA's bfloat16 dot stays (twice the float32 rate).
-        formats = bf16_block_formats(model_config)
+    formats = resolve_block_formats(config.quantization, source, one_cpu_with_kernels, model_config, dtype)
     # Block layouts carry their own version: a cache entry's arrays are used as they are.
     blocks = {"blocks": formats, "block_layout": BLOCK_LAYOUT_VERSION} if formats else {}
     key = {"source": source_identity(source), "dtype": dtype, "format": 1, **blocks}

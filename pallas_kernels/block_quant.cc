@@ -48,11 +48,14 @@ using jaxserve::block_quant::Weights;
 // The block formats: 4-bit values with a scale and min, 8-bit with a scale, bfloat16 values as they are.
 enum class Format { kQ4, kQ8, kBF16 };
 
-// Bytes and values of the q array per block (uint8 nibble pairs, int8, bfloat16 bits as uint16).
-template <Format F>
-constexpr int64_t kBlockBytes = F == Format::kQ4 ? kBlock / 2 : F == Format::kQ8 ? kBlock : 2 * kBlock;
+// The q array's elements per block (uint8 nibble pairs, int8 values, bfloat16 bits as uint16), their size,
+// and a block's bytes.
 template <Format F>
 constexpr int64_t kBlockValues = F == Format::kQ4 ? kBlock / 2 : kBlock;
+template <Format F>
+constexpr int64_t kValueBytes = F == Format::kBF16 ? 2 : 1;
+template <Format F>
+constexpr int64_t kBlockBytes = kBlockValues<F> * kValueBytes<F>;
 
 template <Format F>
 inline Weights tile_of(const Weights& w, int64_t tile) {
@@ -255,7 +258,7 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>* s
   const int64_t rank = qd.size(), nb = K / kBlock;
   bool ok = (rank == 2 || rank == 3) && K % kBlock == 0 && nb >= 1 && layer.element_count() == 1 &&
             qd[rank - 1] == nb * kTile * kBlockValues<F> &&
-            static_cast<int64_t>(q.size_bytes()) == q.element_count() * (kBlockBytes<F> / kBlockValues<F>);
+            static_cast<int64_t>(q.size_bytes()) == q.element_count() * kValueBytes<F>;
   if (ok && scale) {
     auto sd = scale->dimensions();
     ok = static_cast<int64_t>(sd.size()) == rank && sd[rank - 2] == qd[rank - 2] && sd[rank - 1] == nb * kTile &&
@@ -265,7 +268,7 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>* s
   const int64_t L = rank == 3 ? qd[0] : 1, tiles = qd[rank - 2];
   const int32_t l = *layer.typed_data();
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("block quant: layer index out of range");
-  const int64_t layer_bytes = tiles * qd[rank - 1] * (kBlockBytes<F> / kBlockValues<F>), layer_scales = tiles * nb * kTile;
+  const int64_t layer_bytes = tiles * qd[rank - 1] * kValueBytes<F>, layer_scales = tiles * nb * kTile;
   w = Weights{static_cast<const uint8_t*>(q.untyped_data()) + l * layer_bytes,
               scale ? scale->typed_data() + l * layer_scales : nullptr, min ? min + l * layer_scales : nullptr, nb};
   n = tiles * kTile;
