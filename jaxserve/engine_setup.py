@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from jaxserve.buckets import BucketSet
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.executable_cache import ExecutableCache
-from jaxserve.model_runner import ModelRunner, RunnerConfig
+from jaxserve.model_runner import ModelRunner, RunnerConfig, allocate_kv_cache
 from jaxserve.models.checkpoint_cache import prune_lru
 from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
 from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
@@ -236,7 +237,11 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     counter = CompilationCounter()
     source = resolve_model_source(config.model)
     model_config = load_model_config(source)
-    tokenizer = load_tokenizer(source, config.tokenizer)
+    # The tokenizer (Python, one core) builds while the weights restore and the KV cache is zeroed (native code,
+    # the other core): ~1 s of a warm start.
+    tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer")
+    tokenizer_loaded = tokenizer_thread.submit(load_tokenizer, source, config.tokenizer)
+    tokenizer_thread.shutdown(wait=False)
     dtype = resolve_dtype(config.dtype, checkpoint_dtype(source))
     on_cpu = jax.default_backend() == "cpu"
     one_cpu_with_kernels = on_cpu and mesh.size == 1 and not multihost and cpu_kernels.available()
@@ -244,21 +249,6 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     # Block layouts carry their own version: a cache entry's arrays are used as they are.
     blocks = {"blocks": formats, "block_layout": BLOCK_LAYOUT_VERSION} if formats else {}
     key = {"source": source_identity(source), "dtype": dtype, "format": 1, **blocks}
-    keep_blocks = frozenset(module for module, _ in formats)
-    build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source, keep_blocks)), dtype, formats)
-    checkpoint_files = None
-    if not source.is_gguf and (mesh.size > 1 or multihost):
-        # Sharded: each device's slice is read from the safetensors files when it is placed, so no host holds
-        # a whole split weight and each host reads only its own devices' slices.
-        checkpoint_files = CheckpointFiles()
-        flat = flat_params_from_hf(model_config, lazy_hf_tensors(source, checkpoint_files), dtype)
-    elif multihost:
-        # GGUF tensors dequantize whole: every host converts for itself. orbax's save synchronizes all
-        # processes, so hosts whose caches differ (one restores, one builds) would wait on each other forever.
-        flat = build()
-    else:
-        flat = load_or_build(config.checkpoint_cache_dir, key, build, budget_bytes(config.checkpoint_cache_max_gb))
-
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings, DEFAULT_CPU_MAX_MODEL_LEN
                                                 if jax.default_backend() == "cpu" else 1 << 30)
     if max_model_len > model_config.max_position_embeddings:
@@ -298,15 +288,35 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         attention = "xla"
     cpu_kernel = on_cpu and mesh.size == 1 and jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.available()
     int8_weights = config.quantization == "int8"
-    if int8_weights:
-        if not cpu_kernel:
-            raise ValueError("--quantization int8 needs the CPU kernels: one CPU device, bfloat16 weights (dtype "
-                             "auto or bfloat16), AVX2 and a C++ compiler")
-        flat = round_projections_to_int8(flat)
+    if int8_weights and not cpu_kernel:
+        raise ValueError("--quantization int8 needs the CPU kernels: one CPU device, bfloat16 weights (dtype "
+                         "auto or bfloat16), AVX2 and a C++ compiler")
     runner_config = RunnerConfig(dtype, page_size, int(num_pages), pages_per_seq, buckets, attention,
                                  activation_dtype, unroll_decode_max_seqs=2 if on_cpu and not formats else 0,
                                  cpu_kernel=cpu_kernel, int8_weights=int8_weights, block_formats=formats,
                                  kv_cache_dtype=kv_cache_dtype, cpu_sampling=one_cpu_with_kernels)
+    # On the CPU the KV cache's size is known before the weights: zeroing its pages (native code, bound by page
+    # faults, ~1 s for 2 GiB) overlaps the restore. An accelerator's budget is what the weights leave free.
+    kv_thread = ThreadPoolExecutor(1, thread_name_prefix="jaxserve-kv-cache")
+    kv_cache = kv_thread.submit(allocate_kv_cache, model_config, runner_config, mesh) \
+        if on_cpu and not multihost else None
+    kv_thread.shutdown(wait=False)
+    keep_blocks = frozenset(module for module, _ in formats)
+    build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source, keep_blocks)), dtype, formats)
+    checkpoint_files = None
+    if not source.is_gguf and (mesh.size > 1 or multihost):
+        # Sharded: each device's slice is read from the safetensors files when it is placed, so no host holds
+        # a whole split weight and each host reads only its own devices' slices.
+        checkpoint_files = CheckpointFiles()
+        flat = flat_params_from_hf(model_config, lazy_hf_tensors(source, checkpoint_files), dtype)
+    elif multihost:
+        # GGUF tensors dequantize whole: every host converts for itself. orbax's save synchronizes all
+        # processes, so hosts whose caches differ (one restores, one builds) would wait on each other forever.
+        flat = build()
+    else:
+        flat = load_or_build(config.checkpoint_cache_dir, key, build, budget_bytes(config.checkpoint_cache_max_gb))
+    if int8_weights:
+        flat = round_projections_to_int8(flat)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to
     # their device assignment, and a multi-host start must compile in lockstep), and only the first: one
     # loads bound to the device it was compiled for, so other data-parallel replicas compile their own.
@@ -315,12 +325,14 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         executables = ExecutableCache(os.path.join(cache_dir, "jaxserve-executables"),
                                       {"model": repr(model_config), "runner": repr(runner_config)},
                                       compiled_budget)
-    runner = ModelRunner(model_config, runner_config, flat, mesh, executables)
+    runner = ModelRunner(model_config, runner_config, flat, mesh, executables,
+                         kv_cache.result() if kv_cache else None)
     if checkpoint_files is not None:
         logger.info("read %.1f MiB of the %.1f MiB checkpoint for this host's shards",
                     checkpoint_files.bytes_read / 2**20, checkpoint_files.total_bytes() / 2**20)
     if multihost:  # host 0: a runner that sends each call to the followers; others: a Follower to run()
         runner = connect_hosts(runner, config)
+    tokenizer = tokenizer_loaded.result()
     eos = set(model_config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(tokenizer.eos_token_id)

@@ -94,9 +94,25 @@ class StepInput:
     reads_previous: bool = False  # some token comes from the previous step's sampled tokens (token_src)
 
 
+def kv_cache_sharding(model_config: ModelConfig, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, kv_cache_partition_spec(plan_tensor_parallel(model_config, mesh.size)))
+
+
+def allocate_kv_cache(model_config: ModelConfig, runner_config: RunnerConfig,
+                      mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
+    """The zeroed K and V pages, [num_layers * num_pages, page_size, num_kv_heads, head_dim] each."""
+    rc = runner_config
+    shape = (model_config.num_layers * rc.num_pages, rc.page_size, model_config.num_kv_heads, model_config.head_dim)
+    dtype = rc.kv_cache_dtype or rc.activation_dtype or rc.dtype
+    sharding = kv_cache_sharding(model_config, mesh)
+    return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, runner_config: RunnerConfig, flat_params: dict[str, np.ndarray],
-                 mesh: jax.sharding.Mesh | None = None, executable_cache: ExecutableCache | None = None):
+                 mesh: jax.sharding.Mesh | None = None, executable_cache: ExecutableCache | None = None,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None):
+        """`kv_cache`: (K, V) as allocate_kv_cache makes them, when the caller allocated them ahead."""
         self.model_config = model_config
         self.config = runner_config
         self.dtype = jnp.dtype(runner_config.dtype)
@@ -128,8 +144,8 @@ class ModelRunner:
         if runner_config.unroll_decode_max_seqs:  # sliced on the devices: the checkpoint is not read twice
             one_layer = param_shardings(self.mesh, self.tp_plan, self.split.layer_paths, stacked=False)
             self.params[2].extend(self._per_layer_leaves(i, one_layer) for i in range(model_config.num_layers))
-        self.kv_sharding = jax.sharding.NamedSharding(self.mesh, kv_cache_partition_spec(self.tp_plan))
-        self.kv_cache = self._allocate_kv(self.kv_sharding)
+        self.kv_sharding = kv_cache_sharding(model_config, self.mesh)
+        self.kv_cache = kv_cache if kv_cache is not None else allocate_kv_cache(model_config, runner_config, self.mesh)
         self.executable_cache = executable_cache
         self._step_fns: dict[StepShape, object] = {}  # lazily jitted, or compiled ahead by precompile()
         self._sample_fn = jax.jit(self._sample, static_argnames=("flags",))
@@ -160,12 +176,6 @@ class ModelRunner:
         return leaves
 
     # ---- KV cache -------------------------------------------------------------------------------
-    def _allocate_kv(self, sharding):
-        cfg, rc = self.model_config, self.config
-        shape = (cfg.num_layers * rc.num_pages, rc.page_size, cfg.num_kv_heads, cfg.head_dim)
-        dtype = rc.kv_cache_dtype or self.activation_dtype
-        return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
-
     @staticmethod
     def kv_bytes_per_page(model_config: ModelConfig, page_size: int, dtype: str) -> int:
         """`dtype`: the KV cache's."""

@@ -396,3 +396,24 @@ def test_auto_dtype_is_bfloat16_weights_with_float32_activations_on_cpu(random_l
     assert runner.activation_dtype == jnp.float32
     out = auto.generate([prompts(1)[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_the_kv_cache_allocated_ahead_is_zeroed_pages_of_every_layer(llm):
+    """On the CPU the KV cache is zeroed in a thread while the weights restore (engine_setup); the runner must
+    hold that cache: every layer's pages, zeros before any request wrote to them."""
+    from jaxserve.model_runner import allocate_kv_cache
+
+    runner = llm.engine.runner
+    k, v = allocate_kv_cache(runner.model_config, runner.config, runner.mesh)
+    cfg, rc = runner.model_config, runner.config
+    assert k.shape == v.shape == (cfg.num_layers * rc.num_pages, rc.page_size, cfg.num_kv_heads, cfg.head_dim)
+    assert not np.asarray(k).any() and not np.asarray(v).any()
+    assert [a.shape for a in runner.kv_cache] == [k.shape, v.shape]
+    assert [a.dtype for a in runner.kv_cache] == [k.dtype, v.dtype]
+
+
+def test_a_tokenizer_that_fails_to_load_fails_the_engine(random_llama_dir, tmp_path):
+    """The tokenizer loads in a thread beside the weights; its error must still stop the start."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(model=str(random_llama_dir), tokenizer=str(tmp_path / "no-such-tokenizer"),
+            checkpoint_cache_dir=str(tmp_path / "ckpt"), **ENGINE_ARGS)
