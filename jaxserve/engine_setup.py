@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve.buckets import BucketSet
 from jaxserve.config import EngineConfig, ModelConfig
@@ -173,15 +175,22 @@ def bf16_block_formats(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
                         if rows % block_quant.TILE == 0 and cols % block_quant.BLOCK == 0))
 
 
-def kv_budget_bytes(config: EngineConfig, device=None) -> int:
-    """`device`: one of this engine's own (a host's local one on multi-host, its group's with data parallel)."""
+def weight_bytes(flat: dict) -> int:
+    """The bytes a flat parameter dict (numpy arrays or lazy checkpoint tensors) takes on its devices."""
+    return sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in flat.values())
+
+
+def kv_budget_bytes(config: EngineConfig, device=None, device_weight_bytes: int = 0) -> int:
+    """`device`: one of this engine's own (a host's local one on multi-host, its group's with data parallel).
+    On an accelerator the budget is its share of memory (gpu_memory_utilization) less what is in use and what
+    the weights, not placed yet, will take there (`device_weight_bytes`)."""
     if config.kv_cache_memory is not None:
         return int(config.kv_cache_memory)
     if jax.default_backend() == "cpu":
         return DEFAULT_CPU_KV_BYTES
     stats = (device or jax.local_devices()[0]).memory_stats() or {}
     limit, in_use = stats.get("bytes_limit", 0), stats.get("bytes_in_use", 0)
-    return max(int(limit * config.gpu_memory_utilization) - in_use, 0)
+    return max(int(limit * config.gpu_memory_utilization) - in_use - device_weight_bytes, 0)
 
 
 def resolve_default_sampling(generation_config: str, source, override: str | None = None) -> dict:
@@ -249,6 +258,25 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     # Block layouts carry their own version: a cache entry's arrays are used as they are.
     blocks = {"blocks": formats, "block_layout": BLOCK_LAYOUT_VERSION} if formats else {}
     key = {"source": source_identity(source), "dtype": dtype, "format": 1, **blocks}
+    keep_blocks = frozenset(module for module, _ in formats)
+    # Sharded: each device's slice is read from the safetensors files when it is placed, so no host holds a
+    # whole split weight and each host reads only its own devices' slices.
+    checkpoint_files = CheckpointFiles() if not source.is_gguf and (mesh.size > 1 or multihost) else None
+
+    def load_weights() -> dict:
+        if checkpoint_files is not None:
+            return flat_params_from_hf(model_config, lazy_hf_tensors(source, checkpoint_files), dtype)
+        build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source, keep_blocks)), dtype, formats)
+        if multihost:
+            # GGUF tensors dequantize whole: every host converts for itself. orbax's save synchronizes all
+            # processes, so hosts whose caches differ (one restores, one builds) would wait on each other forever.
+            return build()
+        return load_or_build(config.checkpoint_cache_dir, key, build, budget_bytes(config.checkpoint_cache_max_gb))
+
+    # On the CPU the KV cache's size is known before the weights, and zeroing its pages (native code, bound by
+    # page faults, ~1 s for 2 GiB) overlaps the restore. An accelerator's budget is what its weights leave free.
+    kv_ahead = on_cpu and not multihost
+    flat = None if kv_ahead else load_weights()
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings, DEFAULT_CPU_MAX_MODEL_LEN
                                                 if jax.default_backend() == "cpu" else 1 << 30)
     if max_model_len > model_config.max_position_embeddings:
@@ -267,7 +295,9 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     kv_split = mesh.size if plan_tensor_parallel(model_config, mesh.size).kv_heads else 1
     device_bytes_per_page = per_page // kv_split
     budget_bytes_per_page = device_bytes_per_page * (mesh.size if jax.default_backend() == "cpu" else 1)
-    budget = kv_budget_bytes(config, mesh.local_devices[0])
+    # (TP shards nearly every weight: a device holds about 1/size of them; the rest is in the headroom)
+    device_weights = 0 if flat is None else weight_bytes(flat) // mesh.size
+    budget = kv_budget_bytes(config, mesh.local_devices[0], device_weights)
     if on_cpu:  # data-parallel replicas on the CPU share the host's RAM, as TP's virtual devices do
         budget //= config.data_parallel_size
     num_pages = budget // budget_bytes_per_page
@@ -295,26 +325,12 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                                  activation_dtype, unroll_decode_max_seqs=2 if on_cpu and not formats else 0,
                                  cpu_kernel=cpu_kernel, int8_weights=int8_weights, block_formats=formats,
                                  kv_cache_dtype=kv_cache_dtype, cpu_sampling=one_cpu_with_kernels)
-    # On the CPU the KV cache's size is known before the weights: zeroing its pages (native code, bound by page
-    # faults, ~1 s for 2 GiB) overlaps the restore. An accelerator's budget is what the weights leave free.
-    kv_thread = ThreadPoolExecutor(1, thread_name_prefix="jaxserve-kv-cache")
-    kv_cache = kv_thread.submit(allocate_kv_cache, model_config, runner_config, mesh) \
-        if on_cpu and not multihost else None
-    kv_thread.shutdown(wait=False)
-    keep_blocks = frozenset(module for module, _ in formats)
-    build = lambda: flat_params_from_hf(model_config, dict(iter_hf_tensors(source, keep_blocks)), dtype, formats)
-    checkpoint_files = None
-    if not source.is_gguf and (mesh.size > 1 or multihost):
-        # Sharded: each device's slice is read from the safetensors files when it is placed, so no host holds
-        # a whole split weight and each host reads only its own devices' slices.
-        checkpoint_files = CheckpointFiles()
-        flat = flat_params_from_hf(model_config, lazy_hf_tensors(source, checkpoint_files), dtype)
-    elif multihost:
-        # GGUF tensors dequantize whole: every host converts for itself. orbax's save synchronizes all
-        # processes, so hosts whose caches differ (one restores, one builds) would wait on each other forever.
-        flat = build()
-    else:
-        flat = load_or_build(config.checkpoint_cache_dir, key, build, budget_bytes(config.checkpoint_cache_max_gb))
+    kv_cache = None
+    if kv_ahead:
+        kv_thread = ThreadPoolExecutor(1, thread_name_prefix="jaxserve-kv-cache")
+        kv_cache = kv_thread.submit(allocate_kv_cache, model_config, runner_config, mesh)
+        kv_thread.shutdown(wait=False)
+        flat = load_weights()
     if int8_weights:
         flat = round_projections_to_int8(flat)
     # Serialized executables skip tracing on a warm start; one device only (sharded executables are keyed to

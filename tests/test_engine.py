@@ -417,3 +417,24 @@ def test_a_tokenizer_that_fails_to_load_fails_the_engine(random_llama_dir, tmp_p
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLM(model=str(random_llama_dir), tokenizer=str(tmp_path / "no-such-tokenizer"),
             checkpoint_cache_dir=str(tmp_path / "ckpt"), **ENGINE_ARGS)
+
+
+def test_an_accelerators_kv_budget_leaves_room_for_the_weights(monkeypatch):
+    """On an accelerator the KV cache takes gpu_memory_utilization of the device's memory less what is in use
+    and less the weights, which are placed after the cache is sized (an 8B model's 16 GB would otherwise
+    not fit beside a cache sized to 90% of the device)."""
+    from jaxserve import engine_setup
+    from jaxserve.config import EngineConfig
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": 100 * 2**30, "bytes_in_use": 2**30}
+
+    monkeypatch.setattr(engine_setup.jax, "default_backend", lambda: "gpu")
+    config = EngineConfig(gpu_memory_utilization=0.9)
+    flat = {"embed": np.zeros((1000, 64), np.float32), "proj": np.zeros((64, 64), np.float16)}
+    assert engine_setup.weight_bytes(flat) == 1000 * 64 * 4 + 64 * 64 * 2
+    assert engine_setup.kv_budget_bytes(config, Device()) == 90 * 2**30 - 2**30
+    assert engine_setup.kv_budget_bytes(config, Device(), 16 * 2**30) == 90 * 2**30 - 17 * 2**30
+    assert engine_setup.kv_budget_bytes(config, Device(), 200 * 2**30) == 0  # too big: no negative budget
+    assert engine_setup.kv_budget_bytes(EngineConfig(kv_cache_memory=2**20), Device(), 16 * 2**30) == 2**20
