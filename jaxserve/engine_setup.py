@@ -342,7 +342,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                                       {"model": repr(model_config), "runner": repr(runner_config)},
                                       compiled_budget)
     runner = ModelRunner(model_config, runner_config, flat, mesh, executables,
-                         kv_cache.result() if kv_cache else None)
+                         kv_cache.result() if kv_cache is not None else None)
     if checkpoint_files is not None:
         logger.info("read %.1f MiB of the %.1f MiB checkpoint for this host's shards",
                     checkpoint_files.bytes_read / 2**20, checkpoint_files.total_bytes() / 2**20)
