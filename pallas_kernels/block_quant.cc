@@ -264,7 +264,9 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>* s
     ok = static_cast<int64_t>(sd.size()) == rank && sd[rank - 2] == qd[rank - 2] && sd[rank - 1] == nb * kTile &&
          (rank == 2 || sd[0] == qd[0]);
   }
-  if (!ok) return ffi::Error::InvalidArgument("block quant: expected q[(L,) N/2, values] (and scale[(L,) N/2, K/16]) for K");
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "block quant: expected q[(L,) N/2, values] (and scale[(L,) N/2, K/16]) for K");
   const int64_t L = rank == 3 ? qd[0] : 1, tiles = qd[rank - 2];
   const int32_t l = *layer.typed_data();
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("block quant: layer index out of range");
