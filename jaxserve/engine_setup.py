@@ -81,17 +81,20 @@ def enable_compilation_cache(cache_dir: str | None, max_bytes: int | None = None
     return cache_dir
 
 
-KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+# The KV cache dtypes a user may ask for, as JAX names them. vLLM's fp8 names are float8 caches with a scale of
+# 1 (no calibration): values saturate at the format's largest (pallas_kernels.reference.cast_to_cache).
+KV_CACHE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp8": "float8_e4m3fn",
+                   "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: str, activation_dtype: str, on_cpu: bool) -> str:
-    """The KV cache's dtype. `auto`: on the CPU bfloat16 with 16-bit weights (a decode step's attention is
-    mostly reading the cache, and the CPU kernel widens bfloat16 as it reads) and float32 with float32
-    weights; elsewhere the activations' dtype."""
+    """The KV cache's dtype (a JAX dtype name). `auto`: on the CPU bfloat16 with 16-bit weights (a decode
+    step's attention is mostly reading the cache, and the CPU kernel widens bfloat16 as it reads) and float32
+    with float32 weights; elsewhere the activations' dtype."""
     if kv_cache_dtype != "auto":
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be auto, {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-        return kv_cache_dtype
+        return KV_CACHE_DTYPES[kv_cache_dtype]
     if on_cpu:
         return "float32" if dtype == "float32" else "bfloat16"
     return activation_dtype

@@ -225,7 +225,7 @@ class Attention(nnx.Module):
         q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping)
+        k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping, backend=self.backend)
         out = ragged_paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
             sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, backend=self.backend,

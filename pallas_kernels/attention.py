@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from . import cpu_kernels
+from .reference import cast_to_cache
 
 # Queries processed together against one sequence's KV in the XLA path. Decode-only batches use 1
 # (one token per sequence); mixed batches use a block so a prefill chunk shares each gathered KV chunk.
@@ -24,16 +25,21 @@ KV_CHUNK_TOKENS = 256
 DECODE_GATHER_TOKENS = 2048
 
 
-def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
-    """Scatter this step's K/V ([T, Hkv, D]) into their slots; padded tokens target scratch page 0."""
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, backend: str = "xla"):
+    """Scatter this step's K/V ([T, Hkv, D]) into their slots (cast_to_cache: float8 saturates); padded
+    tokens target scratch page 0."""
     num_pages, page_size, hkv, d = k_pages.shape
-    flat = lambda x: x.reshape(num_pages * page_size, hkv, d)
-    # Slots are always in range (padding targets page 0).
-    write = lambda pages, new: flat(pages).at[slot_mapping].set(
-        new.astype(pages.dtype), mode="promise_in_bounds").reshape(pages.shape)
 
-    k_pages, v_pages = write(k_pages, k_new), write(v_pages, v_new)
-    return k_pages, v_pages
+    def write(pages, new):
+        new = cast_to_cache(new, pages.dtype)
+        if backend == "cpu" and pages.dtype.itemsize == 1 and cpu_kernels.available():
+            # XLA CPU would scatter float8 by widening the whole cache to float16 and back, every step
+            return cpu_kernels.write_rows(pages, new, slot_mapping)
+        # Slots are always in range (padding targets page 0).
+        flat = pages.reshape(num_pages * page_size, hkv, d)
+        return flat.at[slot_mapping].set(new, mode="promise_in_bounds").reshape(pages.shape)
+
+    return write(k_pages, k_new), write(v_pages, v_new)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,

@@ -1,5 +1,5 @@
 // CPU kernels for x86-64 (AVX2 + FMA) as XLA FFI custom calls: small-batch projections with bf16 or int8
-// weights, and ragged paged attention over a float32 or bfloat16 KV cache (further down).
+// weights, and ragged paged attention over a float32, bfloat16 or float8 KV cache (further down).
 //
 // Projections. XLA CPU's bf16 x bf16 -> f32 dot streams a decode step's weights at ~6 GB/s on this class of
 // machine, a quarter of its memory bandwidth, and decode at small batch is nothing but that stream. These
@@ -10,8 +10,9 @@
 //   jaxserve_bf16_matmul_kn: y[M, N] = x[M, K] . w[K, N]              (nnx.Linear's kernel layout)
 //   jaxserve_int8_matmul_kn: y[M, N] = (x[M, K] . q[K, N]) * scale[N]   (int8 weights, per-column scale)
 //   jaxserve_bf16_matmul_nk: y[M, N] = x[M, K] . w[N, K]^T            (a tied embedding used as the LM head)
-//   jaxserve_ragged_paged_attention(_bf16): see pallas_kernels/reference.py for the semantics (float32 or
-//   bfloat16 pages)
+//   jaxserve_ragged_paged_attention: see pallas_kernels/reference.py for the semantics (float32, bfloat16,
+//   float8_e4m3fn or float8_e5m2 pages)
+//   jaxserve_write_rows: pages[slots[t]] = rows[t], in place (a float8 cache's KV write)
 
 #include <immintrin.h>
 
@@ -60,6 +61,31 @@ void widen_all(const uint16_t* src, float* dst, int64_t count) {
 // 8 int8 -> 8 f32 (exact).
 inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// One-byte float8 KV values, a tag type per format so that widen8 picks the conversion.
+struct Fp8E4M3 {
+  uint8_t bits;
+};
+struct Fp8E5M2 {
+  uint8_t bits;
+};
+
+// 8 float8_e5m2 -> 8 f32: an e5m2 byte is the high byte of the float16 of the same value, which F16C widens
+// exactly (subnormals included).
+inline __m256 widen8(const Fp8E5M2* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), bytes));
+}
+
+// 8 float8_e4m3fn -> 8 f32: the byte S EEEE MMM placed as the float16 S 0EEEE MMM0000000 is its value times
+// 2^-8 (exponent bias 15 instead of 7; subnormals line up too), then scaled back exactly. The NaN bytes 0x7f /
+// 0xff would read as +-480; the cache never holds them (writes saturate at 448).
+inline __m256 widen8(const Fp8E4M3* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i high = _mm_unpacklo_epi8(_mm_setzero_si128(), bytes);  // each byte << 8
+  const __m128i half = _mm_and_si128(_mm_srai_epi16(high, 1), _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
 }
 
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
@@ -173,14 +199,14 @@ ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-// ---- Ragged paged attention over a paged KV cache (float32 or bfloat16) -------------------------------------
+// ---- Ragged paged attention over a paged KV cache (float32, bfloat16 or float8) ----------------------------
 //
 // XLA's path gathers each chunk of pages into a fresh buffer, transposes it head-major and masks whole chunks;
 // on the CPU that copying is most of a step's attention. Here each sequence walks its own pages in place with
 // an online softmax, eight positions at a time, all heads together (a position's rows of all KV heads are
 // adjacent), prefetching rows ahead (the pages are scattered). A prefill chunk's query tokens go in blocks
 // that share each loaded block of rows; a token's positions are cut into parts (PartLayout), merged after. A
-// bfloat16 cache is widened to float32 as it is read (half the bytes of a step
+// bfloat16 or float8 cache is widened to float32 as it is read (a half or a quarter of the bytes of a step
 // that is mostly reading them). Semantics are pallas_kernels/reference.py's.
 
 // Eight vectors' horizontal sums as one vector (lane j = sum of v[j]): a tree of hadds instead of eight
@@ -494,13 +520,13 @@ inline PartLayout part_layout(int64_t lo, int64_t hi) {
   return {first, chunk, part_count(first, chunk, hi)};
 }
 
-// The cache's pages are float32 or bfloat16 (kPageType); queries and outputs float32.
-template <ffi::DataType kPageType>
-ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<kPageType> k_pages,
-                                ffi::Buffer<kPageType> v_pages, ffi::Buffer<ffi::S32> kv_lens,
-                                ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
-                                ffi::Buffer<ffi::S32> num_seqs, float sm_scale, int64_t sliding_window,
-                                float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
+// The cache's pages hold Page values (float32, bfloat16 bits, or a float8 tag type); queries and outputs
+// float32.
+template <typename Page>
+ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                       ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
+                       ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs, float sm_scale,
+                       int64_t sliding_window, float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k_pages.dimensions(), pd = page_indices.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2)
     return ffi::Error::InvalidArgument("ragged_paged_attention: expected q[T, H, D], pages[P, S, Hkv, D]");
@@ -514,9 +540,8 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   float* o = out->typed_data();
   std::memset(o, 0, a.num_tokens * a.num_heads * a.head_dim * sizeof(float));  // padded tokens stay zero
   const float* qp = q.typed_data();
-  using Page = std::conditional_t<kPageType == ffi::DataType::F32, float, uint16_t>;
-  const Page* kp = reinterpret_cast<const Page*>(k_pages.typed_data());
-  const Page* vp = reinterpret_cast<const Page*>(v_pages.typed_data());
+  const Page* kp = static_cast<const Page*>(k_pages.untyped_data());
+  const Page* vp = static_cast<const Page*>(v_pages.untyped_data());
   // (first token, query length, visible length, first visible position) of sequence s
   auto sequence = [&](int64_t s, int64_t& first, int64_t& q_len, int64_t& kv_len, int64_t& from) {
     first = cu[s];
@@ -579,7 +604,59 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   return ffi::Error::Success();
 }
 
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                                ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> kv_lens,
+                                ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
+                                ffi::Buffer<ffi::S32> num_seqs, float sm_scale, int64_t sliding_window,
+                                float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
+  if (k_pages.element_type() != v_pages.element_type())
+    return ffi::Error::InvalidArgument("ragged_paged_attention: K and V pages of different dtypes");
+  switch (k_pages.element_type()) {
+    case ffi::DataType::F32:
+      return AttendPages<float>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale,
+                                sliding_window, soft_cap, out);
+    case ffi::DataType::BF16:
+      return AttendPages<uint16_t>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                   sm_scale, sliding_window, soft_cap, out);
+    case ffi::DataType::F8E4M3FN:
+      return AttendPages<Fp8E4M3>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                  sm_scale, sliding_window, soft_cap, out);
+    case ffi::DataType::F8E5M2:
+      return AttendPages<Fp8E5M2>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                  sm_scale, sliding_window, soft_cap, out);
+    default:
+      return ffi::Error::InvalidArgument("ragged_paged_attention: pages must be float32, bfloat16 or float8");
+  }
+}
+
+// pages[slots[t]] = rows[t] for every t, in place: `out` is `pages` (aliased). For a float8 cache, whose
+// scatter XLA CPU runs by widening the whole cache to float16 and narrowing it back.
+ffi::Error WriteRows(ffi::AnyBuffer pages, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots,
+                     ffi::Result<ffi::AnyBuffer> out) {
+  auto pd = pages.dimensions(), rd = rows.dimensions();
+  if (pd.size() != 4 || rd.size() != 3 || rd[0] != slots.element_count() || rd[1] != pd[2] || rd[2] != pd[3] ||
+      pages.element_type() != rows.element_type())
+    return ffi::Error::InvalidArgument("write_rows: expected pages[P, S, H, D], rows[T, H, D], slots[T]");
+  const int64_t row_bytes = rows.size_bytes() / std::max<int64_t>(1, rd[0]), num_slots = pd[0] * pd[1];
+  auto* dst = static_cast<uint8_t*>(out->untyped_data());
+  if (dst != pages.untyped_data()) std::memcpy(dst, pages.untyped_data(), pages.size_bytes());  // not aliased
+  const auto* src = static_cast<const uint8_t*>(rows.untyped_data());
+  const int32_t* slot = slots.typed_data();
+  for (int64_t t = 0; t < rd[0]; ++t) {
+    if (slot[t] < 0 || slot[t] >= num_slots) return ffi::Error::InvalidArgument("write_rows: slot out of range");
+    std::memcpy(dst + slot[t] * row_bytes, src + t * row_bytes, row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_write_rows, WriteRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_kn, MatmulKN,
                               ffi::Ffi::Bind()
@@ -603,21 +680,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_nk, MatmulNK,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-#define JAXSERVE_ATTENTION_HANDLER(name, page_type)                                                         \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, RaggedPagedAttention<page_type>,                                       \
-                                ffi::Ffi::Bind()                                                             \
-                                    .Ctx<ffi::ThreadPool>()                                                  \
-                                    .Arg<ffi::Buffer<ffi::F32>>()                                            \
-                                    .Arg<ffi::Buffer<page_type>>()                                           \
-                                    .Arg<ffi::Buffer<page_type>>()                                           \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
-                                    .Arg<ffi::Buffer<ffi::S32>>()                                            \
-                                    .Attr<float>("sm_scale")                                                 \
-                                    .Attr<int64_t>("sliding_window")                                         \
-                                    .Attr<float>("soft_cap")                                                 \
-                                    .Ret<ffi::Buffer<ffi::F32>>())
-
-JAXSERVE_ATTENTION_HANDLER(jaxserve_ragged_paged_attention, ffi::F32);
-JAXSERVE_ATTENTION_HANDLER(jaxserve_ragged_paged_attention_bf16, ffi::BF16);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_ragged_paged_attention, RaggedPagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -42,10 +42,12 @@ SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_sampling.cc", HERE / "block_quan
 HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "block_quant.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
 # references' roundings where they promise to.
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
 INT8_TARGET = "jaxserve_int8_matmul_kn"
-ATTENTION_TARGETS = {"float32": "jaxserve_ragged_paged_attention", "bfloat16": "jaxserve_ragged_paged_attention_bf16"}
+ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
+WRITE_ROWS_TARGET = "jaxserve_write_rows"
+ATTENTION_PAGE_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 SAMPLING_TARGET = "jaxserve_sampling_threshold"
 LOGPROBS_TARGET = "jaxserve_token_logprobs"
 NORMALIZER_TARGET = "jaxserve_log_normalizer"
@@ -75,7 +77,7 @@ def _cpu_flags() -> frozenset[str]:
 
 
 def _cpu_has_avx2() -> bool:
-    return {"avx2", "fma"} <= _cpu_flags()
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()  # every AVX2 CPU has F16C (float8 pages widen through it)
 
 
 
@@ -121,9 +123,9 @@ def _library() -> ctypes.CDLL | None:
             return None
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
-        targets = {name: getattr(handle, name) for name in (*TARGETS.values(), INT8_TARGET, *ATTENTION_TARGETS.values(),
-                                                          SAMPLING_TARGET, LOGPROBS_TARGET, NORMALIZER_TARGET,
-                                                          *BLOCK_QUANT_TARGETS)}
+        names = (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET, WRITE_ROWS_TARGET, SAMPLING_TARGET, LOGPROBS_TARGET,
+                 NORMALIZER_TARGET, *BLOCK_QUANT_TARGETS)
+        targets = {name: getattr(handle, name) for name in names}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
         logger.warning("CPU kernels off: loading %s failed: %s", library, err)
@@ -194,12 +196,20 @@ def int8_project(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
-    """The FFI attention kernel: float32 q [T, H, D] against float32 or bfloat16 pages [P, page_size, Hkv, D],
-    with pallas_kernels/reference.py's semantics (ragged query lengths, causal, GQA, window, soft cap)."""
-    target = ATTENTION_TARGETS[jnp.dtype(k_pages.dtype).name]
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    """The FFI attention kernel: float32 q [T, H, D] against pages [P, page_size, Hkv, D] of one of
+    ATTENTION_PAGE_DTYPES, with pallas_kernels/reference.py's semantics (ragged query lengths, causal, GQA,
+    window, soft cap)."""
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=np.float32(sm_scale),
                 sliding_window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def write_rows(pages, rows, slots) -> jax.Array:
+    """pages [P, page_size, Hkv, D] with rows [T, Hkv, D] (of the pages' dtype) written at flat slots [T], in
+    place where `pages` is donated. For float8 caches: XLA CPU scatters float8 by widening the whole cache."""
+    call = jax.ffi.ffi_call(WRITE_ROWS_TARGET, jax.ShapeDtypeStruct(pages.shape, pages.dtype),
+                            input_output_aliases={0: 0})
+    return call(pages, rows.astype(pages.dtype), slots.astype(jnp.int32))
 
 
 def sampling_threshold(scaled, top_k, top_p, min_p, live_rows) -> tuple[jax.Array, jax.Array]:
@@ -239,8 +249,8 @@ def log_normalizer(logits, live_rows=None) -> tuple[jax.Array, jax.Array]:
 
 
 def attention_fits(q, k_pages) -> bool:
-    """Shapes and dtypes the attention kernel takes (float32 queries, float32 or bfloat16 pages, head_dim a
-    multiple of 8, at most 256)."""
+    """Shapes and dtypes the attention kernel takes (float32 queries, pages of ATTENTION_PAGE_DTYPES, head_dim
+    a multiple of 8, at most 256)."""
     head_dim = q.shape[-1]
-    return (q.dtype == jnp.float32 and jnp.dtype(k_pages.dtype).name in ATTENTION_TARGETS and head_dim % 8 == 0
+    return (q.dtype == jnp.float32 and jnp.dtype(k_pages.dtype).name in ATTENTION_PAGE_DTYPES and head_dim % 8 == 0
             and head_dim <= 256)

@@ -25,6 +25,8 @@ import functools
 import jax
 from jax.experimental import pallas as pl
 
+from .reference import cast_to_cache
+
 
 def _write_kv_kernel(slot_ref, k_new_ref, v_new_ref, k_in_ref, v_in_ref, k_out_ref, v_out_ref,
                      *, page_size):
@@ -34,8 +36,8 @@ def _write_kv_kernel(slot_ref, k_new_ref, v_new_ref, k_in_ref, v_in_ref, k_out_r
     slot = slot_ref[token]
     page = slot // page_size
     offset = slot % page_size
-    k_out_ref[page, offset, kv_head, :] = k_new_ref[token, kv_head, :].astype(k_out_ref.dtype)
-    v_out_ref[page, offset, kv_head, :] = v_new_ref[token, kv_head, :].astype(v_out_ref.dtype)
+    k_out_ref[page, offset, kv_head, :] = cast_to_cache(k_new_ref[token, kv_head, :], k_out_ref.dtype)
+    v_out_ref[page, offset, kv_head, :] = cast_to_cache(v_new_ref[token, kv_head, :], v_out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",), donate_argnums=(0, 1))

@@ -88,6 +88,8 @@ def _attention_kernel(
             page = page_indices_ref[seq, page_in_seq]
             k = k_pages_ref[page, :, kv_head, :]  # [page_size, D]
             v = v_pages_ref[page, :, kv_head, :]
+            if k.dtype.itemsize == 1:  # a float8 cache: widened to the queries' dtype for the dots
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
             scores = _dot(q, k, contract_b=1, precision=precision) * sm_scale
             if soft_cap is not None:
                 scores = soft_cap * jnp.tanh(scores / soft_cap)

@@ -104,6 +104,8 @@ def _attention_kernel(
             q = q_ref[:, head, :]
             k = k_ref[:, kv_head, :]
             v = v_ref[:, kv_head, :]
+            if k.dtype.itemsize == 1:  # a float8 cache: widened to the queries' dtype for the dots
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
             scores = jax.lax.dot_general(
                 q, k, (((1,), (1,)), ((), ())), precision=precision,
                 preferred_element_type=jnp.float32) * sm_scale

@@ -11,7 +11,8 @@ Semantics (docs/design.md, "Attention boundary"):
     p <= pos (and p > pos - sliding_window when a window is set);
   * soft_cap: scores = soft_cap * tanh(scores / soft_cap), applied before masking;
   * GQA: query head j reads KV head j // (num_heads // num_kv_heads);
-  * rows of tokens at or beyond cu_q_lens[num_seqs[0]] are zeros.
+  * rows of tokens at or beyond cu_q_lens[num_seqs[0]] are zeros;
+  * new K/V rows are cast to the cache's dtype, saturating for float8 caches (see cast_to_cache).
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ import jax.numpy as jnp
 # Finite so that a fully-masked row never produces NaN (it only happens for padded rows,
 # which are zeroed afterwards).
 MASK_VALUE = -1e30
+
+
+def cast_to_cache(x: jax.Array, dtype) -> jax.Array:
+    """x in the KV cache's dtype. float8 values saturate at the format's largest finite value (as vLLM's fp8
+    cache stores them, with a scale of 1): a plain cast turns float8_e4m3fn's overflow into NaN."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        largest = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -largest, largest)
+    return x.astype(dtype)
 
 
 def token_layout(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
@@ -94,6 +105,6 @@ def ref_write_kv(
     """Write k_new/v_new [T, Hkv, D] to flat slots page * page_size + offset; returns new pages."""
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
     flat_shape = (num_pages * page_size, num_kv_heads, head_dim)
-    k_flat = k_pages.reshape(flat_shape).at[slot_mapping].set(k_new.astype(k_pages.dtype))
-    v_flat = v_pages.reshape(flat_shape).at[slot_mapping].set(v_new.astype(v_pages.dtype))
+    k_flat = k_pages.reshape(flat_shape).at[slot_mapping].set(cast_to_cache(k_new, k_pages.dtype))
+    v_flat = v_pages.reshape(flat_shape).at[slot_mapping].set(cast_to_cache(v_new, v_pages.dtype))
     return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)

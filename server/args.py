@@ -47,7 +47,8 @@ _ENGINE_HELP = {
     "dtype": "Weights dtype: auto (bfloat16 on CPU, else the checkpoint's half type), float32, bfloat16, float16. "
              "On CPU the activations stay float32.",
     "kv_cache_dtype": "KV cache dtype: auto (on CPU bfloat16 with 16-bit weights, float32 with float32 ones; "
-                      "elsewhere the activations' dtype), float32, bfloat16, float16.",
+                      "elsewhere the activations' dtype), float32, bfloat16, float16, or vLLM's fp8 (= fp8_e4m3) and "
+                      "fp8_e5m2: one byte a value, saturating casts with a scale of 1.",
     "max_model_len": "Context length (prompt + output tokens). Default: the model's.",
     "seed": "Seed of the engine's random generator.",
     "block_size": "Tokens per KV-cache page.",

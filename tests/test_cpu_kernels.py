@@ -11,7 +11,7 @@ import pytest
 from jaxserve import LLM, SamplingParams
 from jaxserve.pallas_kernels import cpu_kernels
 from jaxserve.pallas_kernels.attention import ragged_paged_attention
-from jaxserve.pallas_kernels.reference import ref_ragged_paged_attention
+from jaxserve.pallas_kernels.reference import cast_to_cache, ref_ragged_paged_attention
 from test_pallas_kernels import FAST_CASES, SLOW_CASES, Shapes, random_batch
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler or no AVX2 here")
@@ -129,20 +129,60 @@ BFLOAT16_CASES = [
 ]
 
 
+def _with_extremes(pages, dtype, seed, largest: bool):
+    """A float8 cache's values with some of the format's subnormals, negative zeros and (`largest`) largest
+    values (planted in V pages only: scores that large would make the comparison one of rounding orders)."""
+    if jnp.dtype(dtype).itemsize != 1:
+        return pages
+    finfo = jnp.finfo(dtype)
+    rng = np.random.default_rng(seed)
+    values = np.asarray(pages, np.float32).copy()
+    pick = lambda: rng.random(values.shape) < 0.05
+    values[pick()] *= float(finfo.smallest_normal) / 4  # subnormal after the cast (or zero)
+    if largest:
+        values[pick()] = -float(finfo.max)
+        values[pick()] = float(finfo.max) * 1.01  # saturates
+    values[pick()] = -0.0
+    return jnp.asarray(values)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
 @pytest.mark.parametrize("shapes,options", BFLOAT16_CASES)
-def test_attention_kernel_reads_a_bfloat16_cache(shapes, options):
-    """A bfloat16 cache gives what the reference gives on the same (rounded) values, widened exactly."""
+def test_attention_kernel_reads_a_narrow_cache(shapes, options, dtype):
+    """A bfloat16 or float8 cache gives what the reference gives on the same (rounded) values, widened exactly
+    (float8's subnormals, largest values and signed zeros included)."""
     kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.35, **options))
     for seed, decode_only in ((0, False), (1, True)):
         batch = random_batch(shapes, seed, decode_only=decode_only)
-        rounded = {**batch, "k_pages": batch["k_pages"].astype(jnp.bfloat16),
-                   "v_pages": batch["v_pages"].astype(jnp.bfloat16)}
+        rounded = {**batch, "k_pages": cast_to_cache(_with_extremes(batch["k_pages"], dtype, seed, False), dtype),
+                   "v_pages": cast_to_cache(_with_extremes(batch["v_pages"], dtype, seed + 7, True), dtype)}
+        assert not np.isnan(np.asarray(rounded["v_pages"], np.float32)).any()  # saturated, not NaN
         widened = {**rounded, "k_pages": rounded["k_pages"].astype(jnp.float32),
                    "v_pages": rounded["v_pages"].astype(jnp.float32)}
         want = ref_ragged_paged_attention(**widened, sm_scale=0.35, **options)
-        np.testing.assert_allclose(np.asarray(kernel(**rounded)), np.asarray(want), atol=2e-5, rtol=2e-5)
+        largest = max(1.0, float(jnp.abs(widened["v_pages"]).max()) / 8)  # float8's largest values cancel
+        np.testing.assert_allclose(np.asarray(kernel(**rounded)), np.asarray(want), atol=2e-5 * largest, rtol=2e-5)
     assert cpu_kernels.attention_fits(batch["q"], rounded["k_pages"])
     assert not cpu_kernels.attention_fits(batch["q"], batch["k_pages"].astype(jnp.float16))
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_attention_kernel_widens_every_float8_value_exactly(dtype):
+    """Sequences of one position return that position's V row as it is: every finite float8 code, each through
+    the kernel's widening, comes back as JAX's float32 of it."""
+    codes = np.arange(256, dtype=np.uint8).view(jnp.dtype(dtype))
+    codes = codes[np.isfinite(codes.astype(np.float32))]
+    head_dim = 64
+    rows = np.zeros((-(-codes.size // head_dim) * head_dim,), codes.dtype)
+    rows[:codes.size] = codes
+    seqs = rows.size // head_dim
+    v_pages = np.zeros((seqs + 1, 8, 1, head_dim), codes.dtype)
+    v_pages[1:, 0, 0, :] = rows.reshape(seqs, head_dim)  # sequence s reads page s + 1
+    out = cpu_kernels.ragged_paged_attention(
+        jnp.ones((seqs, 1, head_dim), jnp.float32), jnp.zeros(v_pages.shape, dtype), jnp.asarray(v_pages),
+        jnp.ones((seqs,), jnp.int32), jnp.arange(1, seqs + 1, dtype=jnp.int32)[:, None],
+        jnp.arange(seqs + 1, dtype=jnp.int32), jnp.asarray([seqs], jnp.int32), sm_scale=0.5)
+    np.testing.assert_array_equal(np.asarray(out).reshape(-1), rows.astype(np.float32))
 
 
 def test_attention_dispatch_sends_cpu_steps_to_the_kernel():

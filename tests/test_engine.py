@@ -380,8 +380,12 @@ def test_auto_dtype_is_bfloat16_weights_with_float32_activations_on_cpu(random_l
     assert resolve_kv_cache_dtype("auto", "float32", "float32", on_cpu=True) == "float32"
     assert resolve_kv_cache_dtype("auto", "bfloat16", "bfloat16", on_cpu=False) == "bfloat16"
     assert resolve_kv_cache_dtype("float32", "bfloat16", "float32", on_cpu=True) == "float32"
+    # vLLM's fp8 names: float8 caches (e4m3 unless e5m2 is named)
+    assert resolve_kv_cache_dtype("fp8", "bfloat16", "float32", on_cpu=True) == "float8_e4m3fn"
+    assert resolve_kv_cache_dtype("fp8_e4m3", "bfloat16", "bfloat16", on_cpu=False) == "float8_e4m3fn"
+    assert resolve_kv_cache_dtype("fp8_e5m2", "float32", "float32", on_cpu=True) == "float8_e5m2"
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
-        resolve_kv_cache_dtype("fp8", "bfloat16", "float32", on_cpu=True)
+        resolve_kv_cache_dtype("int4", "bfloat16", "float32", on_cpu=True)
     with pytest.raises(ValueError, match="at least 1"):
         LLM(model=str(random_llama_dir), max_num_seqs=0)
     auto = LLM(model=str(random_llama_dir), checkpoint_cache_dir=None, precompile=False, max_model_len=64,

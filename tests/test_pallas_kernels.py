@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 
+from jaxserve.pallas_kernels import cpu_kernels
+from jaxserve.pallas_kernels.attention import write_kv
 from jaxserve.pallas_kernels.kv_write import write_kv_pallas
 from jaxserve.pallas_kernels.ragged_attention_gpu import ragged_paged_attention_gpu
 from jaxserve.pallas_kernels.ragged_attention_tpu import ragged_paged_attention_tpu
-from jaxserve.pallas_kernels.reference import ref_ragged_paged_attention, ref_write_kv
+from jaxserve.pallas_kernels.reference import cast_to_cache, ref_ragged_paged_attention, ref_write_kv
 
 ATOL = RTOL = 1e-5
 
@@ -118,6 +120,45 @@ def test_kernel_decode_only_batch(backend):
     shapes = Shapes(page_size=4, num_kv_heads=2, group=2, num_seq_slots=5, num_tokens=5,
                     pages_per_seq=5)
     assert_matches_reference(KERNELS[backend], shapes, {}, seeds=(2,), decode_only=True)
+
+
+@pytest.mark.parametrize("backend", sorted(KERNELS))
+def test_kernel_reads_a_float8_cache(backend):
+    """vLLM's fp8 KV cache: the kernels widen float8_e4m3fn pages (to the queries' dtype) and attend as the
+    reference does over the same values."""
+    shapes, options = FAST_CASES[1]
+    batch = random_batch(shapes, 5)
+    narrow = {**batch, **{name: cast_to_cache(batch[name] * 40, jnp.float8_e4m3fn)  # some past 448: saturated
+                          for name in ("k_pages", "v_pages")}}
+    wide = {**narrow, **{name: narrow[name].astype(jnp.float32) for name in ("k_pages", "v_pages")}}
+    want = ref_ragged_paged_attention(**wide, sm_scale=0.35, **options)
+    got = KERNELS[backend](**narrow, sm_scale=0.35, interpret=True, **options)
+    assert np.isfinite(np.asarray(want)).all()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL * 100, rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_every_kv_write_path_saturates_into_a_float8_cache(dtype):
+    """The reference, XLA's scatter, the CPU row writer and the Pallas kernel write the same bytes: values past
+    the format's largest saturate to it (a plain cast gives e4m3fn NaN), padded tokens land in scratch page 0."""
+    rng = np.random.default_rng(1)
+    shape, t = (5, 4, 2, 8), 6
+    pages = cast_to_cache(jnp.asarray(rng.standard_normal(shape), jnp.float32), dtype)
+    new = jnp.asarray(rng.standard_normal((t, 2, 8)) * 3e4, jnp.float32)  # most past e4m3's 448
+    new = new.at[4:].set(new[3])  # three padding rows, alike: which one lands in the scratch slot is unspecified
+    slots = jnp.asarray([5, 9, 19, 0, 0, 0], jnp.int32)
+    want, _ = ref_write_kv(pages, pages, new, new, slots)
+    largest = float(jnp.finfo(dtype).max)
+    assert not np.isnan(np.asarray(want, np.float32)).any() and np.abs(np.asarray(want, np.float32)).max() == largest
+    writers = {"xla": lambda p: write_kv(p, p, new, new, slots, backend="xla")[0],
+               "pallas": lambda p: write_kv_pallas(p, jnp.array(p), new, new, slots, interpret=True)[0]}
+    if cpu_kernels.available():
+        writers["cpu"] = lambda p: jax.jit(lambda p: write_kv(p, p, new, new, slots, backend="cpu")[0])(p)
+        assert "jaxserve_write_rows" in jax.jit(lambda p: write_kv(p, p, new, new, slots, backend="cpu")).lower(
+            pages).as_text()
+    for name, writer in writers.items():
+        got = writer(jnp.array(pages))
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8), err_msg=name)
 
 
 @pytest.mark.slow
