@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantization", default=None, choices=["int8", "gguf", "none"])
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -33,8 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     extra = {k: v for k, v in (("async_scheduling", args.async_scheduling),
                                ("num_speculative_tokens", args.num_speculative_tokens)) if v is not None}
-    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, max_model_len=1024,
-              max_num_seqs=max(args.batches), max_num_batched_tokens=512, **extra)
+    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              max_model_len=1024, max_num_seqs=max(args.batches), max_num_batched_tokens=512, **extra)
     eng = llm.engine
     cfg = eng.model_config
     leaves = eng.runner.params[0] + eng.runner.params[1]
@@ -43,7 +44,7 @@ def main() -> None:
     # Weights multiplied per token (block-quantized 4-bit ones hold two per byte; their scales are not weights).
     params = sum((2 if a.dtype == np.uint8 else 1) * a.size for a, p in zip(leaves, paths)
                  if p[-1] not in ("scales", "mins"))
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(eng.runner.activation_dtype).itemsize
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * eng.runner.kv_cache[0].dtype.itemsize
     rng = np.random.default_rng(0)
     rows, tokens = [], {}
     for batch in args.batches:

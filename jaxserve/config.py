@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# The KV cache dtypes a user may ask for (besides auto), as JAX names them. vLLM's fp8 names are float8 caches
+# with a scale of 1 (no calibration): values saturate at the format's largest (pallas_kernels.reference).
+KV_CACHE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp8": "float8_e4m3fn",
+                   "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 @dataclass(frozen=True)

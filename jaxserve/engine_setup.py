@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.buckets import BucketSet
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from jaxserve.executable_cache import ExecutableCache
 from jaxserve.model_runner import ModelRunner, RunnerConfig, allocate_kv_cache
 from jaxserve.models.checkpoint_cache import prune_lru
@@ -79,12 +79,6 @@ def enable_compilation_cache(cache_dir: str | None, max_bytes: int | None = None
     if max_bytes is not None:
         prune_lru(cache_dir, max_bytes, r".+-(?:cache|atime)", files=True)  # JAX's file names
     return cache_dir
-
-
-# The KV cache dtypes a user may ask for, as JAX names them. vLLM's fp8 names are float8 caches with a scale of
-# 1 (no calibration): values saturate at the format's largest (pallas_kernels.reference.cast_to_cache).
-KV_CACHE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp8": "float8_e4m3fn",
-                   "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: str, activation_dtype: str, on_cpu: bool) -> str:

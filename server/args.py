@@ -9,7 +9,7 @@ import os
 import re
 import typing
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import KV_CACHE_DTYPES, EngineConfig
 from jaxserve.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxserve.server.server_config import ServerConfig
 from jaxserve.server.vllm_flags import add_vllm_compat_args, apply_vllm_compat_args
@@ -153,6 +153,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
+        elif f.name == "kv_cache_dtype":
+            group.add_argument(_flag(f.name), dest=f.name, default=default, choices=("auto", *KV_CACHE_DTYPES),
+                               help=help_text)
         elif f.name == "kv_cache_memory":
             group.add_argument(_flag(f.name), dest=f.name, type=parse_memory_size, default=default,
                                metavar="SIZE", help=help_text)
