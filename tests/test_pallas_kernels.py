@@ -13,7 +13,7 @@ import pytest
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 
 from jaxserve.pallas_kernels import cpu_kernels
-from jaxserve.pallas_kernels.attention import write_kv
+from jaxserve.pallas_kernels.attention import write_kv, xla_ragged_paged_attention
 from jaxserve.pallas_kernels.kv_write import write_kv_pallas
 from jaxserve.pallas_kernels.ragged_attention_gpu import ragged_paged_attention_gpu
 from jaxserve.pallas_kernels.ragged_attention_tpu import ragged_paged_attention_tpu
@@ -135,6 +135,17 @@ def test_kernel_reads_a_float8_cache(backend):
     got = KERNELS[backend](**narrow, sm_scale=0.35, interpret=True, **options)
     assert np.isfinite(np.asarray(want)).all()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL * 100, rtol=RTOL)
+
+
+@pytest.mark.parametrize("query_block", [1, 8])
+def test_xla_path_reads_a_float8_cache(query_block):
+    shapes, options = FAST_CASES[0]
+    batch = random_batch(shapes, 6, decode_only=query_block == 1)
+    narrow = {**batch, **{name: cast_to_cache(batch[name], jnp.float8_e5m2) for name in ("k_pages", "v_pages")}}
+    wide = {**narrow, **{name: narrow[name].astype(jnp.float32) for name in ("k_pages", "v_pages")}}
+    want = ref_ragged_paged_attention(**wide, sm_scale=0.35, **options)
+    got = xla_ragged_paged_attention(**narrow, sm_scale=0.35, query_block=query_block, **options)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
