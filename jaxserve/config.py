@@ -46,7 +46,7 @@ class EngineConfig:
     model: str | None = None  # HF dir, .gguf file or hub id; None = embedded SmolLM2
     tokenizer: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | fp8 | fp8_e4m3 | fp8_e5m2 (engine_setup.resolve_kv_cache_dtype)
+    kv_cache_dtype: str = "auto"  # auto or a KV_CACHE_DTYPES key (engine_setup.resolve_kv_cache_dtype)
     # None | int8: weight-only int8 (per-column power-of-two scales) for the CPU kernels' small-batch steps
     quantization: str | None = None
     max_model_len: int | None = None

@@ -313,6 +313,10 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
         logger.warning("tensor parallel %d: %d KV heads do not split, so attention runs on the XLA path, "
                        "not the Pallas kernel", mesh.size, model_config.num_kv_heads)
         attention = "xla"
+    if on_cpu and jnp.dtype(kv_cache_dtype).itemsize == 1 and attention != "cpu":
+        # write_kv's row writer runs with the CPU attention kernel; XLA CPU's own float8 scatter widens the cache
+        logger.warning("a float8 KV cache on the CPU without the attention kernel (attention %s): every KV write "
+                       "widens the whole cache; expect slow steps", attention)
     cpu_kernel = on_cpu and mesh.size == 1 and jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.available()
     int8_weights = config.quantization == "int8"
     if int8_weights and not cpu_kernel:
