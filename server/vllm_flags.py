@@ -14,6 +14,7 @@ _NOOP_SWITCHES = {
     "disable_frontend_multiprocessing": "the server and the engine share one process",
     "disable_custom_all_reduce": "collectives are XLA's",
     "enable_log_requests": "requests are logged unless --disable-log-requests",
+    "calculate_kv_scales": "a float8 KV cache is stored with a scale of 1 (values saturate), none calculated",
 }
 # Flags with a value that changes nothing here.
 _NOOP_VALUES = {

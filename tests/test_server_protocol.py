@@ -186,20 +186,22 @@ def test_vllm_command_lines_start_with_their_no_op_flags_named(caplog, monkeypat
     monkeypatch.delenv("JAX_PLATFORMS")
     argv = ["--enforce-eager", "--disable-log-stats", "--swap-space", "4", "--uvicorn-log-level", "warning",
             "--no-enable-chunked-prefill", "--task", "generate", "--load-format", "safetensors", "-tp", "1",
-            "--device", "cpu", "--max-model-len", "512"]
+            "--device", "cpu", "--max-model-len", "512", "--calculate-kv-scales"]
     with caplog.at_level("WARNING", logger="jaxserve.server"):
         engine, _ = configs_from_args(build_parser().parse_args(argv))
     named = " ".join(r.getMessage() for r in caplog.records)
     for flag in ("--enforce-eager", "--disable-log-stats", "--swap-space 4", "--uvicorn-log-level warning",
-                 "--no-enable-chunked-prefill"):
+                 "--no-enable-chunked-prefill", "--calculate-kv-scales"):
         assert flag in named
     assert engine == EngineConfig(max_model_len=512)  # nothing else reaches the engine
     import os
     assert os.environ["JAX_PLATFORMS"] == "cpu"
     assert configs_from_args(build_parser().parse_args(["-tp", "2"]))[0].tensor_parallel_size == 2
+    assert configs_from_args(build_parser().parse_args(["--kv-cache-dtype", "fp8"]))[0].kv_cache_dtype == "fp8"
     budgets = configs_from_args(build_parser().parse_args(["--checkpoint-cache-max-gb", "0.5",
                                                            "--compilation-cache-max-gb", "-1"]))[0]
     assert (budgets.checkpoint_cache_max_gb, budgets.compilation_cache_max_gb) == (0.5, -1)
-    for bad in (["-pp", "2"], ["--task", "embed"], ["--load-format", "pt"], ["--device", "xpu"]):
+    for bad in (["-pp", "2"], ["--task", "embed"], ["--load-format", "pt"], ["--device", "xpu"],
+                ["--kv-cache-dtype", "fp8_inc"]):
         with pytest.raises(SystemExit):
             configs_from_args(build_parser().parse_args(bad))
