@@ -1,6 +1,6 @@
 """Whether greedy outputs depend on the batch: prompts generated together against each generated alone.
 
-    .venv/bin/python benchmarks/batch_invariance.py [--dtype auto] [--max-tokens 8]
+    .venv/bin/python benchmarks/batch_invariance.py [--dtype auto] [--kv-cache-dtype auto] [--max-tokens 8]
 
 Prints, per prompt template, the indices of the 32 prompts whose batched text differs from their text alone.
 """
@@ -19,9 +19,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--max-tokens", type=int, default=8)
     args = ap.parse_args()
-    llm = LLM(model=args.model, dtype=args.dtype)
+    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     total = 0
     for template in TEMPLATES:
