@@ -611,19 +611,15 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
                                 float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
   if (k_pages.element_type() != v_pages.element_type())
     return ffi::Error::InvalidArgument("ragged_paged_attention: K and V pages of different dtypes");
+  auto attend = [&](auto page) {  // the kernel over pages of page's type
+    return AttendPages<decltype(page)>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                       sm_scale, sliding_window, soft_cap, out);
+  };
   switch (k_pages.element_type()) {
-    case ffi::DataType::F32:
-      return AttendPages<float>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale,
-                                sliding_window, soft_cap, out);
-    case ffi::DataType::BF16:
-      return AttendPages<uint16_t>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                   sm_scale, sliding_window, soft_cap, out);
-    case ffi::DataType::F8E4M3FN:
-      return AttendPages<Fp8E4M3>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                  sm_scale, sliding_window, soft_cap, out);
-    case ffi::DataType::F8E5M2:
-      return AttendPages<Fp8E5M2>(pool, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                  sm_scale, sliding_window, soft_cap, out);
+    case ffi::DataType::F32: return attend(float{});
+    case ffi::DataType::BF16: return attend(uint16_t{});
+    case ffi::DataType::F8E4M3FN: return attend(Fp8E4M3{});
+    case ffi::DataType::F8E5M2: return attend(Fp8E5M2{});
     default:
       return ffi::Error::InvalidArgument("ragged_paged_attention: pages must be float32, bfloat16 or float8");
   }

@@ -160,7 +160,9 @@ def test_attention_kernel_reads_a_narrow_cache(shapes, options, dtype):
         widened = {**rounded, "k_pages": rounded["k_pages"].astype(jnp.float32),
                    "v_pages": rounded["v_pages"].astype(jnp.float32)}
         want = ref_ragged_paged_attention(**widened, sm_scale=0.35, **options)
-        largest = max(1.0, float(jnp.abs(widened["v_pages"]).max()) / 8)  # float8's largest values cancel
+        largest = 1.0  # float8's largest planted values cancel: the tolerance scales with them
+        if jnp.dtype(dtype).itemsize == 1:
+            largest = max(1.0, float(jnp.abs(widened["v_pages"]).max()) / 8)
         np.testing.assert_allclose(np.asarray(kernel(**rounded)), np.asarray(want), atol=2e-5 * largest, rtol=2e-5)
     assert cpu_kernels.attention_fits(batch["q"], rounded["k_pages"])
     assert not cpu_kernels.attention_fits(batch["q"], batch["k_pages"].astype(jnp.float16))
