@@ -54,6 +54,7 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -240,12 +241,12 @@ def undo_rotary_permutation(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def iter_gguf_hf_tensors(header: GGUFHeader, num_heads: int, num_kv_heads: int, progress: bool = False,
                          keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
-    """Yield (hf_name, float32 array) for every known tensor of a llama/qwen2 GGUF; the weights of the modules
+    """Yield (hf_name, float32 array) for every known tensor of a llama/qwen2/qwen3 GGUF; the weights of the modules
     in `keep_blocks` (see block_formats) come as block_quant's packed arrays {"qweight", "scales"[, "mins"]},
     one row per output."""
     from tqdm import tqdm
 
-    # Only llama.cpp's llama converter permutes Q/K; its qwen2 converter keeps the HF row order.
+    # Only llama.cpp's llama converter permutes Q/K; its qwen2 and qwen3 converters keep the HF row order.
     permuted = header.architecture == "llama"
     for info in tqdm(header.tensors, desc="Loading GGUF tensors", unit="tensor", disable=not progress):
         hf_name = gguf_to_hf_name(info.name)

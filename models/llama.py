@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM2) as one Flax NNX definition.
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as one Flax NNX definition.
 
 The module is only the definition: the engine splits it into (graphdef, state) once and jits a pure
 function over the flattened state, so Flax never sits on the per-step hot path.
@@ -214,6 +214,9 @@ class Attention(nnx.Module):
             self.k_proj = Linear(h, self.qkv_sizes[1], cfg.attention_bias, dtype, act, rngs, kernel("k_proj"))
             self.v_proj = Linear(h, self.qkv_sizes[2], cfg.attention_bias, dtype, act, rngs, kernel("v_proj"))
         self.o_proj = Linear(cfg.num_heads * d, h, False, dtype, act, rngs, kernel("o_proj"))
+        if cfg.qk_norm:  # Qwen3: each head's query and key normalized (one weight over head_dim) before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
 
     def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
@@ -222,8 +225,10 @@ class Attention(nnx.Module):
             q, k, v = _split_columns(self.qkv_proj(x, meta), self.qkv_sizes)
         else:
             q, k, v = self.q_proj(x, meta), self.k_proj(x, meta), self.v_proj(x, meta)
-        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        q, k = q.reshape(t, cfg.num_heads, cfg.head_dim), k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping, backend=self.backend)
         out = ragged_paged_attention(

@@ -31,9 +31,10 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 # HF `architectures` entries -> our architecture names.
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                    "Qwen3ForCausalLM": "qwen3"}
 # GGUF `general.architecture` values we load (llama.cpp writes Mistral models as "llama").
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -182,7 +183,7 @@ def config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = 
     num_heads = int(cfg["num_attention_heads"])
     rope_params = cfg.get("rope_parameters") or {}  # transformers v5 layout
     rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         sliding_window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
     elif arch == "mistral":
         sliding_window = cfg.get("sliding_window")
@@ -203,6 +204,7 @@ def config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = 
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
+        qk_norm=arch == "qwen3",
         sliding_window=int(sliding_window) if sliding_window else None,
         bos_token_id=cfg.get("bos_token_id"),
         # generation_config.json often lists extra stop ids (e.g. <|eot_id|>) that config.json lacks.
@@ -259,6 +261,7 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
         max_position_embeddings=int(_gguf_scalar(meta, f"{arch}.context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
         sliding_window=None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         # llama.cpp stops on eos and also on end-of-turn / end-of-message tokens when the file names them.

@@ -32,7 +32,7 @@ def tiny_hf_config(**overrides):
     return cfg
 
 
-def tiny_hf_tensors(seed=0, bias=False, dtype=np.float32):
+def tiny_hf_tensors(seed=0, bias=False, dtype=np.float32, qk_norm=False):
     rng = np.random.default_rng(seed)
     t = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(L):
@@ -45,6 +45,8 @@ def tiny_hf_tensors(seed=0, bias=False, dtype=np.float32):
         if bias:
             t |= {p + "self_attn.q_proj.bias": (NH * HD,), p + "self_attn.k_proj.bias": (NKV * HD,),
                   p + "self_attn.v_proj.bias": (NKV * HD,)}
+        if qk_norm:  # Qwen3: one weight over head_dim for every query head, one for every key head
+            t |= {p + "self_attn.q_norm.weight": (HD,), p + "self_attn.k_norm.weight": (HD,)}
     return {name: rng.uniform(-1, 1, shape).astype(dtype) for name, shape in t.items()}
 
 
@@ -162,6 +164,23 @@ def test_qwen2_config(tmp_path, use_sliding_window, expected):
     assert "model.layers.1.self_attn.k_proj.bias" in dict(iter_hf_tensors(src))
 
 
+def test_qwen3_config(tmp_path):
+    # Qwen3's head_dim is its own (heads x head_dim need not be the hidden size) and it has no q/k/v biases.
+    config = tiny_hf_config(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16,
+                            attention_bias=False, sliding_window=None, use_sliding_window=False)
+    write_hf_dir(str(tmp_path / "m"), config, tiny_hf_tensors(qk_norm=True))
+    src = resolve_model_source(str(tmp_path / "m"))
+    cfg = load_model_config(src)
+    assert (cfg.architecture, cfg.qk_norm, cfg.head_dim, cfg.attention_bias, cfg.sliding_window) == (
+        "qwen3", True, 16, False, None)
+    assert "model.layers.1.self_attn.k_norm.weight" in dict(iter_hf_tensors(src))
+    assert not load_model_config(resolve_model_source(str(_llama_dir(tmp_path)))).qk_norm
+
+
+def _llama_dir(tmp_path):
+    return write_hf_dir(str(tmp_path / "llama"), tiny_hf_config(), tiny_hf_tensors())
+
+
 def test_mistral_config_keeps_configured_sliding_window(tmp_path):
     config = tiny_hf_config(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64,
                             rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
@@ -243,7 +262,8 @@ GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weig
 LAYER_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-              "post_attention_layernorm": "ffn_norm"}
+              "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm"}
 # Quantization per HF tensor (1-D norms stay F32 as in llama.cpp) and the tolerance on uniform(-1, 1) data.
 QUANT_FOR = {"embed_tokens": QT.Q8_0, "q_proj": QT.Q4_0, "k_proj": QT.Q4_1, "v_proj": QT.F16,
              "o_proj": QT.BF16, "gate_proj": QT.Q8_0, "up_proj": QT.Q4_0, "down_proj": QT.Q4_1, "lm_head": QT.F32}
@@ -266,7 +286,8 @@ def qtype_for(hf_name, arr):
 
 def write_tiny_gguf(path, arch="llama", tensors=None, tied=False, extra_kv=True):
     """A GGUF like llama.cpp's converter writes it: Q/K permuted for llama; returns the HF originals."""
-    tensors = dict(tensors if tensors is not None else tiny_hf_tensors(bias=(arch == "qwen2")))
+    tensors = dict(tensors if tensors is not None else tiny_hf_tensors(bias=(arch == "qwen2"),
+                                                                       qk_norm=(arch == "qwen3")))
     if tied:
         tensors.pop("lm_head.weight")
     w = gguf.GGUFWriter(str(path), arch)
@@ -300,7 +321,7 @@ def write_tiny_gguf(path, arch="llama", tensors=None, tied=False, extra_kv=True)
     return tensors
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_gguf_tensors_dequantized_and_unpermuted(tmp_path, arch):
     originals = write_tiny_gguf(tmp_path / "tiny.gguf", arch=arch)
     src = resolve_model_source(str(tmp_path / "tiny.gguf"))
@@ -330,6 +351,10 @@ def test_gguf_config(tmp_path):
     write_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2")
     qcfg = load_model_config(resolve_model_source(str(tmp_path / "qwen.gguf")))
     assert qcfg.architecture == "qwen2" and qcfg.attention_bias and not qcfg.tie_word_embeddings
+    assert not cfg.qk_norm and not qcfg.qk_norm
+    write_tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3")
+    q3 = load_model_config(resolve_model_source(str(tmp_path / "qwen3.gguf")))
+    assert (q3.architecture, q3.qk_norm, q3.attention_bias) == ("qwen3", True, False)
 
 
 def test_unsupported_gguf_architecture(tmp_path):

@@ -5,9 +5,10 @@ Each architecture variant exercises a different loader/model path of the JAX eng
   llama        plain RoPE, untied lm_head (Llama-2 style)
   llama3_rope  llama3 RoPE scaling, tied embeddings (Llama-3.2 style)
   qwen2        q/k/v biases, tied embeddings (Qwen2.5-0.5B style)
+  qwen3        per-head q/k RMSNorm, head_dim 32 (heads x head_dim != hidden), tied (Qwen3-0.6B style)
   mistral      untied lm_head, no sliding window (Mistral-7B-v0.3 style)
 
-All share GQA (4 query heads, 2 kv heads, head_dim 16) and the SmolLM2 vocabulary (49152), so the
+All share GQA (4 query heads, 2 kv heads, head_dim 16 but qwen3's 32) and the SmolLM2 vocabulary (49152), so the
 SmolLM2 tokenizer taken from the default GGUF can be saved next to the weights.
 
 Weights are re-initialised here rather than left to transformers' init: HF's init uses std 0.02,
@@ -68,6 +69,9 @@ TINY_ARCHS = {
     "qwen2": TinyArch("Qwen2Config", "Qwen2ForCausalLM", 2, True,
                       {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                        "use_sliding_window": False}),
+    "qwen3": TinyArch("Qwen3Config", "Qwen3ForCausalLM", 2, True,
+                      {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                       "use_sliding_window": False, "attention_bias": False, "head_dim": 32}),
     "mistral": TinyArch("MistralConfig", "MistralForCausalLM", 4, False,
                         {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                          "sliding_window": None}),
@@ -80,12 +84,11 @@ def build_config(arch: str, bos_token_id: int | None, eos_token_id: int | None):
     spec = TINY_ARCHS[arch]
     config_cls = getattr(transformers, spec.config_class)
     return config_cls(
-        **TINY_SHAPE,
+        **{**TINY_SHAPE, **spec.config_extra},
         num_hidden_layers=spec.num_hidden_layers,
         tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        **spec.config_extra,
     )
 
 
