@@ -23,9 +23,11 @@ def saved_default_tokenizer(root: Path) -> Path:
 
 def write_random_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64,
                        heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 49152,
-                       max_positions: int = 1024, qkv_bias: bool = False, tied: bool = True, std: float = 0.2) -> Path:
+                       max_positions: int = 1024, qkv_bias: bool = False, tied: bool = True, std: float = 0.2,
+                       qk_norm: bool = False, head_dim: int | None = None) -> Path:
+    """A Llama; a Qwen2 with `qkv_bias`; a Qwen3 with `qk_norm` (per-head q/k norms; `head_dim` its own)."""
     rng = np.random.default_rng(seed)
-    head_dim = hidden // heads
+    head_dim = head_dim or hidden // heads
     w = lambda *shape: (rng.standard_normal(shape) * std).astype(np.float32)
     tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": 1 + w(hidden) * 0.1}
     for i in range(layers):
@@ -44,13 +46,17 @@ def write_random_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, layers:
         if qkv_bias:
             for name, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
                 tensors[p + f"self_attn.{name}_proj.bias"] = w(n * head_dim)
+        if qk_norm:
+            tensors[p + "self_attn.q_norm.weight"] = 1 + w(head_dim) * 0.5
+            tensors[p + "self_attn.k_norm.weight"] = 1 + w(head_dim) * 0.5
     if not tied:
         tensors["lm_head.weight"] = w(vocab, hidden)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"))
+    arch = "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
     config = {
-        "architectures": ["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qkv_bias else "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "architectures": [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch, "LlamaForCausalLM")],
+        "model_type": arch, "head_dim": head_dim, "vocab_size": vocab, "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "max_position_embeddings": max_positions, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,

@@ -1,7 +1,7 @@
 """Runs in a fresh process with 8 virtual CPU devices (XLA_FLAGS must be set before JAX starts).
 
 Usage: python tensor_parallel_worker.py OUT_DIR TP_SIZE[,TP_SIZE...] [--bench]
-Builds two tiny random checkpoints (Llama and Qwen2 with q/k/v bias), generates greedily at each tensor
+Builds three tiny random checkpoints (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k norms), generates greedily at each tensor
 parallel size and writes {model: {tp: {tokens, logprobs, kv_spec, shard_shapes}}} to OUT_DIR/results.json.
 With --bench it instead times one decode step and one prefill step of a small random Llama at each size
 (the numbers in docs/benchmarks.md, "Tensor parallelism").
@@ -21,6 +21,8 @@ from random_checkpoint import saved_default_tokenizer, write_random_llama  # noq
 MODELS = {
     "llama": dict(hidden=64, heads=4, kv_heads=2, intermediate=128),
     "qwen2": dict(hidden=48, heads=6, kv_heads=2, intermediate=96, qkv_bias=True, tied=False),
+    # Qwen3: per-head q/k norms (replicated weights over split heads), head_dim 32 with hidden 64.
+    "qwen3": dict(hidden=64, heads=4, kv_heads=2, intermediate=128, qk_norm=True, head_dim=32),
 }
 ENGINE_ARGS = dict(dtype="float32", precompile=False, max_model_len=128, max_num_seqs=4,
                    max_num_batched_tokens=32, block_size=4, kv_cache_memory=2 * 2**20)

@@ -84,7 +84,7 @@ def tp_results(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "qwen3"])
 def test_tensor_parallel_matches_one_device(tp_results, model):
     runs = tp_results[model]
     single = runs["1"]
