@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 # The KV cache dtypes a user may ask for (besides auto), as JAX names them. vLLM's fp8 names are float8 caches
 # with a scale of 1 (no calibration): values saturate at the format's largest (pallas_kernels.reference).
 KV_CACHE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp8": "float8_e4m3fn",
@@ -32,6 +32,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projection bias (Qwen2)
     qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen3)
+    rope_layers: tuple[bool, ...] | None = None  # per layer, whether it rotates q/k (SmolLM3's NoPE layers); None: all
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

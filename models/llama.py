@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as one Flax NNX definition.
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2/3) as one Flax NNX definition.
 
 The module is only the definition: the engine splits it into (graphdef, state) once and jits a pure
 function over the flattened state, so Flax never sits on the per-step hot path.
@@ -198,6 +198,18 @@ def _split_columns(y, sizes):
     return jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
+def _rotated(cfg: ModelConfig, layer_index, arrays, rope):
+    """`rope` applied to `arrays` in the layers that rotate q/k (all but SmolLM3's NoPE layers). A scanned step's
+    layer index is traced: both are computed and the layer's flag picks one."""
+    flags = cfg.rope_layers
+    if flags is None or all(flags):
+        return tuple(rope(x) for x in arrays)
+    if isinstance(layer_index, int):
+        return tuple(rope(x) if flags[layer_index] else x for x in arrays)
+    use = jnp.asarray(flags)[layer_index]
+    return tuple(jnp.where(use, rope(x), x) for x in arrays)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, kernels=None):
         self.cfg = cfg
@@ -228,7 +240,7 @@ class Attention(nnx.Module):
         q, k = q.reshape(t, cfg.num_heads, cfg.head_dim), k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = _rotated(cfg, meta.layer_index, (q, k), lambda x: apply_rope(x, positions, inv_freq))
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping, backend=self.backend)
         out = ragged_paged_attention(
@@ -309,8 +321,8 @@ class LlamaForCausalLM(nnx.Module):
         """Returns the final hidden states [T, hidden] and the updated per-layer (k, v) pages."""
         x = self.embed(token_ids)
         new_caches = []
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, kv_cache = layer(x, positions, kv_cache, meta)
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            x, kv_cache = layer(x, positions, kv_cache, meta._replace(layer_index=index))
             new_caches.append(kv_cache)
         return self.norm(x), new_caches
 

@@ -32,7 +32,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 # HF `architectures` entries -> our architecture names.
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                    "Qwen3ForCausalLM": "qwen3"}
+                    "Qwen3ForCausalLM": "qwen3", "SmolLM3ForCausalLM": "smollm3"}
 # GGUF `general.architecture` values we load (llama.cpp writes Mistral models as "llama").
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -178,11 +178,27 @@ def _architecture_from_hf(cfg: dict[str, Any]) -> str:
                      f"{', '.join(SUPPORTED_ARCHITECTURES)} ({', '.join(HF_ARCHITECTURES)})")
 
 
+def _rope_layers(cfg: dict[str, Any]) -> tuple[bool, ...]:
+    """SmolLM3: which layers rotate q/k (`no_rope_layers`: 1 = RoPE, 0 = none; by default every
+    `no_rope_layer_interval`-th layer has none, as transformers fills it in)."""
+    layers = int(cfg["num_hidden_layers"])
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = int(cfg.get("no_rope_layer_interval", 4))
+        flags = [(i + 1) % interval != 0 for i in range(layers)]
+    if len(flags) != layers:
+        raise ValueError(f"no_rope_layers has {len(flags)} entries for {layers} layers")
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+        raise ValueError("SmolLM3 with use_sliding_window (a window on its NoPE layers only) is not supported")
+    return tuple(bool(f) for f in flags)
+
+
 def config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = None) -> ModelConfig:
     arch = _architecture_from_hf(cfg)
     num_heads = int(cfg["num_attention_heads"])
     rope_params = cfg.get("rope_parameters") or {}  # transformers v5 layout
     rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    rope_layers = _rope_layers(cfg) if arch == "smollm3" else None
     if arch in ("qwen2", "qwen3"):
         sliding_window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
     elif arch == "mistral":
@@ -205,6 +221,7 @@ def config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = 
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
         qk_norm=arch == "qwen3",
+        rope_layers=rope_layers,
         sliding_window=int(sliding_window) if sliding_window else None,
         bos_token_id=cfg.get("bos_token_id"),
         # generation_config.json often lists extra stop ids (e.g. <|eot_id|>) that config.json lacks.

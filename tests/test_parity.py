@@ -35,7 +35,7 @@ def assert_matches_oracle(outputs, expected):
             assert want_ids[0] in got
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3_rope", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "llama3_rope", "qwen2", "qwen3", "smollm3", "mistral"])
 def test_greedy_parity_batched(arch, tiny_model_cache, oracle, tmp_path):
     model_dir = tiny_model_cache.get(arch)
     prompts = make_prompts()

@@ -177,6 +177,23 @@ def test_qwen3_config(tmp_path):
     assert not load_model_config(resolve_model_source(str(_llama_dir(tmp_path)))).qk_norm
 
 
+def test_smollm3_config_says_which_layers_rotate(tmp_path):
+    base = dict(architectures=["SmolLM3ForCausalLM"], model_type="smollm3", num_hidden_layers=8)
+    write_hf_dir(str(tmp_path / "a"), tiny_hf_config(**base), tiny_hf_tensors())
+    cfg = load_model_config(resolve_model_source(str(tmp_path / "a")))  # transformers' default: every 4th NoPE
+    assert cfg.architecture == "smollm3" and cfg.rope_layers == (True, True, True, False) * 2
+    write_hf_dir(str(tmp_path / "b"), tiny_hf_config(**base, no_rope_layers=[1, 0, 0, 1, 1, 1, 1, 0]),
+                 tiny_hf_tensors())
+    assert load_model_config(resolve_model_source(str(tmp_path / "b"))).rope_layers == (
+        True, False, False, True, True, True, True, False)
+    for bad, match in (({"no_rope_layers": [1, 0]}, "2 entries for 8 layers"),
+                       ({"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window")):
+        write_hf_dir(str(tmp_path / "c"), tiny_hf_config(**base, **bad), tiny_hf_tensors())
+        with pytest.raises(ValueError, match=match):
+            load_model_config(resolve_model_source(str(tmp_path / "c")))
+    assert load_model_config(resolve_model_source(str(_llama_dir(tmp_path)))).rope_layers is None
+
+
 def _llama_dir(tmp_path):
     return write_hf_dir(str(tmp_path / "llama"), tiny_hf_config(), tiny_hf_tensors())
 

@@ -3,7 +3,7 @@
 The checkpoints are written by transformers itself, through the oracle venv (tests/oracle), so they
 are exactly what a real HF directory looks like.  Variants (see tests/oracle/tiny_checkpoint.py):
 llama (untied), llama3_rope (llama3 RoPE scaling, tied), qwen2 (qkv biases, tied), qwen3 (q/k norms, tied),
-mistral (untied).
+smollm3 (NoPE layers, tied), mistral (untied).
 
 Fixtures (register them from tests/conftest.py by importing them): `oracle` (one long-lived
 OracleProcess per session; parity tests call oracle.greedy / oracle.logits on it), tiny_model_cache,
@@ -24,7 +24,7 @@ from oracle.client import (
     run_oracle,
 )
 
-TINY_ARCHS = ("llama", "llama3_rope", "qwen2", "qwen3", "mistral")
+TINY_ARCHS = ("llama", "llama3_rope", "qwen2", "qwen3", "smollm3", "mistral")
 
 requires_oracle = pytest.mark.skipif(not oracle_available(), reason=ORACLE_MISSING_REASON)
 

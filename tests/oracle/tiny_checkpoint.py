@@ -6,6 +6,7 @@ Each architecture variant exercises a different loader/model path of the JAX eng
   llama3_rope  llama3 RoPE scaling, tied embeddings (Llama-3.2 style)
   qwen2        q/k/v biases, tied embeddings (Qwen2.5-0.5B style)
   qwen3        per-head q/k RMSNorm, head_dim 32 (heads x head_dim != hidden), tied (Qwen3-0.6B style)
+  smollm3      no RoPE in every second layer (SmolLM3's NoPE layers, every fourth in the real model), tied
   mistral      untied lm_head, no sliding window (Mistral-7B-v0.3 style)
 
 All share GQA (4 query heads, 2 kv heads, head_dim 16 but qwen3's 32) and the SmolLM2 vocabulary (49152), so the
@@ -72,6 +73,9 @@ TINY_ARCHS = {
     "qwen3": TinyArch("Qwen3Config", "Qwen3ForCausalLM", 2, True,
                       {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                        "use_sliding_window": False, "attention_bias": False, "head_dim": 32}),
+    "smollm3": TinyArch("SmolLM3Config", "SmolLM3ForCausalLM", 4, True,
+                        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                         "no_rope_layer_interval": 2, "use_sliding_window": False, "pad_token_id": None}),
     "mistral": TinyArch("MistralConfig", "MistralForCausalLM", 4, False,
                         {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                          "sliding_window": None}),
