@@ -1,4 +1,4 @@
-"""Projections over block-quantized weights: GGUF's Q4_0 / Q4_1 / Q8_0 tensors kept in their 32-value blocks.
+"""Projections over block-quantized weights: GGUF's Q4_0 / Q4_1 / Q4_K / Q8_0 tensors kept in 32-value blocks.
 
 A decode step on the CPU is a stream of weights: a 4-bit block streams 0.75 bytes per weight against
 bfloat16's 2. The kernels (block_quant.cc, built with cpu_kernels.py's library) unpack the blocks as they go
@@ -9,7 +9,7 @@ Three formats, a row of 32-value blocks per output (GGUF's own rows), interleave
 by block so the kernel reads each array as one sequential stream:
 - "q4": `qweight` uint8 [N/TILE, K/32 * TILE * 16] (byte j of a block: value j low nibble, value j + 16 high),
   `scales` and `mins` float32 [N/TILE, K/32 * TILE]; w = scale * q + min with q in [0, 15]. Q4_0 is the
-  same with min = -8 * scale.
+  same with min = -8 * scale; Q4_K's sub-blocks are these blocks with their scales and mins multiplied out.
 - "q8": `qweight` int8 [N/TILE, K/32 * TILE * 32], `scales` as above; w = scale * q.
 - "bf16_blocks": `qweight` uint16 [N/TILE, K/32 * TILE * 32], a bfloat16 model's weights as they are (their bits), no
   scales: on the CPU a bfloat16 checkpoint's projections take the same loops as GGUF's blocks, and with them
@@ -30,8 +30,9 @@ BLOCK = 32
 TILE = 2
 Q4_TARGET, Q8_TARGET, BF16_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul"
 
-# GGUF block types -> (our format, bytes per block)
-GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
+# GGUF block types -> (our format, values per GGUF block, bytes per GGUF block). Q4_K's 256-value super-blocks
+# hold eight 32-value sub-blocks, each with its own 6-bit scale and min: exactly "q4" blocks once unpacked.
+GGUF_FORMATS = {"Q4_0": ("q4", 32, 18), "Q4_1": ("q4", 32, 20), "Q8_0": ("q8", 32, 34), "Q4_K": ("q4", 256, 144)}
 
 
 def format_of(gguf_type_name: str) -> str | None:
@@ -41,20 +42,41 @@ def format_of(gguf_type_name: str) -> str | None:
 
 
 def pack_gguf(raw: np.ndarray, gguf_type_name: str) -> dict[str, np.ndarray]:
-    """One GGUF tensor's raw bytes [N, blocks * block_bytes] -> row-major {"qweight" [N, blocks, bytes],
-    "scales" [N, blocks][, "mins"]}; `tile` then interleaves the rows for the kernels."""
-    fmt, block_bytes = GGUF_FORMATS[gguf_type_name]
+    """One GGUF tensor's raw bytes [N, gguf_blocks * block_bytes] -> row-major {"qweight" [N, blocks, bytes],
+    "scales" [N, blocks][, "mins"]} of 32-value blocks; `tile` then interleaves the rows for the kernels."""
+    _, _, block_bytes = GGUF_FORMATS[gguf_type_name]
     n = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(n, -1, block_bytes)
-    scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    half = lambda first: blocks[:, :, first:first + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if gguf_type_name == "Q4_K":
+        return _pack_q4_k(blocks, half(0), half(2))
+    scale = half(0)
     if gguf_type_name == "Q8_0":
         return {"qweight": blocks[:, :, 2:].copy().view(np.int8), "scales": scale}
     if gguf_type_name == "Q4_1":
-        mins = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        nibbles = blocks[:, :, 4:]
+        mins, nibbles = half(2), blocks[:, :, 4:]
     else:  # Q4_0: w = scale * (q - 8)
         mins, nibbles = -8.0 * scale, blocks[:, :, 2:]
     return {"qweight": np.ascontiguousarray(nibbles), "scales": scale, "mins": mins}
+
+
+def _pack_q4_k(blocks: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> dict[str, np.ndarray]:
+    """Q4_K super-blocks [N, S, 144] (d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles) as
+    8 * S "q4" blocks a row: sub-block j's w = (d * scale_j) * q - dmin * min_j, as GGUF dequantizes it."""
+    n, supers = blocks.shape[:2]
+    packed = blocks[:, :, 4:16]
+    low, high, rest = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    # Sub-blocks 0-3 keep their six bits in bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7 take four low
+    # bits from bytes 8-11 and their top two from the spare top bits of bytes 0-7.
+    scale6 = np.concatenate([low & 63, (rest & 15) | ((low >> 6) << 4)], axis=-1).astype(np.float32)
+    min6 = np.concatenate([high & 63, (rest >> 4) | ((high >> 6) << 4)], axis=-1).astype(np.float32)
+    # 32 bytes per pair of sub-blocks: the low nibbles are the first's 32 values, the high ones the second's.
+    pairs = blocks[:, :, 16:].reshape(n, supers, 4, 1, 32)
+    values = (pairs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15  # [N, S, 4, 2, 32]
+    values = values.reshape(n, supers * 8, 32)
+    nibbles = values[..., :16] | (values[..., 16:] << 4)  # byte i: value i low, value i + 16 high
+    return {"qweight": np.ascontiguousarray(nibbles, dtype=np.uint8),
+            "scales": (d[..., None] * scale6).reshape(n, -1), "mins": -(dmin[..., None] * min6).reshape(n, -1)}
 
 
 def pack_bf16(weight) -> dict[str, np.ndarray]:

@@ -196,6 +196,79 @@ def test_packed_blocks_dequantize_like_gguf(qtype):
     np.testing.assert_array_equal(np.asarray(rows), want[np.asarray(ids)])
 
 
+def random_q4_k(rng, rows: int, supers: int) -> np.ndarray:
+    """Random Q4_K super-blocks [rows, supers * 144] (gguf cannot quantize K-quants) with small finite d, dmin."""
+    raw = rng.integers(0, 256, size=(rows, supers, 144), dtype=np.uint8)
+    for first in (0, 2):
+        half = rng.uniform(1e-4, 2e-3, (rows, supers, 1)).astype(np.float16)
+        raw[:, :, first:first + 2] = half.view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def test_q4_k_super_blocks_are_q4_blocks_exactly():
+    rng = np.random.default_rng(7)
+    raw = random_q4_k(rng, 6, 3)  # 6 rows of 768 values
+    packed = block_quant.tile(block_quant.pack_gguf(raw, "Q4_K"))
+    want = dequantize(raw, QT.Q4_K).reshape(6, 768)
+    np.testing.assert_array_equal(block_quant.dequantize(*weights_args(packed)), want)
+    ids = jnp.asarray([5, 0, 3])
+    np.testing.assert_array_equal(np.asarray(block_quant.lookup_rows(*weights_args(packed), ids)),
+                                  want[np.asarray(ids)])
+    x = rng.standard_normal((3, 768)).astype(np.float32)
+    got = np.asarray(block_quant.matmul(jnp.asarray(x), *map(jnp.asarray, weights_args(packed))))
+    np.testing.assert_allclose(got, x @ want.T, rtol=1e-5, atol=1e-5 * np.abs(x @ want.T).max())
+
+
+def write_q4_k_gguf(path, rng, mixed_down: bool = False):
+    """A 2-layer Llama GGUF (hidden 256, 4 heads of 64, 2 KV heads) whose projections are Q4_K; with
+    `mixed_down`, layer 1's down_proj is Q6_K (as llama.cpp's Q4_K_M mixes), norms and embedding float32."""
+    import gguf
+
+    hidden, inter, layers, vocab = 256, 256, 2, 64
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", layers), ("embedding_length", hidden), ("feed_forward_length", inter),
+                       ("attention.head_count", 4), ("attention.head_count_kv", 2), ("context_length", 256)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, hidden)).astype(np.float32))
+    w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+    shapes = {"attn_q": 256, "attn_k": 128, "attn_v": 128, "attn_output": hidden, "ffn_gate": inter,
+              "ffn_up": inter, "ffn_down": hidden}
+    for layer in range(layers):
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{layer}.{name}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        for name, rows in shapes.items():
+            if mixed_down and layer == 1 and name == "ffn_down":
+                raw, qtype = rng.integers(0, 256, (rows, 210), dtype=np.uint8), QT.Q6_K
+                raw[:, 208:210] = rng.uniform(1e-4, 1e-3, (rows, 1)).astype(np.float16).view(np.uint8)
+            else:
+                raw, qtype = random_q4_k(rng, rows, 1), QT.Q4_K
+            w.add_tensor(f"blk.{layer}.{name}.weight", raw, raw_dtype=qtype)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+@pytest.mark.parametrize("mixed_down", [False, True])
+def test_q4_k_model_runs_in_blocks_like_its_dequantized_weights(tmp_path, mixed_down):
+    write_q4_k_gguf(tmp_path / "k.gguf", np.random.default_rng(11), mixed_down)
+    formats = block_formats(read_gguf_header(str(tmp_path / "k.gguf")))
+    want = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"} | (set() if mixed_down else {"down_proj"})
+    assert set(formats) == want and set(formats.values()) == {"q4"}  # a module of mixed types dequantizes
+    kw = dict(model=str(tmp_path / "k.gguf"), tokenizer=default_gguf_path(), checkpoint_cache_dir=None,
+              precompile=False, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              kv_cache_dtype="float32", dtype="float32")
+    blocks, dense = LLM(**kw), LLM(quantization="none", **kw)
+    assert dict(blocks.engine.runner.config.block_formats)["gate_proj"] == "q4"
+    assert {"qkv_proj", "gate_up_proj"} <= {str(path[-2]) for path in blocks.engine.runner.split.layer_paths}
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 60, size=int(rng.integers(2, 14))).tolist() for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    for got, ref in zip(blocks.generate(prompts, params), dense.generate(prompts, params)):
+        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
+        for token, lp in ref.outputs[0].logprobs[0].items():  # the same weights, summed in another order
+            assert abs(got.outputs[0].logprobs[0][token].logprob - lp.logprob) < 1e-4
+
+
 def test_block_formats_and_loaded_blocks_match_the_dequantized_tensors(tmp_path):
     # test_weights' tiny GGUF mixes types: Q4_0 / Q4_1 / Q8_0 projections, an F16 and a BF16 one, Q8_0
     # embedding, F32 head.
