@@ -20,6 +20,7 @@ from jaxserve import LLM, SamplingParams
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
+    ap.add_argument("--tokenizer", default=None, help="for a model without its own (e.g. a GGUF without one)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantization", default=None, choices=["int8", "gguf", "none"])
     ap.add_argument("--kv-cache-dtype", default="auto")
@@ -34,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     extra = {k: v for k, v in (("async_scheduling", args.async_scheduling),
                                ("num_speculative_tokens", args.num_speculative_tokens)) if v is not None}
-    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    llm = LLM(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
               max_model_len=1024, max_num_seqs=max(args.batches), max_num_batched_tokens=512, **extra)
     eng = llm.engine
     cfg = eng.model_config
