@@ -30,9 +30,9 @@ BLOCK = 32
 TILE = 2
 Q4_TARGET, Q8_TARGET, BF16_TARGET = "jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul"
 
-# GGUF block types -> (our format, values per GGUF block, bytes per GGUF block). Q4_K's 256-value super-blocks
-# hold eight 32-value sub-blocks, each with its own 6-bit scale and min: exactly "q4" blocks once unpacked.
-GGUF_FORMATS = {"Q4_0": ("q4", 32, 18), "Q4_1": ("q4", 32, 20), "Q8_0": ("q8", 32, 34), "Q4_K": ("q4", 256, 144)}
+# GGUF block types -> (our format, bytes per GGUF block). Q4_K's 256-value super-blocks hold eight 32-value
+# sub-blocks, each with its own 6-bit scale and min: exactly "q4" blocks once unpacked.
+GGUF_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34), "Q4_K": ("q4", 144)}
 
 
 def format_of(gguf_type_name: str) -> str | None:
@@ -44,7 +44,7 @@ def format_of(gguf_type_name: str) -> str | None:
 def pack_gguf(raw: np.ndarray, gguf_type_name: str) -> dict[str, np.ndarray]:
     """One GGUF tensor's raw bytes [N, gguf_blocks * block_bytes] -> row-major {"qweight" [N, blocks, bytes],
     "scales" [N, blocks][, "mins"]} of 32-value blocks; `tile` then interleaves the rows for the kernels."""
-    _, _, block_bytes = GGUF_FORMATS[gguf_type_name]
+    _, block_bytes = GGUF_FORMATS[gguf_type_name]
     n = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(n, -1, block_bytes)
     half = lambda first: blocks[:, :, first:first + 2].copy().view(np.float16)[..., 0].astype(np.float32)
