@@ -69,7 +69,7 @@ _ENGINE_HELP = {
                                   "defaults, e.g. '{\"temperature\": 0.5, \"max_new_tokens\": 256}'.",
     "scheduling_policy": "fcfs: requests in arrival order; priority: by the requests' priority (lower first), "
                          "then arrival, and the last in that order is preempted when KV pages run out.",
-    "quantization": "gguf: keep a .gguf model's Q4_0 / Q4_1 / Q8_0 weights in their blocks and multiply through "
+    "quantization": "gguf: keep a .gguf model's Q4_0 / Q4_1 / Q4_K / Q8_0 weights in their blocks and multiply through "
                     "the CPU block kernels (the default for .gguf models on one CPU device with the kernels); "
                     "none: dequantize GGUF weights to --dtype; int8: round the layers' projection weights to int8 "
                     "with per-column power-of-two scales for the CPU int8 kernel (one CPU device, bfloat16 "
