@@ -35,8 +35,9 @@ def main() -> None:
     args = ap.parse_args()
     extra = {k: v for k, v in (("async_scheduling", args.async_scheduling),
                                ("num_speculative_tokens", args.num_speculative_tokens)) if v is not None}
-    llm = LLM(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-              max_model_len=1024, max_num_seqs=max(args.batches), max_num_batched_tokens=512, **extra)
+    llm = LLM(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype, max_model_len=1024, max_num_seqs=max(args.batches),
+              max_num_batched_tokens=512, **extra)
     eng = llm.engine
     cfg = eng.model_config
     leaves = eng.runner.params[0] + eng.runner.params[1]

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxserve.models.weights import HF_ARCHITECTURES
+
 _TOKENIZER_DIRS: dict[str, Path] = {}
 
 
@@ -55,7 +57,7 @@ def write_random_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, layers:
     save_file(tensors, str(out / "model.safetensors"))
     arch = "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
     config = {
-        "architectures": [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch, "LlamaForCausalLM")],
+        "architectures": [next(name for name, ours in HF_ARCHITECTURES.items() if ours == arch)],
         "model_type": arch, "head_dim": head_dim, "vocab_size": vocab, "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "max_position_embeddings": max_positions, "rms_norm_eps": 1e-5,

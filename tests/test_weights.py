@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from jaxserve.config import ModelConfig
 from jaxserve.models.gguf_reader import read_gguf_header, undo_rotary_permutation
 from jaxserve.models.weights import (
-    generation_defaults, iter_hf_tensors, load_model_config, load_tokenizer, resolve_model_source)
+    config_from_hf, generation_defaults, iter_hf_tensors, load_model_config, load_tokenizer, resolve_model_source)
 
 # A tiny Llama: vocab 64, hidden 32, 4 heads of 8, 2 KV heads, 2 layers.
 V, H, I, L, NH, NKV = 64, 32, 64, 2, 4, 2
@@ -174,7 +174,7 @@ def test_qwen3_config(tmp_path):
     assert (cfg.architecture, cfg.qk_norm, cfg.head_dim, cfg.attention_bias, cfg.sliding_window) == (
         "qwen3", True, 16, False, None)
     assert "model.layers.1.self_attn.k_norm.weight" in dict(iter_hf_tensors(src))
-    assert not load_model_config(resolve_model_source(str(_llama_dir(tmp_path)))).qk_norm
+    assert not config_from_hf(tiny_hf_config()).qk_norm
 
 
 def test_smollm3_config_says_which_layers_rotate(tmp_path):
@@ -191,11 +191,7 @@ def test_smollm3_config_says_which_layers_rotate(tmp_path):
         write_hf_dir(str(tmp_path / "c"), tiny_hf_config(**base, **bad), tiny_hf_tensors())
         with pytest.raises(ValueError, match=match):
             load_model_config(resolve_model_source(str(tmp_path / "c")))
-    assert load_model_config(resolve_model_source(str(_llama_dir(tmp_path)))).rope_layers is None
-
-
-def _llama_dir(tmp_path):
-    return write_hf_dir(str(tmp_path / "llama"), tiny_hf_config(), tiny_hf_tensors())
+    assert config_from_hf(tiny_hf_config()).rope_layers is None
 
 
 def test_mistral_config_keeps_configured_sliding_window(tmp_path):
