@@ -90,4 +90,12 @@ bool has_bf16_dots();
 void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
                  int64_t N, bool four_bit);
 
+// Whether this CPU and OS give this process AMX's bfloat16 tiles (block_quant_amx.cc).
+bool has_amx();
+
+// y[M, N] = x[M, K] (bfloat16 bits) . bf16(dequantize(w))^T with float32 sums, in AMX tiles: bf16_matmul's
+// path on CPUs with has_amx(), at every row count.
+void amx_matmul(ffi::ThreadPool& pool, const uint16_t* x, const Weights& w, float* y, int64_t M, int64_t K,
+                int64_t N, bool four_bit);
+
 }  // namespace jaxserve::block_quant

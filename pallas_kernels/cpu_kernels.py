@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).parent
 # One library; block_quant.py wraps block_quant*.cc
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_sampling.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc")
-HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "block_quant.h")
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_sampling.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc",
+           HERE / "block_quant_amx.cc")
+HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "block_quant.h", HERE / "block_quant_bf16.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
 # references' roundings where they promise to.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
