@@ -44,12 +44,21 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
-// A constant in memory, not a local: GCC 12 drops a local's stores before ldtilecfg (it does not see the
-// builtin read them), which left the tiles unconfigured.
-alignas(64) constexpr TileConfig kTileConfig = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64},
-                                                {16, 16, 16, 16, 16, 16, 16, 16}};
-
-JAXSERVE_AMX void load_tile_config() { _tile_loadconfig(&kTileConfig); }
+// Token groups narrower than 16 get narrower B and sum tiles: a tile multiply's time follows its width (one
+// token: half a full tile's). Each sum is the same chain of multiplies at any width, so rows still get the
+// same sums alone or batched (tests/test_block_quant.py).
+JAXSERVE_AMX void load_tile_config(int tokens0, int tokens1) {
+  TileConfig config = {};
+  config.palette = 1;
+  const int widths[8] = {tokens0, tokens0, tokens1, tokens1, kTileDim, kTileDim, tokens0, tokens1};
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = widths[t] > 0 ? kTileDim : 0;
+    config.colsb[t] = static_cast<uint16_t>(4 * widths[t]);
+  }
+  // GCC 12 does not see ldtilecfg read the config and dropped the stores above (tiles left unconfigured)
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
 
 // x [M, K] bfloat16 -> pairs[G][nb][16][16] (G = ceil(M / 16) token groups): B tile (g, b) holds block b of
 // group g's tokens, pair r of token j at [r][j]; tokens past M stay zero.
@@ -230,7 +239,8 @@ void matmul(ffi::ThreadPool& pool, const uint16_t* x, const Weights& w, float* y
   parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
     AlignedBuffer<uint16_t> panel(std::max<int64_t>(nb, 2) * kChunkValues);  // or two chunks
     AlignedBuffer<float> sums(4 * kPairTile);
-    load_tile_config();
+    load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
+                     groups > 2 ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim)));
     for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
       const int64_t o0 = p * kGroupOutputs;
       const int count = static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));

@@ -69,15 +69,17 @@ def test_kernel_matches_the_reference(fmt, m, n, k):
 def test_a_rows_sums_do_not_depend_on_the_rows_beside_it(fmt, bf16):
     """Every row count takes the same sums per row, bit for bit: alone, in a few rows (blocks multiplied as
     unpacked) or many (panels, rows in threes), padded or not. This is what keeps a sequence's greedy tokens
-    and logprobs the same whatever it is batched with (bf16 where the CPU has AVX512-BF16, else float32)."""
+    and logprobs the same whatever it is batched with (bf16 where the CPU has AVX512-BF16, else float32). On
+    AMX CPUs the bf16 rows also cross the tile paths: one token group of 1-16 (narrow tiles), two (17-32,
+    streamed), more (panels, pairs of groups and a last odd one)."""
     rng = np.random.default_rng(21)
     w = random_blocks(rng, fmt, 2 * 4 * 5 + 2, 160)  # 21 tiles: panels of four outputs and a last one of two
-    x = rng.standard_normal((40, 160)).astype(np.float32)
+    x = rng.standard_normal((70, 160)).astype(np.float32)
     call = jax.jit(lambda x, q, s, mn: block_quant.matmul(x, q, s, mn, bf16=bf16))
     every = np.asarray(call(x, *weights_args(w)))
-    for m in (1, 2, 3, 4, 5, 7, 8, 9, 10, 13, 29):
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 10, 13, 16, 17, 29, 32, 33, 40):
         np.testing.assert_array_equal(np.asarray(call(x[:m], *weights_args(w))), every[:m], err_msg=f"{m} rows")
-    for i in (0, 17, 39):
+    for i in (0, 17, 39, 69):
         np.testing.assert_array_equal(np.asarray(call(x[i:i + 1], *weights_args(w))), every[i:i + 1])
     padded = np.asarray(block_quant.matmul(x, *weights_args(w), rows=jnp.asarray([5], jnp.int32), bf16=bf16))
     np.testing.assert_array_equal(padded[:5], every[:5])
@@ -97,7 +99,7 @@ def test_stacked_weights_are_read_at_the_layer_index(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-@pytest.mark.parametrize("m", [1, 2, 7, 13, 31, 70])
+@pytest.mark.parametrize("m", [1, 2, 7, 13, 17, 31, 70])
 def test_bf16_multiplies_the_rounded_values_where_the_cpu_has_it(fmt, m):
     """bf16=True on CPUs with AVX512-BF16: x and the weights rounded to bfloat16 and summed in float32. On
     other CPUs the attribute changes nothing: float32, exact."""
