@@ -50,6 +50,25 @@ struct AlignedBuffer {
   T* data;
 };
 
+// This thread's 64-byte aligned scratch number kSlot, at least n values, kept and grown across calls: a long
+// step's buffers are over glibc's mmap threshold, and allocating them per call paid for fresh pages (page
+// faults were ~20% of a 128-token step's projections).
+template <typename T, int kSlot>
+T* thread_scratch(int64_t n) {
+  struct Kept {
+    T* data = nullptr;
+    int64_t size = 0;
+    ~Kept() { std::free(data); }
+  };
+  thread_local Kept kept;
+  if (kept.size < n) {
+    std::free(kept.data);
+    kept.data = static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64));
+    kept.size = n;
+  }
+  return kept.data;
+}
+
 // out[0], out[1] = the sums of a's and b's lanes, by hadd(hadd(a, b), hadd(a, b)): for each output the same
 // additions as the panels' four-output reduction (lanes of hadd(hadd(a, b), hadd(c, d)) halves), so every
 // path gives an output the same sum. Shared by the float32 and the bfloat16 loops.
@@ -93,9 +112,9 @@ void bf16_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float*
 // Whether this CPU and OS give this process AMX's bfloat16 tiles (block_quant_amx.cc).
 bool has_amx();
 
-// y[M, N] = x[M, K] (bfloat16 bits) . bf16(dequantize(w))^T with float32 sums, in AMX tiles: bf16_matmul's
-// path on CPUs with has_amx(), at every row count.
-void amx_matmul(ffi::ThreadPool& pool, const uint16_t* x, const Weights& w, float* y, int64_t M, int64_t K,
+// y[M, N] = bf16(x[M, K]) . bf16(dequantize(w))^T with float32 sums, in AMX tiles: bf16_matmul's path on CPUs
+// with has_amx(), at every row count.
+void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
                 int64_t N, bool four_bit);
 
 }  // namespace jaxserve::block_quant

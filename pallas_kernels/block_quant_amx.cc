@@ -60,17 +60,57 @@ JAXSERVE_AMX void load_tile_config(int tokens0, int tokens1) {
   _tile_loadconfig(&config);
 }
 
-// x [M, K] bfloat16 -> pairs[G][nb][16][16] (G = ceil(M / 16) token groups): B tile (g, b) holds block b of
-// group g's tokens, pair r of token j at [r][j]; tokens past M stay zero.
-void pair_tokens(const uint16_t* x, int64_t M, int64_t K, uint32_t* pairs) {
-  const int64_t nb = K / kBlock, groups = (M + kTileDim - 1) / kTileDim;
-  std::memset(pairs, 0, groups * nb * kPairTile * sizeof(uint32_t));
-  for (int64_t m = 0; m < M; ++m) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(x + m * K);
-    uint32_t* group = pairs + (m / kTileDim) * nb * kPairTile + m % kTileDim;
-    for (int64_t b = 0; b < nb; ++b)
-      for (int r = 0; r < kTileDim; ++r) group[b * kPairTile + r * kTileDim] = row[b * kTileDim + r];
+// rows[0..15] transposed in place (16 x 16 float32): unpack pairs, then 4 x 4 blocks, then 128-bit lanes.
+JAXSERVE_AVX512_BF16 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  // u[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+  }
+}
+
+// Token group g of x [M, K] float32 rounded to bfloat16 and laid out as B tiles: pairs[b] (b < nb) holds its
+// block b, pair r of token j at [r][j] (a 16 x 16 transpose of the tokens' 32-bit pairs); tokens past M are
+// zero.
+JAXSERVE_AVX512_BF16 void pair_group(const float* x, int64_t M, int64_t K, int64_t g, uint32_t* pairs) {
+  const int64_t tokens = std::min<int64_t>(kTileDim, M - g * kTileDim);
+  const float* rows = x + g * kTileDim * K;
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    __m512 r[kTileDim];
+    for (int j = 0; j < kTileDim; ++j) {
+      const float* v = rows + j * K + b * kBlock;
+      r[j] = j < tokens ? reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(v + 16), _mm512_loadu_ps(v)))
+                        : _mm512_setzero_ps();
+    }
+    transpose16(r);
+    for (int j = 0; j < kTileDim; ++j) _mm512_store_ps(reinterpret_cast<float*>(pairs + b * kPairTile + j * kTileDim), r[j]);
+  }
+}
+
+// Every token group paired (pair_group), over the pool's threads when the step is long.
+void pair_tokens(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, uint32_t* pairs) {
+  const int64_t groups = (M + kTileDim - 1) / kTileDim, per_group = K / kBlock * kPairTile;
+  if (groups < 4) {
+    for (int64_t g = 0; g < groups; ++g) pair_group(x, M, K, g, pairs + g * per_group);
+    return;
+  }
+  parallel_blocks(pool, groups, [&](int64_t g) { pair_group(x, M, K, g, pairs + g * per_group); });
 }
 
 // Outputs [o0, o0 + count) (count <= 32, even) unpacked block by block: panel[b] is two A tiles, row i of
@@ -188,31 +228,6 @@ JAXSERVE_AMX void stream_group(const Weights& w, int64_t o0, int count, const ui
 
 JAXSERVE_AMX void release_tiles() { _tile_release(); }
 
-// rows[0..15] transposed in place (16 x 16 float32): unpack pairs, then 4 x 4 blocks, then 128-bit lanes.
-JAXSERVE_AVX512_BF16 inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
-    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
-  }
-  // u[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3
-  for (int c = 0; c < 4; ++c) {
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
-    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
-    r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
-  }
-}
-
 // The group's sums (tile a + 2 * g: outputs 16a.., tokens 16g..; [output][token]) into y's rows m0.. for its
 // real tokens and outputs.
 JAXSERVE_AVX512_BF16 void store_sums(const float* sums, int64_t m0, int64_t tokens, int64_t o0, int count, float* y,
@@ -229,38 +244,38 @@ JAXSERVE_AVX512_BF16 void store_sums(const float* sums, int64_t m0, int64_t toke
 }
 
 template <bool kFourBit>
-void matmul(ffi::ThreadPool& pool, const uint16_t* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
+void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / kBlock, groups = (M + kTileDim - 1) / kTileDim;
-  AlignedBuffer<uint32_t> pairs(groups * nb * kPairTile);
-  pair_tokens(x, M, K, pairs.data);
+  uint32_t* pairs = thread_scratch<uint32_t, 0>(groups * nb * kPairTile);
+  pair_tokens(pool, x, M, K, pairs);
   const int64_t panels = (N + kGroupOutputs - 1) / kGroupOutputs;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
   const int64_t per_task = (panels + tasks - 1) / tasks;
   parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
-    AlignedBuffer<uint16_t> panel(std::max<int64_t>(nb, 2) * kChunkValues);  // or two chunks
-    AlignedBuffer<float> sums(4 * kPairTile);
+    uint16_t* panel = thread_scratch<uint16_t, 1>(std::max<int64_t>(nb, 2) * kChunkValues);  // or two chunks
+    float* sums = thread_scratch<float, 2>(4 * kPairTile);
     load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
                      groups > 2 ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim)));
     for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
       const int64_t o0 = p * kGroupOutputs;
       const int count = static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));
       if (groups <= 2) {
-        const uint32_t* pairs1 = pairs.data + nb * kPairTile;
+        const uint32_t* pairs1 = pairs + nb * kPairTile;
         if (groups == 2)
-          stream_group<kFourBit, true>(w, o0, count, pairs.data, pairs1, panel.data, sums.data);
+          stream_group<kFourBit, true>(w, o0, count, pairs, pairs1, panel, sums);
         else
-          stream_group<kFourBit, false>(w, o0, count, pairs.data, nullptr, panel.data, sums.data);
-        store_sums(sums.data, 0, M, o0, count, y, N);
+          stream_group<kFourBit, false>(w, o0, count, pairs, nullptr, panel, sums);
+        store_sums(sums, 0, M, o0, count, y, N);
         continue;
       }
-      unpack_group<kFourBit>(w, o0, count, panel.data);
+      unpack_group<kFourBit>(w, o0, count, panel);
       for (int64_t g = 0; g < groups; g += 2) {
-        const uint32_t* pairs0 = pairs.data + g * nb * kPairTile;
+        const uint32_t* pairs0 = pairs + g * nb * kPairTile;
         if (g + 1 < groups)
-          multiply_groups<true>(panel.data, pairs0, pairs0 + nb * kPairTile, nb, sums.data);
+          multiply_groups<true>(panel, pairs0, pairs0 + nb * kPairTile, nb, sums);
         else
-          multiply_groups<false>(panel.data, pairs0, nullptr, nb, sums.data);
-        store_sums(sums.data, g * kTileDim, std::min<int64_t>(2 * kTileDim, M - g * kTileDim), o0, count, y, N);
+          multiply_groups<false>(panel, pairs0, nullptr, nb, sums);
+        store_sums(sums, g * kTileDim, std::min<int64_t>(2 * kTileDim, M - g * kTileDim), o0, count, y, N);
       }
     }
     release_tiles();
@@ -283,7 +298,7 @@ bool has_amx() {
   return yes;
 }
 
-void amx_matmul(ffi::ThreadPool& pool, const uint16_t* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
+void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
                 bool four_bit) {
   if (four_bit)
     matmul<true>(pool, x, w, y, M, K, N);

@@ -139,6 +139,7 @@ constexpr int64_t kParallelRoundingRows = 64;
 
 template <bool kFourBit>
 void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
+  if (has_amx()) return amx_matmul(pool, xf, w, y, M, K, N, kFourBit);
   AlignedBuffer<uint16_t> x(M * K);  // K is a multiple of 32: every row starts 64-byte aligned
   if (M >= kParallelRoundingRows) {
     constexpr int64_t kBlocks = 8;
@@ -150,7 +151,6 @@ void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, 
   } else {
     round_rows(xf, M * K, x.data);
   }
-  if (has_amx()) return amx_matmul(pool, x.data, w, y, M, K, N, kFourBit);
   static_assert(kFusedMaxRows == 8, "one case per row count below");
   switch (M) {
     case 1: return fused_matmul<kFourBit, 1>(pool, x.data, w, y, K, N);
