@@ -2,8 +2,8 @@
 
 A decode step on the CPU is a stream of weights: a 4-bit block streams 0.75 bytes per weight against
 bfloat16's 2. The kernels (block_quant.cc, built with cpu_kernels.py's library) unpack the blocks as they go
-and multiply in float32 (or, on CPUs with AVX512-BF16 and a bfloat16 model, in bfloat16 with float32 sums),
-with the same sums for a row whatever else shares its step.
+and multiply in float32 (or, on CPUs with AVX512-BF16 and a bfloat16 model, in bfloat16 with float32 sums:
+in AMX tiles where the CPU has them), with the same sums for a row whatever else shares its step.
 
 Three formats, a row of 32-value blocks per output (GGUF's own rows), interleaved in tiles of TILE rows block
 by block so the kernel reads each array as one sequential stream:

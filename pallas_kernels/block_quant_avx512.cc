@@ -4,7 +4,8 @@
 // outputs is unpacked once (here to bfloat16, in L1) and met by every row in a register-blocked micro-kernel;
 // steps of up to 8 rows skip the panel and multiply each unpacked block in registers, with the same sums. The
 // activations are rounded to bfloat16 once per call. Both roundings are to nearest even, as XLA's convert;
-// the sums stay float32.
+// the sums stay float32. On CPUs that also have AMX (has_amx()), every one of these steps goes to
+// block_quant_amx.cc's tiles instead, at every row count.
 // Only these functions use AVX-512 (by target attribute): the library still loads on AVX2-only CPUs, where
 // has_bf16_dots() is false and nothing here runs.
 
