@@ -27,10 +27,18 @@
 #include "block_quant_bf16.h"
 #include "cpu_parallel.h"
 
+// AMX intrinsics came with GCC 11 and Clang 12; with older compilers the library builds without this path.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define JAXSERVE_HAVE_AMX 1
+#else
+#define JAXSERVE_HAVE_AMX 0
+#endif
+
 #define JAXSERVE_AMX \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace jaxserve::block_quant {
+#if JAXSERVE_HAVE_AMX
 namespace {
 
 constexpr int kTileDim = 16;                       // an AMX tile: 16 rows of 64 bytes
@@ -289,12 +297,13 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
 }
 
 }  // namespace
+#endif  // JAXSERVE_HAVE_AMX
 
 bool has_amx() {
   // JAXSERVE_CPU_AMX=0 keeps the AVX512-BF16 loops (to compare them, or to test them on an AMX machine).
   static const bool yes = [] {
     const char* setting = std::getenv("JAXSERVE_CPU_AMX");
-    if (setting && std::string(setting) == "0") return false;
+    if (!JAXSERVE_HAVE_AMX || (setting && std::string(setting) == "0")) return false;
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
@@ -306,10 +315,12 @@ bool has_amx() {
 
 void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
                 bool four_bit) {
+#if JAXSERVE_HAVE_AMX
   if (four_bit)
     matmul<true>(pool, x, w, y, M, K, N);
   else
     matmul<false>(pool, x, w, y, M, K, N);
+#endif
 }
 
 }  // namespace jaxserve::block_quant

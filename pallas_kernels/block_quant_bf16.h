@@ -70,7 +70,7 @@ JAXSERVE_AVX512_BF16 inline void prefetch_block(const Weights& t, int64_t b) {
 }
 
 // x [M, K] float32 -> bfloat16, 32 values at a time (K is a multiple of 32).
-JAXSERVE_AVX512_BF16 void round_rows(const float* x, int64_t count, uint16_t* out) {
+JAXSERVE_AVX512_BF16 inline void round_rows(const float* x, int64_t count, uint16_t* out) {
   for (int64_t i = 0; i < count; i += 32) {
     const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
     _mm512_store_si512(out + i, reinterpret_cast<__m512i>(pair));
