@@ -46,12 +46,14 @@ constexpr int kGroupOutputs = 2 * kTileDim;        // two A tiles of outputs per
 constexpr int64_t kChunkValues = kGroupOutputs * kBlock;  // one block of each of the group's outputs (2 KiB)
 constexpr int64_t kPairTile = kTileDim * kTileDim;  // a B tile: 16 pair-rows x 16 tokens, as uint32 pairs
 
-// Tiles 0-3 hold sums (A0.B0, A1.B0, A0.B1, A1.B1), 4-5 the weights, 6-7 the activations; all 16 x 64 bytes.
+// Tiles 0-3 hold sums (A0.B0, A1.B0, A0.B1, A1.B1), 4-5 the weights (16 x 64 bytes), 6-7 the activations; all
+// 16 rows.
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t colsb[16];
   uint8_t rows[16];
 };
+
 // Token groups narrower than 16 get narrower B and sum tiles: a tile multiply's time follows its width (one
 // token: half a full tile's). Each sum is the same chain of multiplies at any width, so rows still get the
 // same sums alone or batched (tests/test_block_quant.py).
@@ -107,7 +109,8 @@ JAXSERVE_AVX512_BF16 void pair_group(const float* x, int64_t M, int64_t K, int64
                         : _mm512_setzero_ps();
     }
     transpose16(r);
-    for (int j = 0; j < kTileDim; ++j) _mm512_store_ps(reinterpret_cast<float*>(pairs + b * kPairTile + j * kTileDim), r[j]);
+    float* tile = reinterpret_cast<float*>(pairs + b * kPairTile);
+    for (int j = 0; j < kTileDim; ++j) _mm512_store_ps(tile + j * kTileDim, r[j]);
   }
 }
 
@@ -141,41 +144,59 @@ JAXSERVE_AVX512_BF16 void unpack_group(const Weights& w, int64_t o0, int count, 
   }
 }
 
-// One or two token groups (kTwo) against a panel: the group's sums, [outputs, tokens] per tile, into `sums`
-// (four 16 x 16 float32 tiles, in tile order 0-3).
+// The tile steps shared by the panels and the stream: the sums zeroed; one block's two A tiles (32 outputs x
+// 32 values, `weights`) against one or two token groups' B tiles; the sums out, in tile order 0-3.
 template <bool kTwo>
-JAXSERVE_AMX void multiply_groups(const uint16_t* panel, const uint32_t* pairs0, const uint32_t* pairs1, int64_t nb,
-                                  float* sums) {
+JAXSERVE_AMX inline void zero_sums() {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (kTwo) {
     _tile_zero(2);
     _tile_zero(3);
   }
-  for (int64_t b = 0; b < nb; ++b) {
-    // The tokens' next tiles into L1: tile loads left to the hardware waited on L2 (a quarter of the loop).
-    if (b + 2 < nb)
-      for (int line = 0; line < kPairTile * 4; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(pairs0 + (b + 2) * kPairTile) + line, _MM_HINT_T0);
-        if constexpr (kTwo) _mm_prefetch(reinterpret_cast<const char*>(pairs1 + (b + 2) * kPairTile) + line, _MM_HINT_T0);
-      }
-    _tile_loadd(4, panel + b * kChunkValues, 64);
-    _tile_loadd(5, panel + b * kChunkValues + kTileDim * kBlock, 64);
-    _tile_loadd(6, pairs0 + b * kPairTile, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-    if constexpr (kTwo) {
-      _tile_loadd(7, pairs1 + b * kPairTile, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+}
+
+template <bool kTwo>
+JAXSERVE_AMX inline void multiply_block(const uint16_t* weights, const uint32_t* tokens0, const uint32_t* tokens1) {
+  _tile_loadd(4, weights, 64);
+  _tile_loadd(5, weights + kTileDim * kBlock, 64);
+  _tile_loadd(6, tokens0, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 5, 6);
+  if constexpr (kTwo) {
+    _tile_loadd(7, tokens1, 64);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
   }
+}
+
+template <bool kTwo>
+JAXSERVE_AMX inline void store_tile_sums(float* sums) {
   _tile_stored(0, sums, 64);
   _tile_stored(1, sums + kPairTile, 64);
   if constexpr (kTwo) {
     _tile_stored(2, sums + 2 * kPairTile, 64);
     _tile_stored(3, sums + 3 * kPairTile, 64);
   }
+}
+
+// One or two token groups (kTwo) against a panel: the group's sums, [outputs, tokens] per tile, into `sums`
+// (four 16 x 16 float32 tiles, in tile order 0-3).
+template <bool kTwo>
+JAXSERVE_AMX void multiply_groups(const uint16_t* panel, const uint32_t* pairs0, const uint32_t* pairs1, int64_t nb,
+                                  float* sums) {
+  zero_sums<kTwo>();
+  for (int64_t b = 0; b < nb; ++b) {
+    // The tokens' next tiles into L1: tile loads left to the hardware waited on L2 (a quarter of the loop).
+    if (b + 2 < nb)
+      for (int line = 0; line < kPairTile * 4; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(pairs0 + (b + 2) * kPairTile) + line, _MM_HINT_T0);
+        if constexpr (kTwo)
+          _mm_prefetch(reinterpret_cast<const char*>(pairs1 + (b + 2) * kPairTile) + line, _MM_HINT_T0);
+      }
+    multiply_block<kTwo>(panel + b * kChunkValues, pairs0 + b * kPairTile, kTwo ? pairs1 + b * kPairTile : nullptr);
+  }
+  store_tile_sums<kTwo>(sums);
 }
 
 // Steps of up to two token groups (32 tokens) stream the weights instead: a group of outputs is unpacked one
@@ -191,12 +212,7 @@ JAXSERVE_AMX void stream_group(const Weights& w, int64_t o0, int count, const ui
   const int64_t group_bytes = kGroupOutputs / kTile * w.nb * kTileBlockBytes;  // one array's next group
   const int64_t group_scales = kGroupOutputs * w.nb * sizeof(float);
   const char* next_q = reinterpret_cast<const char*>(first.q) + group_bytes;
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (kTwo) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  zero_sums<kTwo>();
   if (count < kGroupOutputs)
     for (int c = 0; c < 2; ++c) std::memset(chunks + c * kChunkValues, 0, sizeof(uint16_t) * kChunkValues);
   // Block b + 1 is unpacked before block b's tiles load: a tile load right behind the stores that fill its
@@ -221,23 +237,9 @@ JAXSERVE_AMX void stream_group(const Weights& w, int64_t o0, int count, const ui
   for (int64_t b = 0; b < w.nb; ++b) {
     if (b + 1 < w.nb) unpack_chunk(b + 1);
     const uint16_t* chunk = chunks + (b & 1) * kChunkValues;
-    _tile_loadd(4, chunk, 64);
-    _tile_loadd(5, chunk + kTileDim * kBlock, 64);
-    _tile_loadd(6, pairs0 + b * kPairTile, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-    if constexpr (kTwo) {
-      _tile_loadd(7, pairs1 + b * kPairTile, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    multiply_block<kTwo>(chunk, pairs0 + b * kPairTile, kTwo ? pairs1 + b * kPairTile : nullptr);
   }
-  _tile_stored(0, sums, 64);
-  _tile_stored(1, sums + kPairTile, 64);
-  if constexpr (kTwo) {
-    _tile_stored(2, sums + 2 * kPairTile, 64);
-    _tile_stored(3, sums + 3 * kPairTile, 64);
-  }
+  store_tile_sums<kTwo>(sums);
 }
 
 JAXSERVE_AMX void release_tiles() { _tile_release(); }
