@@ -326,3 +326,6 @@ void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* 
 }
 
 }  // namespace jaxserve::block_quant
+
+// For the Python side (cpu_kernels.has_amx_tiles), so that it and the kernels agree.
+extern "C" int jaxserve_has_amx() { return jaxserve::block_quant::has_amx() ? 1 : 0; }

@@ -149,6 +149,12 @@ def has_fast_bf16_dots() -> bool:
     return handle is not None and handle.jaxserve_has_bf16_dots() == 1
 
 
+def has_amx_tiles() -> bool:
+    """Whether the bfloat16 block steps run in AMX tiles here (Intel Sapphire Rapids and later, with the OS's
+    grant, unless JAXSERVE_CPU_AMX=0 or JAXSERVE_CPU_AVX512=0)."""
+    return has_fast_bf16_dots() and _library().jaxserve_has_amx() == 1
+
+
 def kernel_matmul(x: jax.Array, w: jax.Array, w_transposed: bool = False) -> jax.Array:
     """x[M, K] . w[K, N] (or . w[N, K]^T when `w_transposed`) -> float32 [M, N]; x and w bfloat16."""
     n = w.shape[0] if w_transposed else w.shape[1]

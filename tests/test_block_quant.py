@@ -1,6 +1,10 @@
 """GGUF weights kept in their blocks (pallas_kernels/block_quant), and bfloat16 checkpoints in the same tiles:
 the kernels against the pure-JAX reference, the packing against gguf's own dequantizer, loading, and
 whole-engine agreement with dequantized weights and across batches."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +117,47 @@ def test_bf16_multiplies_the_rounded_values_where_the_cpu_has_it(fmt, m):
     exact = x @ block_quant.dequantize(*weights_args(w)).T
     error = np.abs(got - exact).max() / np.abs(exact).max()
     assert 1e-4 < error < 2e-2 if bf16 else error < 1e-5
+
+
+# Run in a fresh process under an environment that turns a path off (the library reads it once).
+OTHER_PATH_CHECK = """
+import numpy as np, jax
+from jaxserve.pallas_kernels import block_quant, cpu_kernels
+assert cpu_kernels.available()
+rng = np.random.default_rng(3)
+for fmt in ("q4", "q8"):
+    nb = 5
+    scales = rng.uniform(0.001, 0.02, (42, nb)).astype(np.float32)
+    if fmt == "q4":
+        w = block_quant.tile({"qweight": rng.integers(0, 256, (42, nb, 16), dtype=np.uint8), "scales": scales,
+                              "mins": rng.uniform(-0.1, 0.0, (42, nb)).astype(np.float32)})
+    else:
+        w = block_quant.tile({"qweight": rng.integers(-127, 128, (42, nb, 32), dtype=np.int8), "scales": scales})
+    args = (w["qweight"], w["scales"], w.get("mins"))
+    x = rng.standard_normal((70, 160)).astype(np.float32)
+    call = jax.jit(lambda x, q, s, mn: block_quant.matmul(x, q, s, mn, bf16=True))
+    every = np.asarray(call(x, *args))
+    for m in (1, 5, 8, 9, 17, 33):
+        np.testing.assert_array_equal(np.asarray(call(x[:m], *args)), every[:m])
+    want = np.asarray(block_quant.reference_matmul(x, *args, bf16=cpu_kernels.has_fast_bf16_dots()))
+    np.testing.assert_allclose(every, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+print("paths", cpu_kernels.has_fast_bf16_dots(), cpu_kernels.has_amx_tiles())
+"""
+
+
+@pytest.mark.parametrize("switch", ["JAXSERVE_CPU_AMX", "JAXSERVE_CPU_AVX512"])
+def test_the_paths_a_faster_cpu_skips_still_hold(switch):
+    """On a CPU with AMX (or AVX512-BF16) the tests above run the fastest path; the slower ones, which other
+    CPUs take, are checked here with the faster one switched off: reference sums and row invariance."""
+    faster = cpu_kernels.has_amx_tiles() if switch == "JAXSERVE_CPU_AMX" else cpu_kernels.has_fast_bf16_dots()
+    if not faster:
+        pytest.skip(f"this CPU takes the path {switch}=0 keeps anyway")
+    env = {**os.environ, switch: "0"}
+    done = subprocess.run([sys.executable, "-c", OTHER_PATH_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bf16, amx = done.stdout.split()[-2:]
+    assert amx == "False" and bf16 == str(switch == "JAXSERVE_CPU_AMX")
 
 
 def test_multiply_dtype_follows_the_weights_dtype_and_the_cpu():
