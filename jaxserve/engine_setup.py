@@ -20,7 +20,7 @@ from jaxserve.model_runner import ModelRunner, RunnerConfig, allocate_kv_cache
 from jaxserve.models.checkpoint_cache import prune_lru
 from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
 from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
-from jaxserve.pallas_kernels import cpu_kernels
+from jaxserve.pallas_kernels import block_quant, cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                 "tensor parallel %d, attention %s, CPU projection kernels %s", num_pages, page_size,
                 num_pages * device_bytes_per_page / 1024**3, kv_cache_dtype, max_model_len, dtype, mesh.size,
                 attention,
-                describe_projection_kernels(formats, cpu_kernel, int8_weights))
+                describe_projection_kernels(formats, cpu_kernel, int8_weights, dtype))
     default_sampling = resolve_default_sampling(config.generation_config, source, config.override_generation_config)
     if default_sampling:
         logger.info("Sampling defaults from the model's generation_config.json for what requests leave unset: %s "
@@ -366,10 +366,15 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                        config, checkpoint_files.bytes_read if checkpoint_files else None, default_sampling)
 
 
-def describe_projection_kernels(formats, cpu_kernel: bool, int8_weights: bool) -> str:
-    """For the start-up log: which kernel multiplies which weights."""
+def describe_projection_kernels(formats, cpu_kernel: bool, int8_weights: bool, dtype: str = "float32") -> str:
+    """For the start-up log: which kernel multiplies which weights, and for blocks in what (block_quant's plan:
+    float32, AVX512-BF16 loops or AMX tiles)."""
     dense = ("int8" if int8_weights else "bf16") if cpu_kernel else "off"
     if not formats:
         return dense
     blocks = ", ".join(f"{module} {fmt}" for module, fmt in formats)
-    return f"blocks ({blocks}), other weights {dense}"
+    if block_quant.multiply_dtype(dtype) != jnp.bfloat16:
+        multiply = "float32"
+    else:
+        multiply = "bfloat16 in AMX tiles" if cpu_kernels.has_amx_tiles() else "bfloat16 (AVX512-BF16)"
+    return f"blocks ({blocks}; 4/8-bit ones multiplied in {multiply}), other weights {dense}"

@@ -407,3 +407,14 @@ def test_norm_sums_each_row_alike_at_every_batch_size(width):
     for rows in (1, 2, 3, 4, 8):
         np.testing.assert_array_equal(np.asarray(total(x[:rows])), everything[:rows])
     np.testing.assert_allclose(everything[:, 0], (x.astype(np.float64) ** 2).sum(-1), rtol=1e-5)
+
+
+def test_the_start_up_log_names_the_multiply_path():
+    from jaxserve.engine_setup import describe_projection_kernels
+    formats = (("down_proj", "q4"), ("embed_tokens", "q8"))
+    assert describe_projection_kernels(formats, False, False, "float32") == (
+        "blocks (down_proj q4, embed_tokens q8; 4/8-bit ones multiplied in float32), other weights off")
+    path = ("bfloat16 in AMX tiles" if cpu_kernels.has_amx_tiles() else "bfloat16 (AVX512-BF16)"
+            if cpu_kernels.has_fast_bf16_dots() else "float32")
+    assert f"multiplied in {path})" in describe_projection_kernels(formats, True, False, "bfloat16")
+    assert describe_projection_kernels((), True, True, "bfloat16") == "int8"
