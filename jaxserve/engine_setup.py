@@ -147,8 +147,10 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool, 
     if not kernels_here or quantization == "int8":
         return ()
     if not source.is_gguf:
-        # Where the CPU multiplies bfloat16 in hardware, XLA's bfloat16 dot stays (twice the float32 rate).
-        bf16 = jnp.dtype(dtype) == jnp.bfloat16 and not cpu_kernels.has_fast_bf16_dots()
+        # Where the CPU multiplies bfloat16 in hardware, XLA's bfloat16 dot stays (twice the float32 rate), unless
+        # it has AMX: the blocks then go through its tiles as they are (one-row steps 35-37 -> 17-21 ms).
+        bf16 = jnp.dtype(dtype) == jnp.bfloat16 and (not cpu_kernels.has_fast_bf16_dots()
+                                                     or cpu_kernels.has_amx_tiles())
         return bf16_block_formats(cfg) if bf16 else ()
     if quantization == "none":
         return ()

@@ -150,8 +150,9 @@ def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int, dtype) -> 
     module.qweight = nnx.Param(jnp.zeros((tiles, per_tile * (16 if fmt == "q4" else 32)), qtype))
     module.scales = None if fmt == "bf16_blocks" else nnx.Param(jnp.ones((tiles, per_tile), jnp.float32))
     module.mins = nnx.Param(jnp.zeros((tiles, per_tile), jnp.float32)) if fmt == "q4" else None
-    # bfloat16 blocks multiply in float32 (their loops are the float32 ones)
-    module.multiply_dtype = block_quant.multiply_dtype(dtype) if fmt != "bf16_blocks" else jnp.dtype(jnp.float32)
+    # bfloat16 blocks multiply in float32 (their loops are the float32 ones), or in AMX tiles where there are some
+    module.multiply_dtype = (block_quant.multiply_dtype(dtype) if fmt != "bf16_blocks"
+                             else block_quant.bf16_blocks_multiply_dtype(dtype))
 
 
 def _scales_mins(module: nnx.Module):

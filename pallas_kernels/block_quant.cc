@@ -292,6 +292,9 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
   if (F != Format::kBF16 && live > 0 && bf16 && jaxserve::block_quant::has_bf16_dots())
     jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, F == Format::kQ4);
+  else if (F == Format::kBF16 && live > 0 && bf16 && jaxserve::block_quant::has_bf16_dots() &&
+           jaxserve::block_quant::has_amx())
+    jaxserve::block_quant::amx_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, 2 * kBlock);
   else if (live > kFusedMaxRows)
     panel_matmul<F>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
   else if (live > 0)
@@ -314,8 +317,9 @@ ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
 }
 
 ffi::Error BF16BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, false, y);
+                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, bf16, y);
 }
 
 }  // namespace
@@ -350,4 +354,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_block_matmul, BF16BlockMatmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("bf16")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -148,17 +148,27 @@ def matmul(x, qweight, scales=None, mins=None, layer=None, rows=None, bf16=False
     """x [M, K] float32 through the kernel -> float32 [M, N]; `layer` picks from stacked weights [L, ...];
     `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero; `bf16`: multiply
     in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc's panels, at any rows; 4- and 8-bit
-    blocks). No scales: bfloat16 blocks, multiplied in float32."""
+    blocks). No scales: bfloat16 blocks, multiplied in float32, or with `bf16` in AMX tiles where the CPU has
+    them (block_quant_amx.cc)."""
     n = qweight.shape[-2] * TILE
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     x = x.astype(jnp.float32)
     if scales is None:
-        return jax.ffi.ffi_call(BF16_TARGET, out)(x, qweight, layer, rows)
+        return jax.ffi.ffi_call(BF16_TARGET, out)(x, qweight, layer, rows, bf16=bool(bf16))
     if mins is None:
         return jax.ffi.ffi_call(Q8_TARGET, out)(x, qweight, scales, layer, rows, bf16=bool(bf16))
     return jax.ffi.ffi_call(Q4_TARGET, out)(x, qweight, scales, mins, layer, rows, bf16=bool(bf16))
+
+
+def bf16_blocks_multiply_dtype(weights_dtype) -> jnp.dtype:
+    """The dtype bfloat16 blocks multiply in: bfloat16 in AMX tiles where the CPU has them and the model runs
+    in bfloat16 (the weights need no unpacking there, so only the tiles' rate counts), else float32 (exact
+    x . w, the float32 loops)."""
+    if jnp.dtype(weights_dtype) == jnp.bfloat16 and cpu_kernels.has_amx_tiles():
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(jnp.float32)
 
 
 def multiply_dtype(weights_dtype) -> jnp.dtype:

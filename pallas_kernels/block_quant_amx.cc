@@ -126,18 +126,18 @@ void pair_tokens(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ui
 
 // Outputs [o0, o0 + count) (count <= 32, even) unpacked block by block: panel[b] is two A tiles, row i of
 // the pair being output o0 + i's block b. Rows past count are zero.
-template <bool kFourBit>
+template <int kRowBytes>
 JAXSERVE_AVX512_BF16 void unpack_group(const Weights& w, int64_t o0, int count, uint16_t* panel) {
   if (count < kGroupOutputs)
     for (int64_t b = 0; b < w.nb; ++b)
       std::memset(panel + b * kChunkValues + count * kBlock, 0, (kGroupOutputs - count) * kBlock * 2);
   for (int i = 0; i < count / kTile; ++i) {
-    const Weights t = tile_of<kFourBit>(w, o0 / kTile + i);
+    const Weights t = tile_at<kRowBytes>(w, o0 / kTile + i);
     uint16_t* rows = panel + i * kTile * kBlock;
     for (int64_t b = 0; b < w.nb; ++b) {
-      prefetch_block<kFourBit>(t, b);
+      _mm_prefetch(reinterpret_cast<const char*>(t.q) + (b * kTile * kRowBytes + kPrefetchBytes), _MM_HINT_T0);
       __m512i w0, w1;
-      unpack_block<kFourBit>(t, b, w0, w1);
+      block_values<kRowBytes>(t, b, w0, w1);
       _mm512_store_si512(rows + b * kChunkValues, w0);
       _mm512_store_si512(rows + b * kChunkValues + kBlock, w1);
     }
@@ -203,12 +203,12 @@ JAXSERVE_AMX void multiply_groups(const uint16_t* panel, const uint32_t* pairs0,
 // block at a time into an L1 chunk and multiplied at once, the sums staying in tiles across K (a whole
 // panel of a 1536-wide projection is 96 KiB: it spilled L1 and cost a one-row step ~40% more). The group's
 // weights are one contiguous region per array; the next group's is prefetched a slice per block.
-template <bool kFourBit, bool kTwo>
+template <int kRowBytes, bool kTwo>
 JAXSERVE_AMX void stream_group(const Weights& w, int64_t o0, int count, const uint32_t* pairs0, const uint32_t* pairs1,
                                uint16_t* chunks, float* sums) {
-  constexpr int64_t kTileBlockBytes = kTile * (kFourBit ? kBlock / 2 : kBlock);
+  constexpr int64_t kTileBlockBytes = kTile * kRowBytes;
   const int tiles = count / kTile;
-  const Weights first = tile_of<kFourBit>(w, o0 / kTile);
+  const Weights first = tile_at<kRowBytes>(w, o0 / kTile);
   const int64_t group_bytes = kGroupOutputs / kTile * w.nb * kTileBlockBytes;  // one array's next group
   const int64_t group_scales = kGroupOutputs * w.nb * sizeof(float);
   const char* next_q = reinterpret_cast<const char*>(first.q) + group_bytes;
@@ -228,7 +228,7 @@ JAXSERVE_AMX void stream_group(const Weights& w, int64_t o0, int count, const ui
     uint16_t* chunk = chunks + (b & 1) * kChunkValues;
     for (int i = 0; i < tiles; ++i) {
       __m512i w0, w1;
-      unpack_block<kFourBit>(tile_of<kFourBit>(w, o0 / kTile + i), b, w0, w1);
+      block_values<kRowBytes>(tile_at<kRowBytes>(w, o0 / kTile + i), b, w0, w1);
       _mm512_store_si512(chunk + i * kTile * kBlock, w0);
       _mm512_store_si512(chunk + i * kTile * kBlock + kBlock, w1);
     }
@@ -259,7 +259,7 @@ JAXSERVE_AVX512_BF16 void store_sums(const float* sums, int64_t m0, int64_t toke
     }
 }
 
-template <bool kFourBit>
+template <int kRowBytes>
 void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / kBlock, groups = (M + kTileDim - 1) / kTileDim;
   uint32_t* pairs = thread_scratch<uint32_t, 0>(groups * nb * kPairTile);
@@ -278,13 +278,13 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
       if (groups <= 2) {
         const uint32_t* pairs1 = pairs + nb * kPairTile;
         if (groups == 2)
-          stream_group<kFourBit, true>(w, o0, count, pairs, pairs1, panel, sums);
+          stream_group<kRowBytes, true>(w, o0, count, pairs, pairs1, panel, sums);
         else
-          stream_group<kFourBit, false>(w, o0, count, pairs, nullptr, panel, sums);
+          stream_group<kRowBytes, false>(w, o0, count, pairs, nullptr, panel, sums);
         store_sums(sums, 0, M, o0, count, y, N);
         continue;
       }
-      unpack_group<kFourBit>(w, o0, count, panel);
+      unpack_group<kRowBytes>(w, o0, count, panel);
       for (int64_t g = 0; g < groups; g += 2) {
         const uint32_t* pairs0 = pairs + g * nb * kPairTile;
         if (g + 1 < groups)
@@ -316,12 +316,14 @@ bool has_amx() {
 }
 
 void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
-                bool four_bit) {
+                int row_bytes) {
 #if JAXSERVE_HAVE_AMX
-  if (four_bit)
-    matmul<true>(pool, x, w, y, M, K, N);
+  if (row_bytes == kBlock / 2)
+    matmul<kBlock / 2>(pool, x, w, y, M, K, N);
+  else if (row_bytes == kBlock)
+    matmul<kBlock>(pool, x, w, y, M, K, N);
   else
-    matmul<false>(pool, x, w, y, M, K, N);
+    matmul<2 * kBlock>(pool, x, w, y, M, K, N);
 #endif
 }
 

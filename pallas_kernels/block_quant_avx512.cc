@@ -140,7 +140,7 @@ constexpr int64_t kParallelRoundingRows = 64;
 
 template <bool kFourBit>
 void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
-  if (has_amx()) return amx_matmul(pool, xf, w, y, M, K, N, kFourBit);
+  if (has_amx()) return amx_matmul(pool, xf, w, y, M, K, N, kFourBit ? kBlock / 2 : kBlock);
   AlignedBuffer<uint16_t> x(M * K);  // K is a multiple of 32: every row starts 64-byte aligned
   if (M >= kParallelRoundingRows) {
     constexpr int64_t kBlocks = 8;
