@@ -16,7 +16,8 @@
 // tokens and logprobs are the same alone, batched, or verified several at a time. (The earlier integer dots
 // over ~14-bit activations below 12 rows and XLA's dot from 64 rows were each faster somewhere, but the
 // sums changed at each crossover and with them greedy outputs under concurrency.) With the bf16 attribute,
-// on CPUs with AVX512-BF16, block_quant_avx512.cc's bfloat16 loops take every step instead, on the same plan.
+// on CPUs with AVX512-BF16, block_quant_avx512.cc's bfloat16 loops take every step instead, on the same plan;
+// on CPUs with AMX, block_quant_amx.cc's tiles do, for bfloat16 blocks too.
 //
 // Weights may be stacked over layers ([L, N, ...]) and picked by a layer-index operand, so a scanned step
 // reads them in place instead of slicing a copy per layer. A row-count operand says how many leading rows of
@@ -25,6 +26,7 @@
 //   jaxserve_q4_matmul(x, q, scale, min, layer, rows): y[M, N] = x[M, K] . dequant(q[(L,) N/2, K], scale, min)^T
 //   jaxserve_q8_matmul(x, q, scale, layer, rows):      y[M, N] = x[M, K] . dequant(q[(L,) N/2, 2K], scale)^T
 //   jaxserve_bf16_block_matmul(x, q, layer, rows):     y[M, N] = x[M, K] . float32(q[(L,) N/2, 2K] as bfloat16)^T
+//     (with the bf16 attribute on AMX CPUs: bf16(x) . q^T in tiles, float32 sums)
 // with scale and min [(L,) N/2, K/16].
 
 #include <immintrin.h>
