@@ -2,7 +2,8 @@
 // (tdpbf16ps) takes 16 outputs x 32 weights against 16 tokens, where vdpbf16ps takes 32 weights of one output
 // against one token. block_quant_avx512.cc hands every bf16 step here when has_amx(), at every row count,
 // so a row's sums still never depend on what else shares its step: each output's sum is the same chain of
-// tile multiplies over K, in order, whichever tokens fill the rest of its tile.
+// tile multiplies over K, in order, whichever tokens fill the rest of its tile. block_quant.cc hands bfloat16
+// blocks (a bfloat16 checkpoint's) here too, with the bf16 attribute: their values need no unpacking.
 //
 // The weights are the tiles' A side: a block unpacked to bfloat16 is one A-tile row (an output's 32 values),
 // so a group of 32 outputs (two A tiles) is unpacked block by block into a panel without reordering. The
@@ -124,6 +125,15 @@ void pair_tokens(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ui
   parallel_blocks(pool, groups, [&](int64_t g) { pair_group(x, M, K, g, pairs + g * per_group); });
 }
 
+// Block b of tile t's two rows as bfloat16 into two consecutive A-tile rows at `rows`.
+template <int kRowBytes>
+JAXSERVE_AVX512_BF16 inline void store_block(const Weights& t, int64_t b, uint16_t* rows) {
+  __m512i w0, w1;
+  block_values<kRowBytes>(t, b, w0, w1);
+  _mm512_store_si512(rows, w0);
+  _mm512_store_si512(rows + kBlock, w1);
+}
+
 // Outputs [o0, o0 + count) (count <= 32, even) unpacked block by block: panel[b] is two A tiles, row i of
 // the pair being output o0 + i's block b. Rows past count are zero.
 template <int kRowBytes>
@@ -133,13 +143,9 @@ JAXSERVE_AVX512_BF16 void unpack_group(const Weights& w, int64_t o0, int count, 
       std::memset(panel + b * kChunkValues + count * kBlock, 0, (kGroupOutputs - count) * kBlock * 2);
   for (int i = 0; i < count / kTile; ++i) {
     const Weights t = tile_at<kRowBytes>(w, o0 / kTile + i);
-    uint16_t* rows = panel + i * kTile * kBlock;
     for (int64_t b = 0; b < w.nb; ++b) {
-      _mm_prefetch(reinterpret_cast<const char*>(t.q) + (b * kTile * kRowBytes + kPrefetchBytes), _MM_HINT_T0);
-      __m512i w0, w1;
-      block_values<kRowBytes>(t, b, w0, w1);
-      _mm512_store_si512(rows + b * kChunkValues, w0);
-      _mm512_store_si512(rows + b * kChunkValues + kBlock, w1);
+      prefetch_block<kRowBytes>(t, b);
+      store_block<kRowBytes>(t, b, panel + b * kChunkValues + i * kTile * kBlock);
     }
   }
 }
@@ -226,12 +232,8 @@ JAXSERVE_AMX void stream_group(const Weights& w, int64_t o0, int count, const ui
       if (first.min) _mm_prefetch(reinterpret_cast<const char*>(first.min) + group_scales + line, _MM_HINT_T0);
     }
     uint16_t* chunk = chunks + (b & 1) * kChunkValues;
-    for (int i = 0; i < tiles; ++i) {
-      __m512i w0, w1;
-      block_values<kRowBytes>(tile_at<kRowBytes>(w, o0 / kTile + i), b, w0, w1);
-      _mm512_store_si512(chunk + i * kTile * kBlock, w0);
-      _mm512_store_si512(chunk + i * kTile * kBlock + kBlock, w1);
-    }
+    for (int i = 0; i < tiles; ++i)
+      store_block<kRowBytes>(tile_at<kRowBytes>(w, o0 / kTile + i), b, chunk + i * kTile * kBlock);
   };
   unpack_chunk(0);
   for (int64_t b = 0; b < w.nb; ++b) {

@@ -30,7 +30,7 @@ template <bool kFourBit>
 JAXSERVE_AVX512_BF16 void unpack_tile(const Weights& w, int64_t tile, int64_t K, uint16_t* rows) {
   const Weights t = tile_of<kFourBit>(w, tile);
   for (int64_t b = 0; b < w.nb; ++b) {
-    prefetch_block<kFourBit>(t, b);
+    prefetch_block<kRowBytesOf<kFourBit>>(t, b);
     __m512i w0, w1;
     unpack_block<kFourBit>(t, b, w0, w1);
     _mm512_storeu_si512(rows + b * kBlock, w0);
@@ -109,7 +109,7 @@ JAXSERVE_AVX512_BF16 void fused_tiles(const uint16_t* x, int64_t K, const Weight
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < kTile; ++r) acc[m][r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < w.nb; ++b) {
-      prefetch_block<kFourBit>(tw, b);
+      prefetch_block<kRowBytesOf<kFourBit>>(tw, b);
       __m512i w0, w1;
       unpack_block<kFourBit>(tw, b, w0, w1);
       for (int m = 0; m < MR; ++m) {
@@ -140,7 +140,7 @@ constexpr int64_t kParallelRoundingRows = 64;
 
 template <bool kFourBit>
 void matmul(ffi::ThreadPool& pool, const float* xf, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
-  if (has_amx()) return amx_matmul(pool, xf, w, y, M, K, N, kFourBit ? kBlock / 2 : kBlock);
+  if (has_amx()) return amx_matmul(pool, xf, w, y, M, K, N, kRowBytesOf<kFourBit>);
   AlignedBuffer<uint16_t> x(M * K);  // K is a multiple of 32: every row starts 64-byte aligned
   if (M >= kParallelRoundingRows) {
     constexpr int64_t kBlocks = 8;

@@ -76,11 +76,14 @@ JAXSERVE_AVX512_BF16 inline void block_values(const Weights& t, int64_t b, __m51
 // 32-row one 55.7 -> 52.1 ms, medians of six to twelve; 1-4 KiB within the noise of each other).
 constexpr int64_t kPrefetchBytes = 2048;
 
-template <bool kFourBit>
+// kRowBytes: a block's bytes a row (16: 4-bit, 32: 8-bit, 64: bfloat16).
+template <int kRowBytes>
 JAXSERVE_AVX512_BF16 inline void prefetch_block(const Weights& t, int64_t b) {
-  constexpr int64_t kTileBlockBytes = kTile * (kFourBit ? kBlock / 2 : kBlock);
-  _mm_prefetch(reinterpret_cast<const char*>(t.q) + b * kTileBlockBytes + kPrefetchBytes, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(t.q) + b * kTile * kRowBytes + kPrefetchBytes, _MM_HINT_T0);
 }
+
+template <bool kFourBit>
+constexpr int kRowBytesOf = kFourBit ? kBlock / 2 : kBlock;
 
 // x [M, K] float32 -> bfloat16, 32 values at a time (K is a multiple of 32).
 JAXSERVE_AVX512_BF16 inline void round_rows(const float* x, int64_t count, uint16_t* out) {
