@@ -358,7 +358,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     logger.info("KV cache: %d pages of %d tokens (%.2f GiB per device, %s), max_model_len %d, dtype %s, "
                 "tensor parallel %d, attention %s, CPU projection kernels %s", num_pages, page_size,
                 num_pages * device_bytes_per_page / 1024**3, kv_cache_dtype, max_model_len, dtype, mesh.size,
-                attention,
+                describe_attention(attention, kv_cache_dtype, model_config.head_dim),
                 describe_projection_kernels(formats, cpu_kernel, int8_weights, dtype))
     default_sampling = resolve_default_sampling(config.generation_config, source, config.override_generation_config)
     if default_sampling:
@@ -366,6 +366,15 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
                     "(--generation-config vllm keeps OpenAI's)", default_sampling)
     return LoadedModel(model_config, tokenizer, runner, max_model_len, tuple(sorted(eos)), source.name, counter,
                        config, checkpoint_files.bytes_read if checkpoint_files else None, default_sampling)
+
+
+def describe_attention(attention: str, kv_cache_dtype: str, head_dim: int) -> str:
+    """For the start-up log: the attention path, and on the CPU which kernel (AVX-512 or AVX2) runs it."""
+    if attention != "cpu":
+        return attention
+    wide = (cpu_kernels.has_avx512_attention() and head_dim % 32 == 0
+            and jnp.dtype(kv_cache_dtype) in (jnp.float32, jnp.bfloat16))
+    return f"cpu ({'AVX-512' if wide else 'AVX2'})"
 
 
 def describe_projection_kernels(formats, cpu_kernel: bool, int8_weights: bool, dtype: str = "float32") -> str:

@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).parent
 # One library; block_quant.py wraps block_quant*.cc
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_sampling.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc",
-           HERE / "block_quant_amx.cc")
-HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "block_quant.h", HERE / "block_quant_bf16.h")
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_attention.cc", HERE / "cpu_attention_avx512.cc", HERE / "cpu_sampling.cc",
+           HERE / "block_quant.cc", HERE / "block_quant_avx512.cc", HERE / "block_quant_amx.cc")
+HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "cpu_attention.h", HERE / "block_quant.h",
+           HERE / "block_quant_bf16.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
 # references' roundings where they promise to.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
@@ -128,6 +129,7 @@ def _library() -> ctypes.CDLL | None:
                  NORMALIZER_TARGET, *BLOCK_QUANT_TARGETS)
         targets = {name: getattr(handle, name) for name in names}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
+        handle.jaxserve_has_avx512_attention.restype = ctypes.c_int
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
         logger.warning("CPU kernels off: loading %s failed: %s", library, err)
         return None
@@ -153,6 +155,13 @@ def has_amx_tiles() -> bool:
     """Whether the bfloat16 block steps run in AMX tiles here (Intel Sapphire Rapids and later, with the OS's
     grant, unless JAXSERVE_CPU_AMX=0 or JAXSERVE_CPU_AVX512=0)."""
     return has_fast_bf16_dots() and _library().jaxserve_has_amx() == 1
+
+
+def has_avx512_attention() -> bool:
+    """Whether attention over float32 or bfloat16 pages (head_dim a multiple of 32) runs in the AVX-512 kernel
+    here (cpu_attention_avx512.cc; unless JAXSERVE_CPU_AVX512=0), not the AVX2 one."""
+    handle = _library()
+    return handle is not None and handle.jaxserve_has_avx512_attention() == 1
 
 
 def kernel_matmul(x: jax.Array, w: jax.Array, w_transposed: bool = False) -> jax.Array:

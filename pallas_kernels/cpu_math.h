@@ -1,9 +1,58 @@
-// AVX2 math shared by the CPU kernels: e^x over x <= 0 (softmax terms) and a vector's maximum.
+// AVX2 helpers shared by the CPU kernels: widening bfloat16 and float8 values, e^x over x <= 0 (softmax
+// terms), a vector's sum and maximum.
 #pragma once
 
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
 namespace jaxserve {
+
+// 8 bf16 -> 8 f32: the bf16 bits are the high half of the f32 bits.
+inline __m256 widen8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One-byte float8 KV values, a tag type per format so that widen8 picks the conversion.
+struct Fp8E4M3 {
+  uint8_t bits;
+};
+struct Fp8E5M2 {
+  uint8_t bits;
+};
+
+// 8 float8_e5m2 -> 8 f32: an e5m2 byte is the high byte of the float16 of the same value, which F16C widens
+// exactly (subnormals included).
+inline __m256 widen8(const Fp8E5M2* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), bytes));
+}
+
+// 8 float8_e4m3fn -> 8 f32: the byte S EEEE MMM placed as the float16 S 0EEEE MMM0000000 is its value times
+// 2^-8 (exponent bias 15 instead of 7; subnormals line up too), then scaled back exactly. The NaN bytes 0x7f /
+// 0xff would read as +-480; the cache never holds them (writes saturate at 448).
+inline __m256 widen8(const Fp8E4M3* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i high = _mm_unpacklo_epi8(_mm_setzero_si128(), bytes);  // each byte << 8
+  const __m128i half = _mm_and_si128(_mm_srai_epi16(high, 1), _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+}
 
 // e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error.
 inline __m256 exp_nonpositive(__m256 x) {

@@ -2,6 +2,9 @@
 the reference, and both inside the engine."""
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -289,3 +292,26 @@ def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_hea
         np.testing.assert_array_equal(run([s, (s + 1) % 8], [1, 1]), together[[s, (s + 1) % 8]])
         for chunk in (9, 10, 11):  # the end of a prefill chunk, after 0, 1 or 2 others in its query block
             np.testing.assert_array_equal(run([s], [chunk]), together[s:s + 1])
+
+
+def test_the_avx2_attention_a_faster_cpu_skips_still_holds():
+    """On an AVX-512 CPU the attention tests above run cpu_attention_avx512.cc; the AVX2 kernel, which other
+    CPUs take, is checked here with it switched off (reference sums, and a token's sums in any step)."""
+    if not cpu_kernels.has_avx512_attention():
+        pytest.skip("this CPU takes the AVX2 kernel anyway")
+    env = {**os.environ, "JAXSERVE_CPU_AVX512": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+         "-k", "attention_kernel_matches or narrow_cache or same_sums_in_any_step"],
+        env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
+
+
+def test_the_start_up_log_names_the_attention_kernel():
+    from jaxserve.engine_setup import describe_attention
+    assert describe_attention("xla", "bfloat16", 64) == "xla"
+    wide = "AVX-512" if cpu_kernels.has_avx512_attention() else "AVX2"
+    assert describe_attention("cpu", "bfloat16", 64) == f"cpu ({wide})"
+    assert describe_attention("cpu", "float8_e4m3fn", 64) == "cpu (AVX2)"  # float8 pages: the AVX2 kernel
+    assert describe_attention("cpu", "float32", 80) == "cpu (AVX2)"  # head_dim not a multiple of 32

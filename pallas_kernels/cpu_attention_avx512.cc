@@ -1,0 +1,352 @@
+// The attention kernel for CPUs with AVX-512 (F, BW, DQ), over float32 or bfloat16 pages with head_dim a
+// multiple of 32: cpu_attention.cc's driver calls it in place of the AVX2 kernel there.
+//
+// The AVX2 kernel updates each (token, head) lane's softmax every eight positions (a maximum, an exponential,
+// a rescale) and widens a block's rows into a buffer first; on a decode step those short dependent steps, not
+// the memory, set its pace (~110 ns a position and layer at 32 sequences, four times this machine's memory
+// time for the rows). Here a block is 16 positions, one zmm of scores per lane:
+//  - dots: a position's row of a KV head is widened in registers once (bfloat16: the odd values are the 32-bit
+//    lanes masked, the even ones the lanes shifted up) and met by every lane of the call, D/16 FMAs into one
+//    vector; a lane's 16 vectors are reduced by one transpose tree (sum_lanes) into its 16 scores.
+//  - softmax: the block's maximum, one correction and 16 exponentials a lane, vectorized.
+//  - values: the lanes in groups whose accumulators fit the 32 registers, each widened V vector serving the
+//    group, position by position.
+// Queries and accumulators are held in the order the rows widen to (bfloat16: of every 32 values the 16 even
+// ones, then the 16 odd ones) and put back in order at the end. A lane's arithmetic is the same whichever
+// lanes share its call, so a token's outputs do not depend on the batch (nor on decode vs. prefill).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_attention.h"
+
+#define JAXSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+namespace jaxserve::attention {
+namespace {
+
+// A lane's softmax is updated once a block of kBlock positions; its scores are summed kSub at a time.
+constexpr int kBlock = static_cast<int>(kWideBlock), kSub = 16;
+static_assert(kBlock % kSub == 0 && kBlock <= 64, "a lane's visible positions are a 64-bit mask");
+
+// No software prefetching: the hardware's streams over a page's rows kept up better (a 32-sequence decode's 30
+// layers on one thread: 26 ms without, 27-37 ms prefetching 16-128 positions ahead into L1 or L2).
+
+// Values lanes in a group: their D/16 accumulators each stay within the 32 registers beside one widened row.
+constexpr int kAccumulators = 24;
+
+// This thread's scratch number kSlot, at least n floats, kept across calls.
+template <int kSlot>
+float* scratch(int64_t n) {
+  thread_local std::vector<float> kept;
+  if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
+  return kept.data();
+}
+
+// A row of 16 * DV values as DV float32 vectors, in the kernel's order (bfloat16: per 32 values the even
+// ones, then the odd ones; float32: as stored).
+template <typename Page, int DV>
+JAXSERVE_AVX512 inline void widen_row(const Page* row, __m512 (&out)[DV]) {
+  if constexpr (std::is_same_v<Page, float>) {
+    for (int v = 0; v < DV; ++v) out[v] = _mm512_loadu_ps(row + 16 * v);
+  } else {
+    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    for (int c = 0; c < DV / 2; ++c) {
+      const __m512i pairs = _mm512_loadu_si512(row + 32 * c);
+      out[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));      // values 2i: the low halves
+      out[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));  // values 2i + 1
+    }
+  }
+}
+
+// In place between the natural order of D values and the kernel's (see widen_row).
+template <typename Page>
+void reorder(float* values, int64_t D, bool to_kernel) {
+  if constexpr (std::is_same_v<Page, uint16_t>) {
+    float copy[32];
+    for (int64_t c = 0; c < D; c += 32) {
+      std::memcpy(copy, values + c, sizeof(copy));
+      for (int i = 0; i < 16; ++i) {
+        if (to_kernel) {
+          values[c + i] = copy[2 * i];
+          values[c + 16 + i] = copy[2 * i + 1];
+        } else {
+          values[c + 2 * i] = copy[i];
+          values[c + 2 * i + 1] = copy[16 + i];
+        }
+      }
+    }
+  }
+}
+
+// Lane j of the result = the sum of d[j]'s 16 lanes, for 16 vectors at once: pairs interleaved and added
+// within 128-bit lanes, then 64-bit halves, then 128-bit lanes across vectors (45 operations, not 16
+// separate reductions). Each output lane's sum is the same tree whatever the other vectors hold.
+JAXSERVE_AVX512 inline __m512 sum_lanes(const float* d) {
+  __m512 pair[8], quad[4];
+  for (int k = 0; k < 8; ++k) {
+    const __m512 a = _mm512_load_ps(d + 32 * k), b = _mm512_load_ps(d + 32 * k + 16);
+    pair[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(pair[2 * k]), b = _mm512_castps_pd(pair[2 * k + 1]);
+    quad[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// e^x for x <= 0, cpu_math.h's polynomial on 16 lanes.
+JAXSERVE_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+}
+
+// One (query token, query head) lane of a KV head's block: its query (kernel order), which of the block's
+// positions it sees (bit j: position p0 + j), its softmax state and head.
+struct Lane {
+  const float* q;
+  uint64_t visible;
+  SoftmaxState* state;
+  int64_t head;
+};
+
+// Scores of every lane for the block's positions [j0, j0 + 16) ∩ [0, n): the products (kernel order) of each
+// position with each lane's query into dots, position by position (each row widened once for all lanes),
+// then each lane's 16 vectors summed into its scores (times sm_scale) at scores[l * kBlock + j0].
+template <typename Page, int DV>
+JAXSERVE_AVX512 void lane_scores(const Lane* lanes, int64_t count, const Page* const* rows, int j0, int n,
+                                 float sm_scale, float* dots, float* scores) {
+  for (int j = 0; j < kSub; ++j) {
+    if (j0 + j >= n) {  // past the call's last position: no lane sees it, its scores are masked
+      for (int64_t l = 0; l < count; ++l) _mm512_store_ps(dots + (l * kSub + j) * 16, _mm512_setzero_ps());
+      continue;
+    }
+    __m512 k[DV];
+    widen_row<Page, DV>(rows[j0 + j], k);
+    for (int64_t l = 0; l < count; ++l) {
+      const float* q = lanes[l].q;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), k[0]);
+      for (int v = 1; v < DV; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), k[v], acc);
+      _mm512_store_ps(dots + (l * kSub + j) * 16, acc);
+    }
+  }
+  for (int64_t l = 0; l < count; ++l)
+    _mm512_store_ps(scores + l * kBlock + j0, _mm512_mul_ps(sum_lanes(dots + l * kSub * 16), _mm512_set1_ps(sm_scale)));
+}
+
+// A lane's online-softmax update for the block's first `subs` groups of 16 scores: the new running max, the
+// correction of what it held (returned) and the weights into p (zero where it does not see).
+JAXSERVE_AVX512 float softmax_update(const AttentionShape& a, const Lane& lane, const float* scores, int subs,
+                                     float* p) {
+  __m512 s[kBlock / kSub];
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int b = 0; b < subs; ++b) {
+    s[b] = _mm512_load_ps(scores + b * kSub);
+    if (a.soft_cap > 0.f) {
+      alignas(64) float capped[kSub];
+      _mm512_store_ps(capped, s[b]);
+      for (float& x : capped) x = a.soft_cap * std::tanh(x / a.soft_cap);
+      s[b] = _mm512_load_ps(capped);
+    }
+    s[b] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), static_cast<__mmask16>(lane.visible >> (b * kSub)), s[b]);
+    top = _mm512_max_ps(top, s[b]);
+  }
+  SoftmaxState& state = *lane.state;
+  const int64_t i = lane.head;
+  const float m_new = std::max(state.m[i], _mm512_reduce_max_ps(top));
+  const float correction = std::exp(state.m[i] - m_new);  // 0 on the first block (m = -inf)
+  __m512 sum = _mm512_setzero_ps();
+  for (int b = 0; b < subs; ++b) {
+    const __m512 weights = _mm512_maskz_mov_ps(static_cast<__mmask16>(lane.visible >> (b * kSub)),
+                                               exp_nonpositive16(_mm512_sub_ps(s[b], _mm512_set1_ps(m_new))));
+    sum = _mm512_add_ps(sum, weights);
+    _mm512_store_ps(p + b * kSub, weights);
+  }
+  state.l[i] = state.l[i] * correction + _mm512_reduce_add_ps(sum);
+  state.m[i] = m_new;
+  return correction;
+}
+
+// acc = acc * correction + sum_j p[j] * v_row[j] for a group of up to L lanes (kernel order), the rows in
+// position order, each widened once for the group.
+template <typename Page, int DV, int L>
+JAXSERVE_AVX512 void lane_values(const Lane* lanes, int count, const float* correction, const float* p,
+                                 const Page* const* rows, int n, int64_t D) {
+  __m512 acc[L][DV];
+  for (int l = 0; l < count; ++l) {
+    const float* state_acc = lanes[l].state->acc + lanes[l].head * D;
+    for (int v = 0; v < DV; ++v)
+      acc[l][v] = _mm512_mul_ps(_mm512_loadu_ps(state_acc + 16 * v), _mm512_set1_ps(correction[l]));
+  }
+  for (int j = 0; j < n; ++j) {
+    __m512 value[DV];
+    widen_row<Page, DV>(rows[j], value);
+    for (int l = 0; l < count; ++l) {
+      const __m512 weight = _mm512_set1_ps(p[l * kBlock + j]);
+      for (int v = 0; v < DV; ++v) acc[l][v] = _mm512_fmadd_ps(weight, value[v], acc[l][v]);
+    }
+  }
+  for (int l = 0; l < count; ++l) {
+    float* state_acc = lanes[l].state->acc + lanes[l].head * D;
+    for (int v = 0; v < DV; ++v) _mm512_storeu_ps(state_acc + 16 * v, acc[l][v]);
+  }
+}
+
+// 64-byte aligned room for n floats in this thread's scratch number kSlot.
+template <int kSlot>
+float* aligned_scratch(int64_t n) {
+  float* data = scratch<kSlot>(n + 16);
+  return data + (64 - reinterpret_cast<uintptr_t>(data) % 64) % 64 / sizeof(float);
+}
+
+template <typename Page, int DV>
+JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
+                            const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk,
+                            const Page* k_pages, const Page* v_pages, const int32_t* pages,
+                            SoftmaxState* const* states) {
+  constexpr int64_t D = 16 * DV;
+  constexpr int kGroup = std::max(1, kAccumulators / DV);
+  const int64_t G = a.group, H = a.num_heads, row = a.num_kv_heads * D;
+  int64_t begin = INT64_MAX, end = 0;
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t k = 0; k < part_count(first[t], chunk[t], hi[t]); ++k) states[t][k].reset(H, D);
+    if (lo[t] < hi[t]) {
+      begin = std::min(begin, lo[t]);
+      end = std::max(end, hi[t]);
+    }
+  }
+  if (begin >= end) return;  // no token sees any position
+  begin = begin / kBlock * kBlock;  // blocks start at multiples of kBlock whatever tokens share the call
+  float* q = aligned_scratch<0>(count * H * D);
+  for (int64_t t = 0; t < count; ++t) {
+    std::memcpy(q + t * H * D, q_first + t * token_stride, H * D * sizeof(float));
+    for (int64_t i = 0; i < H; ++i) reorder<Page>(q + (t * H + i) * D, D, true);
+  }
+  const int64_t max_lanes = count * G;
+  float* dots = aligned_scratch<1>(max_lanes * kSub * 16);
+  float* scores = aligned_scratch<2>(max_lanes * kBlock);
+  float* p = aligned_scratch<3>(max_lanes * kBlock);
+  float* correction = aligned_scratch<4>(max_lanes);
+  Lane* lanes = reinterpret_cast<Lane*>(aligned_scratch<5>(max_lanes * sizeof(Lane) / sizeof(float) + 1));
+  auto slot_offset = [&](int64_t pos) {
+    return (static_cast<int64_t>(pages[pos / a.page_size]) * a.page_size + pos % a.page_size) * row;
+  };
+  for (int64_t p0 = begin; p0 < end; p0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - p0));
+    const int subs = (n + kSub - 1) / kSub;
+    int64_t offset[kBlock];
+    for (int j = 0; j < n; ++j) offset[j] = slot_offset(p0 + j);
+    for (int64_t h = 0; h < a.num_kv_heads; ++h) {
+      const Page* k_rows[kBlock];
+      const Page* v_rows[kBlock];
+      for (int j = 0; j < n; ++j) {
+        k_rows[j] = k_pages + offset[j] + h * D;
+        v_rows[j] = v_pages + offset[j] + h * D;
+      }
+      int64_t live = 0;
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t from = std::clamp<int64_t>(lo[t] - p0, 0, kBlock), to = std::clamp<int64_t>(hi[t] - p0, 0, kBlock);
+        if (from >= to) continue;  // none of this token's positions
+        const uint64_t below_to = to == 64 ? ~0ull : (1ull << to) - 1;
+        const uint64_t visible = below_to & ~((1ull << from) - 1);
+        SoftmaxState* state = &states[t][(p0 - first[t]) / chunk[t]];
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = h * G + g;  // the query head
+          lanes[live++] = {q + (t * H + i) * D, visible, state, i};
+        }
+      }
+      if (live == 0) continue;
+      for (int b = 0; b < subs; ++b) {
+        lane_scores<Page, DV>(lanes, live, k_rows, b * kSub, n, a.sm_scale, dots, scores);
+      }
+      for (int64_t l = 0; l < live; ++l)
+        correction[l] = softmax_update(a, lanes[l], scores + l * kBlock, subs, p + l * kBlock);
+      for (int64_t l0 = 0; l0 < live; l0 += kGroup) {
+        const int size = static_cast<int>(std::min<int64_t>(kGroup, live - l0));
+        lane_values<Page, DV, kGroup>(lanes + l0, size, correction + l0, p + l0 * kBlock, v_rows, n, D);
+      }
+    }
+  }
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t k = 0; k < part_count(first[t], chunk[t], hi[t]); ++k)
+      for (int64_t i = 0; i < H; ++i) reorder<Page>(states[t][k].acc + i * D, D, false);
+}
+
+template <typename Page>
+void attend_any(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
+                const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk, const Page* k_pages,
+                const Page* v_pages, const int32_t* pages, SoftmaxState* const* states) {
+  switch (a.head_dim) {
+#define JAXSERVE_HEAD_DIM(d)                                                                                     \
+  case d:                                                                                                          \
+    return attend<Page, d / 16>(a, q_first, token_stride, count, lo, hi, first, chunk, k_pages, v_pages, pages, \
+                                states);
+    JAXSERVE_HEAD_DIM(32)
+    JAXSERVE_HEAD_DIM(64)
+    JAXSERVE_HEAD_DIM(96)
+    JAXSERVE_HEAD_DIM(128)
+    JAXSERVE_HEAD_DIM(160)
+    JAXSERVE_HEAD_DIM(192)
+    JAXSERVE_HEAD_DIM(224)
+    JAXSERVE_HEAD_DIM(256)
+#undef JAXSERVE_HEAD_DIM
+  }
+}
+
+}  // namespace
+
+bool has_avx512_attention() {
+  // JAXSERVE_CPU_AVX512=0 keeps the AVX2 kernel on any CPU (to compare them, or to test it on this one).
+  static const bool yes = [] {
+    const char* setting = std::getenv("JAXSERVE_CPU_AVX512");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           !(setting && std::string(setting) == "0");
+  }();
+  return yes;
+}
+
+void attend_tokens_avx512(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
+                          const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk,
+                          const uint16_t* k_pages, const uint16_t* v_pages, const int32_t* pages,
+                          SoftmaxState* const* states) {
+  attend_any(a, q_first, token_stride, count, lo, hi, first, chunk, k_pages, v_pages, pages, states);
+}
+
+void attend_tokens_avx512(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
+                          const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk,
+                          const float* k_pages, const float* v_pages, const int32_t* pages,
+                          SoftmaxState* const* states) {
+  attend_any(a, q_first, token_stride, count, lo, hi, first, chunk, k_pages, v_pages, pages, states);
+}
+
+}  // namespace jaxserve::attention
+
+// For the Python side (cpu_kernels.has_avx512_attention), so that it and the kernel agree.
+extern "C" int jaxserve_has_avx512_attention() { return jaxserve::attention::has_avx512_attention() ? 1 : 0; }
