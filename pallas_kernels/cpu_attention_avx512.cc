@@ -2,13 +2,13 @@
 // multiple of 32: cpu_attention.cc's driver calls it in place of the AVX2 kernel there.
 //
 // The AVX2 kernel updates each (token, head) lane's softmax every eight positions (a maximum, an exponential,
-// a rescale) and widens a block's rows into a buffer first; on a decode step those short dependent steps, not
-// the memory, set its pace (~110 ns a position and layer at 32 sequences, four times this machine's memory
-// time for the rows). Here a block is 16 positions, one zmm of scores per lane:
-//  - dots: a position's row of a KV head is widened in registers once (bfloat16: the odd values are the 32-bit
-//    lanes masked, the even ones the lanes shifted up) and met by every lane of the call, D/16 FMAs into one
-//    vector; a lane's 16 vectors are reduced by one transpose tree (sum_lanes) into its 16 scores.
-//  - softmax: the block's maximum, one correction and 16 exponentials a lane, vectorized.
+// a rescale) and widens a block's rows into an L1 buffer first. Here a lane's softmax is updated once a block
+// of 64 positions (kBlock), its scores computed 16 at a time (kSub):
+//  - dots: four positions' rows of a KV head are widened in registers at a time (bfloat16: the odd values are
+//    the 32-bit lanes masked, the even ones the lanes shifted up) and met by every lane of the call, D/16 FMAs
+//    into a vector per position; the four vectors are summed half-way in registers (quad_sums), and a lane's
+//    four quads into its 16 scores (lane_sums): one transpose tree, not 16 reductions.
+//  - softmax: the block's maximum, one correction and the exponentials of its scores, vectorized.
 //  - values: the lanes in groups whose accumulators fit the 32 registers, each widened V vector serving the
 //    group, position by position.
 // Queries and accumulators are held in the order the rows widen to (bfloat16: of every 32 values the 16 even
@@ -84,23 +84,24 @@ JAXSERVE_AVX512 void reorder(float* values, int64_t D, bool to_kernel) {
   }
 }
 
-// Lane j of the result = the sum of d[j]'s 16 lanes, for 16 vectors at once: pairs interleaved and added
-// within 128-bit lanes, then 64-bit halves, then 128-bit lanes across vectors (45 operations, not 16
-// separate reductions). Each output lane's sum is the same tree whatever the other vectors hold.
-JAXSERVE_AVX512 inline __m512 sum_lanes(const float* d) {
-  __m512 pair[8], quad[4];
-  for (int k = 0; k < 8; ++k) {
-    const __m512 a = _mm512_load_ps(d + 32 * k), b = _mm512_load_ps(d + 32 * k + 16);
-    pair[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512d a = _mm512_castps_pd(pair[2 * k]), b = _mm512_castps_pd(pair[2 * k + 1]);
-    quad[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(3, 1, 3, 1)));
+// Sums of 16-lane vectors, a transpose tree in two steps. quad_sums: lane 4i + j of the result holds part of
+// d[j]'s sum (vectors d[0..3]: pairs interleaved and added within 128-bit lanes, then their 64-bit halves);
+// lane_sums: of four such quads (16 vectors), lane j = the whole sum of vector j (128-bit lanes added across
+// the quads). Each output's sum is the same tree whatever the other vectors hold.
+JAXSERVE_AVX512 inline __m512 quad_sums(__m512 d0, __m512 d1, __m512 d2, __m512 d3) {
+  const __m512 low = _mm512_add_ps(_mm512_unpacklo_ps(d0, d1), _mm512_unpackhi_ps(d0, d1));
+  const __m512 high = _mm512_add_ps(_mm512_unpacklo_ps(d2, d3), _mm512_unpackhi_ps(d2, d3));
+  const __m512d a = _mm512_castps_pd(low), b = _mm512_castps_pd(high);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+}
+
+JAXSERVE_AVX512 inline __m512 lane_sums(const float* quads) {
+  const __m512 q0 = _mm512_load_ps(quads), q1 = _mm512_load_ps(quads + 16), q2 = _mm512_load_ps(quads + 32),
+               q3 = _mm512_load_ps(quads + 48);
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(q2, q3, _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(q2, q3, _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
 }
@@ -133,28 +134,35 @@ struct Lane {
   int64_t head;
 };
 
-// Scores of every lane for the block's positions [j0, j0 + 16) ∩ [0, n): the products (kernel order) of each
-// position with each lane's query into dots, position by position (each row widened once for all lanes),
-// then each lane's 16 vectors summed into its scores (times sm_scale) at scores[l * kBlock + j0].
+// Scores of every lane for the block's positions [j0, j0 + 16) ∩ [0, n), times sm_scale, into
+// scores[l * kBlock + j0]: four positions at a time, their rows widened once for all lanes (zero past n, where
+// no lane looks) and each lane's four product vectors (kernel order) summed into a quad in registers; a lane's
+// four quads then make its 16 scores.
 template <typename Page, int DV>
 JAXSERVE_AVX512 void lane_scores(const Lane* lanes, int64_t count, const Page* const* rows, int j0, int n,
-                                 float sm_scale, float* dots, float* scores) {
-  for (int j = 0; j < kSub; ++j) {
-    if (j0 + j >= n) {  // past the call's last position: no lane sees it, its scores are masked
-      for (int64_t l = 0; l < count; ++l) _mm512_store_ps(dots + (l * kSub + j) * 16, _mm512_setzero_ps());
-      continue;
+                                 float sm_scale, float* quads, float* scores) {
+  for (int j = 0; j < kSub; j += 4) {
+    __m512 k[4][DV];
+    for (int r = 0; r < 4; ++r) {
+      if (j0 + j + r < n) {
+        widen_row<Page, DV>(rows[j0 + j + r], k[r]);
+      } else {
+        for (int v = 0; v < DV; ++v) k[r][v] = _mm512_setzero_ps();
+      }
     }
-    __m512 k[DV];
-    widen_row<Page, DV>(rows[j0 + j], k);
     for (int64_t l = 0; l < count; ++l) {
       const float* q = lanes[l].q;
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), k[0]);
-      for (int v = 1; v < DV; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), k[v], acc);
-      _mm512_store_ps(dots + (l * kSub + j) * 16, acc);
+      __m512 acc[4];
+      for (int r = 0; r < 4; ++r) acc[r] = _mm512_mul_ps(_mm512_loadu_ps(q), k[r][0]);
+      for (int v = 1; v < DV; ++v) {
+        const __m512 qv = _mm512_loadu_ps(q + 16 * v);
+        for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(qv, k[r][v], acc[r]);
+      }
+      _mm512_store_ps(quads + (l * 4 + j / 4) * 16, quad_sums(acc[0], acc[1], acc[2], acc[3]));
     }
   }
   for (int64_t l = 0; l < count; ++l)
-    _mm512_store_ps(scores + l * kBlock + j0, _mm512_mul_ps(sum_lanes(dots + l * kSub * 16), _mm512_set1_ps(sm_scale)));
+    _mm512_store_ps(scores + l * kBlock + j0, _mm512_mul_ps(lane_sums(quads + l * 64), _mm512_set1_ps(sm_scale)));
 }
 
 // A lane's online-softmax update for the block's first `subs` groups of 16 scores: the new running max, the
@@ -246,7 +254,7 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
     for (int64_t i = 0; i < H; ++i) reorder<Page>(q + (t * H + i) * D, D, true);
   }
   const int64_t max_lanes = count * G;
-  float* dots = aligned_scratch<1>(max_lanes * kSub * 16);
+  float* quads = aligned_scratch<1>(max_lanes * 64);
   float* scores = aligned_scratch<2>(max_lanes * kBlock);
   float* p = aligned_scratch<3>(max_lanes * kBlock);
   float* correction = aligned_scratch<4>(max_lanes);
@@ -280,7 +288,7 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
       }
       if (live == 0) continue;
       for (int b = 0; b < subs; ++b) {
-        lane_scores<Page, DV>(lanes, live, k_rows, b * kSub, n, a.sm_scale, dots, scores);
+        lane_scores<Page, DV>(lanes, live, k_rows, b * kSub, n, a.sm_scale, quads, scores);
       }
       for (int64_t l = 0; l < live; ++l)
         correction[l] = softmax_update(a, lanes[l], scores + l * kBlock, subs, p + l * kBlock);
