@@ -343,53 +343,62 @@ ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
     attend_tokens(a, q_first, token_stride, count, lo, hi, part_first, chunk, kp, vp, pages, token_states);
   };
   constexpr int64_t kWhole = INT64_MAX / 4;  // a part's chunk when the call covers just that part
-  // Where to run the parts is the only thing the step's size decides: with fewer sequences than twice the
-  // threads, each sequence gets kMaxParts units (a decoding token's parts on threads of their own, a prefill
-  // chunk's query blocks dealt round them); with more, one unit walks all of a sequence's parts in turn.
+  // Where to run the work is the only thing the step's size decides, in units claimed by the threads in turn:
+  // a prefill chunk's query blocks are a unit each (its latest, longest-reaching block first, so that the last
+  // units claimed are short ones); a decoding token's parts are a unit each with fewer sequences than twice
+  // the threads (flash-decoding), else one unit walks them in turn. (Four units a prefill chunk, its blocks
+  // dealt round them, left one thread with most of a 128-token prompt's attention when the other started late.)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t units = live_seqs < 2 * threads ? kMaxParts : 1;
-  std::vector<SoftmaxState> states(units > 1 ? live_seqs * units : 0);  // decoding tokens' parts, when split
-  parallel_blocks(pool, live_seqs * units, [&](int64_t unit) {  // unit `part` of sequence s
-    const int64_t s = unit / units, part = unit % units;
+  const bool split_decode = live_seqs < 2 * threads;
+  std::vector<int64_t> unit_start(live_seqs + 1, 0);
+  for (int64_t s = 0; s < live_seqs; ++s) {
+    int64_t first, q_len, kv_len, from;
+    sequence(s, first, q_len, kv_len, from);
+    const int64_t units = q_len == 1 ? (split_decode ? kMaxParts : 1) : (std::max<int64_t>(q_len, 0) + kQueryBlock - 1) / kQueryBlock;
+    unit_start[s + 1] = unit_start[s] + units;
+  }
+  std::vector<SoftmaxState> states(split_decode ? live_seqs * kMaxParts : 0);  // decoding tokens' parts, when split
+  parallel_blocks(pool, unit_start[live_seqs], [&](int64_t unit) {
+    const int64_t s = std::upper_bound(unit_start.begin(), unit_start.end(), unit) - unit_start.begin() - 1;
+    const int64_t index = unit - unit_start[s];
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
     const int32_t* pages = table + s * a.pages_per_seq;
     const float* q_first = qp + first * token_stride;
-    if (q_len == 1 && units > 1) {  // this unit takes the decoding token's part `part`, if it has one
+    if (q_len == 1 && split_decode) {  // this unit takes the decoding token's part `index`, if it has one
       const PartLayout layout = part_layout(from, kv_len, align);
-      if (part >= layout.count) return;
-      const int64_t part_first = layout.first + part * layout.chunk;
+      if (index >= layout.count) return;
+      const int64_t part_first = layout.first + index * layout.chunk;
       const int64_t lo = std::max(from, part_first), hi = std::min(kv_len, part_first + layout.chunk);
-      SoftmaxState* state = &states[unit];
+      SoftmaxState* state = &states[s * kMaxParts + index];
       attend(q_first, 1, &lo, &hi, &part_first, &kWhole, pages, &state);
       return;
     }
-    // The query tokens (a prefill chunk's, or one decoding token) in blocks of kQueryBlock, the blocks dealt
-    // round the units (later tokens see more positions, so every unit gets early and late blocks).
+    // Query block `index` from the end: up to kQueryBlock tokens (a prefill chunk's, or one decoding token).
+    const int64_t i0 = ((q_len + kQueryBlock - 1) / kQueryBlock - 1 - index) * kQueryBlock;
+    const int64_t count = std::min(kQueryBlock, q_len - i0);
     SoftmaxState block_states[kQueryBlock * kMaxParts];
-    for (int64_t i0 = part * kQueryBlock; i0 < q_len; i0 += units * kQueryBlock) {
-      const int64_t count = std::min(kQueryBlock, q_len - i0);
-      int64_t lo[kQueryBlock], hi[kQueryBlock], part_first[kQueryBlock], chunk[kQueryBlock], parts[kQueryBlock];
-      SoftmaxState* token_states[kQueryBlock];
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t pos = kv_len - q_len + i0 + t;  // this query token's position: it sees [lo, pos]
-        hi[t] = std::max<int64_t>(pos + 1, 0);
-        lo[t] = a.sliding_window > 0 ? std::clamp<int64_t>(pos - a.sliding_window + 1, 0, hi[t]) : 0;
-        const PartLayout layout = part_layout(lo[t], hi[t], align);
-        part_first[t] = layout.first;
-        chunk[t] = layout.chunk;
-        parts[t] = layout.count;
-        token_states[t] = block_states + t * kMaxParts;
-      }
-      attend(q_first + i0 * token_stride, count, lo, hi, part_first, chunk, pages, token_states);
-      for (int64_t t = 0; t < count; ++t)
-        write_merged(a, token_states[t], parts[t], o + (first + i0 + t) * token_stride);
+    int64_t lo[kQueryBlock], hi[kQueryBlock], part_first[kQueryBlock], chunk[kQueryBlock], parts[kQueryBlock];
+    SoftmaxState* token_states[kQueryBlock];
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t pos = kv_len - q_len + i0 + t;  // this query token's position: it sees [lo, pos]
+      hi[t] = std::max<int64_t>(pos + 1, 0);
+      lo[t] = a.sliding_window > 0 ? std::clamp<int64_t>(pos - a.sliding_window + 1, 0, hi[t]) : 0;
+      const PartLayout layout = part_layout(lo[t], hi[t], align);
+      part_first[t] = layout.first;
+      chunk[t] = layout.chunk;
+      parts[t] = layout.count;
+      token_states[t] = block_states + t * kMaxParts;
     }
+    attend(q_first + i0 * token_stride, count, lo, hi, part_first, chunk, pages, token_states);
+    for (int64_t t = 0; t < count; ++t)
+      write_merged(a, token_states[t], parts[t], o + (first + i0 + t) * token_stride);
   });
-  for (int64_t s = 0; units > 1 && s < live_seqs; ++s) {
+  for (int64_t s = 0; split_decode && s < live_seqs; ++s) {
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
-    if (q_len == 1) write_merged(a, &states[s * units], part_layout(from, kv_len, align).count, o + first * token_stride);
+    if (q_len == 1)
+      write_merged(a, &states[s * kMaxParts], part_layout(from, kv_len, align).count, o + first * token_stride);
   }
   return ffi::Error::Success();
 }
