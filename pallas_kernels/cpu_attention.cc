@@ -354,7 +354,8 @@ ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
   for (int64_t s = 0; s < live_seqs; ++s) {
     int64_t first, q_len, kv_len, from;
     sequence(s, first, q_len, kv_len, from);
-    const int64_t units = q_len == 1 ? (split_decode ? kMaxParts : 1) : (std::max<int64_t>(q_len, 0) + kQueryBlock - 1) / kQueryBlock;
+    const int64_t blocks = (std::max<int64_t>(q_len, 0) + kQueryBlock - 1) / kQueryBlock;
+    const int64_t units = q_len == 1 ? (split_decode ? kMaxParts : 1) : blocks;
     unit_start[s + 1] = unit_start[s] + units;
   }
   std::vector<SoftmaxState> states(split_decode ? live_seqs * kMaxParts : 0);  // decoding tokens' parts, when split

@@ -258,7 +258,9 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
   float* scores = aligned_scratch<2>(max_lanes * kBlock);
   float* p = aligned_scratch<3>(max_lanes * kBlock);
   float* correction = aligned_scratch<4>(max_lanes);
-  Lane* lanes = reinterpret_cast<Lane*>(aligned_scratch<5>(max_lanes * sizeof(Lane) / sizeof(float) + 1));
+  thread_local std::vector<Lane> lane_storage;
+  if (static_cast<int64_t>(lane_storage.size()) < max_lanes) lane_storage.resize(max_lanes);
+  Lane* lanes = lane_storage.data();
   auto slot_offset = [&](int64_t pos) {
     return (static_cast<int64_t>(pages[pos / a.page_size]) * a.page_size + pos % a.page_size) * row;
   };
@@ -276,7 +278,8 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
       }
       int64_t live = 0;
       for (int64_t t = 0; t < count; ++t) {
-        const int64_t from = std::clamp<int64_t>(lo[t] - p0, 0, kBlock), to = std::clamp<int64_t>(hi[t] - p0, 0, kBlock);
+        const int64_t from = std::clamp<int64_t>(lo[t] - p0, 0, kBlock);
+        const int64_t to = std::clamp<int64_t>(hi[t] - p0, 0, kBlock);
         if (from >= to) continue;  // none of this token's positions
         const uint64_t below_to = to == 64 ? ~0ull : (1ull << to) - 1;
         const uint64_t visible = below_to & ~((1ull << from) - 1);
@@ -287,9 +290,8 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
         }
       }
       if (live == 0) continue;
-      for (int b = 0; b < subs; ++b) {
+      for (int b = 0; b < subs; ++b)
         lane_scores<Page, DV>(lanes, live, k_rows, b * kSub, n, a.sm_scale, quads, scores);
-      }
       for (int64_t l = 0; l < live; ++l)
         correction[l] = softmax_update(a, lanes[l], scores + l * kBlock, subs, p + l * kBlock);
       for (int64_t l0 = 0; l0 < live; l0 += kGroup) {

@@ -106,6 +106,12 @@ ATTENTION_CASES = [(shapes, options) for shapes, options in FAST_CASES + SLOW_CA
     # Up to 8 live sequences of three KV heads: from 4, one unit per sequence (no parts).
     (Shapes(page_size=8, num_kv_heads=3, group=2, num_seq_slots=9, num_tokens=64, pages_per_seq=8,
             head_dim=16, num_pages=80), {}),
+    # Llama 3's head_dim, and one whose rows widen to an odd number of vectors (the AVX-512 kernel's other
+    # register budgets), pages of 8 (a block of 16 positions spans two).
+    (Shapes(page_size=16, num_kv_heads=2, group=4, num_seq_slots=4, num_tokens=40, pages_per_seq=8,
+            head_dim=128, num_pages=40), {}),
+    (Shapes(page_size=8, num_kv_heads=2, group=5, num_seq_slots=3, num_tokens=30, pages_per_seq=12,
+            head_dim=96, num_pages=40), {"sliding_window": 37}),
 ]
 
 
