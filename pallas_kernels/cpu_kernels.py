@@ -4,16 +4,17 @@ sampler's passes over the vocabulary.
 - Projections with bfloat16 weights at small batch: XLA CPU streams those weights at about a quarter of the
   machine's memory bandwidth; `kernel_matmul` reads them once, in memory order, widening bf16 to f32 in
   registers. `matmul` is the pure-JAX reference and fallback, `project` picks between them.
-- Attention over the paged KV cache (float32 or bfloat16; decode steps and prefill chunks): XLA's path copies
-  every chunk of gathered pages (gather, head-major transpose, mask); `ragged_paged_attention` walks the pages
-  in place with an online softmax. pallas_kernels/reference.py is its oracle.
+- Attention over the paged KV cache (float32, bfloat16 or float8; decode steps and prefill chunks): XLA's path
+  copies every chunk of gathered pages (gather, head-major transpose, mask); `ragged_paged_attention` walks the
+  pages in place with an online softmax (cpu_attention.cc; on AVX-512 CPUs cpu_attention_avx512.cc for float32
+  and bfloat16 pages). pallas_kernels/reference.py is its oracle.
 - The sampler's passes over the vocabulary (cpu_sampling.cc): the top_k / top_p / min_p threshold per row
   (`sampling_threshold`), a token's logprob with its rank and the most likely alternatives
   (`token_logprobs`), and a row's log-normalizer with its greedy token (`log_normalizer`). XLA CPU's top_k is
   a sort, jaxserve/sampler.py's exact fallback bisects the vocabulary 32 times, and its logsumexp over
   [32, 49152] took 2.2 ms on one thread.
 
-All run on XLA's own intra-op threads (cpu_kernels.cc). The library is compiled on first use with the
+All run on XLA's own intra-op threads (cpu_parallel.h). The library is compiled on first use with the
 system's C++ compiler into the user's cache (keyed by the source and the JAX headers), so an install needs no
 build step; without AVX2, or with neither a built library nor a compiler, `available()` is False and callers
 keep XLA's paths.
