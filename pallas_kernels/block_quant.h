@@ -50,25 +50,6 @@ struct AlignedBuffer {
   T* data;
 };
 
-// This thread's 64-byte aligned scratch number kSlot, at least n values, kept and grown across calls: a long
-// step's buffers are over glibc's mmap threshold, and allocating them per call paid for fresh pages (page
-// faults were ~20% of a 128-token step's projections).
-template <typename T, int kSlot>
-T* thread_scratch(int64_t n) {
-  struct Kept {
-    T* data = nullptr;
-    int64_t size = 0;
-    ~Kept() { std::free(data); }
-  };
-  thread_local Kept kept;
-  if (kept.size < n) {
-    std::free(kept.data);
-    kept.data = static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64));
-    kept.size = n;
-  }
-  return kept.data;
-}
-
 // out[0], out[1] = the sums of a's and b's lanes, by hadd(hadd(a, b), hadd(a, b)): for each output the same
 // additions as the panels' four-output reduction (lanes of hadd(hadd(a, b), hadd(c, d)) halves), so every
 // path gives an output the same sum. Shared by the float32 and the bfloat16 loops.

@@ -24,9 +24,10 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #include "cpu_attention.h"
+#include "cpu_math.h"
+#include "cpu_parallel.h"
 
 #define JAXSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
@@ -42,14 +43,6 @@ static_assert(kBlock % kSub == 0 && kBlock <= 64, "a lane's visible positions ar
 
 // Values lanes in a group: their D/16 accumulators each stay within the 32 registers beside one widened row.
 constexpr int kAccumulators = 24;
-
-// This thread's scratch number kSlot, at least n floats, kept across calls.
-template <int kSlot>
-float* scratch(int64_t n) {
-  thread_local std::vector<float> kept;
-  if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
-  return kept.data();
-}
 
 // A row of 16 * DV values as DV float32 vectors, in the kernel's order (bfloat16: per 32 values the even
 // ones, then the odd ones; float32: as stored).
@@ -106,19 +99,15 @@ JAXSERVE_AVX512 inline __m512 lane_sums(const float* quads) {
                        _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// e^x for x <= 0, cpu_math.h's polynomial on 16 lanes.
+// e^x for x <= 0: cpu_math.h's exp_nonpositive, its constants, on 16 lanes.
 JAXSERVE_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2High), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Low), x);
+  __m512 y = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x);
   y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
   const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
@@ -223,13 +212,6 @@ JAXSERVE_AVX512 void lane_values(const Lane* lanes, int count, const float* corr
   }
 }
 
-// 64-byte aligned room for n floats in this thread's scratch number kSlot.
-template <int kSlot>
-float* aligned_scratch(int64_t n) {
-  float* data = scratch<kSlot>(n + 16);
-  return data + (64 - reinterpret_cast<uintptr_t>(data) % 64) % 64 / sizeof(float);
-}
-
 template <typename Page, int DV>
 JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
                             const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk,
@@ -248,19 +230,18 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
   }
   if (begin >= end) return;  // no token sees any position
   begin = begin / kBlock * kBlock;  // blocks start at multiples of kBlock whatever tokens share the call
-  float* q = aligned_scratch<0>(count * H * D);
+  // This thread's buffers (cpu_parallel.h), numbered past block_quant's.
+  float* q = thread_scratch<float, 10>(count * H * D);
   for (int64_t t = 0; t < count; ++t) {
     std::memcpy(q + t * H * D, q_first + t * token_stride, H * D * sizeof(float));
     for (int64_t i = 0; i < H; ++i) reorder<Page>(q + (t * H + i) * D, D, true);
   }
   const int64_t max_lanes = count * G;
-  float* quads = aligned_scratch<1>(max_lanes * 64);
-  float* scores = aligned_scratch<2>(max_lanes * kBlock);
-  float* p = aligned_scratch<3>(max_lanes * kBlock);
-  float* correction = aligned_scratch<4>(max_lanes);
-  thread_local std::vector<Lane> lane_storage;
-  if (static_cast<int64_t>(lane_storage.size()) < max_lanes) lane_storage.resize(max_lanes);
-  Lane* lanes = lane_storage.data();
+  float* quads = thread_scratch<float, 11>(max_lanes * 64);
+  float* scores = thread_scratch<float, 12>(max_lanes * kBlock);
+  float* p = thread_scratch<float, 13>(max_lanes * kBlock);
+  float* correction = thread_scratch<float, 14>(max_lanes);
+  Lane* lanes = thread_scratch<Lane, 15>(max_lanes);
   auto slot_offset = [&](int64_t pos) {
     return (static_cast<int64_t>(pages[pos / a.page_size]) * a.page_size + pos % a.page_size) * row;
   };

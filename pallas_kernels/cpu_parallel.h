@@ -1,4 +1,5 @@
-// parallel_blocks: a loop split over XLA's intra-op thread pool, shared by the CPU kernels.
+// Shared by the CPU kernels: parallel_blocks, a loop split over XLA's intra-op thread pool, and
+// thread_scratch, each thread's buffers kept across calls.
 #pragma once
 
 #include <immintrin.h>
@@ -6,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 
 #include "xla/ffi/api/ffi.h"
@@ -41,6 +43,25 @@ void parallel_blocks(ffi::ThreadPool& pool, int64_t num_blocks, F&& body) {
   }
   work();
   while (shared->done.load() < num_blocks || shared->active.load() > 0) _mm_pause();
+}
+
+// This thread's 64-byte aligned scratch number kSlot, at least n values, kept and grown across calls: a long
+// step's buffers are over glibc's mmap threshold, and allocating them per call paid for fresh pages (page
+// faults were ~20% of a 128-token step's projections).
+template <typename T, int kSlot>
+T* thread_scratch(int64_t n) {
+  struct Kept {
+    T* data = nullptr;
+    int64_t size = 0;
+    ~Kept() { std::free(data); }
+  };
+  thread_local Kept kept;
+  if (kept.size < n) {
+    std::free(kept.data);
+    kept.data = static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64));
+    kept.size = n;
+  }
+  return kept.data;
 }
 
 }  // namespace jaxserve
