@@ -91,10 +91,11 @@ class EngineConfig:
     compilation_cache_max_gb: float = 4.0
     guided_decoding_backend: str = "llguidance"
     # Prompt-lookup speculation (jaxserve/speculative.py): draft tokens per greedy sequence and step (0 = off),
-    # in decode steps of at most speculative_max_rows rows, drafts included (and at most max_num_seqs).
+    # in decode steps of at most speculative_max_rows rows, drafts included (decode steps wider than max_num_seqs
+    # get buckets of their own; steps with prompt chunks stay within max_num_seqs rows).
     # None: 4 without async scheduling (the CPU), 0 with it (a drafting request would step one at a time)
     num_speculative_tokens: int | None = None
-    speculative_max_rows: int = 64
+    speculative_max_rows: int = 128
     prompt_lookup_min: int = 2  # the n-grams looked up: the longest n in [min, max] that occurred before
     prompt_lookup_max: int = 4
     precompile: bool = True

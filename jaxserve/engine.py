@@ -75,8 +75,9 @@ class LLMEngine:
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.scheduling_policy), self.kv_cache)
-        # a decode step's rows, drafts included, stay within the compiled step shapes (max_num_seqs)
-        max_rows = min(config.speculative_max_rows, config.max_num_seqs)
+        # a decode step's rows, drafts included, stay within the compiled step shapes: the draft buckets
+        # (BucketSet.draft_buckets), or max_num_seqs for a step with prompt chunks
+        max_rows = min(config.speculative_max_rows, config.max_num_batched_tokens)
         self.speculation = PromptLookup(SpeculationConfig(
             config.num_speculative_tokens, max_rows, min_ngram=max(1, config.prompt_lookup_min),
             max_ngram=max(1, config.prompt_lookup_min, config.prompt_lookup_max)), self.max_model_len)

@@ -307,7 +307,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
             f"The KV cache budget ({budget} bytes = {num_pages} pages of {page_size} tokens) "
             f"cannot hold one sequence of max_model_len={max_model_len}; raise --kv-cache-memory or lower "
             "--max-model-len.")
-    buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens)
+    buckets = BucketSet.for_limits(config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.speculative_max_rows if config.num_speculative_tokens else 0)
     attention = resolve_attention_backend(config.attention_backend, mesh.size)
     if attention == "pallas" and mesh.size > 1 and kv_split == 1:
         # The kernel runs per device on whole KV heads (pallas_kernels/attention.py); replicated KV heads

@@ -252,6 +252,7 @@ class ModelRunner:
         token_ids, positions, slots, kv_lens, cu_q_lens, last_rows = [], [], [], [], [], []
         sample_rows, pending = [], []
         cursor = 0
+        previous_seq, previous_end = None, -1
         for row, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens + item.draft_index
@@ -269,24 +270,31 @@ class ModelRunner:
                 # only a decode step's single token can be pending (one step in flight, no drafts then)
                 pending.append((cursor + n - 1, previous_rows[seq.seq_id]))
             cursor += n
-            kv_lens.append(start + n)
-            cu_q_lens.append(cursor)
             last_rows.append(cursor - 1)
-            page_rows[row, :len(pages)] = pages
+            if seq is previous_seq and start == previous_end:
+                # a draft row right after its sequence's previous row: the same attention query block (its
+                # pages read once for both), each token still seeing positions up to its own
+                kv_lens[-1] = start + n
+                cu_q_lens[-1] = cursor
+            else:
+                page_rows[len(kv_lens), :len(pages)] = pages
+                kv_lens.append(start + n)
+                cu_q_lens.append(cursor)
+            previous_seq, previous_end = seq, start + n
             if item.samples:
                 sample_rows.append(row)
-        rows = len(scheduled)
+        rows, blocks = len(scheduled), len(kv_lens)
         view["token_ids"][:cursor] = token_ids
         view["positions"][:cursor] = positions
         view["slot_mapping"][:cursor] = slots
-        view["kv_lens"][:rows] = kv_lens
-        view["cu_q_lens"][1:rows + 1] = cu_q_lens
+        view["kv_lens"][:blocks] = kv_lens
+        view["cu_q_lens"][1:blocks + 1] = cu_q_lens
+        view["cu_q_lens"][blocks + 1:] = cursor
+        view["num_seqs"][0] = blocks
         view["logits_indices"][:rows] = last_rows
         for index, source_row in pending:
             view["token_src"][index] = source_row
         reads_previous = bool(pending)
-        view["cu_q_lens"][len(scheduled) + 1:] = cursor
-        view["num_seqs"][0] = len(scheduled)
         return StepInput(shape, packed, len(scheduled), sample_rows, reads_previous)
 
     def execute(self, step: StepInput, previous_tokens=None):

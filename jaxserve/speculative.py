@@ -3,8 +3,9 @@
 A small decode step reads every weight once whatever its rows, so a few extra rows cost much less than a
 step of their own. Where a greedy sequence's last few tokens occurred earlier in its prompt or output, the
 tokens that followed them there are proposed as a draft (prompt lookup: no draft model). Each draft token is
-computed as a decode row of its own in the same step, on the sequence's pages, at its position after the
-earlier ones (every layer writes a step's K/V before its attention reads them); each row's greedy token is
+computed as a row of its own in the same step, right after the sequence's real row, at its position after the
+earlier ones (every layer writes a step's K/V before its attention reads them; the runner makes the rows one
+query block, so the sequence's pages are read once); each row's greedy token is
 what sequential decoding would sample there if the draft before it is right. The sequence keeps its real
 token's sample, then each draft token that equals the previous row's sample and that row's sample, up to the
 first mismatch: at least one token a step, as without drafts.
@@ -104,8 +105,11 @@ class PromptLookup:
         """The step's rows with draft rows appended, and each drafting sequence's draft by its real row."""
         cfg = self.config
         decoding = [item.num_new_tokens == 1 and item.samples for item in scheduled]
-        # rows within max_rows, tokens within the step's budget (a step with prompt chunks may have filled it)
-        budget = min(cfg.max_rows - len(scheduled),
+        # rows within max_rows (a step with longer prompt chunks: within max_num_seqs, its buckets' widest),
+        # tokens within the step's budget (a step with prompt chunks may have filled it)
+        one_token_rows = all(item.num_new_tokens == 1 for item in scheduled)
+        max_rows = cfg.max_rows if one_token_rows else min(cfg.max_rows, scheduler.config.max_num_seqs)
+        budget = min(max_rows - len(scheduled),
                      scheduler.config.max_num_batched_tokens - sum(item.num_new_tokens for item in scheduled))
         if cfg.num_tokens <= 0 or budget <= 0 or not any(decoding):
             return scheduled, {}
@@ -137,16 +141,23 @@ class PromptLookup:
                     if spare > 0 and share[i] < len(proposals[i][1]):
                         share[i] += 1
                         spare -= 1
-        rows, drafts = list(scheduled), {}
-        for (row, tokens), n in zip(proposals, share):
-            seq = scheduled[row].seq
+        # A sequence's draft rows follow its real row, so that the step's attention reads the sequence's
+        # pages once for all of them (ModelRunner.prepare makes consecutive positions one query block).
+        granted = {row: (tokens, n) for (row, tokens), n in zip(proposals, share)}
+        rows, drafts = [], {}
+        for row, item in enumerate(scheduled):
+            rows.append(item)
+            if row not in granted:
+                continue
+            tokens, n = granted[row]
+            seq = item.seq
             seq.extra["unchecked_draft"] = tokens[0]  # scored against the step's token if it gets no rows
             tokens = tokens[:n]
             # a page per running sequence stays free: drafts never cost a real token a preemption
             if not tokens or not scheduler.reserve(seq, seq.num_computed_tokens + 1 + len(tokens),
                                                    keep_free=scheduler.num_running):
                 continue
-            drafts[row] = Draft(tokens, list(range(len(rows), len(rows) + len(tokens))))
+            drafts[len(rows) - 1] = Draft(tokens, list(range(len(rows), len(rows) + len(tokens))))
             rows.extend(ScheduledSeq(seq, 1, draft_index=j + 1, draft_token=t) for j, t in enumerate(tokens))
             self.draft_tokens_total += len(tokens)
         return rows, drafts

@@ -100,8 +100,9 @@ _ENGINE_HELP = {
                               "in the same step, so a step can keep several tokens (the same tokens: each draft "
                               "token is computed as a decode row of its own); 0 turns it off. Default: 4 on the "
                               "CPU, 0 with async scheduling (GPU/TPU), which a drafting request suspends.",
-    "speculative_max_rows": "Most rows of a decode step with draft rows (at most --max-num-seqs); past 8 rows only "
-                            "sequences whose drafts were mostly right get draft rows.",
+    "speculative_max_rows": "Most rows of a decode step with draft rows (decode steps wider than --max-num-seqs "
+                            "get step shapes of their own; steps with prompt chunks stay within --max-num-seqs); "
+                            "past 8 rows only sequences whose drafts were mostly right get draft rows.",
     "prompt_lookup_min": "Prompt lookup: the shortest run of last tokens looked up in the history.",
     "prompt_lookup_max": "Prompt lookup: the longest run of last tokens looked up (the longest found wins).",
 }

@@ -46,3 +46,17 @@ def test_prompt_steps_pad_to_midpoint_buckets_from_64_tokens():
     assert buckets.bucket_for(138, 1) == StepShape(192, 1)
     assert buckets.bucket_for(200, 8) == StepShape(256, 8)
     assert buckets.bucket_for(40, 1) == StepShape(64, 1)  # below 64 the powers of two stay
+
+
+def test_decode_steps_with_drafts_get_buckets_past_max_num_seqs():
+    # A sequence's draft rows are rows of their own: a decode step with drafts may be wider than max_num_seqs,
+    # but steps that carry prompt chunks never are, so only decode shapes are added.
+    plain, drafting = BucketSet.for_limits(64, 512), BucketSet.for_limits(64, 512, max_decode_rows=128)
+    assert plain.draft_buckets == () and drafting.draft_buckets == (128,)
+    assert set(drafting.all_shapes()) - set(plain.all_shapes()) == {StepShape(128, 128)}
+    for rows in range(65, 129):
+        assert drafting.bucket_for(rows, rows) == StepShape(128, 128)
+    assert drafting.bucket_for(64, 64) == StepShape(64, 64)
+    assert BucketSet.for_limits(48, 512, 200).draft_buckets == (96, 192, 200)
+    assert BucketSet.for_limits(64, 100, 128).draft_buckets == (100,)  # within the token budget
+    assert BucketSet.for_limits(64, 512, 32).draft_buckets == ()

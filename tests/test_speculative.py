@@ -77,6 +77,37 @@ def test_rejected_drafts_leave_the_tokens_unchanged(random_engines):
     assert together == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
 
 
+def test_a_sequences_draft_rows_are_one_attention_query_block(random_engines):
+    # The real row and its drafts attend as one block of consecutive positions (the pages read once), while
+    # each row keeps its own logits index: the sampler still sees one row per token.
+    from jaxserve.model_runner import _layout
+    from jaxserve.scheduler import ScheduledSeq
+    from jaxserve.sequence import Sequence
+
+    _, drafting = random_engines
+    engine = drafting.engine
+    greedy = SamplingParams(temperature=0, max_tokens=50)
+    first = Sequence(0, "a", 0, [5, 6, 7, 5, 6], greedy, 0.0, 0, output_token_ids=[7])
+    second = Sequence(1, "b", 0, [9, 8, 9, 8], greedy, 0.0, 0, output_token_ids=[9])
+    for seq in (first, second):
+        seq.num_computed_tokens = seq.num_tokens - 1
+        assert engine.scheduler.reserve(seq, seq.num_tokens + 2)
+    rows = [ScheduledSeq(first, 1), ScheduledSeq(first, 1, draft_index=1, draft_token=5),
+            ScheduledSeq(first, 1, draft_index=2, draft_token=6), ScheduledSeq(second, 1)]
+    try:
+        step = engine.runner.prepare(rows)
+    finally:
+        for seq in (first, second):
+            engine.kv_cache.free(seq.pages)
+    field = {name: step.packed[o:o + n] for name, (o, n) in _layout(step.shape, engine.runner.config.pages_per_seq).items()}
+    assert field["num_seqs"][0] == 2
+    assert field["cu_q_lens"][:3].tolist() == [0, 3, 4] and field["kv_lens"][:2].tolist() == [8, 5]
+    assert field["positions"][:4].tolist() == [5, 6, 7, 4] and field["token_ids"][:4].tolist() == [7, 5, 6, 9]
+    assert field["logits_indices"][:4].tolist() == [0, 1, 2, 3] and step.sample_rows == [0, 1, 2, 3]
+    pages = field["page_indices"].reshape(step.shape.num_seqs, -1)
+    assert pages[0, :len(first.pages)].tolist() == first.pages and pages[1, :len(second.pages)].tolist() == second.pages
+
+
 def test_sampled_and_large_steps_do_not_draft(random_engines):
     _, drafting = random_engines
     spec = drafting.engine.speculation
@@ -177,20 +208,20 @@ def test_spare_rows_are_shared_round_the_drafting_sequences():
         scheduled.append(ScheduledSeq(seq, 1))
     lookup = PromptLookup(SpeculationConfig(num_tokens=4, max_rows=8), max_model_len=256)
     rows, drafts = lookup.add_drafts(scheduled, scheduler)
-    # 4 spare rows over three sequences with drafts: 2, 1, 1 (dealt in turn), none for the fourth
-    assert {row: d.tokens for row, d in drafts.items()} == {0: [7, 8], 1: [1], 2: [30]}
-    assert len(rows) == 8 and rows[:4] == scheduled
-    assert [(r.seq.seq_id, r.draft_index, r.draft_token) for r in rows[4:]] == \
-        [(0, 1, 7), (0, 2, 8), (1, 1, 1), (2, 1, 30)]
-    assert drafts[0].rows == [4, 5] and drafts[1].rows == [6] and drafts[2].rows == [7]
+    # 4 spare rows over three sequences with drafts: 2, 1, 1 (dealt in turn), none for the fourth; each
+    # sequence's draft rows right after its real row (keyed by the real row's index in the step)
+    assert {row: d.tokens for row, d in drafts.items()} == {0: [7, 8], 3: [1], 5: [30]}
+    assert len(rows) == 8 and [rows[i] for i in (0, 3, 5, 7)] == scheduled
+    assert [(r.seq.seq_id, r.draft_index, r.draft_token) for r in rows] == \
+        [(0, 0, -1), (0, 1, 7), (0, 2, 8), (1, 0, -1), (1, 1, 1), (2, 0, -1), (2, 1, 30), (3, 0, -1)]
+    assert drafts[0].rows == [1, 2] and drafts[3].rows == [4] and drafts[5].rows == [6]
     # every draft row's position has a page
-    assert all(len(s.seq.pages) * 4 >= s.seq.num_tokens + len(drafts[i].tokens)
-               for i, s in enumerate(scheduled) if i in drafts)
+    assert all(len(rows[i].seq.pages) * 4 >= rows[i].seq.num_tokens + len(d.tokens) for i, d in drafts.items())
     # a sequence whose last draft missed drafts one token; a sampled one none
     scheduled[0].seq.extra["draft_limit"] = 1
     scheduled[1].seq.sampling_params = SamplingParams(temperature=0.5)
     rows, drafts = lookup.add_drafts(scheduled, scheduler)
-    assert {row: d.tokens for row, d in drafts.items()} == {0: [7], 2: [30, 31, 30]}
+    assert {row: d.tokens for row, d in drafts.items()} == {0: [7], 3: [30, 31, 30]}
     # drafts leave a page per running sequence free: with the pool nearly full, none
     tight = Scheduler(SchedulerConfig(8, 64, 256), KVCacheManager(6, 4, False))
     seq = Sequence(9, "r9", 0, [5, 6, 7, 5, 6], greedy, 0.0, 0, output_token_ids=[7])
@@ -261,6 +292,30 @@ def test_steps_with_prompt_chunks_draft_within_their_token_budget():
     full = [ScheduledSeq(prompt, 16), ScheduledSeq(decoding, 1)]
     scheduler.config = SchedulerConfig(8, 17, 256)
     assert lookup.add_drafts(full, scheduler) == (full, {})  # no token left in the budget
+
+
+def test_decode_steps_draft_past_max_num_seqs_and_mixed_steps_do_not():
+    from jaxserve.kv_cache_manager import KVCacheManager
+    from jaxserve.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+    from jaxserve.sequence import Sequence
+    from jaxserve.speculative import PromptLookup
+
+    scheduler = Scheduler(SchedulerConfig(4, 64, 256), KVCacheManager(64, 4, False))  # max_num_seqs 4
+    greedy = SamplingParams(temperature=0, max_tokens=50)
+    decoding = []
+    for i in range(3):
+        seq = Sequence(i, f"d{i}", 0, [7, 8, 9] * 4, greedy, 0.0, 0, output_token_ids=[7])
+        seq.num_computed_tokens = 12
+        seq.extra["draft_hit_rate"] = 0.9  # reliable: past cheap_rows too
+        assert scheduler.reserve(seq, 13)
+        decoding.append(ScheduledSeq(seq, 1))
+    lookup = PromptLookup(SpeculationConfig(num_tokens=2, max_rows=16), max_model_len=256)
+    rows, drafts = lookup.add_drafts(decoding, scheduler)
+    assert len(rows) == 9 and all(len(d.tokens) == 2 for d in drafts.values())  # 9 rows > max_num_seqs
+    prompt = Sequence(9, "p", 0, [1, 2, 3, 4], greedy, 0.0, 0)
+    assert scheduler.reserve(prompt, 4)
+    rows, drafts = lookup.add_drafts([ScheduledSeq(prompt, 4)] + decoding, scheduler)
+    assert len(rows) == 4 and drafts == {}  # with a prompt chunk: max_num_seqs rows, none left to draft
 
 
 def test_arrivals_between_steps_keep_the_tokens(smol):
