@@ -264,10 +264,9 @@ class MLP(nnx.Module):
         self.down_proj = Linear(i, h, False, dtype, act, rngs, kernel("down_proj"))
 
     def __call__(self, x, meta: AttentionMetadata | None = None):
-        if hasattr(self, "gate_up_proj"):
-            gate, up = _split_columns(self.gate_up_proj(x, meta), (self.down_proj.in_features,) * 2)
-        else:
-            gate, up = self.gate_proj(x, meta), self.up_proj(x, meta)
+        if hasattr(self, "gate_up_proj"):  # the CPU kernels' blocks: their activation too
+            return self.down_proj(cpu_kernels.silu_and_mul(self.gate_up_proj(x, meta)), meta)
+        gate, up = self.gate_proj(x, meta), self.up_proj(x, meta)
         return self.down_proj(jax.nn.silu(gate) * up, meta)
 
 
