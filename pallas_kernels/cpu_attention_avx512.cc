@@ -38,8 +38,16 @@ namespace {
 constexpr int kBlock = static_cast<int>(kWideBlock), kSub = 16;
 static_assert(kBlock % kSub == 0 && kBlock <= 64, "a lane's visible positions are a 64-bit mask");
 
-// No software prefetching: the hardware's streams over a page's rows kept up better (a 32-sequence decode's 30
-// layers on one thread: 26 ms without, 27-37 ms prefetching 16-128 positions ahead into L1 or L2).
+// Software prefetching of the same head's K rows ahead (16-128 positions, into L1 or L2) did not pay: the
+// hardware's streams over a page's rows kept up (a 32-sequence decode's 30 layers on one thread: 26 ms without,
+// 27-37 ms with). What does pay is asking for the rows the hardware cannot guess: a block's V rows while its
+// scores are computed, and the next KV head's K rows (a 32-sequence decode step 16-21 -> 13-15 ms, four-token
+// query blocks 30-34 -> 25-28 ms, benchmarks/attention_cpu.py).
+template <typename Page, int DV>
+JAXSERVE_AVX512 inline void prefetch_row(const Page* row) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int line = 0; line < 16 * DV * static_cast<int>(sizeof(Page)); line += 64) _mm_prefetch(bytes + line, _MM_HINT_T0);
+}
 
 // Values lanes in a group: their D/16 accumulators each stay within the 32 registers beside one widened row.
 constexpr int kAccumulators = 24;
@@ -256,6 +264,12 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
       for (int j = 0; j < n; ++j) {
         k_rows[j] = k_pages + offset[j] + h * D;
         v_rows[j] = v_pages + offset[j] + h * D;
+      }
+      // The V rows this head's values will read once its scores and softmax are done, and the next head's K
+      // rows (the rows' next lines), on their way while the scores are computed.
+      for (int j = 0; j < n; ++j) {
+        prefetch_row<Page, DV>(v_rows[j]);
+        if (h + 1 < a.num_kv_heads) prefetch_row<Page, DV>(k_rows[j] + D);
       }
       int64_t live = 0;
       for (int64_t t = 0; t < count; ++t) {
