@@ -319,14 +319,14 @@ ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
   const float* qp = q.typed_data();
   const Page* kp = static_cast<const Page*>(k_pages.untyped_data());
   const Page* vp = static_cast<const Page*>(v_pages.untyped_data());
-  // (first token, query length, visible length, first visible position) of sequence s
-  auto sequence = [&](int64_t s, int64_t& first, int64_t& q_len, int64_t& kv_len, int64_t& from) {
+  // (first token, query length, visible length) of sequence s
+  auto sequence = [&](int64_t s, int64_t& first, int64_t& q_len, int64_t& kv_len) {
     first = cu[s];
     q_len = std::min<int64_t>(cu[s + 1], a.num_tokens) - first;
     // Never read past the sequence's page-table row, whatever kv_lens says (XLA's path clamps its gathers).
     kv_len = std::min<int64_t>(lens[s], a.pages_per_seq * a.page_size);
-    from = a.sliding_window > 0 ? std::max<int64_t>(0, kv_len - a.sliding_window) : 0;  // a decode token's
   };
+
   const int64_t token_stride = a.num_heads * a.head_dim;
   // The AVX-512 kernel where it runs (float32 or bfloat16 pages, head_dim a multiple of 32), else AVX2's.
   // Either gives a token the same sums in any batch; the two differ in summation order.
@@ -345,47 +345,60 @@ ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
   constexpr int64_t kWhole = INT64_MAX / 4;  // a part's chunk when the call covers just that part
   // Where to run the work is the only thing the step's size decides, in units claimed by the threads in turn:
   // a prefill chunk's query blocks are a unit each (its latest, longest-reaching block first, so that the last
-  // units claimed are short ones); a decoding token's parts are a unit each with fewer sequences than twice
-  // the threads (flash-decoding), else one unit walks them in turn. (Four units a prefill chunk with its blocks
-  // dealt round them measured the same to ~10% slower on a 128-token prompt.)
+  // units claimed are short ones). With fewer sequences than twice the threads, a sequence of one query block
+  // (a decoding token, with its draft tokens if any) is split by its tokens' parts instead, a unit each
+  // (flash-decoding), so that one sequence still keeps every thread busy. (Four units a prefill chunk with
+  // its blocks dealt round them measured the same to ~10% slower on a 128-token prompt.)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const bool split_decode = live_seqs < 2 * threads;
-  std::vector<int64_t> unit_start(live_seqs + 1, 0);
+  const bool split = live_seqs < 2 * threads;
+  std::vector<int64_t> unit_start(live_seqs + 1, 0), state_start(live_seqs + 1, 0);
   for (int64_t s = 0; s < live_seqs; ++s) {
-    int64_t first, q_len, kv_len, from;
-    sequence(s, first, q_len, kv_len, from);
+    int64_t first, q_len, kv_len;
+    sequence(s, first, q_len, kv_len);
     const int64_t blocks = (std::max<int64_t>(q_len, 0) + kQueryBlock - 1) / kQueryBlock;
-    const int64_t units = q_len == 1 ? (split_decode ? kMaxParts : 1) : blocks;
-    unit_start[s + 1] = unit_start[s] + units;
+    const bool by_parts = split && blocks == 1;
+    unit_start[s + 1] = unit_start[s] + (by_parts ? kMaxParts : blocks);
+    state_start[s + 1] = state_start[s] + (by_parts ? q_len * kMaxParts : 0);
   }
-  std::vector<SoftmaxState> states(split_decode ? live_seqs * kMaxParts : 0);  // decoding tokens' parts, when split
+  std::vector<SoftmaxState> states(state_start[live_seqs]);  // split sequences' tokens' parts
+  // Query token t of a sequence's query block [i0, i0 + count): the positions it sees [lo, hi) and their parts.
+  auto token_view = [&](int64_t kv_len, int64_t q_len, int64_t i, int64_t& lo, int64_t& hi) {
+    const int64_t pos = kv_len - q_len + i;  // this query token's position: it sees [lo, pos]
+    hi = std::max<int64_t>(pos + 1, 0);
+    lo = a.sliding_window > 0 ? std::clamp<int64_t>(pos - a.sliding_window + 1, 0, hi) : 0;
+    return part_layout(lo, hi, align);
+  };
   parallel_blocks(pool, unit_start[live_seqs], [&](int64_t unit) {
     const int64_t s = std::upper_bound(unit_start.begin(), unit_start.end(), unit) - unit_start.begin() - 1;
     const int64_t index = unit - unit_start[s];
-    int64_t first, q_len, kv_len, from;
-    sequence(s, first, q_len, kv_len, from);
+    int64_t first, q_len, kv_len;
+    sequence(s, first, q_len, kv_len);
     const int32_t* pages = table + s * a.pages_per_seq;
     const float* q_first = qp + first * token_stride;
-    if (q_len == 1 && split_decode) {  // this unit takes the decoding token's part `index`, if it has one
-      const PartLayout layout = part_layout(from, kv_len, align);
-      if (index >= layout.count) return;
-      const int64_t part_first = layout.first + index * layout.chunk;
-      const int64_t lo = std::max(from, part_first), hi = std::min(kv_len, part_first + layout.chunk);
-      SoftmaxState* state = &states[s * kMaxParts + index];
-      attend(q_first, 1, &lo, &hi, &part_first, &kWhole, pages, &state);
+    int64_t lo[kQueryBlock], hi[kQueryBlock], part_first[kQueryBlock], chunk[kQueryBlock], parts[kQueryBlock];
+    SoftmaxState* token_states[kQueryBlock];
+    if (state_start[s + 1] > state_start[s]) {  // this unit takes part `index` of each token that has one
+      for (int64_t t = 0; t < q_len; ++t) {
+        const PartLayout layout = token_view(kv_len, q_len, t, lo[t], hi[t]);
+        part_first[t] = layout.first + index * layout.chunk;
+        chunk[t] = kWhole;
+        if (index < layout.count) {
+          lo[t] = std::max(lo[t], part_first[t]);
+          hi[t] = std::min(hi[t], part_first[t] + layout.chunk);
+        } else {
+          lo[t] = hi[t];  // none
+        }
+        token_states[t] = &states[state_start[s] + t * kMaxParts + index];
+      }
+      attend(q_first, q_len, lo, hi, part_first, chunk, pages, token_states);
       return;
     }
     // Query block `index` from the end: up to kQueryBlock tokens (a prefill chunk's, or one decoding token).
     const int64_t i0 = ((q_len + kQueryBlock - 1) / kQueryBlock - 1 - index) * kQueryBlock;
     const int64_t count = std::min(kQueryBlock, q_len - i0);
     SoftmaxState block_states[kQueryBlock * kMaxParts];
-    int64_t lo[kQueryBlock], hi[kQueryBlock], part_first[kQueryBlock], chunk[kQueryBlock], parts[kQueryBlock];
-    SoftmaxState* token_states[kQueryBlock];
     for (int64_t t = 0; t < count; ++t) {
-      const int64_t pos = kv_len - q_len + i0 + t;  // this query token's position: it sees [lo, pos]
-      hi[t] = std::max<int64_t>(pos + 1, 0);
-      lo[t] = a.sliding_window > 0 ? std::clamp<int64_t>(pos - a.sliding_window + 1, 0, hi[t]) : 0;
-      const PartLayout layout = part_layout(lo[t], hi[t], align);
+      const PartLayout layout = token_view(kv_len, q_len, i0 + t, lo[t], hi[t]);
       part_first[t] = layout.first;
       chunk[t] = layout.chunk;
       parts[t] = layout.count;
@@ -395,11 +408,13 @@ ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
     for (int64_t t = 0; t < count; ++t)
       write_merged(a, token_states[t], parts[t], o + (first + i0 + t) * token_stride);
   });
-  for (int64_t s = 0; split_decode && s < live_seqs; ++s) {
-    int64_t first, q_len, kv_len, from;
-    sequence(s, first, q_len, kv_len, from);
-    if (q_len == 1)
-      write_merged(a, &states[s * kMaxParts], part_layout(from, kv_len, align).count, o + first * token_stride);
+  for (int64_t s = 0; s < live_seqs; ++s) {
+    if (state_start[s + 1] == state_start[s]) continue;
+    int64_t first, q_len, kv_len, lo, hi;
+    sequence(s, first, q_len, kv_len);
+    for (int64_t t = 0; t < q_len; ++t)
+      write_merged(a, &states[state_start[s] + t * kMaxParts], token_view(kv_len, q_len, t, lo, hi).count,
+                   o + (first + t) * token_stride);
   }
   return ffi::Error::Success();
 }

@@ -285,8 +285,9 @@ def test_an_unloadable_library_turns_the_kernels_off(tmp_path, monkeypatch):
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
 def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_heads):
     """A decoding token's output is bit-identical alone, among other sequences (few or many, which once
-    changed how its positions were split over the threads) and as the last token of a prefill chunk (where
-    it shares the kernel's lanes with other tokens' heads: with grouped or one query head per KV head)."""
+    changed how its positions were split over the threads), as the last token of a prefill chunk (where
+    it shares the kernel's lanes with other tokens' heads: with grouped or one query head per KV head) and of
+    a short query block (a token with its drafts) that few sequences share the step with."""
     rng = np.random.default_rng(0)
     page_size, pages_per_seq, dim = 16, 20, 64
     kv_lens = [37, 130, 200, 260, 64, 129, 300, 9]
@@ -315,6 +316,9 @@ def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_hea
         np.testing.assert_array_equal(run([s, (s + 1) % 8], [1, 1]), together[[s, (s + 1) % 8]])
         for chunk in (9, 10, 11):  # the end of a prefill chunk, after 0, 1 or 2 others in its query block
             np.testing.assert_array_equal(run([s], [chunk]), together[s:s + 1])
+        for q_len in (2, 5, 8):  # a decoding token after its drafts' rows: one query block, split by its parts
+            np.testing.assert_array_equal(run([s], [q_len]), together[s:s + 1])
+            np.testing.assert_array_equal(run([s, (s + 1) % 8], [q_len, 3]), together[[s, (s + 1) % 8]])
 
 
 def test_the_avx2_attention_a_faster_cpu_skips_still_holds():
