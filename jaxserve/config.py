@@ -41,6 +41,13 @@ class ModelConfig:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
 
+# Draft tokens a sequence may get a step when speculation is on and the count is not given. A sequence's
+# drafts grow by one a step while they are kept and shrink to what was kept on a miss (speculative.py), so a
+# sequence whose text does not repeat drafts little. 8 against 4 on a 2-core CPU, greedy 128-token outputs that
+# repeat themselves: 1.3-1.5x tokens/s alone, 1.08x at 8 sequences, the same at 32 (docs/benchmarks.md round 26).
+DEFAULT_DRAFT_TOKENS = 8
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Every engine flag of the CLI; each is also an `LLM(...)` keyword of the same name."""
@@ -93,7 +100,8 @@ class EngineConfig:
     # Prompt-lookup speculation (jaxserve/speculative.py): draft tokens per greedy sequence and step (0 = off),
     # in decode steps of at most speculative_max_rows rows, drafts included (decode steps wider than max_num_seqs
     # get buckets of their own; steps with prompt chunks stay within max_num_seqs rows).
-    # None: 4 without async scheduling (the CPU), 0 with it (a drafting request would step one at a time)
+    # None: DEFAULT_DRAFT_TOKENS without async scheduling (the CPU), 0 with it (a drafting request would step
+    # one at a time)
     num_speculative_tokens: int | None = None
     speculative_max_rows: int = 128
     prompt_lookup_min: int = 2  # the n-grams looked up: the longest n in [min, max] that occurred before
@@ -113,7 +121,7 @@ class EngineConfig:
         tokens = max(tokens, seqs) if self.max_num_batched_tokens is None else self.max_num_batched_tokens
         one_device = self.tensor_parallel_size == 1 and self.num_hosts == 1  # where steps can overlap
         overlap = (platform != "cpu" and one_device) if self.async_scheduling is None else self.async_scheduling
-        drafts = (0 if overlap else 4) if self.num_speculative_tokens is None else self.num_speculative_tokens
+        drafts = (0 if overlap else DEFAULT_DRAFT_TOKENS) if self.num_speculative_tokens is None else self.num_speculative_tokens
         return self.replace(max_num_seqs=seqs, max_num_batched_tokens=tokens, async_scheduling=overlap,
                             num_speculative_tokens=drafts)
 

@@ -9,7 +9,7 @@ import os
 import re
 import typing
 
-from jaxserve.config import KV_CACHE_DTYPES, EngineConfig
+from jaxserve.config import DEFAULT_DRAFT_TOKENS, KV_CACHE_DTYPES, EngineConfig
 from jaxserve.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxserve.server.server_config import ServerConfig
 from jaxserve.server.vllm_flags import add_vllm_compat_args, apply_vllm_compat_args
@@ -98,8 +98,9 @@ _ENGINE_HELP = {
     "num_speculative_tokens": "Prompt-lookup speculation for plain greedy requests: up to this many draft tokens "
                               "a step, copied from where the sequence's last tokens occurred before and checked "
                               "in the same step, so a step can keep several tokens (the same tokens: each draft "
-                              "token is computed as a decode row of its own); 0 turns it off. Default: 4 on the "
-                              "CPU, 0 with async scheduling (GPU/TPU), which a drafting request suspends.",
+                              "token is computed as a decode row of its own); 0 turns it off. Default: "
+                              f"{DEFAULT_DRAFT_TOKENS} on the CPU, 0 with async scheduling (GPU/TPU), which a "
+                              "drafting request suspends.",
     "speculative_max_rows": "Most rows of a decode step with draft rows (decode steps wider than --max-num-seqs "
                             "get step shapes of their own; steps with prompt chunks stay within --max-num-seqs); "
                             "past 8 rows only sequences whose drafts were mostly right get draft rows.",
@@ -251,7 +252,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
     engine_kwargs = {name: values[name] for name in EngineConfig.field_names() if name in values}
     speculative = values.get("speculative_config")
     if speculative is not None:  # asking for n-gram speculation turns it on whatever the platform's default
-        engine_kwargs["num_speculative_tokens"] = 4
+        engine_kwargs["num_speculative_tokens"] = DEFAULT_DRAFT_TOKENS
         engine_kwargs.update((key, value) for key, value in speculative.items() if key != "method")
     if values.get("model_tag"):
         if engine_kwargs.get("model") not in (None, values["model_tag"]):

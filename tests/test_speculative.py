@@ -5,6 +5,7 @@ import pytest
 from jaxserve import LLM, SamplingParams
 from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind
 from jaxserve.models.weights import default_gguf_path
+from jaxserve.config import DEFAULT_DRAFT_TOKENS
 from jaxserve.speculative import SpeculationConfig, eligible, propose
 
 ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=4)
@@ -250,20 +251,20 @@ def test_flags_and_vllms_speculative_config(capsys):
 
     assert config().num_speculative_tokens is None and config("--num-speculative-tokens", "0").num_speculative_tokens == 0
     # the platform's default: drafts without async scheduling (the CPU), none with it (accelerators)
-    assert config().with_platform_defaults("cpu").num_speculative_tokens == 4
+    assert config().with_platform_defaults("cpu").num_speculative_tokens == DEFAULT_DRAFT_TOKENS == 8
     gpu = config().with_platform_defaults("gpu")
     assert gpu.async_scheduling and gpu.num_speculative_tokens == 0
-    assert config("--no-async-scheduling").with_platform_defaults("gpu").num_speculative_tokens == 4
+    assert config("--no-async-scheduling").with_platform_defaults("gpu").num_speculative_tokens == 8
     assert config("--tensor-parallel-size", "2").with_platform_defaults("gpu").async_scheduling is False
     # asking for speculation turns it on even with async scheduling
-    assert config("--speculative-config", '{"method": "ngram"}').with_platform_defaults("gpu").num_speculative_tokens == 4
+    assert config("--speculative-config", '{"method": "ngram"}').with_platform_defaults("gpu").num_speculative_tokens == 8
     assert config("--async-scheduling", "--num-speculative-tokens", "2").with_platform_defaults("cpu") \
         .num_speculative_tokens == 2
     vllm_form = config("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
                                                '"prompt_lookup_max": 5, "prompt_lookup_min": 3}')
     assert (vllm_form.num_speculative_tokens, vllm_form.prompt_lookup_min, vllm_form.prompt_lookup_max) == (3, 3, 5)
     assert config().replace(num_speculative_tokens=3, prompt_lookup_min=3, prompt_lookup_max=5) == vllm_form
-    assert config("--speculative-config", '{"method": "ngram"}').num_speculative_tokens == 4
+    assert config("--speculative-config", '{"method": "ngram"}').num_speculative_tokens == 8
     assert isinstance(vllm_form, EngineConfig)
     for bad, says in (('{"method": "eagle", "model": "x"}', "only"), ("[1]", "JSON object"), ("{", "not JSON"),
                       ('{"num_speculative_tokens": -1}', "non-negative"), ('{"draft_model": "x"}', "unsupported")):
