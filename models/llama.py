@@ -159,13 +159,13 @@ def _scales_mins(module: nnx.Module):
     return tuple(None if a is None else a[...] for a in (module.scales, module.mins))
 
 
-def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None):
+def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None, gated=False):
     """Through the block kernel; with the step's `meta`, the layer's slice of stacked weights, and the
-    padding rows skipped (or past `rows`, int32 [1], when given instead)."""
+    padding rows skipped (or past `rows`, int32 [1], when given instead). `gated`: block_quant.matmul's."""
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
     return block_quant.matmul(x, module.qweight[...], *_scales_mins(module), layer,
                               meta.num_tokens() if meta is not None else rows,
-                              bf16=module.multiply_dtype == jnp.bfloat16)
+                              bf16=module.multiply_dtype == jnp.bfloat16, gated=gated)
 
 
 class BlockEmbed(nnx.Module):
@@ -264,8 +264,9 @@ class MLP(nnx.Module):
         self.down_proj = Linear(i, h, False, dtype, act, rngs, kernel("down_proj"))
 
     def __call__(self, x, meta: AttentionMetadata | None = None):
-        if hasattr(self, "gate_up_proj"):  # the CPU kernels' blocks: their activation too
-            return self.down_proj(cpu_kernels.silu_and_mul(self.gate_up_proj(x, meta)), meta)
+        if hasattr(self, "gate_up_proj"):  # the CPU kernels' blocks: silu(gate) * up comes out of their call
+            hidden = _block_matmul(self.gate_up_proj, x, meta, gated=True).astype(self.gate_up_proj.activation_dtype)
+            return self.down_proj(hidden, meta)
         gate, up = self.gate_proj(x, meta), self.up_proj(x, meta)
         return self.down_proj(jax.nn.silu(gate) * up, meta)
 

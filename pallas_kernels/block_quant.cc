@@ -36,6 +36,7 @@
 #include <cstring>
 
 #include "block_quant.h"
+#include "cpu_math.h"
 #include "cpu_parallel.h"
 
 namespace {
@@ -279,49 +280,66 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>* s
   return ffi::Error::Success();
 }
 
+// With `gated`, y[M, N / 2] = silu(x . w[:N/2]^T) * (x . w[N/2:]^T) (a fused gate/up projection straight into
+// the MLP's activation): in the AMX panels' store where they run (no [M, N] round trip through memory), else
+// the whole product first, then silu_times_row over it; either way each output's sums are the ungated ones.
 template <Format F>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                        const ffi::Buffer<ffi::F32>* scale, const float* min, ffi::Buffer<ffi::S32> layer,
-                       ffi::Buffer<ffi::S32> rows, bool bf16, ffi::ResultBuffer<ffi::F32> y) {
+                       ffi::Buffer<ffi::S32> rows, bool bf16, bool gated, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || rows.element_count() != 1) return ffi::Error::InvalidArgument("block matmul: expected x[M, K]");
   const int64_t M = xd[0], K = xd[1];
   Weights w;
   int64_t N = 0;
   if (auto err = layer_weights<F>(q, scale, min, layer, K, w, N); err.failure()) return err;
-  if (y->dimensions()[1] != N) return ffi::Error::InvalidArgument("block matmul: y's width is not N");
+  const int64_t width = gated ? N / 2 : N;
+  if (y->dimensions()[1] != width || (gated && N % 2))
+    return ffi::Error::InvalidArgument("block matmul: y's width is not N (N / 2 when gated, N even)");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
-  std::memset(y->typed_data() + live * N, 0, (M - live) * N * sizeof(float));
-  if (F != Format::kBF16 && live > 0 && bf16 && jaxserve::block_quant::has_bf16_dots())
-    jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, F == Format::kQ4);
-  else if (F == Format::kBF16 && live > 0 && bf16 && jaxserve::block_quant::has_bf16_dots() &&
-           jaxserve::block_quant::has_amx())
-    jaxserve::block_quant::amx_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, 2 * kBlock);
+  std::memset(y->typed_data() + live * width, 0, (M - live) * width * sizeof(float));
+  if (live == 0) return ffi::Error::Success();
+  using jaxserve::block_quant::has_amx, jaxserve::block_quant::has_bf16_dots;
+  const bool tiles = bf16 && has_bf16_dots() && has_amx();
+  constexpr int kRowBytes = F == Format::kQ4 ? kBlock / 2 : F == Format::kQ8 ? kBlock : 2 * kBlock;
+  if (gated && tiles && width % 16 == 0) {
+    jaxserve::block_quant::amx_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, kRowBytes, true);
+    return ffi::Error::Success();
+  }
+  AlignedBuffer<float> whole(gated ? live * N : 0);
+  float* out = gated ? whole.data : y->typed_data();
+  if (F != Format::kBF16 && bf16 && has_bf16_dots())
+    jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, out, live, K, N, F == Format::kQ4);
+  else if (F == Format::kBF16 && tiles)
+    jaxserve::block_quant::amx_matmul(pool, x.typed_data(), w, out, live, K, N, kRowBytes);
   else if (live > kFusedMaxRows)
-    panel_matmul<F>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
-  else if (live > 0)
-    fused_matmul<F>(pool, x.typed_data(), w, y->typed_data(), live, K, N);
+    panel_matmul<F>(pool, x.typed_data(), w, out, live, K, N);
+  else
+    fused_matmul<F>(pool, x.typed_data(), w, out, live, K, N);
+  if (gated)
+    for (int64_t m = 0; m < live; ++m)
+      jaxserve::silu_times_row(out + m * N, out + m * N + width, y->typed_data() + m * width, width);
   return ffi::Error::Success();
 }
 
 ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
-                    ffi::ResultBuffer<ffi::F32> y) {
+                    bool gated, ffi::ResultBuffer<ffi::F32> y) {
   if (min.element_count() != scale.element_count())
     return ffi::Error::InvalidArgument("q4 matmul: min and scale differ in shape");
-  return BlockMatmul<Format::kQ4>(pool, x, q, &scale, min.typed_data(), layer, rows, bf16, y);
+  return BlockMatmul<Format::kQ4>(pool, x, q, &scale, min.typed_data(), layer, rows, bf16, gated, y);
 }
 
 ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
+                    ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16, bool gated,
                     ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<Format::kQ8>(pool, x, q, &scale, nullptr, layer, rows, bf16, y);
+  return BlockMatmul<Format::kQ8>(pool, x, q, &scale, nullptr, layer, rows, bf16, gated, y);
 }
 
 ffi::Error BF16BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
+                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16, bool gated,
                            ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, bf16, y);
+  return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, bf16, gated, y);
 }
 
 }  // namespace
@@ -336,6 +354,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_matmul, Q4Matmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("bf16")
+                                  .Attr<bool>("gated")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
@@ -347,6 +366,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("bf16")
+                                  .Attr<bool>("gated")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_block_matmul, BF16BlockMatmul,
@@ -357,4 +377,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_block_matmul, BF16BlockMatmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("bf16")
+                                  .Attr<bool>("gated")
                                   .Ret<ffi::Buffer<ffi::F32>>());

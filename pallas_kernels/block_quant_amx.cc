@@ -25,6 +25,7 @@
 #include <string>
 
 #include "block_quant.h"
+#include "cpu_math.h"
 #include "block_quant_bf16.h"
 #include "cpu_parallel.h"
 
@@ -134,15 +135,22 @@ JAXSERVE_AVX512_BF16 inline void store_block(const Weights& t, int64_t b, uint16
   _mm512_store_si512(rows + kBlock, w1);
 }
 
-// Outputs [o0, o0 + count) (count <= 32, even) unpacked block by block: panel[b] is two A tiles, row i of
-// the pair being output o0 + i's block b. Rows past count are zero.
+// A panel's outputs: its first 16 from storage tile `first` on, the next 16 from `second` on (first + 8 for
+// 32 consecutive outputs; a gated panel pairs 16 gate outputs with the same 16 up outputs).
+struct PanelTiles {
+  int64_t first, second;
+  int64_t tile(int i) const { return i < kTileDim / kTile ? first + i : second + i - kTileDim / kTile; }
+};
+
+// A panel's `count` outputs (count <= 32, even) unpacked block by block: panel[b] is two A tiles, row i of the
+// pair being output i's block b. Rows past count are zero.
 template <int kRowBytes>
-JAXSERVE_AVX512_BF16 void unpack_group(const Weights& w, int64_t o0, int count, uint16_t* panel) {
+JAXSERVE_AVX512_BF16 void unpack_group(const Weights& w, PanelTiles tiles, int count, uint16_t* panel) {
   if (count < kGroupOutputs)
     for (int64_t b = 0; b < w.nb; ++b)
       std::memset(panel + b * kChunkValues + count * kBlock, 0, (kGroupOutputs - count) * kBlock * 2);
   for (int i = 0; i < count / kTile; ++i) {
-    const Weights t = tile_at<kRowBytes>(w, o0 / kTile + i);
+    const Weights t = tile_at<kRowBytes>(w, tiles.tile(i));
     for (int64_t b = 0; b < w.nb; ++b) {
       prefetch_block<kRowBytes>(t, b);
       store_block<kRowBytes>(t, b, panel + b * kChunkValues + i * kTile * kBlock);
@@ -210,30 +218,32 @@ JAXSERVE_AMX void multiply_groups(const uint16_t* panel, const uint32_t* pairs0,
 // panel of a 1536-wide projection is 96 KiB: it spilled L1 and cost a one-row step ~40% more). The group's
 // weights are one contiguous region per array; the next group's is prefetched a slice per block.
 template <int kRowBytes, bool kTwo>
-JAXSERVE_AMX void stream_group(const Weights& w, int64_t o0, int count, const uint32_t* pairs0, const uint32_t* pairs1,
-                               uint16_t* chunks, float* sums) {
+JAXSERVE_AMX void stream_group(const Weights& w, PanelTiles panel, PanelTiles next, int count, const uint32_t* pairs0,
+                               const uint32_t* pairs1, uint16_t* chunks, float* sums) {
   constexpr int64_t kTileBlockBytes = kTile * kRowBytes;
   const int tiles = count / kTile;
-  const Weights first = tile_at<kRowBytes>(w, o0 / kTile);
-  const int64_t group_bytes = kGroupOutputs / kTile * w.nb * kTileBlockBytes;  // one array's next group
-  const int64_t group_scales = kGroupOutputs * w.nb * sizeof(float);
-  const char* next_q = reinterpret_cast<const char*>(first.q) + group_bytes;
+  // The next panel's two halves (16 outputs each, one contiguous region per array), a slice per block.
+  const Weights ahead[2] = {tile_at<kRowBytes>(w, next.first), tile_at<kRowBytes>(w, next.second)};
+  const int64_t half_bytes = kTileDim / kTile * w.nb * kTileBlockBytes, half_scales = kTileDim * w.nb * sizeof(float);
   zero_sums<kTwo>();
   if (count < kGroupOutputs)
     for (int c = 0; c < 2; ++c) std::memset(chunks + c * kChunkValues, 0, sizeof(uint16_t) * kChunkValues);
   // Block b + 1 is unpacked before block b's tiles load: a tile load right behind the stores that fill its
   // chunk waited on them.
   auto unpack_chunk = [&](int64_t b) JAXSERVE_AVX512_BF16 {
-    for (int64_t line = b * group_bytes / w.nb; line < (b + 1) * group_bytes / w.nb; line += 64)
-      _mm_prefetch(next_q + line, _MM_HINT_T0);
-    if (first.scale) {
-      const int64_t line = b * group_scales / w.nb / 64 * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(first.scale) + group_scales + line, _MM_HINT_T0);
-      if (first.min) _mm_prefetch(reinterpret_cast<const char*>(first.min) + group_scales + line, _MM_HINT_T0);
+    for (const Weights& half : ahead) {
+      const char* q = reinterpret_cast<const char*>(half.q);
+      for (int64_t line = b * half_bytes / w.nb; line < (b + 1) * half_bytes / w.nb; line += 64)
+        _mm_prefetch(q + line, _MM_HINT_T0);
+      if (half.scale) {
+        const int64_t line = b * half_scales / w.nb / 64 * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(half.scale) + line, _MM_HINT_T0);
+        if (half.min) _mm_prefetch(reinterpret_cast<const char*>(half.min) + line, _MM_HINT_T0);
+      }
     }
     uint16_t* chunk = chunks + (b & 1) * kChunkValues;
     for (int i = 0; i < tiles; ++i)
-      store_block<kRowBytes>(tile_at<kRowBytes>(w, o0 / kTile + i), b, chunk + i * kTile * kBlock);
+      store_block<kRowBytes>(tile_at<kRowBytes>(w, panel.tile(i)), b, chunk + i * kTile * kBlock);
   };
   unpack_chunk(0);
   for (int64_t b = 0; b < w.nb; ++b) {
@@ -261,12 +271,42 @@ JAXSERVE_AVX512_BF16 void store_sums(const float* sums, int64_t m0, int64_t toke
     }
 }
 
+// A gated panel's sums (tile 2g: 16 gate outputs, tile 2g + 1: the same 16 up outputs, tokens 16g..) as
+// silu(gate) * up into y's rows m0.. [tokens, width], columns o0..o0 + 16.
+JAXSERVE_AVX512_BF16 void store_gated(const float* sums, int64_t m0, int64_t tokens, int64_t o0, float* y,
+                                      int64_t width) {
+  for (int g = 0; g * kTileDim < tokens; ++g) {
+    __m512 gate[kTileDim], up[kTileDim];
+    for (int r = 0; r < kTileDim; ++r) {
+      gate[r] = _mm512_load_ps(sums + 2 * g * kPairTile + r * kTileDim);
+      up[r] = _mm512_load_ps(sums + (2 * g + 1) * kPairTile + r * kTileDim);
+    }
+    transpose16(gate);
+    transpose16(up);
+    for (int j = 0; j < std::min<int64_t>(kTileDim, tokens - g * kTileDim); ++j) {
+      alignas(64) float values[2 * kTileDim];
+      _mm512_store_ps(values, gate[j]);
+      _mm512_store_ps(values + kTileDim, up[j]);
+      silu_times_row(values, values + kTileDim, y + (m0 + g * kTileDim + j) * width + o0, kTileDim);
+    }
+  }
+}
+
+// With `gated` (N even, N / 2 a multiple of 16): y [M, N / 2] = silu(x . gate^T) * (x . up^T), gate the
+// weights' first N / 2 outputs and up the rest, each output's sums the same tile multiplies as ungated.
 template <int kRowBytes>
-void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N) {
+void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
+            bool gated) {
   const int64_t nb = K / kBlock, groups = (M + kTileDim - 1) / kTileDim;
   uint32_t* pairs = thread_scratch<uint32_t, 0>(groups * nb * kPairTile);
   pair_tokens(pool, x, M, K, pairs);
-  const int64_t panels = (N + kGroupOutputs - 1) / kGroupOutputs;
+  const int64_t panels = gated ? N / 2 / kTileDim : (N + kGroupOutputs - 1) / kGroupOutputs;
+  const int64_t up_tiles = N / 2 / kTile;  // a gated panel's up half starts this many storage tiles later
+  auto tiles_of = [&](int64_t p) {
+    return gated ? PanelTiles{p * kTileDim / kTile, up_tiles + p * kTileDim / kTile}
+                 : PanelTiles{p * kGroupOutputs / kTile, p * kGroupOutputs / kTile + kTileDim / kTile};
+  };
+  const int64_t width = gated ? N / 2 : N;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
   const int64_t per_task = (panels + tasks - 1) / tasks;
   parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
@@ -275,25 +315,32 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
     load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
                      groups > 2 ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim)));
     for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
-      const int64_t o0 = p * kGroupOutputs;
-      const int count = static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));
+      const int64_t o0 = gated ? p * kTileDim : p * kGroupOutputs;  // y's first column of the panel
+      const int count = gated ? kGroupOutputs : static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));
+      auto store = [&](int64_t m0, int64_t tokens) {
+        if (gated)
+          store_gated(sums, m0, tokens, o0, y, width);
+        else
+          store_sums(sums, m0, tokens, o0, count, y, N);
+      };
       if (groups <= 2) {
         const uint32_t* pairs1 = pairs + nb * kPairTile;
+        const PanelTiles next = tiles_of(std::min(p + 1, panels - 1));
         if (groups == 2)
-          stream_group<kRowBytes, true>(w, o0, count, pairs, pairs1, panel, sums);
+          stream_group<kRowBytes, true>(w, tiles_of(p), next, count, pairs, pairs1, panel, sums);
         else
-          stream_group<kRowBytes, false>(w, o0, count, pairs, nullptr, panel, sums);
-        store_sums(sums, 0, M, o0, count, y, N);
+          stream_group<kRowBytes, false>(w, tiles_of(p), next, count, pairs, nullptr, panel, sums);
+        store(0, M);
         continue;
       }
-      unpack_group<kRowBytes>(w, o0, count, panel);
+      unpack_group<kRowBytes>(w, tiles_of(p), count, panel);
       for (int64_t g = 0; g < groups; g += 2) {
         const uint32_t* pairs0 = pairs + g * nb * kPairTile;
         if (g + 1 < groups)
           multiply_groups<true>(panel, pairs0, pairs0 + nb * kPairTile, nb, sums);
         else
           multiply_groups<false>(panel, pairs0, nullptr, nb, sums);
-        store_sums(sums, g * kTileDim, std::min<int64_t>(2 * kTileDim, M - g * kTileDim), o0, count, y, N);
+        store(g * kTileDim, std::min<int64_t>(2 * kTileDim, M - g * kTileDim));
       }
     }
     release_tiles();
@@ -318,14 +365,14 @@ bool has_amx() {
 }
 
 void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
-                int row_bytes) {
+                int row_bytes, bool gated) {
 #if JAXSERVE_HAVE_AMX
   if (row_bytes == kBlock / 2)
-    matmul<kBlock / 2>(pool, x, w, y, M, K, N);
+    matmul<kBlock / 2>(pool, x, w, y, M, K, N, gated);
   else if (row_bytes == kBlock)
-    matmul<kBlock>(pool, x, w, y, M, K, N);
+    matmul<kBlock>(pool, x, w, y, M, K, N, gated);
   else
-    matmul<2 * kBlock>(pool, x, w, y, M, K, N);
+    matmul<2 * kBlock>(pool, x, w, y, M, K, N, gated);
 #endif
 }
 

@@ -11,7 +11,6 @@
 //   jaxserve_int8_matmul_kn: y[M, N] = (x[M, K] . q[K, N]) * scale[N]   (int8 weights, per-column scale)
 //   jaxserve_bf16_matmul_nk: y[M, N] = x[M, K] . w[N, K]^T            (a tied embedding used as the LM head)
 //   jaxserve_write_rows: pages[slots[t]] = rows[t], in place (a float8 cache's KV write)
-//   jaxserve_silu_and_mul: y[T, F] = silu(x[T, :F]) * x[T, F:] (a fused gate/up projection's activation)
 
 #include <immintrin.h>
 
@@ -172,44 +171,6 @@ ffi::Error WriteRows(ffi::AnyBuffer pages, ffi::AnyBuffer rows, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
-// silu(g) * u, 8 lanes. sigmoid(g) = 1 / (1 + e^-g) for g >= 0 and e^g / (1 + e^g) below, from e = e^-|g|,
-// which never overflows.
-inline __m256 silu_times(__m256 g, __m256 u) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 e = jaxserve::exp_nonpositive(_mm256_or_ps(g, _mm256_set1_ps(-0.f)));  // e^-|g|
-  const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, g), _mm256_add_ps(one, e));  // g < 0: e / (1 + e)
-  return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
-}
-
-inline float silu_times(float g, float u) {
-  const float e = std::exp(-std::fabs(g));
-  return g * ((std::signbit(g) ? e : 1.f) / (1.f + e)) * u;
-}
-
-// y[T, F] = silu(x[T, :F]) * x[T, F:], float32: the MLP's activation in one pass over the fused gate/up
-// projection's output. XLA CPU's fusion of the same ran its logistic at ~0.5 ns a value on one thread (12.5 ms
-// of a 512-token step of the default model, docs/benchmarks.md round 26).
-ffi::Error SiluAndMul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || xd[1] != 2 * yd[1])
-    return ffi::Error::InvalidArgument("silu_and_mul: expected x[T, 2F] and y[T, F]");
-  const int64_t rows = xd[0], width = yd[1];
-  const float* in = x.typed_data();
-  float* out = y->typed_data();
-  const int64_t rows_per_block = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));  // ~10 us a block
-  parallel_blocks(pool, (rows + rows_per_block - 1) / rows_per_block, [&](int64_t b) {
-    for (int64_t r = b * rows_per_block; r < std::min(rows, (b + 1) * rows_per_block); ++r) {
-      const float *g = in + r * 2 * width, *u = g + width;
-      float* o = out + r * width;
-      int64_t i = 0;
-      for (; i + 8 <= width; i += 8)
-        _mm256_storeu_ps(o + i, silu_times(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
-      for (; i < width; ++i) o[i] = silu_times(g[i], u[i]);
-    }
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_write_rows, WriteRows,
@@ -239,10 +200,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_matmul_nk, MatmulNK,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_silu_and_mul, SiluAndMul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -51,7 +51,6 @@ TARGETS = {False: "jaxserve_bf16_matmul_kn", True: "jaxserve_bf16_matmul_nk"}
 INT8_TARGET = "jaxserve_int8_matmul_kn"
 ATTENTION_TARGET = "jaxserve_ragged_paged_attention"
 WRITE_ROWS_TARGET = "jaxserve_write_rows"
-SILU_TARGET = "jaxserve_silu_and_mul"
 ATTENTION_PAGE_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 SAMPLING_TARGET = "jaxserve_sampling_threshold"
 LOGPROBS_TARGET = "jaxserve_token_logprobs"
@@ -136,7 +135,7 @@ def _library() -> ctypes.CDLL | None:
             return None
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
-        names = (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET, WRITE_ROWS_TARGET, SILU_TARGET, SAMPLING_TARGET,
+        names = (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET, WRITE_ROWS_TARGET, SAMPLING_TARGET,
                  LOGPROBS_TARGET, NORMALIZER_TARGET, *BLOCK_QUANT_TARGETS)
         targets = {name: getattr(handle, name) for name in names}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
@@ -237,16 +236,6 @@ def write_rows(pages, rows, slots) -> jax.Array:
     call = jax.ffi.ffi_call(WRITE_ROWS_TARGET, jax.ShapeDtypeStruct(pages.shape, pages.dtype),
                             input_output_aliases={0: 0})
     return call(pages, rows.astype(pages.dtype), slots.astype(jnp.int32))
-
-
-def silu_and_mul(gate_up: jax.Array) -> jax.Array:
-    """silu(gate) * up for gate_up [T, 2F] = [gate | up], float32 [T, F]: through the kernel where it runs (a
-    float32 input; decided at trace time), else as XLA's jax.nn.silu (results equal up to a few ulps)."""
-    width = gate_up.shape[-1] // 2
-    if gate_up.ndim == 2 and gate_up.dtype == jnp.float32 and available():
-        call = jax.ffi.ffi_call(SILU_TARGET, jax.ShapeDtypeStruct((gate_up.shape[0], width), jnp.float32))
-        return call(gate_up)
-    return jax.nn.silu(gate_up[..., :width]) * gate_up[..., width:]
 
 
 def sampling_threshold(scaled, top_k, top_p, min_p, live_rows) -> tuple[jax.Array, jax.Array]:

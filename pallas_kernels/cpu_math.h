@@ -1,9 +1,10 @@
 // AVX2 helpers shared by the CPU kernels: widening bfloat16 and float8 values, e^x over x <= 0 (softmax
-// terms), a vector's sum and maximum.
+// terms), silu(g) * u, a vector's sum and maximum.
 #pragma once
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -73,6 +74,26 @@ inline __m256 exp_nonpositive(__m256 x) {
   y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
   __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// silu(g) * u, 8 lanes. sigmoid(g) = 1 / (1 + e^-g) for g >= 0 and e^g / (1 + e^g) below, from e = e^-|g|,
+// which never overflows.
+inline __m256 silu_times(__m256 g, __m256 u) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 e = exp_nonpositive(_mm256_or_ps(g, _mm256_set1_ps(-0.f)));  // e^-|g|
+  const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, g), _mm256_add_ps(one, e));  // g < 0: e / (1 + e)
+  return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
+}
+
+// out[i] = silu(g[i]) * u[i] for i < n: the MLP's activation (cpu_kernels.cc's pass, block_quant's gated
+// projections), the same arithmetic wherever it runs.
+inline void silu_times_row(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, silu_times(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+  for (; i < n; ++i) {
+    const float e = std::exp(-std::fabs(g[i]));
+    out[i] = g[i] * ((std::signbit(g[i]) ? e : 1.f) / (1.f + e)) * u[i];
+  }
 }
 
 inline float hmax(__m256 v) {
