@@ -121,7 +121,9 @@ class EngineConfig:
         tokens = max(tokens, seqs) if self.max_num_batched_tokens is None else self.max_num_batched_tokens
         one_device = self.tensor_parallel_size == 1 and self.num_hosts == 1  # where steps can overlap
         overlap = (platform != "cpu" and one_device) if self.async_scheduling is None else self.async_scheduling
-        drafts = (0 if overlap else DEFAULT_DRAFT_TOKENS) if self.num_speculative_tokens is None else self.num_speculative_tokens
+        drafts = self.num_speculative_tokens
+        if drafts is None:
+            drafts = 0 if overlap else DEFAULT_DRAFT_TOKENS
         return self.replace(max_num_seqs=seqs, max_num_batched_tokens=tokens, async_scheduling=overlap,
                             num_speculative_tokens=drafts)
 

@@ -14,9 +14,9 @@ With the CPU kernels a row's sums do not depend on what else shares its step (ba
 tokens are exactly those of decoding one token a step. Only plain greedy rows draft (no logprobs, penalties,
 biases, guided decoding or minimum length); a step that also carries prompt chunks drafts within its token
 budget. Up to `cheap_rows` rows a step (memory-bound: an extra row costs a fraction of a token) every
-drafting sequence of a short context gets a share; past them, or past `cheap_context` tokens (a draft row
-reads the whole context again), a row costs about what a token costs, so only sequences whose drafts have
-mostly been right (`min_hit_rate`) get rows, up to `max_rows`. A proposal that gets no rows is still scored
+drafting sequence of a short context gets a share; past them, or past `cheap_context` tokens (a draft row's
+attention still spans the whole context), a row costs about what a token costs, so only sequences whose
+drafts have mostly been right (`min_hit_rate`) get rows, up to `max_rows`. A proposal that gets no rows is still scored
 against the token the step gives, so a sequence's record needs no rows to build.
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ class SpeculationConfig:
     num_tokens: int  # most draft tokens per sequence and step; 0 = off
     max_rows: int  # most rows (real and draft) of a step with drafts
     cheap_rows: int = 8  # rows any drafting sequence may fill; past them only reliable drafters draft
-    # ... unless its context is longer: a draft row's attention reads the whole context again (at 1024 tokens
-    # of the default model, 24 MB of KV against a step's 111 MB of weights)
+    # ... unless its context is longer: a draft row's attention spans the whole context (its sequence's pages
+    # are read once for all its rows, but each row computes over them)
     cheap_context: int = 1024
     min_hit_rate: float = 0.8  # a reliable drafter's recent share of draft tokens kept
     start_hit_rate: float = 0.5  # a new sequence's, before any of its proposals was scored
@@ -102,7 +102,8 @@ class PromptLookup:
 
     def add_drafts(self, scheduled: list[ScheduledSeq], scheduler: Scheduler
                    ) -> tuple[list[ScheduledSeq], dict[int, Draft]]:
-        """The step's rows with draft rows appended, and each drafting sequence's draft by its real row."""
+        """The step's rows with each drafting sequence's draft rows right after its real row, and its draft by
+        that row's index."""
         cfg = self.config
         decoding = [item.num_new_tokens == 1 and item.samples for item in scheduled]
         # rows within max_rows (a step with longer prompt chunks: within max_num_seqs, its buckets' widest),

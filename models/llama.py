@@ -265,8 +265,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x, meta: AttentionMetadata | None = None):
         if hasattr(self, "gate_up_proj"):  # the CPU kernels' blocks: silu(gate) * up comes out of their call
-            hidden = _block_matmul(self.gate_up_proj, x, meta, gated=True).astype(self.gate_up_proj.activation_dtype)
-            return self.down_proj(hidden, meta)
+            fused = self.gate_up_proj
+            return self.down_proj(_block_matmul(fused, x, meta, gated=True).astype(fused.activation_dtype), meta)
         gate, up = self.gate_proj(x, meta), self.up_proj(x, meta)
         return self.down_proj(jax.nn.silu(gate) * up, meta)
 

@@ -326,7 +326,6 @@ ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
     // Never read past the sequence's page-table row, whatever kv_lens says (XLA's path clamps its gathers).
     kv_len = std::min<int64_t>(lens[s], a.pages_per_seq * a.page_size);
   };
-
   const int64_t token_stride = a.num_heads * a.head_dim;
   // The AVX-512 kernel where it runs (float32 or bfloat16 pages, head_dim a multiple of 32), else AVX2's.
   // Either gives a token the same sums in any batch; the two differ in summation order.
@@ -361,7 +360,7 @@ ffi::Error AttendPages(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
     state_start[s + 1] = state_start[s] + (by_parts ? q_len * kMaxParts : 0);
   }
   std::vector<SoftmaxState> states(state_start[live_seqs]);  // split sequences' tokens' parts
-  // Query token t of a sequence's query block [i0, i0 + count): the positions it sees [lo, hi) and their parts.
+  // A sequence's query token i (of q_len, kv_len positions visible): the positions it sees [lo, hi), its parts.
   auto token_view = [&](int64_t kv_len, int64_t q_len, int64_t i, int64_t& lo, int64_t& hi) {
     const int64_t pos = kv_len - q_len + i;  // this query token's position: it sees [lo, pos]
     hi = std::max<int64_t>(pos + 1, 0);

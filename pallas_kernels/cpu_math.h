@@ -85,8 +85,8 @@ inline __m256 silu_times(__m256 g, __m256 u) {
   return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
 }
 
-// out[i] = silu(g[i]) * u[i] for i < n: the MLP's activation (cpu_kernels.cc's pass, block_quant's gated
-// projections), the same arithmetic wherever it runs.
+// out[i] = silu(g[i]) * u[i] for i < n: the MLP's activation out of block_quant's gated projections (the AMX
+// panels' store, or a pass after the other paths' product), the same arithmetic either way.
 inline void silu_times_row(const float* g, const float* u, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, silu_times(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
