@@ -306,8 +306,8 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     jaxserve::block_quant::amx_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, kRowBytes, true);
     return ffi::Error::Success();
   }
-  AlignedBuffer<float> whole(gated ? live * N : 0);
-  float* out = gated ? whole.data : y->typed_data();
+  // Gated on the other paths: the whole product in this thread's scratch (per-call buffers paid fresh pages)
+  float* out = gated ? jaxserve::thread_scratch<float, 3>(live * N) : y->typed_data();
   if (F != Format::kBF16 && bf16 && has_bf16_dots())
     jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, out, live, K, N, F == Format::kQ4);
   else if (F == Format::kBF16 && tiles)
@@ -316,9 +316,13 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     panel_matmul<F>(pool, x.typed_data(), w, out, live, K, N);
   else
     fused_matmul<F>(pool, x.typed_data(), w, out, live, K, N);
-  if (gated)
-    for (int64_t m = 0; m < live; ++m)
-      jaxserve::silu_times_row(out + m * N, out + m * N + width, y->typed_data() + m * width, width);
+  if (gated) {
+    const int64_t rows_per_block = std::max<int64_t>(1, 16384 / width);  // ~10 us a block
+    parallel_blocks(pool, (live + rows_per_block - 1) / rows_per_block, [&](int64_t b) {
+      for (int64_t m = b * rows_per_block; m < std::min(live, (b + 1) * rows_per_block); ++m)
+        jaxserve::silu_times_row(out + m * N, out + m * N + width, y->typed_data() + m * width, width);
+    });
+  }
   return ffi::Error::Success();
 }
 
