@@ -285,24 +285,21 @@ JAXSERVE_AVX512_BF16 void store_sums(const float* sums, int64_t m0, int64_t toke
 }
 
 // A gated panel's sums (tile 2g: 16 gate outputs, tile 2g + 1: the same 16 up outputs, tokens 16g..) as
-// silu(gate) * up into y's rows m0.. [tokens, width], columns o0..o0 + 16.
+// silu(gate) * up into y's rows m0.. [tokens, width], columns o0..o0 + 16. The activation is elementwise, so it
+// is taken in the tiles' [output][token] order and only its result transposed (one transpose, not two: a 4 x 128
+// prefill ~5% faster, alternated).
 JAXSERVE_AVX512_BF16 void store_gated(const float* sums, int64_t m0, int64_t tokens, int64_t o0, float* y,
                                       int64_t width, bool streaming) {
   for (int g = 0; g * kTileDim < tokens; ++g) {
-    __m512 gate[kTileDim], up[kTileDim];
-    for (int r = 0; r < kTileDim; ++r) {
-      gate[r] = _mm512_load_ps(sums + 2 * g * kPairTile + r * kTileDim);
-      up[r] = _mm512_load_ps(sums + (2 * g + 1) * kPairTile + r * kTileDim);
-    }
-    transpose16(gate);
-    transpose16(up);
-    for (int j = 0; j < std::min<int64_t>(kTileDim, tokens - g * kTileDim); ++j) {
-      alignas(64) float values[3 * kTileDim];
-      _mm512_store_ps(values, gate[j]);
-      _mm512_store_ps(values + kTileDim, up[j]);
-      silu_times_row(values, values + kTileDim, values + 2 * kTileDim, kTileDim);
-      store_row(y + (m0 + g * kTileDim + j) * width + o0, _mm512_load_ps(values + 2 * kTileDim), 0xFFFF, streaming);
-    }
+    alignas(64) float activation[kTileDim * kTileDim];
+    for (int r = 0; r < kTileDim; ++r)
+      silu_times_row(sums + 2 * g * kPairTile + r * kTileDim, sums + (2 * g + 1) * kPairTile + r * kTileDim,
+                     activation + r * kTileDim, kTileDim);
+    __m512 rows[kTileDim];
+    for (int r = 0; r < kTileDim; ++r) rows[r] = _mm512_load_ps(activation + r * kTileDim);
+    transpose16(rows);
+    for (int j = 0; j < std::min<int64_t>(kTileDim, tokens - g * kTileDim); ++j)
+      store_row(y + (m0 + g * kTileDim + j) * width + o0, rows[j], 0xFFFF, streaming);
   }
 }
 
