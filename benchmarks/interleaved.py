@@ -70,7 +70,8 @@ def start(name: str, spec: dict, out_dir: str, timeout_s: float = 600) -> tuple[
         if proc.poll() is not None:
             raise SystemExit(f"{name} exited with {proc.returncode} before it was healthy; see {log.name}")
         if time.perf_counter() - began > timeout_s:
-            raise SystemExit(f"{name} not healthy after {timeout_s} s")
+            stop(proc)
+            raise SystemExit(f"{name} not healthy after {timeout_s} s; see {log.name}")
         time.sleep(0.25)
     return proc, {"record": "server", "server": name, "startup_s": round(time.perf_counter() - began, 2)}
 
@@ -87,7 +88,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def pause(proc: subprocess.Popen, paused: bool) -> None:
-    os.killpg(proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+    try:
+        os.killpg(proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+    except ProcessLookupError:  # it exited; the next run against it reports the failure
+        pass
 
 
 def load_run(name: str, port: int, concurrency: int, requests: int, seed: int, extra: list[str],
