@@ -10,8 +10,9 @@ measured back to back, in turns (A B, then B A in the next round), on the same p
 so no prefix cache has seen them). The shared bench's load generator (`../shared/bench/loadgen.py`) drives
 every run; servers and their flags are side_by_side.sh's. The servers not under load are paused (SIGSTOP
 to their process groups, SIGCONT for their turn): idle, vLLM's processes still used 0.1-0.2 of a core, taken
-from the server under test (`--no-pause` keeps them running; their CPU use is recorded either way). Prints one row per run and the ratios of the first server to each
-other one, per round and as medians; writes every record as JSON lines under --out.
+from the server under test (`--no-pause` keeps them running; their CPU use is recorded either way). Prints one
+row per run and the ratios of the first server to each other one, per round and as medians; writes every record
+as JSON lines under --out.
 """
 from __future__ import annotations
 
@@ -148,15 +149,15 @@ def main() -> None:
                                       args.loadgen_args.split(), out_dir)
                     wall = time.perf_counter() - began
                     idle_cpu = {other: round((tree_stats(procs[other].pid)["cpu_s"] - before["cpu_s"]) / wall, 3)
-                                for other, before in others.items()}
+                                for other, before in others.items()}  # cores the others used meanwhile
                     record.update({"record": "load", "server": name, "round": round_index, "seed": seed,
                                    "idle_servers_cores_busy": idle_cpu})
                     records.write(json.dumps(record) + "\n")
                     records.flush()
                     results[(round_index, concurrency, name)] = record
-                    print(f"round {round_index} c={concurrency:<3d} {name:16s} {record['output_tok_per_s']:8.1f} tok/s"
-                          f"  TTFT p50 {record['ttft_ms']['p50']:7.0f} ms  failed {record['failed']}"
-                          f"  (others busy {idle_cpu})", flush=True)
+                    print(f"round {round_index} c={concurrency:<3d} {name:16s} "
+                          f"{record['output_tok_per_s']:8.1f} tok/s  TTFT p50 {record['ttft_ms']['p50']:7.0f} ms"
+                          f"  failed {record['failed']}  (others busy {idle_cpu})", flush=True)
     finally:
         for proc in procs.values():
             pause(proc, False)
@@ -165,8 +166,8 @@ def main() -> None:
     for other in rest:
         print(f"\n{first} / {other}, output tokens/s, per round:")
         for concurrency, _ in matrix:
-            ratios = [results[(r, concurrency, first)]["output_tok_per_s"] / results[(r, concurrency, other)]["output_tok_per_s"]
-                      for r in range(args.rounds)]
+            tokens_per_s = lambda r, who: results[(r, concurrency, who)]["output_tok_per_s"]
+            ratios = [tokens_per_s(r, first) / tokens_per_s(r, other) for r in range(args.rounds)]
             print(f"  c={concurrency:<3d} " + "  ".join(f"{x:.2f}x" for x in ratios)
                   + f"   median {statistics.median(ratios):.2f}x")
     print(f"records: {os.path.join(out_dir, 'records.jsonl')}")
