@@ -66,11 +66,15 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [T, D/2] of each position's rotary angles."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """x: [T, heads, head_dim], rotate-half convention (as HF's Llama)."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    cos, sin = (table[:, None, :] for table in rope_tables(positions, inv_freq))
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -100,6 +104,11 @@ class RMSNorm(nnx.Module):
         mean_square = fixed_order_sum(xf * xf) / xf.shape[-1]
         xf = xf * jax.lax.rsqrt(mean_square + self.eps)
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+    def on_cpu(self, x, rows, delta=None):
+        """The same norm of float32 x (of x + delta, returned first, when given) in one kernel pass
+        (cpu_kernels.rms_norm); rows [1]: the step's real rows, the rest come back zero."""
+        return cpu_kernels.rms_norm(x, self.weight[...], self.eps, rows, delta)
 
 
 class Linear(nnx.Linear):
@@ -234,6 +243,11 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
         inv_freq = rope_inv_freq(cfg)
+        if self._rope_on_cpu(kv_cache[0]):  # RoPE and the KV write in one kernel pass
+            cos, sin = rope_tables(positions, inv_freq)
+            q, k_pages, v_pages = cpu_kernels.rope_write_kv(self.qkv_proj(x, meta), cos, sin, meta.slot_mapping,
+                                                            *kv_cache, meta.num_tokens(), cfg.num_heads)
+            return self._attend(q, k_pages, v_pages, meta)
         if hasattr(self, "qkv_proj"):
             q, k, v = _split_columns(self.qkv_proj(x, meta), self.qkv_sizes)
         else:
@@ -244,6 +258,18 @@ class Attention(nnx.Module):
         q, k = _rotated(cfg, meta.layer_index, (q, k), lambda x: apply_rope(x, positions, inv_freq))
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         k_pages, v_pages = write_kv(*kv_cache, k, v, meta.slot_mapping, backend=self.backend)
+        return self._attend(q, k_pages, v_pages, meta)
+
+    def _rope_on_cpu(self, k_pages) -> bool:
+        """Whether cpu_kernels.rope_write_kv does this layer's RoPE and KV write: the CPU kernels' path with one
+        fused float32 qkv projection, RoPE in every layer and no per-head norm before it."""
+        cfg = self.cfg
+        return (self.backend == "cpu" and hasattr(self, "qkv_proj") and self.qkv_proj.activation_dtype == jnp.float32
+                and not cfg.qk_norm and (cfg.rope_layers is None or all(cfg.rope_layers))
+                and cpu_kernels.glue_fits(k_pages) and cpu_kernels.available())
+
+    def _attend(self, q, k_pages, v_pages, meta: AttentionMetadata):
+        cfg, t = self.cfg, q.shape[0]
         out = ragged_paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
             sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, backend=self.backend,
@@ -277,8 +303,15 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, act, rngs, kernels)
+        # The CPU kernels' path: the norms (and the residual add before the second) are one kernel pass each.
+        self.norms_on_cpu = backend == "cpu" and jnp.dtype(act) == jnp.float32
 
     def __call__(self, x, positions, kv_cache, meta):
+        if self.norms_on_cpu and cpu_kernels.available():
+            rows = meta.num_tokens()
+            attn_out, kv_cache = self.self_attn(self.input_layernorm.on_cpu(x, rows), positions, kv_cache, meta)
+            x, normed = self.post_attention_layernorm.on_cpu(x, rows, attn_out)
+            return x + self.mlp(normed, meta), kv_cache
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x), meta), kv_cache
@@ -310,6 +343,7 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh, kernels)
                                 for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norms_on_cpu = attention_backend == "cpu" and jnp.dtype(act) == jnp.float32  # as DecoderLayer's
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs, formats.get("lm_head", outer_kernel))
 
@@ -325,7 +359,12 @@ class LlamaForCausalLM(nnx.Module):
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x, kv_cache = layer(x, positions, kv_cache, meta._replace(layer_index=index))
             new_caches.append(kv_cache)
-        return self.norm(x), new_caches
+        return self.final_norm(x, meta), new_caches
+
+    def final_norm(self, x, meta: AttentionMetadata):
+        if self.norms_on_cpu and cpu_kernels.available():
+            return self.norm.on_cpu(x, meta.num_tokens())
+        return self.norm(x)
 
     def compute_logits(self, hidden, rows=None):
         """Logits [S, V] of hidden [S, hidden]. `rows` (int32 [1], optional): only the first rows are real; a
@@ -427,7 +466,7 @@ def scanned_forward(split: ScannedModel, outer_leaves, layer_leaves, token_ids, 
     num_layers = layer_leaves[0].shape[0]
     sliced = [leaf for leaf, keep in zip(layer_leaves, in_place) if not keep]
     (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv_cache), (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
-    return outer.norm(x), (k_all, v_all)
+    return outer.final_norm(x, meta), (k_all, v_all)
 
 
 def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_ids, positions, kv_cache,
@@ -440,7 +479,7 @@ def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_
     for index, leaves in enumerate(per_layer_leaves):
         x, cache = _merge_layer(split, leaves)(x, positions, cache, _layer_meta(meta, index, num_pages,
                                                                                  page_size))
-    return outer.norm(x), cache
+    return outer.final_norm(x, meta), cache
 
 
 def logits_from_hidden(split: ScannedModel, outer_leaves, hidden, rows=None):

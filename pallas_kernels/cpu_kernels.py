@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).parent
 # One library; block_quant.py wraps block_quant*.cc
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_attention.cc", HERE / "cpu_attention_avx512.cc", HERE / "cpu_sampling.cc",
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_glue.cc", HERE / "cpu_attention.cc", HERE / "cpu_attention_avx512.cc", HERE / "cpu_sampling.cc",
            HERE / "block_quant.cc", HERE / "block_quant_avx512.cc", HERE / "block_quant_amx.cc")
 HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "cpu_attention.h", HERE / "block_quant.h",
            HERE / "block_quant_bf16.h")
@@ -55,6 +55,7 @@ ATTENTION_PAGE_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 SAMPLING_TARGET = "jaxserve_sampling_threshold"
 LOGPROBS_TARGET = "jaxserve_token_logprobs"
 NORMALIZER_TARGET = "jaxserve_log_normalizer"
+GLUE_TARGETS = ("jaxserve_rms_norm", "jaxserve_add_rms_norm", "jaxserve_rope_write_kv")
 BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
@@ -136,7 +137,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
         names = (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET, WRITE_ROWS_TARGET, SAMPLING_TARGET,
-                 LOGPROBS_TARGET, NORMALIZER_TARGET, *BLOCK_QUANT_TARGETS)
+                 LOGPROBS_TARGET, NORMALIZER_TARGET, *BLOCK_QUANT_TARGETS, *GLUE_TARGETS)
         targets = {name: getattr(handle, name) for name in names}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
         handle.jaxserve_has_avx512_attention.restype = ctypes.c_int
@@ -236,6 +237,34 @@ def write_rows(pages, rows, slots) -> jax.Array:
     call = jax.ffi.ffi_call(WRITE_ROWS_TARGET, jax.ShapeDtypeStruct(pages.shape, pages.dtype),
                             input_output_aliases={0: 0})
     return call(pages, rows.astype(pages.dtype), slots.astype(jnp.int32))
+
+
+def rms_norm(x, weight, eps: float, rows, delta=None):
+    """models/llama.RMSNorm of float32 x [T, H] (of x + delta when given: then returns (x + delta, its norm)), one
+    pass on the intra-op threads (cpu_glue.cc), each row computed as the XLA path does. Rows from rows[0] on
+    (i32[1]) come back zero."""
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    weight, rows = weight.astype(jnp.float32), jnp.asarray(rows, jnp.int32).reshape(1)
+    if delta is None:
+        return jax.ffi.ffi_call(GLUE_TARGETS[0], out)(x, weight, rows, eps=np.float32(eps))
+    return jax.ffi.ffi_call(GLUE_TARGETS[1], (out, out))(x, delta, weight, rows, eps=np.float32(eps))
+
+
+def rope_write_kv(qkv, cos, sin, slot_mapping, k_pages, v_pages, rows, num_heads: int):
+    """From float32 qkv [T, (Hq + 2 Hkv) * D]: q rotated [T, Hq, D] (rotate-half RoPE with cos / sin [T, D / 2]),
+    and the pages [P, page_size, Hkv, D] (float32 or bfloat16) with k rotated and v written at slot_mapping [T],
+    in place where they are donated (cpu_glue.cc). Rows from rows[0] on write nothing and come back zero."""
+    t, d = qkv.shape[0], k_pages.shape[-1]
+    out = (jax.ShapeDtypeStruct((t, num_heads, d), jnp.float32), jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+           jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
+    call = jax.ffi.ffi_call(GLUE_TARGETS[2], out, input_output_aliases={4: 1, 5: 2})
+    return call(qkv, cos, sin, slot_mapping.astype(jnp.int32), k_pages, v_pages,
+                jnp.asarray(rows, jnp.int32).reshape(1))
+
+
+def glue_fits(k_pages) -> bool:
+    """Whether rope_write_kv takes these pages (float32 or bfloat16)."""
+    return jnp.dtype(k_pages.dtype).name in ("float32", "bfloat16")
 
 
 def sampling_threshold(scaled, top_k, top_p, min_p, live_rows) -> tuple[jax.Array, jax.Array]:

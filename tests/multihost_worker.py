@@ -24,8 +24,9 @@ PAGE_SIZE = 4
 
 
 def scheduled(tokens: list[int], computed: int):
-    """A stand-in for the scheduler's ScheduledSeq: the sequence's pages are 0, 1, 2, ... in order."""
-    pages = list(range(-(-len(tokens) // PAGE_SIZE)))
+    """A stand-in for the scheduler's ScheduledSeq: the sequence's pages are 1, 2, 3, ... in order (page 0 is
+    scratch: a step's padding tokens write there)."""
+    pages = list(range(1, 1 - (-len(tokens) // PAGE_SIZE)))
     seq = SimpleNamespace(num_computed_tokens=computed, pages=pages, token_slice=lambda a, b: tokens[a:b],
                           num_pending_tokens=0)
     return SimpleNamespace(seq=seq, num_new_tokens=len(tokens) - computed, samples=True, draft_index=0,
