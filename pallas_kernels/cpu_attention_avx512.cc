@@ -137,11 +137,14 @@ struct Lane {
 // four quads then make its 16 scores.
 template <typename Page, int DV>
 JAXSERVE_AVX512 void lane_scores(const Lane* lanes, int64_t count, const Page* const* rows, int j0, int n,
-                                 float sm_scale, float* quads, float* scores) {
+                                 float sm_scale, float* quads, float* scores, const Page* const* v_rows,
+                                 const Page* const* k_next, int n_next) {
   for (int j = 0; j < kSub; j += 4) {
     __m512 k[4][DV];
     for (int r = 0; r < 4; ++r) {
+      if (j0 + j + r < n_next) prefetch_row<Page, DV>(k_next[j0 + j + r]);
       if (j0 + j + r < n) {
+        prefetch_row<Page, DV>(v_rows[j0 + j + r]);
         widen_row<Page, DV>(rows[j0 + j + r], k[r]);
       } else {
         for (int v = 0; v < DV; ++v) k[r][v] = _mm512_setzero_ps();
@@ -265,11 +268,17 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
         k_rows[j] = k_pages + offset[j] + h * D;
         v_rows[j] = v_pages + offset[j] + h * D;
       }
-      // The V rows this head's values will read once its scores and softmax are done, and the next head's K
-      // rows (the rows' next lines), on their way while the scores are computed.
-      for (int j = 0; j < n; ++j) {
-        prefetch_row<Page, DV>(v_rows[j]);
-        if (h + 1 < a.num_kv_heads) prefetch_row<Page, DV>(k_rows[j] + D);
+      // The rows the hardware cannot guess are asked for while the scores are computed, a few with each group
+      // of positions (all at once, up front, they filled the line-fill buffers and the loop stalled there):
+      // the V rows this head's values read next, and the K rows of the next head (or of the next block's
+      // first head).
+      const Page* k_next[kBlock];
+      int n_next = 0;
+      if (h + 1 < a.num_kv_heads) {
+        for (n_next = 0; n_next < n; ++n_next) k_next[n_next] = k_rows[n_next] + D;
+      } else if (p0 + kBlock < end) {
+        for (n_next = 0; n_next < std::min<int64_t>(kBlock, end - p0 - kBlock); ++n_next)
+          k_next[n_next] = k_pages + slot_offset(p0 + kBlock + n_next);
       }
       int64_t live = 0;
       for (int64_t t = 0; t < count; ++t) {
@@ -286,7 +295,8 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
       }
       if (live == 0) continue;
       for (int b = 0; b < subs; ++b)
-        lane_scores<Page, DV>(lanes, live, k_rows, b * kSub, n, a.sm_scale, quads, scores);
+        lane_scores<Page, DV>(lanes, live, k_rows, b * kSub, n, a.sm_scale, quads, scores, v_rows, k_next,
+                              n_next);
       for (int64_t l = 0; l < live; ++l)
         correction[l] = softmax_update(a, lanes[l], scores + l * kBlock, subs, p + l * kBlock);
       for (int64_t l0 = 0; l0 < live; l0 += kGroup) {
