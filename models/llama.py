@@ -105,10 +105,10 @@ class RMSNorm(nnx.Module):
         xf = xf * jax.lax.rsqrt(mean_square + self.eps)
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
-    def on_cpu(self, x, rows, delta=None):
-        """The same norm of float32 x (of x + delta, returned first, when given) in one kernel pass
-        (cpu_kernels.rms_norm); rows [1]: the step's real rows, the rest come back zero."""
-        return cpu_kernels.rms_norm(x, self.weight[...], self.eps, rows, delta)
+    def on_cpu(self, x, rows, delta):
+        """(x + delta, the same norm of it) for float32 x and delta, one kernel pass (cpu_kernels.add_rms_norm);
+        rows [1]: the step's real rows, the rest come back zero."""
+        return cpu_kernels.add_rms_norm(x, delta, self.weight[...], self.eps, rows)
 
 
 class Linear(nnx.Linear):
@@ -303,15 +303,19 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, act, rngs, kernels)
-        # The CPU kernels' path: the norms (and the residual add before the second) are one kernel pass each.
+        # The CPU kernels' path: each norm and the residual add before it are one kernel pass.
         self.norms_on_cpu = backend == "cpu" and jnp.dtype(act) == jnp.float32
 
     def __call__(self, x, positions, kv_cache, meta):
         if self.norms_on_cpu and cpu_kernels.available():
+            # x is (residual, delta), the hidden state their sum: the previous layer's MLP output is added in
+            # this layer's first norm pass (LlamaForCausalLM.residual_stream, final_norm)
+            residual, delta = x
             rows = meta.num_tokens()
-            attn_out, kv_cache = self.self_attn(self.input_layernorm.on_cpu(x, rows), positions, kv_cache, meta)
-            x, normed = self.post_attention_layernorm.on_cpu(x, rows, attn_out)
-            return x + self.mlp(normed, meta), kv_cache
+            residual, normed = self.input_layernorm.on_cpu(residual, rows, delta)
+            attn_out, kv_cache = self.self_attn(normed, positions, kv_cache, meta)
+            residual, normed = self.post_attention_layernorm.on_cpu(residual, rows, attn_out)
+            return (residual, self.mlp(normed, meta)), kv_cache
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x), meta), kv_cache
@@ -354,16 +358,22 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, token_ids, positions, kv_caches, meta: AttentionMetadata):
         """Returns the final hidden states [T, hidden] and the updated per-layer (k, v) pages."""
-        x = self.embed(token_ids)
+        x = self.residual_stream(self.embed(token_ids))
         new_caches = []
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x, kv_cache = layer(x, positions, kv_cache, meta._replace(layer_index=index))
             new_caches.append(kv_cache)
         return self.final_norm(x, meta), new_caches
 
+    def residual_stream(self, x):
+        """What the layers pass on: the hidden states, or on the CPU kernels' path (residual, delta) with delta
+        still to be added (DecoderLayer), zero before the first layer."""
+        return (x, jnp.zeros_like(x)) if self.norms_on_cpu and cpu_kernels.available() else x
+
     def final_norm(self, x, meta: AttentionMetadata):
         if self.norms_on_cpu and cpu_kernels.available():
-            return self.norm.on_cpu(x, meta.num_tokens())
+            residual, delta = x
+            return self.norm.on_cpu(residual, meta.num_tokens(), delta)[1]
         return self.norm(x)
 
     def compute_logits(self, hidden, rows=None):
@@ -462,7 +472,7 @@ def scanned_forward(split: ScannedModel, outer_leaves, layer_leaves, token_ids, 
         x, (k_all, v_all) = _merge_layer(split, leaves)(x, positions, (k_all, v_all), layer_meta)
         return (x, k_all, v_all), None
 
-    x = outer.embed(token_ids)
+    x = outer.residual_stream(outer.embed(token_ids))
     num_layers = layer_leaves[0].shape[0]
     sliced = [leaf for leaf, keep in zip(layer_leaves, in_place) if not keep]
     (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv_cache), (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
@@ -475,7 +485,7 @@ def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_
     weights in place (no per-layer slice copy), at the price of a longer compile."""
     outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
     page_size = kv_cache[0].shape[1]
-    x, cache = outer.embed(token_ids), tuple(kv_cache)
+    x, cache = outer.residual_stream(outer.embed(token_ids)), tuple(kv_cache)
     for index, leaves in enumerate(per_layer_leaves):
         x, cache = _merge_layer(split, leaves)(x, positions, cache, _layer_meta(meta, index, num_pages,
                                                                                  page_size))

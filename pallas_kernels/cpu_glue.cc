@@ -1,13 +1,13 @@
-// The elementwise work between a layer's projections, as XLA FFI calls: RMSNorm (with the residual add before
-// it) and RoPE with the KV cache write. XLA CPU ran each of these as several single-threaded passes over
+// The elementwise work between a layer's projections, as XLA FFI calls: RMSNorm with the residual add before
+// it, and RoPE with the KV cache write. XLA CPU ran each of these as several single-threaded passes over
 // [T, hidden] (a 512-token prefill step spent ~30 ms of ~190 in them); here each is one pass, split by rows
 // over XLA's intra-op threads. Each row is computed on its own, so its values never depend on how many rows
 // share its step; they are the XLA path's (models/llama: RMSNorm with fixed_order_sum, apply_rope,
 // cast_to_cache) operation for operation, except RMSNorm's reciprocal square root: XLA CPU approximates it
 // (about a third of results an ulp off), here it is 1 / sqrt.
 //
-//   jaxserve_rms_norm:     normed = x * rsqrt(mean(x^2) + eps) * w                          x[T, H], w[H]
-//   jaxserve_add_rms_norm: sum = x + delta; normed = the same of sum                        returns (sum, normed)
+//   jaxserve_add_rms_norm: sum = x + delta; normed = sum * rsqrt(mean(sum^2) + eps) * w     x, delta[T, H], w[H]
+//                          returns (sum, normed)
 //   jaxserve_rope_write_kv: q, k of qkv[T, (Hq + 2 Hkv) * D] rotated (rotate-half, cos/sin[T, D/2]); k and v
 //                           written (rounded to the pages' dtype) at slots[t] of k/v_pages[P, S, Hkv, D], in
 //                           place; returns (q[T, Hq, D], k_pages, v_pages)
@@ -47,36 +47,21 @@ int64_t live_rows(const int32_t* rows, int64_t t) { return std::clamp<int64_t>(r
 
 constexpr int64_t kRowsPerBlock = 16;
 
-template <bool kAdd>
-void norm_rows(ffi::ThreadPool& pool, const float* x, const float* delta, const float* w, float eps, float* sum,
-               float* normed, int64_t t, int64_t h, int64_t live) {
+void add_norm_rows(ffi::ThreadPool& pool, const float* x, const float* delta, const float* w, float eps, float* sum,
+                   float* normed, int64_t t, int64_t h, int64_t live) {
   parallel_blocks(pool, (t + kRowsPerBlock - 1) / kRowsPerBlock, [&](int64_t b) {
     float* buf = thread_scratch<float, 0>(h);
     for (int64_t r = b * kRowsPerBlock; r < std::min(t, (b + 1) * kRowsPerBlock); ++r) {
-      float* out = normed + r * h;
+      float *s = sum + r * h, *out = normed + r * h;
       if (r >= live) {
+        std::memset(s, 0, h * sizeof(float));
         std::memset(out, 0, h * sizeof(float));
-        if (kAdd) std::memset(sum + r * h, 0, h * sizeof(float));
         continue;
       }
-      const float* row = x + r * h;
-      if (kAdd) {
-        float* s = sum + r * h;
-        for (int64_t i = 0; i < h; ++i) s[i] = row[i] + delta[r * h + i];
-        row = s;
-      }
-      norm_row(row, w, eps, out, h, buf);
+      for (int64_t i = 0; i < h; ++i) s[i] = x[r * h + i] + delta[r * h + i];
+      norm_row(s, w, eps, out, h, buf);
     }
   });
-}
-
-ffi::Error RmsNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::Buffer<ffi::S32> rows, float eps, ffi::ResultBuffer<ffi::F32> normed) {
-  auto d = x.dimensions();
-  if (d.size() != 2 || w.element_count() != d[1]) return ffi::Error::InvalidArgument("rms_norm: x[T, H], w[H]");
-  norm_rows<false>(pool, x.typed_data(), nullptr, w.typed_data(), eps, nullptr, normed->typed_data(), d[0], d[1],
-                   live_rows(rows.typed_data(), d[0]));
-  return ffi::Error::Success();
 }
 
 ffi::Error AddRmsNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> delta,
@@ -85,8 +70,8 @@ ffi::Error AddRmsNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   auto d = x.dimensions();
   if (d.size() != 2 || w.element_count() != d[1] || delta.element_count() != x.element_count())
     return ffi::Error::InvalidArgument("add_rms_norm: x[T, H], delta[T, H], w[H]");
-  norm_rows<true>(pool, x.typed_data(), delta.typed_data(), w.typed_data(), eps, sum->typed_data(),
-                  normed->typed_data(), d[0], d[1], live_rows(rows.typed_data(), d[0]));
+  add_norm_rows(pool, x.typed_data(), delta.typed_data(), w.typed_data(), eps, sum->typed_data(),
+                normed->typed_data(), d[0], d[1], live_rows(rows.typed_data(), d[0]));
   return ffi::Error::Success();
 }
 
@@ -177,15 +162,6 @@ ffi::Error RopeWriteKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buf
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_rms_norm, RmsNorm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("eps")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_add_rms_norm, AddRmsNorm,
                               ffi::Ffi::Bind()

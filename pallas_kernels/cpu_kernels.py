@@ -55,7 +55,7 @@ ATTENTION_PAGE_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 SAMPLING_TARGET = "jaxserve_sampling_threshold"
 LOGPROBS_TARGET = "jaxserve_token_logprobs"
 NORMALIZER_TARGET = "jaxserve_log_normalizer"
-GLUE_TARGETS = ("jaxserve_rms_norm", "jaxserve_add_rms_norm", "jaxserve_rope_write_kv")
+GLUE_TARGETS = ("jaxserve_add_rms_norm", "jaxserve_rope_write_kv")
 BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
@@ -239,15 +239,12 @@ def write_rows(pages, rows, slots) -> jax.Array:
     return call(pages, rows.astype(pages.dtype), slots.astype(jnp.int32))
 
 
-def rms_norm(x, weight, eps: float, rows, delta=None):
-    """models/llama.RMSNorm of float32 x [T, H] (of x + delta when given: then returns (x + delta, its norm)), one
-    pass on the intra-op threads (cpu_glue.cc), each row computed as the XLA path does. Rows from rows[0] on
-    (i32[1]) come back zero."""
+def add_rms_norm(x, delta, weight, eps: float, rows):
+    """(x + delta, models/llama.RMSNorm of it) for float32 x and delta [T, H], one pass on the intra-op threads
+    (cpu_glue.cc), each row computed as the XLA path does. Rows from rows[0] on (i32[1]) come back zero."""
     out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    weight, rows = weight.astype(jnp.float32), jnp.asarray(rows, jnp.int32).reshape(1)
-    if delta is None:
-        return jax.ffi.ffi_call(GLUE_TARGETS[0], out)(x, weight, rows, eps=np.float32(eps))
-    return jax.ffi.ffi_call(GLUE_TARGETS[1], (out, out))(x, delta, weight, rows, eps=np.float32(eps))
+    return jax.ffi.ffi_call(GLUE_TARGETS[0], (out, out))(x, delta, weight.astype(jnp.float32),
+                                                         jnp.asarray(rows, jnp.int32).reshape(1), eps=np.float32(eps))
 
 
 def rope_write_kv(qkv, cos, sin, slot_mapping, k_pages, v_pages, rows, num_heads: int):
@@ -257,7 +254,7 @@ def rope_write_kv(qkv, cos, sin, slot_mapping, k_pages, v_pages, rows, num_heads
     t, d = qkv.shape[0], k_pages.shape[-1]
     out = (jax.ShapeDtypeStruct((t, num_heads, d), jnp.float32), jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
            jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
-    call = jax.ffi.ffi_call(GLUE_TARGETS[2], out, input_output_aliases={4: 1, 5: 2})
+    call = jax.ffi.ffi_call(GLUE_TARGETS[1], out, input_output_aliases={4: 1, 5: 2})
     return call(qkv, cos, sin, slot_mapping.astype(jnp.int32), k_pages, v_pages,
                 jnp.asarray(rows, jnp.int32).reshape(1))
 

@@ -22,34 +22,26 @@ def _norm(hidden: int, rng) -> RMSNorm:
 
 
 @pytest.mark.parametrize("hidden", [576, 64, 100])
-def test_rms_norm_matches_the_xla_norm_and_zeroes_padding(hidden):
+def test_add_rms_norm_matches_the_xla_norm_and_zeroes_padding(hidden):
     rng = np.random.default_rng(hidden)
     norm = _norm(hidden, rng)
-    x = jnp.asarray(rng.standard_normal((37, hidden), dtype=np.float32) * 3)
-    got = jax.jit(lambda x: norm.on_cpu(x, jnp.array([30])))(x)
-    want = jax.jit(norm)(x)
+    x, delta = (jnp.asarray(rng.standard_normal((37, hidden), dtype=np.float32) * 3) for _ in range(2))
+    total, normed = jax.jit(lambda x, d: norm.on_cpu(x, jnp.array([30]), d))(x, delta)
+    assert np.array_equal(np.asarray(total[:30]), np.asarray((x + delta)[:30]))
     # The same operations but XLA's approximate rsqrt: an ulp or so apart.
-    np.testing.assert_allclose(np.asarray(got[:30]), np.asarray(want[:30]), rtol=1e-6, atol=1e-6)
-    assert not np.asarray(got[30:]).any()
-
-
-def test_add_rms_norm_returns_the_sum_and_its_norm():
-    rng = np.random.default_rng(1)
-    norm = _norm(576, rng)
-    x, delta = (jnp.asarray(rng.standard_normal((20, 576), dtype=np.float32)) for _ in range(2))
-    total, normed = jax.jit(lambda x, d: norm.on_cpu(x, jnp.array([20]), d))(x, delta)
-    assert np.array_equal(np.asarray(total), np.asarray(x + delta))
-    assert np.array_equal(np.asarray(normed), np.asarray(jax.jit(lambda s: norm.on_cpu(s, jnp.array([20])))(total)))
+    want = jax.jit(norm)(x + delta)
+    np.testing.assert_allclose(np.asarray(normed[:30]), np.asarray(want[:30]), rtol=1e-6, atol=1e-6)
+    assert not np.asarray(total[30:]).any() and not np.asarray(normed[30:]).any()
 
 
 def test_a_rows_norm_does_not_depend_on_its_batch():
     rng = np.random.default_rng(2)
     norm = _norm(576, rng)
-    x = jnp.asarray(rng.standard_normal((64, 576), dtype=np.float32))
-    batch = np.asarray(jax.jit(lambda x: norm.on_cpu(x, jnp.array([64])))(x))
+    x, delta = (jnp.asarray(rng.standard_normal((64, 576), dtype=np.float32)) for _ in range(2))
+    batch = np.asarray(jax.jit(lambda x, d: norm.on_cpu(x, jnp.array([64]), d)[1])(x, delta))
     for row in (0, 17, 63):
-        alone = np.asarray(jax.jit(lambda x: norm.on_cpu(x, jnp.array([1])))(x[row:row + 1]))
-        assert np.array_equal(alone[0], batch[row])
+        alone = jax.jit(lambda x, d: norm.on_cpu(x, jnp.array([1]), d)[1])(x[row:row + 1], delta[row:row + 1])
+        assert np.array_equal(np.asarray(alone)[0], batch[row])
 
 
 def _rope_case(rng, page_dtype, tokens=37, heads=9, kv_heads=3, head_dim=64, pages=40, page_size=16):
@@ -124,5 +116,5 @@ def test_the_engine_step_runs_the_glue_kernels(random_llama_dir):
         packed = np.zeros(sum(size for _, size in _layout(shape, runner.config.pages_per_seq).values()), np.int32)
         hlo = runner.step_fn(shape).lower(*runner.step_params(shape), runner.kv_cache, packed,
                                           runner.no_previous_tokens).as_text()
-        assert "jaxserve_rms_norm" in hlo and "jaxserve_add_rms_norm" in hlo
+        assert hlo.count("jaxserve_add_rms_norm") >= 2  # a layer's two norms (the scan's body, or each layer)
         assert ("jaxserve_rope_write_kv" in hlo) == fused_qkv
