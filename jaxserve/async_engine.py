@@ -1,8 +1,8 @@
 """The engine behind the server: one thread steps the LLMEngine; asyncio callers stream its outputs.
 
 Requests and aborts cross into the engine thread through a lock-protected inbox drained before each
-step; outputs cross back through `loop.call_soon_threadsafe` into one asyncio.Queue per request, so
-neither side ever blocks the other.
+step; outputs cross back through `loop.call_soon_threadsafe` (once a step per event loop) into one
+asyncio.Queue per request, so neither side ever blocks the other.
 """
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+def _put_all(batch) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
 
 
 class AsyncLLMEngine:
@@ -103,10 +108,20 @@ class AsyncLLMEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items) -> None:
+        """(request id, item) pairs into their callers' queues, one hand-off per event loop: each
+        call_soon_threadsafe costs the engine thread ~15 us and wakes the loop, and a step with drafts makes
+        an output per token (~110 a 32-sequence step)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            target = self._queues.get(request_id)
+            if target is not None:
+                loop, queue = target
+                batches.setdefault(loop, []).append((queue, item))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -131,8 +146,7 @@ class AsyncLLMEngine:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
-                for output in self.engine.step():
-                    self._deliver(output.request_id, output)
+                self._deliver_all([(output.request_id, output) for output in self.engine.step()])
         except BaseException as e:  # a bug: fail every waiting request instead of hanging them
             logger.exception("engine thread crashed")
             self.error = e
