@@ -70,6 +70,10 @@ def run_server(engine_config, server_config) -> int:
         ssl = {"cert": server_config.ssl_certfile, "key": server_config.ssl_keyfile}
     logger.info("Starting jaxserve on %s (loading the model; /health answers 503 until ready)",
                 _public_url(server_config))
+    # The engine thread and the event loop share the GIL. When a step's outputs reach the loop, its streaming
+    # work held the GIL for Python's default 5 ms slices while the engine thread waited to launch the next
+    # step: a 32-sequence launch took 12-14 ms served against 5 offline, 8.5 ms with 0.5 ms slices.
+    sys.setswitchinterval(0.0005)
     app.run(host=server_config.host, port=server_config.port, ssl=ssl, single_process=True,
             motd=False, access_log=server_config.log_level == "debug")
     return 1 if failure else 0
