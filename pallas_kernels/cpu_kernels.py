@@ -1,5 +1,5 @@
-"""Hand-written CPU kernels (AVX2 + FMA) as XLA FFI calls, for the two things a CPU step is made of, and the
-sampler's passes over the vocabulary.
+"""Hand-written CPU kernels (AVX2 + FMA) as XLA FFI calls, for what a CPU step is made of and the sampler's
+passes over the vocabulary.
 
 - Projections with bfloat16 weights at small batch: XLA CPU streams those weights at about a quarter of the
   machine's memory bandwidth; `kernel_matmul` reads them once, in memory order, widening bf16 to f32 in
@@ -8,6 +8,8 @@ sampler's passes over the vocabulary.
   copies every chunk of gathered pages (gather, head-major transpose, mask); `ragged_paged_attention` walks the
   pages in place with an online softmax (cpu_attention.cc; on AVX-512 CPUs cpu_attention_avx512.cc for float32
   and bfloat16 pages). pallas_kernels/reference.py is its oracle.
+- The elementwise work between a layer's projections (cpu_glue.cc): RMSNorm with the residual add before it,
+  and RoPE with the KV write, one threaded pass each where XLA CPU ran several single-threaded ones.
 - The sampler's passes over the vocabulary (cpu_sampling.cc): the top_k / top_p / min_p threshold per row
   (`sampling_threshold`), a token's logprob with its rank and the most likely alternatives
   (`token_logprobs`), and a row's log-normalizer with its greedy token (`log_normalizer`). XLA CPU's top_k is
@@ -40,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 HERE = pathlib.Path(__file__).parent
 # One library; block_quant.py wraps block_quant*.cc
-SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_glue.cc", HERE / "cpu_attention.cc", HERE / "cpu_attention_avx512.cc", HERE / "cpu_sampling.cc",
-           HERE / "block_quant.cc", HERE / "block_quant_avx512.cc", HERE / "block_quant_amx.cc")
+SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_glue.cc", HERE / "cpu_attention.cc", HERE / "cpu_attention_avx512.cc",
+           HERE / "cpu_sampling.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc",
+           HERE / "block_quant_amx.cc")
 HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "cpu_attention.h", HERE / "block_quant.h",
            HERE / "block_quant_bf16.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
@@ -241,7 +244,8 @@ def write_rows(pages, rows, slots) -> jax.Array:
 
 def add_rms_norm(x, delta, weight, eps: float, rows):
     """(x + delta, models/llama.RMSNorm of it) for float32 x and delta [T, H], one pass on the intra-op threads
-    (cpu_glue.cc), each row computed as the XLA path does. Rows from rows[0] on (i32[1]) come back zero."""
+    (cpu_glue.cc): each row as the XLA path computes it, but for an exact 1 / sqrt (XLA's rsqrt is an estimate
+    refined, an ulp off at times). Rows from rows[0] on (i32[1]) come back zero."""
     out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     return jax.ffi.ffi_call(GLUE_TARGETS[0], (out, out))(x, delta, weight.astype(jnp.float32),
                                                          jnp.asarray(rows, jnp.int32).reshape(1), eps=np.float32(eps))
