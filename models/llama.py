@@ -297,17 +297,23 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(gate) * up, meta)
 
 
+def norms_on_cpu(backend: str, activation_dtype) -> bool:
+    """Whether a model's norms, with the residual add before each, are one CPU kernel pass
+    (RMSNorm.on_cpu): the CPU kernels' path (attention backend "cpu") with float32 activations. The layers then
+    pass (residual, delta) on instead of the hidden states."""
+    return backend == "cpu" and jnp.dtype(activation_dtype) == jnp.float32 and cpu_kernels.available()
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, act, backend: str, rngs: nnx.Rngs, mesh=None, kernels=None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype, act, backend, rngs, mesh, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, act, rngs, kernels)
-        # The CPU kernels' path: each norm and the residual add before it are one kernel pass.
-        self.norms_on_cpu = backend == "cpu" and jnp.dtype(act) == jnp.float32
+        self.norms_on_cpu = norms_on_cpu(backend, act)
 
     def __call__(self, x, positions, kv_cache, meta):
-        if self.norms_on_cpu and cpu_kernels.available():
+        if self.norms_on_cpu:
             # x is (residual, delta), the hidden state their sum: the previous layer's MLP output is added in
             # this layer's first norm pass (LlamaForCausalLM.residual_stream, final_norm)
             residual, delta = x
@@ -347,7 +353,7 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, dtype, act, attention_backend, rngs, attention_mesh, kernels)
                                 for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.norms_on_cpu = attention_backend == "cpu" and jnp.dtype(act) == jnp.float32  # as DecoderLayer's
+        self.norms_on_cpu = norms_on_cpu(attention_backend, act)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, False, dtype, jnp.float32, rngs, formats.get("lm_head", outer_kernel))
 
@@ -368,10 +374,10 @@ class LlamaForCausalLM(nnx.Module):
     def residual_stream(self, x):
         """What the layers pass on: the hidden states, or on the CPU kernels' path (residual, delta) with delta
         still to be added (DecoderLayer), zero before the first layer."""
-        return (x, jnp.zeros_like(x)) if self.norms_on_cpu and cpu_kernels.available() else x
+        return (x, jnp.zeros_like(x)) if self.norms_on_cpu else x
 
     def final_norm(self, x, meta: AttentionMetadata):
-        if self.norms_on_cpu and cpu_kernels.available():
+        if self.norms_on_cpu:
             residual, delta = x
             return self.norm.on_cpu(residual, meta.num_tokens(), delta)[1]
         return self.norm(x)
