@@ -31,6 +31,7 @@ def serve_logging_steps(log_path: str, server_args: list[str]) -> None:
             rows = launched.scheduled
             launched.step_record = {
                 "launched": started,
+                "launch_ms": round(1000 * (time.time() - started), 2),
                 "decode_rows": sum(1 for s in rows if s.num_new_tokens == 1 and s.draft_index == 0),
                 "draft_rows": sum(1 for s in rows if s.draft_index > 0),
                 "prompt_tokens": sum(s.num_new_tokens for s in rows if s.num_new_tokens > 1),
@@ -58,15 +59,22 @@ def summarize(log_path: str) -> None:
               "decode-only steps": [s for s in steps if not s["prompt_tokens"]]}
     wall = steps[-1]["collected"] - steps[0]["launched"]
     print(f"{len(steps)} steps over {wall:.2f} s of wall clock")
-    print("| phase | steps | time (s) | prompt tokens | decode rows | draft rows | ms a step (median) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| phase | steps | time (s) | prompt tokens | decode rows | draft rows | ms a step (median) "
+          "| launch ms (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, group in phases.items():
         if not group:
             continue
         times = sorted(s["collected"] - s["launched"] for s in group)
         print(f"| {name} | {len(group)} | {sum(times):.2f} | {sum(s['prompt_tokens'] for s in group)} | "
               f"{sum(s['decode_rows'] for s in group)} | {sum(s['draft_rows'] for s in group)} | "
-              f"{1000 * times[len(times) // 2]:.1f} |")
+              f"{1000 * times[len(times) // 2]:.1f} | {median_launch(group)} |")
+
+
+def median_launch(steps: list[dict]) -> str:
+    """The median time _launch took (schedule, drafts, prepare, dispatch), or "-" for logs without it."""
+    times = sorted(s["launch_ms"] for s in steps if "launch_ms" in s)
+    return f"{times[len(times) // 2]:.1f}" if times else "-"
 
 
 if __name__ == "__main__":

@@ -139,14 +139,27 @@ class AsyncLLMEngine:
                     self._deliver(payload, output)
 
     def _run(self) -> None:
+        # A step's outputs are handed over once the next step is dispatched: the streams' Python (~90 us a
+        # token) then runs while the device computes, not while the engine thread schedules (both need the GIL).
+        pending: list[tuple[str, RequestOutput]] = []
+
+        def hand_over() -> None:
+            nonlocal pending
+            if pending:
+                self._deliver_all(pending)
+                pending = []
+
         try:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
+                    hand_over()
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
-                self._deliver_all([(output.request_id, output) for output in self.engine.step()])
+                outputs = self.engine.step(dispatched=hand_over)
+                hand_over()  # (a step that dispatched nothing has called it already)
+                pending = [(output.request_id, output) for output in outputs]
         except BaseException as e:  # a bug: fail every waiting request instead of hanging them
             logger.exception("engine thread crashed")
             self.error = e

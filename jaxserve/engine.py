@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -198,12 +199,17 @@ class LLMEngine:
         return bool(self.requests)
 
     # ---- the step -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, dispatched: Callable[[], None] | None = None) -> list[RequestOutput]:
         """One engine step. With async scheduling the step dispatched here is usually read on the next call:
         the host reads and emits the previous step's tokens while this one runs, and the tokens it sampled
-        feed this step on the device (`ModelRunner.prepare`'s token_src)."""
+        feed this step on the device (`ModelRunner.prepare`'s token_src). `dispatched` is called once the
+        step is on its way (or none was scheduled), before the host waits for anything: the server hands the
+        previous step's outputs to its streams there, so that their Python runs beside the device's work
+        instead of holding the GIL while this step is scheduled."""
         in_flight, self._in_flight = self._in_flight, None
         launched = self._launch(in_flight) if in_flight is None or self._may_overlap() else None
+        if dispatched is not None:
+            dispatched()
         outputs = self._collect(in_flight) if in_flight is not None else []
         if launched is not None:
             if not launched.drafts and self._may_overlap():

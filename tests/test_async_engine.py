@@ -59,3 +59,21 @@ def test_invalid_request_raises_before_queueing(engine):
     with pytest.raises(ValueError, match="maximum context length"):
         asyncio.run(run())
     assert engine.stats().num_waiting == 0
+
+
+def test_a_step_hands_over_between_its_dispatch_and_its_wait(engine):
+    """LLMEngine.step(dispatched=...) calls back after dispatching and before waiting for the tokens: the
+    server hands the previous step's outputs to their streams there (AsyncLLMEngine._run)."""
+    from jaxserve.engine import LLMEngine
+
+    eng = LLMEngine(engine.config)
+    events = []
+    launch, collect = eng._launch, eng._collect
+    eng._launch = lambda in_flight: events.append("launch") or launch(in_flight)
+    eng._collect = lambda launched: events.append("collect") or collect(launched)
+    eng.add_request("r", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    steps = 0
+    while eng.has_unfinished_requests():
+        eng.step(dispatched=lambda: events.append("dispatched"))
+        steps += 1
+    assert steps >= 3 and events == ["launch", "dispatched", "collect"] * steps
