@@ -168,13 +168,14 @@ def _scales_mins(module: nnx.Module):
     return tuple(None if a is None else a[...] for a in (module.scales, module.mins))
 
 
-def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None, gated=False):
+def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, rows=None, gated=False, **pairs):
     """Through the block kernel; with the step's `meta`, the layer's slice of stacked weights, and the
-    padding rows skipped (or past `rows`, int32 [1], when given instead). `gated`: block_quant.matmul's."""
+    padding rows skipped (or past `rows`, int32 [1], when given instead). `gated`, `pairs` (paired_out,
+    num_rows): block_quant.matmul's."""
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
     return block_quant.matmul(x, module.qweight[...], *_scales_mins(module), layer,
                               meta.num_tokens() if meta is not None else rows,
-                              bf16=module.multiply_dtype == jnp.bfloat16, gated=gated)
+                              bf16=module.multiply_dtype == jnp.bfloat16, gated=gated, **pairs)
 
 
 class BlockEmbed(nnx.Module):
@@ -291,10 +292,20 @@ class MLP(nnx.Module):
 
     def __call__(self, x, meta: AttentionMetadata | None = None):
         if hasattr(self, "gate_up_proj"):  # the CPU kernels' blocks: silu(gate) * up comes out of their call
-            fused = self.gate_up_proj
+            fused, down = self.gate_up_proj, self.down_proj
+            if self._pairs_fit():  # ... straight into down's AMX tiles, in the bfloat16 down rounds it to
+                pairs = _block_matmul(fused, x, meta, gated=True, paired_out=True)
+                return _block_matmul(down, pairs, meta, num_rows=x.shape[0]).astype(down.activation_dtype)
             return self.down_proj(_block_matmul(fused, x, meta, gated=True).astype(fused.activation_dtype), meta)
         gate, up = self.gate_proj(x, meta), self.up_proj(x, meta)
         return self.down_proj(jax.nn.silu(gate) * up, meta)
+
+    def _pairs_fit(self) -> bool:
+        """Both projections multiply in bfloat16 AMX tiles (block_quant.pairs_fit) and down is a plain block one."""
+        fused, down = self.gate_up_proj, self.down_proj
+        return (down.cpu_kernel in BLOCK_FORMATS and down.bias is None and fused.activation_dtype == jnp.float32
+                and fused.multiply_dtype == jnp.bfloat16 and down.multiply_dtype == jnp.bfloat16
+                and block_quant.pairs_fit(down.in_features))
 
 
 def norms_on_cpu(backend: str, activation_dtype) -> bool:

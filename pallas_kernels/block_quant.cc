@@ -283,67 +283,96 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>* s
 // With `gated`, y[M, N / 2] = silu(x . w[:N/2]^T) * (x . w[N/2:]^T) (a fused gate/up projection straight into
 // the MLP's activation): in the AMX panels' store where they run (no [M, N] round trip through memory), else
 // the whole product first, then silu_times_row over it; either way each output's sums are the ungated ones.
+// On the AMX path only, `paired_out` (with gated) writes those activations as the next projection's B tiles
+// (y uint32 [ceil(M / 16), N / 64, 16, 16]) and `paired_in` takes x as such tiles ([ceil(M / 16), K / 32, 16,
+// 16]; M is y's rows): the MLP's activation goes from gate/up to down in bfloat16 pairs, as down would have
+// rounded it, without the float32 round trip (amx_matmul).
 template <Format F>
-ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                       const ffi::Buffer<ffi::F32>* scale, const float* min, ffi::Buffer<ffi::S32> layer,
-                       ffi::Buffer<ffi::S32> rows, bool bf16, bool gated, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, const ffi::Buffer<ffi::F32>* scale,
+                       const float* min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
+                       bool gated, bool paired_in, bool paired_out, ffi::Result<ffi::AnyBuffer> y) {
+  using jaxserve::block_quant::has_amx, jaxserve::block_quant::has_bf16_dots;
+  const bool tiles = bf16 && has_bf16_dots() && has_amx();
   auto xd = x.dimensions();
-  if (xd.size() != 2 || rows.element_count() != 1) return ffi::Error::InvalidArgument("block matmul: expected x[M, K]");
-  const int64_t M = xd[0], K = xd[1];
+  auto yd = y->dimensions();
+  const auto u32 = ffi::DataType::U32, f32 = ffi::DataType::F32;
+  if (rows.element_count() != 1 || x.element_type() != (paired_in ? u32 : f32) ||
+      y->element_type() != (paired_out ? u32 : f32) || xd.size() != (paired_in ? 4 : 2) ||
+      yd.size() != (paired_out ? 4 : 2))
+    return ffi::Error::InvalidArgument("block matmul: expected x[M, K] float32 (or its pairs) and y to match");
+  if ((paired_in || paired_out) && !tiles)
+    return ffi::Error::InvalidArgument("block matmul: paired activations need the AMX path");
+  if (paired_out && !gated) return ffi::Error::InvalidArgument("block matmul: paired_out is for gated calls");
+  const int64_t M = paired_in ? yd[0] : xd[0], K = paired_in ? xd[1] * kBlock : xd[1];
+  const int64_t groups = (M + 15) / 16;
+  if (paired_in && (xd[0] != groups || xd[2] != 16 || xd[3] != 16))
+    return ffi::Error::InvalidArgument("block matmul: paired x is not [ceil(M / 16), K / 32, 16, 16]");
   Weights w;
   int64_t N = 0;
   if (auto err = layer_weights<F>(q, scale, min, layer, K, w, N); err.failure()) return err;
   const int64_t width = gated ? N / 2 : N;
-  if (y->dimensions()[1] != width || (gated && N % 2))
-    return ffi::Error::InvalidArgument("block matmul: y's width is not N (N / 2 when gated, N even)");
+  if (gated && N % 2) return ffi::Error::InvalidArgument("block matmul: gated needs N even");
+  if (paired_out ? (yd[0] != groups || yd[1] * kBlock != width || yd[2] != 16 || yd[3] != 16 || width % 32)
+                 : (yd[0] != M || yd[1] != width))
+    return ffi::Error::InvalidArgument("block matmul: y's shape is not [M, N] ([M, N / 2] gated, or its pairs)");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
-  std::memset(y->typed_data() + live * width, 0, (M - live) * width * sizeof(float));
+  float* y_rows = paired_out ? nullptr : static_cast<float*>(y->untyped_data());
+  uint32_t* y_pairs = paired_out ? static_cast<uint32_t*>(y->untyped_data()) : nullptr;
+  const float* x_rows = paired_in ? nullptr : static_cast<const float*>(x.untyped_data());
+  const uint32_t* x_pairs = paired_in ? static_cast<const uint32_t*>(x.untyped_data()) : nullptr;
+  if (paired_out) {  // the groups no live row reaches
+    const int64_t written = (live + 15) / 16 * (width / kBlock) * 256;
+    std::memset(y_pairs + written, 0, (groups * (width / kBlock) * 256 - written) * sizeof(uint32_t));
+  } else {
+    std::memset(y_rows + live * width, 0, (M - live) * width * sizeof(float));
+  }
   if (live == 0) return ffi::Error::Success();
-  using jaxserve::block_quant::has_amx, jaxserve::block_quant::has_bf16_dots;
-  const bool tiles = bf16 && has_bf16_dots() && has_amx();
   constexpr int kRowBytes = F == Format::kQ4 ? kBlock / 2 : F == Format::kQ8 ? kBlock : 2 * kBlock;
-  if (gated && tiles && width % 16 == 0) {
-    jaxserve::block_quant::amx_matmul(pool, x.typed_data(), w, y->typed_data(), live, K, N, kRowBytes, true);
+  if ((gated || paired_in) && tiles && width % 16 == 0) {
+    jaxserve::block_quant::amx_matmul(pool, x_rows, w, y_rows, live, K, N, kRowBytes, gated, x_pairs, y_pairs);
     return ffi::Error::Success();
   }
+  if (paired_in) return ffi::Error::InvalidArgument("block matmul: paired x needs y's width a multiple of 16");
   // Gated on the other paths: the whole product in this thread's scratch (per-call buffers paid fresh pages)
-  float* out = gated ? jaxserve::thread_scratch<float, 3>(live * N) : y->typed_data();
+  float* out = gated ? jaxserve::thread_scratch<float, 3>(live * N) : y_rows;
   if (F != Format::kBF16 && bf16 && has_bf16_dots())
-    jaxserve::block_quant::bf16_matmul(pool, x.typed_data(), w, out, live, K, N, F == Format::kQ4);
+    jaxserve::block_quant::bf16_matmul(pool, x_rows, w, out, live, K, N, F == Format::kQ4);
   else if (F == Format::kBF16 && tiles)
-    jaxserve::block_quant::amx_matmul(pool, x.typed_data(), w, out, live, K, N, kRowBytes);
+    jaxserve::block_quant::amx_matmul(pool, x_rows, w, out, live, K, N, kRowBytes);
   else if (live > kFusedMaxRows)
-    panel_matmul<F>(pool, x.typed_data(), w, out, live, K, N);
+    panel_matmul<F>(pool, x_rows, w, out, live, K, N);
   else
-    fused_matmul<F>(pool, x.typed_data(), w, out, live, K, N);
+    fused_matmul<F>(pool, x_rows, w, out, live, K, N);
   if (gated) {
     const int64_t rows_per_block = std::max<int64_t>(1, 16384 / width);  // ~10 us a block
     parallel_blocks(pool, (live + rows_per_block - 1) / rows_per_block, [&](int64_t b) {
       for (int64_t m = b * rows_per_block; m < std::min(live, (b + 1) * rows_per_block); ++m)
-        jaxserve::silu_times_row(out + m * N, out + m * N + width, y->typed_data() + m * width, width);
+        jaxserve::silu_times_row(out + m * N, out + m * N + width, y_rows + m * width, width);
     });
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
+ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
-                    bool gated, ffi::ResultBuffer<ffi::F32> y) {
+                    bool gated, bool paired_in, bool paired_out, ffi::Result<ffi::AnyBuffer> y) {
   if (min.element_count() != scale.element_count())
     return ffi::Error::InvalidArgument("q4 matmul: min and scale differ in shape");
-  return BlockMatmul<Format::kQ4>(pool, x, q, &scale, min.typed_data(), layer, rows, bf16, gated, y);
+  return BlockMatmul<Format::kQ4>(pool, x, q, &scale, min.typed_data(), layer, rows, bf16, gated, paired_in,
+                                  paired_out, y);
 }
 
-ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16, bool gated,
-                    ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<Format::kQ8>(pool, x, q, &scale, nullptr, layer, rows, bf16, gated, y);
+ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16, bool gated, bool paired_in,
+                    bool paired_out, ffi::Result<ffi::AnyBuffer> y) {
+  return BlockMatmul<Format::kQ8>(pool, x, q, &scale, nullptr, layer, rows, bf16, gated, paired_in, paired_out, y);
 }
 
-ffi::Error BF16BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16, bool gated,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, bf16, gated, y);
+ffi::Error BF16BlockMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<ffi::S32> rows, bool bf16, bool gated, bool paired_in, bool paired_out,
+                           ffi::Result<ffi::AnyBuffer> y) {
+  return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, bf16, gated, paired_in, paired_out,
+                                    y);
 }
 
 }  // namespace
@@ -351,7 +380,7 @@ ffi::Error BF16BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_matmul, Q4Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -359,27 +388,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_matmul, Q4Matmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("bf16")
                                   .Attr<bool>("gated")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<bool>("paired_in")
+                                  .Attr<bool>("paired_out")
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("bf16")
                                   .Attr<bool>("gated")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<bool>("paired_in")
+                                  .Attr<bool>("paired_out")
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_block_matmul, BF16BlockMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("bf16")
                                   .Attr<bool>("gated")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<bool>("paired_in")
+                                  .Attr<bool>("paired_out")
+                                  .Ret<ffi::AnyBuffer>());

@@ -96,8 +96,11 @@ bool has_amx();
 // y[M, N] = bf16(x[M, K]) . bf16(dequantize(w))^T with float32 sums, in AMX tiles: bf16_matmul's path on CPUs
 // with has_amx(), at every row count, and the bf16 attribute's path for bfloat16 blocks there. row_bytes: a
 // block's bytes a row (16: 4-bit, 32: 8-bit, 64: bfloat16). With `gated` (N / 2 a multiple of 16): y[M, N / 2] =
-// silu(first half's outputs) * second half's, in the panels' store (a fused gate/up projection).
+// silu(first half's outputs) * second half's, in the panels' store (a fused gate/up projection); with `y_pairs`
+// too, those activations come out as the next projection's AMX B tiles (y unused), which that projection takes
+// as `x_pairs` (x unused): [ceil(M / 16), width / 32, 16, 16] uint32, each a bfloat16 pair of one token.
 void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
-                int64_t N, int row_bytes, bool gated = false);
+                int64_t N, int row_bytes, bool gated = false, const uint32_t* x_pairs = nullptr,
+                uint32_t* y_pairs = nullptr);
 
 }  // namespace jaxserve::block_quant

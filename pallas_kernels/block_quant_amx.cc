@@ -303,14 +303,54 @@ JAXSERVE_AVX512_BF16 void store_gated(const float* sums, int64_t m0, int64_t tok
   }
 }
 
+// A gated panel's activations (as store_gated computes them) rounded to bfloat16 straight into the B tiles the
+// down projection multiplies (pair_group's layout for a [M, width] input: token group G's block kb at
+// pairs + (G * width / 32 + kb) * kPairTile, pair r of token j at [r][j]). The panel's 16 outputs are half a
+// block, 8 pair rows of 64 bytes each: two activation rows interleaved, the tokens already in columns, so no
+// transpose and half of store_gated's bytes; the down projection then skips its pair_tokens. The values are
+// pair_group's of store_gated's output (the same rounding), so the down projection's sums do not change.
+// Columns past the group's real tokens are zero.
+JAXSERVE_AVX512_BF16 void store_gated_pairs(const float* sums, int64_t m0, int64_t tokens, int64_t o0,
+                                            uint32_t* pairs, int64_t width, bool streaming) {
+  const int64_t blocks = width / kBlock, half = (o0 % kBlock) / kTileDim;
+  // word 2j from word j (the even output's bfloat16), 2j + 1 from word 16 + j (the odd one's)
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int g = 0; g * kTileDim < tokens; ++g) {
+    alignas(64) float activation[kTileDim * kTileDim];
+    for (int r = 0; r < kTileDim; ++r)
+      silu_times_row(sums + 2 * g * kPairTile + r * kTileDim, sums + (2 * g + 1) * kPairTile + r * kTileDim,
+                     activation + r * kTileDim, kTileDim);
+    const int64_t real = std::min<int64_t>(kTileDim, tokens - g * kTileDim);
+    const __mmask16 columns = _cvtu32_mask16(real == kTileDim ? 0xFFFFu : (1u << real) - 1);
+    uint32_t* tile = pairs + ((m0 / kTileDim + g) * blocks + o0 / kBlock) * kPairTile + half * (kTileDim / 2) * kTileDim;
+    for (int i = 0; i < kTileDim / 2; ++i) {
+      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_load_ps(activation + (2 * i + 1) * kTileDim),
+                                                _mm512_load_ps(activation + 2 * i * kTileDim));
+      const __m512i row = _mm512_maskz_mov_epi32(
+          columns, _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(both)));
+      if (streaming)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(tile + i * kTileDim), row);
+      else
+        _mm512_store_si512(tile + i * kTileDim, row);
+    }
+  }
+}
+
 // With `gated` (N even, N / 2 a multiple of 16): y [M, N / 2] = silu(x . gate^T) * (x . up^T), gate the
 // weights' first N / 2 outputs and up the rest, each output's sums the same tile multiplies as ungated.
+// `x_pairs` (x null): the activations already as B tiles (store_gated_pairs's output); `y_pairs` (gated, y
+// null): the activations out as such tiles for the next projection.
 template <int kRowBytes>
 void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
-            bool gated) {
+            bool gated, const uint32_t* x_pairs, uint32_t* y_pairs) {
   const int64_t nb = K / kBlock, groups = (M + kTileDim - 1) / kTileDim;
-  uint32_t* pairs = thread_scratch<uint32_t, 0>(groups * nb * kPairTile);
-  pair_tokens(pool, x, M, K, pairs);
+  const uint32_t* pairs = x_pairs;
+  if (pairs == nullptr) {
+    uint32_t* scratch = thread_scratch<uint32_t, 0>(groups * nb * kPairTile);
+    pair_tokens(pool, x, M, K, scratch);
+    pairs = scratch;
+  }
   const int64_t panels = gated ? N / 2 / kTileDim : (N + kGroupOutputs - 1) / kGroupOutputs;
   const int64_t up_tiles = N / 2 / kTile;  // a gated panel's up half starts this many storage tiles later
   auto tiles_of = [&](int64_t p) {
@@ -320,7 +360,8 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
   const int64_t width = gated ? N / 2 : N;
   // Steps of more than two token groups (the panels) stream y's rows where they are whole aligned lines; the
   // short steps' y is small and read next, from the cache.
-  const bool streaming = groups > 2 && reinterpret_cast<uintptr_t>(y) % 64 == 0 && width % kTileDim == 0;
+  const bool streaming = groups > 2 && reinterpret_cast<uintptr_t>(y_pairs ? static_cast<void*>(y_pairs) : y) % 64 == 0 &&
+                         width % kTileDim == 0;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
   const int64_t per_task = (panels + tasks - 1) / tasks;
   parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
@@ -332,7 +373,9 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
       const int64_t o0 = gated ? p * kTileDim : p * kGroupOutputs;  // y's first column of the panel
       const int count = gated ? kGroupOutputs : static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));
       auto store = [&](int64_t m0, int64_t tokens) {
-        if (gated)
+        if (y_pairs)
+          store_gated_pairs(sums, m0, tokens, o0, y_pairs, width, streaming);
+        else if (gated)
           store_gated(sums, m0, tokens, o0, y, width, streaming);
         else
           store_sums(sums, m0, tokens, o0, count, y, N, streaming);
@@ -380,14 +423,14 @@ bool has_amx() {
 }
 
 void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
-                int row_bytes, bool gated) {
+                int row_bytes, bool gated, const uint32_t* x_pairs, uint32_t* y_pairs) {
 #if JAXSERVE_HAVE_AMX
   if (row_bytes == kBlock / 2)
-    matmul<kBlock / 2>(pool, x, w, y, M, K, N, gated);
+    matmul<kBlock / 2>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs);
   else if (row_bytes == kBlock)
-    matmul<kBlock>(pool, x, w, y, M, K, N, gated);
+    matmul<kBlock>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs);
   else
-    matmul<2 * kBlock>(pool, x, w, y, M, K, N, gated);
+    matmul<2 * kBlock>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs);
 #endif
 }
 

@@ -114,6 +114,39 @@ def test_gated_projection_is_silu_of_the_first_half_times_the_second(fmt, bf16, 
     assert not padded[5:].any()
 
 
+@pytest.mark.skipif(not cpu_kernels.has_amx_tiles(), reason="paired activations are the AMX tiles' path")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 33, 70])
+def test_gated_activations_pass_to_down_as_tiles_with_the_same_sums(fmt, m):
+    """gate/up with paired_out then down taking those pairs gives down's outputs bit for bit as the float32
+    activations would (rows on both sides of the stream and panel paths, a partial last token group), and
+    padding rows stay zero."""
+    rng = np.random.default_rng(m)
+    gate_up, down = random_blocks(rng, fmt, 2 * 96, 160), random_blocks(rng, fmt, 48, 96)
+    x = rng.standard_normal((m, 160)).astype(np.float32) * 4
+    assert block_quant.pairs_fit(96)
+
+    @jax.jit
+    def both(x, rows):
+        act = block_quant.matmul(x, *weights_args(gate_up), rows=rows, bf16=True, gated=True)
+        pairs = block_quant.matmul(x, *weights_args(gate_up), rows=rows, bf16=True, gated=True, paired_out=True)
+        return (block_quant.matmul(act, *weights_args(down), rows=rows, bf16=True),
+                block_quant.matmul(pairs, *weights_args(down), rows=rows, bf16=True, num_rows=x.shape[0]), pairs)
+
+    for live in sorted({m, max(1, m - 3)}):
+        want, got, pairs = map(np.asarray, both(x, jnp.asarray([live], jnp.int32)))
+        assert pairs.dtype == np.uint32 and pairs.shape == (-(-m // 16), 96 // 32, 16, 16)
+        np.testing.assert_array_equal(got, want)
+        assert got[:live].any() and not got[live:].any()
+        # token j's pair r of block b: its activations 32b + 2r (low half) and 32b + 2r + 1, as bfloat16
+        act = np.asarray(jax.jit(lambda x: block_quant.matmul(
+            x, *weights_args(gate_up), bf16=True, gated=True))(x)).astype(jnp.bfloat16).view(np.uint16)
+        low = (pairs & 0xFFFF).astype(np.uint16).transpose(0, 3, 1, 2).reshape(-1, 96 // 2)[:live]
+        high = (pairs >> 16).astype(np.uint16).transpose(0, 3, 1, 2).reshape(-1, 96 // 2)[:live]
+        np.testing.assert_array_equal(low, act[:live, 0::2])
+        np.testing.assert_array_equal(high, act[:live, 1::2])
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stacked_weights_are_read_at_the_layer_index(fmt):
     rng = np.random.default_rng(7)
