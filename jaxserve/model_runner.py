@@ -20,8 +20,8 @@ import numpy as np
 from jaxserve.buckets import BucketSet, StepShape
 from jaxserve.config import ModelConfig
 from jaxserve.executable_cache import ExecutableCache
-from jaxserve.models.llama import (BLOCK_LEAVES, AttentionMetadata, abstract_split, logits_from_hidden,
-                                   scanned_forward, scanned_params, unrolled_forward)
+from jaxserve.models.llama import (BLOCK_LEAVES, AttentionMetadata, abstract_split, greedy_tokens_from_hidden,
+                                   logits_from_hidden, scanned_forward, scanned_params, unrolled_forward)
 from jaxserve.models.sharding import (kv_cache_partition_spec, param_shardings, place_sharded,
                                       plan_tensor_parallel, tensor_parallel_mesh)
 from jaxserve.pallas_kernels import cpu_kernels
@@ -218,9 +218,18 @@ class ModelRunner:
         return outer, (per_layer if self._unrolled(shape) else stacked)
 
     def _sample(self, outer, last_hidden, tensors: SamplingTensors, flags: SamplerFlags):
-        """(SamplerOutput, its token ids padded to max_sample_rows: the next step's previous_tokens)."""
-        logits = logits_from_hidden(self.kernel_split, outer, last_hidden, tensors.live_rows)
-        out = sample(logits, tensors, flags, cpu_kernel=self.config.cpu_sampling)
+        """(SamplerOutput, its token ids padded to max_sample_rows: the next step's previous_tokens). Plain
+        greedy rows that need no logprob take their tokens from the LM head's kernel where it can give them
+        (LlamaForCausalLM.greedy_tokens: the same tokens, no [S, V] logits written and read back)."""
+        plain_greedy = (flags.all_greedy and not flags.needs_logprob and flags.num_logprobs == 0
+                        and not (flags.needs_logit_bias or flags.needs_bitmask or flags.needs_penalties))
+        tokens = (greedy_tokens_from_hidden(self.kernel_split, outer, last_hidden, tensors.live_rows)
+                  if plain_greedy and self.config.cpu_sampling else None)
+        if tokens is not None:
+            out = SamplerOutput(tokens, jnp.zeros(tokens.shape, jnp.float32))
+        else:
+            logits = logits_from_hidden(self.kernel_split, outer, last_hidden, tensors.live_rows)
+            out = sample(logits, tensors, flags, cpu_kernel=self.config.cpu_sampling)
         return out, jnp.pad(out.token_ids.astype(jnp.int32), (0, self.max_sample_rows - out.token_ids.shape[0]))
 
     def _prompt_logprobs(self, outer, hidden, target_ids, num_logprobs: int):

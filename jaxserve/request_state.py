@@ -22,7 +22,7 @@ class StreamState:
     matcher: object | None
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = None  # kept where params.needs_token_logprob, as vLLM does
     sent_text: int = 0
     sent_tokens: int = 0
     sent_finish: bool = False
@@ -59,7 +59,8 @@ class RequestState:
                                        p.spaces_between_special_tokens)
         stop = StopChecker.from_sampling_params(p, self.eos_token_ids, self.max_tokens)
         self.streams.append(StreamState(seq, detok, stop, matcher,
-                                        logprobs=[] if p.logprobs is not None else None))
+                                        logprobs=[] if p.logprobs is not None else None,
+                                        cumulative_logprob=0.0 if p.needs_token_logprob else None))
 
     @property
     def needs_host_tokens(self) -> bool:
@@ -86,7 +87,8 @@ class RequestState:
         if self.first_token_time is None:
             self.first_token_time = time.time()
         seq.output_token_ids.append(token)
-        stream.cumulative_logprob += logprob
+        if stream.cumulative_logprob is not None:
+            stream.cumulative_logprob += logprob
         if stream.logprobs is not None:
             stream.logprobs.append(self._position_logprobs(stream, token, logprob, top))
         delta = stream.detokenizer.add_token(token)

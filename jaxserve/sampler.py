@@ -37,6 +37,9 @@ class SamplerFlags:
     needs_logit_bias: bool = False
     needs_bitmask: bool = False
     num_logprobs: int = 0  # 0, or the server's max_logprobs (fixed so the output shape is fixed)
+    # some row needs its sampled token's logprob (it asked for logprobs, or best_of > n ranks its outputs by
+    # their sum); without one the sampler skips the log-normalizer and SamplerOutput.logprob is zeros
+    needs_logprob: bool = False
     penalty_window: int = 0  # W of penalty_token_ids [S, W] (bucketed); 0 when no penalties
     logit_bias_width: int = 0  # B of logit_bias_ids [S, B] (bucketed); 0 when no logit bias
     filter_window: int = 0  # K of the lax.top_k candidate window used by top_k / top_p
@@ -89,7 +92,8 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
     if flags.all_greedy and cpu_kernel:
         log_total, tokens = cpu_kernels.log_normalizer(logits, tensors.live_rows)
         if logits is raw and flags.num_logprobs == 0:  # the same pass gave the raw distribution's normalizer
-            return SamplerOutput(tokens, _chosen_logprob(raw, tokens, log_total))
+            return SamplerOutput(tokens, _chosen_logprob(raw, tokens, log_total) if flags.needs_logprob
+                                 else jnp.zeros(tokens.shape, jnp.float32))
     elif flags.all_greedy:
         tokens = greedy_tokens(logits)
     else:
@@ -104,6 +108,8 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
         elif flags.needs_filtering:
             threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
         tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
+    if not flags.needs_logprob and flags.num_logprobs == 0:
+        return SamplerOutput(tokens.astype(jnp.int32), jnp.zeros(tokens.shape, jnp.float32))
     return token_logprobs(raw, tokens, flags.num_logprobs, cpu_kernel, tensors.live_rows)
 
 

@@ -209,6 +209,7 @@ def build_sampling_tensors(rows: list[RowSamplingState], bucket_size: int, vocab
 
     wants_logprobs = any(r.params.logprobs is not None for r in rows)
     flags = SamplerFlags(
+        needs_logprob=any(r.params.needs_token_logprob for r in rows),
         all_greedy=all(greedy),
         needs_filtering=any(filtering),
         needs_penalties=any(penalties),

@@ -147,6 +147,13 @@ class SamplingParams:
         """Presence, frequency or repetition penalties: the sampler then needs the tokens so far."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
+    @property
+    def needs_token_logprob(self) -> bool:
+        """Whether the outputs need each sampled token's logprob: logprobs were asked for, or best_of > n keeps
+        the best outputs by their cumulative logprob. Otherwise the sampler skips it (as vLLM, outputs then
+        carry no cumulative_logprob)."""
+        return self.logprobs is not None or (self.best_of or 1) > self.n
+
 
 def bad_words_token_ids(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
     """Each word's token ids as it would start the text and as it would follow a space (a different token

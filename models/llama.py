@@ -301,11 +301,11 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(gate) * up, meta)
 
     def _pairs_fit(self) -> bool:
-        """Both projections multiply in bfloat16 AMX tiles (block_quant.pairs_fit) and down is a plain block one."""
+        """Both projections multiply in bfloat16 AMX tiles (block_quant.amx_fits) and down is a plain block one."""
         fused, down = self.gate_up_proj, self.down_proj
         return (down.cpu_kernel in BLOCK_FORMATS and down.bias is None and fused.activation_dtype == jnp.float32
                 and fused.multiply_dtype == jnp.bfloat16 and down.multiply_dtype == jnp.bfloat16
-                and block_quant.pairs_fit(down.in_features))
+                and block_quant.amx_fits(down.in_features))
 
 
 def norms_on_cpu(backend: str, activation_dtype) -> bool:
@@ -404,6 +404,17 @@ class LlamaForCausalLM(nnx.Module):
             return self.embed_tokens.attend(hidden, rows)
         return cpu_kernels.project(hidden, self.embed_tokens.embedding[...], w_transposed=True,
                                   kernel=self.cpu_kernel is not None)
+
+    def greedy_tokens(self, hidden, rows=None):
+        """int32 [S]: each row's first largest logit's index, from a block-quantized head in AMX tiles that
+        never writes the logits (block_quant.matmul's argmax: the sampler's greedy token of compute_logits);
+        None where the head is not such a one."""
+        head = self.lm_head if self.lm_head is not None else self.embed_tokens
+        if not (getattr(head, "cpu_kernel", None) in BLOCK_FORMATS or isinstance(head, BlockEmbed)):
+            return None
+        if head.multiply_dtype != jnp.bfloat16 or not block_quant.amx_fits(self.cfg.vocab_size):
+            return None
+        return block_quant.matmul(hidden, head.qweight[...], *_scales_mins(head), rows=rows, bf16=True, argmax=True)
 
 
 class ScannedModel(NamedTuple):
@@ -512,6 +523,12 @@ def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_
 def logits_from_hidden(split: ScannedModel, outer_leaves, hidden, rows=None):
     outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
     return outer.compute_logits(hidden, rows)
+
+
+def greedy_tokens_from_hidden(split: ScannedModel, outer_leaves, hidden, rows=None):
+    """LlamaForCausalLM.greedy_tokens of the outer module's leaves (None where its head cannot)."""
+    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    return outer.greedy_tokens(hidden, rows)
 
 
 def abstract_model(cfg: ModelConfig, dtype, attention_backend: str, activation_dtype=None,

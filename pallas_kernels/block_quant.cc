@@ -286,23 +286,25 @@ ffi::Error layer_weights(const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F32>* s
 // On the AMX path only, `paired_out` (with gated) writes those activations as the next projection's B tiles
 // (y uint32 [ceil(M / 16), N / 64, 16, 16]) and `paired_in` takes x as such tiles ([ceil(M / 16), K / 32, 16,
 // 16]; M is y's rows): the MLP's activation goes from gate/up to down in bfloat16 pairs, as down would have
-// rounded it, without the float32 round trip (amx_matmul).
+// rounded it, without the float32 round trip (amx_matmul). `argmax` (ungated, AMX path): y int32 [M], each row's
+// first largest output (the greedy token of an LM head), the outputs themselves never written.
 template <Format F>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, const ffi::Buffer<ffi::F32>* scale,
                        const float* min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
-                       bool gated, bool paired_in, bool paired_out, ffi::Result<ffi::AnyBuffer> y) {
+                       bool gated, bool paired_in, bool paired_out, bool argmax, ffi::Result<ffi::AnyBuffer> y) {
   using jaxserve::block_quant::has_amx, jaxserve::block_quant::has_bf16_dots;
   const bool tiles = bf16 && has_bf16_dots() && has_amx();
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   const auto u32 = ffi::DataType::U32, f32 = ffi::DataType::F32;
-  if (rows.element_count() != 1 || x.element_type() != (paired_in ? u32 : f32) ||
-      y->element_type() != (paired_out ? u32 : f32) || xd.size() != (paired_in ? 4 : 2) ||
-      yd.size() != (paired_out ? 4 : 2))
+  const auto y_type = paired_out ? u32 : argmax ? ffi::DataType::S32 : f32;
+  if (rows.element_count() != 1 || x.element_type() != (paired_in ? u32 : f32) || y->element_type() != y_type ||
+      xd.size() != (paired_in ? 4 : 2) || yd.size() != (paired_out ? 4 : argmax ? 1 : 2))
     return ffi::Error::InvalidArgument("block matmul: expected x[M, K] float32 (or its pairs) and y to match");
-  if ((paired_in || paired_out) && !tiles)
-    return ffi::Error::InvalidArgument("block matmul: paired activations need the AMX path");
+  if ((paired_in || paired_out || argmax) && !tiles)
+    return ffi::Error::InvalidArgument("block matmul: paired activations and argmax need the AMX path");
   if (paired_out && !gated) return ffi::Error::InvalidArgument("block matmul: paired_out is for gated calls");
+  if (argmax && (gated || paired_out)) return ffi::Error::InvalidArgument("block matmul: argmax is for plain calls");
   const int64_t M = paired_in ? yd[0] : xd[0], K = paired_in ? xd[1] * kBlock : xd[1];
   const int64_t groups = (M + 15) / 16;
   if (paired_in && (xd[0] != groups || xd[2] != 16 || xd[3] != 16))
@@ -313,25 +315,30 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
   const int64_t width = gated ? N / 2 : N;
   if (gated && N % 2) return ffi::Error::InvalidArgument("block matmul: gated needs N even");
   if (paired_out ? (yd[0] != groups || yd[1] * kBlock != width || yd[2] != 16 || yd[3] != 16 || width % 32)
-                 : (yd[0] != M || yd[1] != width))
+                 : (yd[0] != M || (!argmax && yd[1] != width)))
     return ffi::Error::InvalidArgument("block matmul: y's shape is not [M, N] ([M, N / 2] gated, or its pairs)");
   const int64_t live = std::clamp<int64_t>(*rows.typed_data(), 0, M);
-  float* y_rows = paired_out ? nullptr : static_cast<float*>(y->untyped_data());
+  float* y_rows = paired_out || argmax ? nullptr : static_cast<float*>(y->untyped_data());
+  int32_t* y_argmax = argmax ? static_cast<int32_t*>(y->untyped_data()) : nullptr;
   uint32_t* y_pairs = paired_out ? static_cast<uint32_t*>(y->untyped_data()) : nullptr;
   const float* x_rows = paired_in ? nullptr : static_cast<const float*>(x.untyped_data());
   const uint32_t* x_pairs = paired_in ? static_cast<const uint32_t*>(x.untyped_data()) : nullptr;
   if (paired_out) {  // the groups no live row reaches
     const int64_t written = (live + 15) / 16 * (width / kBlock) * 256;
     std::memset(y_pairs + written, 0, (groups * (width / kBlock) * 256 - written) * sizeof(uint32_t));
+  } else if (argmax) {
+    std::fill(y_argmax + live, y_argmax + M, 0);
   } else {
     std::memset(y_rows + live * width, 0, (M - live) * width * sizeof(float));
   }
   if (live == 0) return ffi::Error::Success();
   constexpr int kRowBytes = F == Format::kQ4 ? kBlock / 2 : F == Format::kQ8 ? kBlock : 2 * kBlock;
-  if ((gated || paired_in) && tiles && width % 16 == 0) {
-    jaxserve::block_quant::amx_matmul(pool, x_rows, w, y_rows, live, K, N, kRowBytes, gated, x_pairs, y_pairs);
+  if ((gated || paired_in || argmax) && tiles && width % 16 == 0) {
+    jaxserve::block_quant::amx_matmul(pool, x_rows, w, y_rows, live, K, N, kRowBytes, gated, x_pairs, y_pairs,
+                                      y_argmax);
     return ffi::Error::Success();
   }
+  if (argmax) return ffi::Error::InvalidArgument("block matmul: argmax needs N a multiple of 16");
   if (paired_in) return ffi::Error::InvalidArgument("block matmul: paired x needs y's width a multiple of 16");
   // Gated on the other paths: the whole product in this thread's scratch (per-call buffers paid fresh pages)
   float* out = gated ? jaxserve::thread_scratch<float, 3>(live * N) : y_rows;
@@ -355,24 +362,25 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
 
 ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16,
-                    bool gated, bool paired_in, bool paired_out, ffi::Result<ffi::AnyBuffer> y) {
+                    bool gated, bool paired_in, bool paired_out, bool argmax, ffi::Result<ffi::AnyBuffer> y) {
   if (min.element_count() != scale.element_count())
     return ffi::Error::InvalidArgument("q4 matmul: min and scale differ in shape");
   return BlockMatmul<Format::kQ4>(pool, x, q, &scale, min.typed_data(), layer, rows, bf16, gated, paired_in,
-                                  paired_out, y);
+                                  paired_out, argmax, y);
 }
 
 ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, bool bf16, bool gated, bool paired_in,
-                    bool paired_out, ffi::Result<ffi::AnyBuffer> y) {
-  return BlockMatmul<Format::kQ8>(pool, x, q, &scale, nullptr, layer, rows, bf16, gated, paired_in, paired_out, y);
+                    bool paired_out, bool argmax, ffi::Result<ffi::AnyBuffer> y) {
+  return BlockMatmul<Format::kQ8>(pool, x, q, &scale, nullptr, layer, rows, bf16, gated, paired_in, paired_out,
+                                  argmax, y);
 }
 
 ffi::Error BF16BlockMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Buffer<ffi::S32> layer,
                            ffi::Buffer<ffi::S32> rows, bool bf16, bool gated, bool paired_in, bool paired_out,
-                           ffi::Result<ffi::AnyBuffer> y) {
+                           bool argmax, ffi::Result<ffi::AnyBuffer> y) {
   return BlockMatmul<Format::kBF16>(pool, x, q, nullptr, nullptr, layer, rows, bf16, gated, paired_in, paired_out,
-                                    y);
+                                    argmax, y);
 }
 
 }  // namespace
@@ -390,6 +398,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_matmul, Q4Matmul,
                                   .Attr<bool>("gated")
                                   .Attr<bool>("paired_in")
                                   .Attr<bool>("paired_out")
+                                  .Attr<bool>("argmax")
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
@@ -404,6 +413,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_matmul, Q8Matmul,
                                   .Attr<bool>("gated")
                                   .Attr<bool>("paired_in")
                                   .Attr<bool>("paired_out")
+                                  .Attr<bool>("argmax")
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_block_matmul, BF16BlockMatmul,
@@ -417,4 +427,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_bf16_block_matmul, BF16BlockMatmul,
                                   .Attr<bool>("gated")
                                   .Attr<bool>("paired_in")
                                   .Attr<bool>("paired_out")
+                                  .Attr<bool>("argmax")
                                   .Ret<ffi::AnyBuffer>());

@@ -99,8 +99,10 @@ bool has_amx();
 // silu(first half's outputs) * second half's, in the panels' store (a fused gate/up projection); with `y_pairs`
 // too, those activations come out as the next projection's AMX B tiles (y unused), which that projection takes
 // as `x_pairs` (x unused): [ceil(M / 16), width / 32, 16, 16] uint32, each a bfloat16 pair of one token.
+// With `y_argmax` instead of y (ungated): y_argmax[m] = the first index of row m's largest output (N - 1 if the
+// row has a NaN), the sampler's greedy token, without writing the outputs.
 void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K,
                 int64_t N, int row_bytes, bool gated = false, const uint32_t* x_pairs = nullptr,
-                uint32_t* y_pairs = nullptr);
+                uint32_t* y_pairs = nullptr, int32_t* y_argmax = nullptr);
 
 }  // namespace jaxserve::block_quant

@@ -145,16 +145,18 @@ def reference_matmul(x, qweight, scales=None, mins=None, bf16=False):
 
 
 def matmul(x, qweight, scales=None, mins=None, layer=None, rows=None, bf16=False, gated=False,
-           paired_out=False, num_rows=None) -> jax.Array:
+           paired_out=False, num_rows=None, argmax=False) -> jax.Array:
     """x [M, K] float32 through the kernel -> float32 [M, N]; `layer` picks from stacked weights [L, ...];
     `rows` (int32 [1] or scalar): only x's first `rows` rows are real, the rest come out zero; `bf16`: multiply
     in bfloat16 where the CPU has AVX512-BF16 (block_quant_avx512.cc's panels, at any rows; 4- and 8-bit
     blocks). No scales: bfloat16 blocks, multiplied in float32, or with `bf16` in AMX tiles where the CPU has
     them (block_quant_amx.cc). `gated` (a fused gate/up projection): [M, N / 2] = silu(the first N / 2
     outputs) * the rest, in the AMX panels' store where they run, each output's sums those of the ungated call.
-    `paired_out` (gated, `bf16`, on AMX CPUs only: pairs_fit): those activations as the next projection's AMX
+    `paired_out` (gated, `bf16`, on AMX CPUs only: amx_fits): those activations as the next projection's AMX
     B tiles instead, uint32 [ceil(M / 16), N / 64, 16, 16] (bfloat16 pairs), which that projection takes as its x
-    (`num_rows`: its M); the same values as passing the float32 activations on."""
+    (`num_rows`: its M); the same values as passing the float32 activations on. `argmax` (`bf16`, AMX CPUs:
+    amx_fits): int32 [M], each row's first largest output (N - 1 for a row with a NaN), as the sampler's greedy
+    token of the float32 result, which is never written (an LM head's logits)."""
     n = qweight.shape[-2] * TILE
     paired_in = x.dtype == jnp.uint32
     m = num_rows if paired_in else x.shape[0]
@@ -162,11 +164,14 @@ def matmul(x, qweight, scales=None, mins=None, layer=None, rows=None, bf16=False
     rows = jnp.asarray(m if rows is None else rows, jnp.int32).reshape(())
     if paired_out:
         out = jax.ShapeDtypeStruct((-(-m // 16), n // 2 // BLOCK, 16, 16), jnp.uint32)
+    elif argmax:
+        out = jax.ShapeDtypeStruct((m,), jnp.int32)
     else:
         out = jax.ShapeDtypeStruct((m, n // 2 if gated else n), jnp.float32)
     if not paired_in:
         x = x.astype(jnp.float32)
-    flags = dict(bf16=bool(bf16), gated=bool(gated), paired_in=paired_in, paired_out=bool(paired_out))
+    flags = dict(bf16=bool(bf16), gated=bool(gated), paired_in=paired_in, paired_out=bool(paired_out),
+                 argmax=bool(argmax))
     if scales is None:
         return jax.ffi.ffi_call(BF16_TARGET, out)(x, qweight, layer, rows, **flags)
     if mins is None:
@@ -174,9 +179,9 @@ def matmul(x, qweight, scales=None, mins=None, layer=None, rows=None, bf16=False
     return jax.ffi.ffi_call(Q4_TARGET, out)(x, qweight, scales, mins, layer, rows, **flags)
 
 
-def pairs_fit(width: int) -> bool:
-    """Whether a gated call can hand `width` activations to the next projection as AMX tiles (`paired_out`):
-    the kernels run in AMX tiles here and the width is whole blocks."""
+def amx_fits(width: int) -> bool:
+    """Whether `width` outputs can take matmul's AMX-only options (`paired_out` activations, `argmax`): the
+    kernels run in AMX tiles here and the width is whole blocks."""
     from jaxserve.pallas_kernels import cpu_kernels
 
     return width % BLOCK == 0 and cpu_kernels.available() and cpu_kernels.has_amx_tiles()

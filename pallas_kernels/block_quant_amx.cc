@@ -18,11 +18,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cpuid.h>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "block_quant.h"
 #include "cpu_math.h"
@@ -303,6 +305,37 @@ JAXSERVE_AVX512_BF16 void store_gated(const float* sums, int64_t m0, int64_t tok
   }
 }
 
+// Where each token's largest output so far is, for one task (a contiguous range of panels, walked in order):
+// per token, the value, its index, and whether any output was a NaN.
+struct RunningMax {
+  float* value;
+  int32_t* index;
+  int32_t* nan;
+};
+
+// The group's sums (as store_sums reads them) folded into the task's running maxima instead of written out:
+// per token, the first index of its largest output (a strictly larger one replaces it, so ties keep the
+// earlier output), and whether it saw a NaN. Tokens are the tiles' columns, so it is vertical compares.
+JAXSERVE_AVX512_BF16 void fold_max(const float* sums, int64_t m0, int64_t tokens, int64_t o0, int count,
+                                   RunningMax& best) {
+  for (int g = 0; g * kTileDim < tokens; ++g) {
+    const int64_t t0 = m0 + g * kTileDim;
+    __m512 value = _mm512_loadu_ps(best.value + t0);
+    __m512i index = _mm512_loadu_si512(best.index + t0), nan = _mm512_loadu_si512(best.nan + t0);
+    for (int a = 0; a * kTileDim < count; ++a)
+      for (int r = 0; r < std::min(kTileDim, count - a * kTileDim); ++r) {
+        const __m512 v = _mm512_load_ps(sums + (a + 2 * g) * kPairTile + r * kTileDim);
+        const __mmask16 larger = _mm512_cmp_ps_mask(v, value, _CMP_GT_OQ);
+        value = _mm512_mask_mov_ps(value, larger, v);
+        index = _mm512_mask_mov_epi32(index, larger, _mm512_set1_epi32(static_cast<int32_t>(o0 + a * kTileDim + r)));
+        nan = _mm512_mask_mov_epi32(nan, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(1));
+      }
+    _mm512_storeu_ps(best.value + t0, value);
+    _mm512_storeu_si512(best.index + t0, index);
+    _mm512_storeu_si512(best.nan + t0, nan);
+  }
+}
+
 // A gated panel's activations (as store_gated computes them) rounded to bfloat16 straight into the B tiles the
 // down projection multiplies (pair_group's layout for a [M, width] input: token group G's block kb at
 // pairs + (G * width / 32 + kb) * kPairTile, pair r of token j at [r][j]). The panel's 16 outputs are half a
@@ -340,10 +373,11 @@ JAXSERVE_AVX512_BF16 void store_gated_pairs(const float* sums, int64_t m0, int64
 // With `gated` (N even, N / 2 a multiple of 16): y [M, N / 2] = silu(x . gate^T) * (x . up^T), gate the
 // weights' first N / 2 outputs and up the rest, each output's sums the same tile multiplies as ungated.
 // `x_pairs` (x null): the activations already as B tiles (store_gated_pairs's output); `y_pairs` (gated, y
-// null): the activations out as such tiles for the next projection.
+// null): the activations out as such tiles for the next projection; `y_argmax` (ungated, y null): per token
+// the first index of its largest output (N - 1 where one is a NaN), as the sampler's greedy token of y.
 template <int kRowBytes>
 void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
-            bool gated, const uint32_t* x_pairs, uint32_t* y_pairs) {
+            bool gated, const uint32_t* x_pairs, uint32_t* y_pairs, int32_t* y_argmax) {
   const int64_t nb = K / kBlock, groups = (M + kTileDim - 1) / kTileDim;
   const uint32_t* pairs = x_pairs;
   if (pairs == nullptr) {
@@ -363,8 +397,16 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
   const bool streaming = groups > 2 && reinterpret_cast<uintptr_t>(y_pairs ? static_cast<void*>(y_pairs) : y) % 64 == 0 &&
                          width % kTileDim == 0;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
-  const int64_t per_task = (panels + tasks - 1) / tasks;
-  parallel_blocks(pool, (panels + per_task - 1) / per_task, [&](int64_t t) {
+  const int64_t per_task = (panels + tasks - 1) / tasks, used_tasks = (panels + per_task - 1) / per_task;
+  // With y_argmax: each task's running maxima over its panels (-inf, its first output, no NaN), merged below
+  const int64_t padded = groups * kTileDim;
+  std::vector<float> max_value(y_argmax ? used_tasks * padded : 0, -INFINITY);
+  std::vector<int32_t> max_index(y_argmax ? used_tasks * padded : 0), max_nan(y_argmax ? used_tasks * padded : 0);
+  for (int64_t t = 0; y_argmax && t < used_tasks; ++t)
+    std::fill_n(max_index.begin() + t * padded, padded, static_cast<int32_t>(t * per_task * kGroupOutputs));
+  parallel_blocks(pool, used_tasks, [&](int64_t t) {
+    RunningMax best{nullptr, nullptr, nullptr};
+    if (y_argmax) best = {max_value.data() + t * padded, max_index.data() + t * padded, max_nan.data() + t * padded};
     uint16_t* panel = thread_scratch<uint16_t, 1>(std::max<int64_t>(nb, 2) * kChunkValues);  // or two chunks
     float* sums = thread_scratch<float, 2>(4 * kPairTile);
     load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
@@ -373,7 +415,9 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
       const int64_t o0 = gated ? p * kTileDim : p * kGroupOutputs;  // y's first column of the panel
       const int count = gated ? kGroupOutputs : static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));
       auto store = [&](int64_t m0, int64_t tokens) {
-        if (y_pairs)
+        if (y_argmax)
+          fold_max(sums, m0, tokens, o0, count, best);
+        else if (y_pairs)
           store_gated_pairs(sums, m0, tokens, o0, y_pairs, width, streaming);
         else if (gated)
           store_gated(sums, m0, tokens, o0, y, width, streaming);
@@ -403,6 +447,18 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
     release_tiles();
     if (streaming) _mm_sfence();  // the streamed rows are in memory before the caller reads y
   });
+  for (int64_t m = 0; y_argmax && m < M; ++m) {  // tasks in panel order: a later one wins only if larger
+    float value = max_value[m];
+    int32_t index = max_index[m], nan = max_nan[m];
+    for (int64_t t = 1; t < used_tasks; ++t) {
+      if (max_value[t * padded + m] > value) {
+        value = max_value[t * padded + m];
+        index = max_index[t * padded + m];
+      }
+      nan |= max_nan[t * padded + m];
+    }
+    y_argmax[m] = nan ? static_cast<int32_t>(N - 1) : index;
+  }
 }
 
 }  // namespace
@@ -423,14 +479,14 @@ bool has_amx() {
 }
 
 void amx_matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, int64_t M, int64_t K, int64_t N,
-                int row_bytes, bool gated, const uint32_t* x_pairs, uint32_t* y_pairs) {
+                int row_bytes, bool gated, const uint32_t* x_pairs, uint32_t* y_pairs, int32_t* y_argmax) {
 #if JAXSERVE_HAVE_AMX
   if (row_bytes == kBlock / 2)
-    matmul<kBlock / 2>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs);
+    matmul<kBlock / 2>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs, y_argmax);
   else if (row_bytes == kBlock)
-    matmul<kBlock>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs);
+    matmul<kBlock>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs, y_argmax);
   else
-    matmul<2 * kBlock>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs);
+    matmul<2 * kBlock>(pool, x, w, y, M, K, N, gated, x_pairs, y_pairs, y_argmax);
 #endif
 }
 

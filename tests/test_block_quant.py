@@ -124,7 +124,7 @@ def test_gated_activations_pass_to_down_as_tiles_with_the_same_sums(fmt, m):
     rng = np.random.default_rng(m)
     gate_up, down = random_blocks(rng, fmt, 2 * 96, 160), random_blocks(rng, fmt, 48, 96)
     x = rng.standard_normal((m, 160)).astype(np.float32) * 4
-    assert block_quant.pairs_fit(96)
+    assert block_quant.amx_fits(96)
 
     @jax.jit
     def both(x, rows):
@@ -145,6 +145,46 @@ def test_gated_activations_pass_to_down_as_tiles_with_the_same_sums(fmt, m):
         high = (pairs >> 16).astype(np.uint16).transpose(0, 3, 1, 2).reshape(-1, 96 // 2)[:live]
         np.testing.assert_array_equal(low, act[:live, 0::2])
         np.testing.assert_array_equal(high, act[:live, 1::2])
+
+
+@pytest.mark.skipif(not cpu_kernels.has_amx_tiles(), reason="argmax is the AMX tiles' path")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 70])
+def test_argmax_is_the_first_largest_output_of_the_product(fmt, m):
+    """argmax=True gives each row's first largest output of the product it does not write, across the tasks'
+    panel ranges (1280 outputs: 40 panels over 8 tasks), with ties (three equal outputs far apart), padding rows
+    zero and a row with a NaN at the last index, as the sampler's greedy token of the logits."""
+    rng = np.random.default_rng(m)
+    w = random_blocks(rng, fmt, 1280, 96)
+    tile = 10 // block_quant.TILE  # outputs 10 and 11 eight times larger, then copied to 1000 and 1270
+    if "scales" in w:
+        for name in ("scales", "mins"):
+            if name in w:
+                w[name][tile] *= 8
+    else:
+        w["qweight"][tile] = (w["qweight"][tile].view(jnp.bfloat16).astype(np.float32) * 8).astype(
+            jnp.bfloat16).view(w["qweight"].dtype)
+    for name, a in w.items():
+        a[1000 // block_quant.TILE] = a[tile]
+        a[1270 // block_quant.TILE] = a[tile]
+    dense = np.asarray(block_quant.dequantize(*weights_args(w)), np.float32)
+    x = rng.standard_normal((m, 96)).astype(np.float32)
+    x[::3] = dense[10] * 50  # rows whose largest outputs are the three equal ones
+    if m > 5:
+        x[5, 7] = np.nan
+    call = jax.jit(lambda x, rows, argmax: block_quant.matmul(x, *weights_args(w), rows=rows, bf16=True,
+                                                              argmax=argmax), static_argnames="argmax")
+    for live in sorted({m, max(1, m - 2)}):
+        rows = jnp.asarray([live], jnp.int32)
+        logits = np.asarray(call(x, rows, argmax=False))
+        got = np.asarray(call(x, rows, argmax=True))
+        want = np.where(np.isnan(logits).any(axis=1), 1279, np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1))
+        assert got.dtype == np.int32 and got.shape == (m,)
+        np.testing.assert_array_equal(got[:live], want[:live])
+        assert not got[live:].any()
+        assert (got[:live:3] == 10).all()  # the first of the tied outputs
+        log_total, first = cpu_kernels.log_normalizer(jnp.asarray(logits), rows)
+        np.testing.assert_array_equal(got[:live], np.asarray(first)[:live])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

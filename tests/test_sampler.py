@@ -73,10 +73,15 @@ def test_greedy_is_argmax_without_rng_or_filtering():
     out, flags = run(logits, [row(temperature=0.0, top_k=3, seed=s) for s in range(6)], bucket=8)
     assert flags.all_greedy and not flags.needs_filtering and flags.num_logprobs == 0
     assert out.top_ids is None and out.rank is None  # nobody asked: no top-k, no rank count
+    assert not flags.needs_logprob and not np.asarray(out.logprob).any()  # nor the sampled token's logprob
+    np.testing.assert_array_equal(np.asarray(out.token_ids)[:6], logits.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(out.token_ids)[6:], 0)  # padded rows: argmax of zeros
+    # best_of > n ranks outputs by their cumulative logprob: the sampled token's logprob comes along
+    out, flags = run(logits, [row(temperature=0.0, seed=s, n=1, best_of=2) for s in range(6)], bucket=8)
+    assert flags.needs_logprob and flags.num_logprobs == 0 and out.top_ids is None
     reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))[np.arange(6), logits.argmax(-1)]
     np.testing.assert_allclose(np.asarray(out.logprob)[:6], reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out.token_ids)[:6], logits.argmax(-1))
-    np.testing.assert_array_equal(np.asarray(out.token_ids)[6:], 0)  # padded rows: argmax of zeros
 
 
 def test_greedy_tokens_are_the_first_maximum():

@@ -158,7 +158,7 @@ def test_greedy_tokens_are_those_of_one_token_a_step(smol):
         (spec.draft_tokens_total, spec.accepted_tokens_total)
     for g, w in zip(got, want):
         assert (g.token_ids, g.text) == (w.token_ids, w.text)
-        assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-3)
+        assert g.cumulative_logprob is None and w.cumulative_logprob is None  # no logprobs asked for: none kept
     together = [o.outputs[0].token_ids for o in smol.generate(prompts, params)]  # 3 rows + drafts
     assert together == [w.token_ids for w in want]
 
@@ -337,3 +337,15 @@ def test_arrivals_between_steps_keep_the_tokens(smol):
             got[out.request_id] = out.outputs[0].token_ids
     assert [got[f"late-{i}"] for i in range(4)] == want
     assert engine.speculation.draft_tokens_total > drafted
+
+
+def test_plain_greedy_tokens_are_those_the_logits_give(smol):
+    """Greedy requests that need no logprob take their tokens from the LM head's kernel where it gives them (AMX
+    CPUs: block_quant.matmul's argmax, no logits written) and carry no cumulative_logprob, as vLLM; with logprobs
+    (the logits and the sampler) the tokens are the same."""
+    prompts = word_prompts(4, seed=9)
+    plain = smol.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    scored = smol.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0))
+    assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in scored]
+    assert all(o.outputs[0].cumulative_logprob is None for o in plain)
+    assert all(o.outputs[0].cumulative_logprob < 0 for o in scored)
