@@ -182,7 +182,6 @@ def matmul(x, qweight, scales=None, mins=None, layer=None, rows=None, bf16=False
 def amx_fits(width: int) -> bool:
     """Whether `width` outputs can take matmul's AMX-only options (`paired_out` activations, `argmax`): the
     kernels run in AMX tiles here and the width is whole blocks."""
-
     return width % BLOCK == 0 and cpu_kernels.available() and cpu_kernels.has_amx_tiles()
 
 
