@@ -89,11 +89,13 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
     if flags.needs_penalties:
         logits = apply_penalties(logits, tensors)
 
+    if flags.all_greedy and cpu_kernel and not flags.needs_logprob and flags.num_logprobs == 0:
+        tokens = cpu_kernels.first_max(logits, tensors.live_rows)
+        return SamplerOutput(tokens, jnp.zeros(tokens.shape, jnp.float32))
     if flags.all_greedy and cpu_kernel:
         log_total, tokens = cpu_kernels.log_normalizer(logits, tensors.live_rows)
         if logits is raw and flags.num_logprobs == 0:  # the same pass gave the raw distribution's normalizer
-            return SamplerOutput(tokens, _chosen_logprob(raw, tokens, log_total) if flags.needs_logprob
-                                 else jnp.zeros(tokens.shape, jnp.float32))
+            return SamplerOutput(tokens, _chosen_logprob(raw, tokens, log_total))
     elif flags.all_greedy:
         tokens = greedy_tokens(logits)
     else:

@@ -58,6 +58,7 @@ ATTENTION_PAGE_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 SAMPLING_TARGET = "jaxserve_sampling_threshold"
 LOGPROBS_TARGET = "jaxserve_token_logprobs"
 NORMALIZER_TARGET = "jaxserve_log_normalizer"
+FIRST_MAX_TARGET = "jaxserve_first_max"
 GLUE_TARGETS = ("jaxserve_add_rms_norm", "jaxserve_rope_write_kv")
 BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
@@ -140,7 +141,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
         names = (*TARGETS.values(), INT8_TARGET, ATTENTION_TARGET, WRITE_ROWS_TARGET, SAMPLING_TARGET,
-                 LOGPROBS_TARGET, NORMALIZER_TARGET, *BLOCK_QUANT_TARGETS, *GLUE_TARGETS)
+                 LOGPROBS_TARGET, NORMALIZER_TARGET, FIRST_MAX_TARGET, *BLOCK_QUANT_TARGETS, *GLUE_TARGETS)
         targets = {name: getattr(handle, name) for name in names}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
         handle.jaxserve_has_avx512_attention.restype = ctypes.c_int
@@ -302,6 +303,13 @@ def log_normalizer(logits, live_rows=None) -> tuple[jax.Array, jax.Array]:
     rows = logits.shape[0]
     out = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32))
     return jax.ffi.ffi_call(NORMALIZER_TARGET, out)(logits.astype(jnp.float32), _live_rows(live_rows, rows))
+
+
+def first_max(logits, live_rows=None) -> jax.Array:
+    """log_normalizer's greedy tokens alone (i32[S]), without its pass of exponentials."""
+    rows = logits.shape[0]
+    return jax.ffi.ffi_call(FIRST_MAX_TARGET, jax.ShapeDtypeStruct((rows,), jnp.int32))(
+        logits.astype(jnp.float32), _live_rows(live_rows, rows))
 
 
 def attention_fits(q, k_pages) -> bool:

@@ -394,9 +394,9 @@ ffi::Error TokenLogprobs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi
 
 // ---- Every sampled token's logprob: a row's log-normalizer, and its first maximum (the greedy token) ----
 
-// log(sum(e^x)) in double from the maximum, and the first index of the maximum; a row with a NaN gives NaN and
-// its last index (as sampler.greedy_tokens, whose comparisons with a NaN maximum all fail).
-void row_normalizer(const float* x, int64_t V, float& log_total, int32_t& first_max) {
+// A row's maximum and the first index of it; a row with a NaN gives its last index (as sampler.greedy_tokens,
+// whose comparisons with a NaN maximum all fail) and false.
+bool row_first_max(const float* x, int64_t V, float& max, int32_t& first_max) {
   __m256 vmax = _mm256_set1_ps(kNegInf), nan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
@@ -404,19 +404,15 @@ void row_normalizer(const float* x, int64_t V, float& log_total, int32_t& first_
     vmax = _mm256_max_ps(vmax, v);
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  float max = hmax(vmax);
+  max = hmax(vmax);
   bool has_nan = _mm256_movemask_ps(nan) != 0;
   for (; i < V; ++i) {
     max = std::max(max, x[i]);
     has_nan |= std::isnan(x[i]);
   }
-  if (has_nan) {
-    log_total = std::numeric_limits<float>::quiet_NaN();
-    first_max = static_cast<int32_t>(V - 1);
-    return;
-  }
-  const __m256 target = _mm256_set1_ps(max);
   first_max = static_cast<int32_t>(V - 1);
+  if (has_nan) return false;
+  const __m256 target = _mm256_set1_ps(max);
   for (i = 0; i + 8 <= V; i += 8)
     if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ))) {
       first_max = static_cast<int32_t>(i + __builtin_ctz(hit));
@@ -428,12 +424,25 @@ void row_normalizer(const float* x, int64_t V, float& log_total, int32_t& first_
         first_max = static_cast<int32_t>(i);
         break;
       }
+  return true;
+}
+
+// log(sum(e^x)) in double from the maximum, and the first index of the maximum (row_first_max); a row with a
+// NaN gives NaN.
+void row_normalizer(const float* x, int64_t V, float& log_total, int32_t& first_max) {
+  float max;
+  if (!row_first_max(x, V, max, first_max)) {
+    log_total = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
   if (!std::isfinite(max)) {  // all -inf (or +inf present): as logsumexp
     log_total = max;
     return;
   }
+  const __m256 target = _mm256_set1_ps(max);
   __m256d sum = _mm256_setzero_pd();
-  for (i = 0; i + 8 <= V; i += 8) sum = add_in_double(sum, token_masses(_mm256_loadu_ps(x + i), target));
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) sum = add_in_double(sum, token_masses(_mm256_loadu_ps(x + i), target));
   double total = lanes_total(sum);
   for (; i < V; ++i) total += x[i] > kNegInf ? std::exp(x[i] - max) : 0.0;
   log_total = max + static_cast<float>(std::log(total));
@@ -455,7 +464,33 @@ ffi::Error LogNormalizer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi
   return ffi::Error::Success();
 }
 
+// The greedy tokens alone (row_first_max): LogNormalizer without its pass of exponentials, for steps whose rows
+// need no logprob.
+ffi::Error FirstMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> live_rows,
+                    ffi::ResultBuffer<ffi::S32> first_max) {
+  auto d = logits.dimensions();
+  if (d.size() != 2 || live_rows.element_count() != 1)
+    return ffi::Error::InvalidArgument("first_max: expected logits[S, V]");
+  const int64_t S = d[0], V = d[1];
+  const int64_t live = std::clamp<int64_t>(live_rows.typed_data()[0], 0, S);
+  int32_t* firsts = first_max->typed_data();
+  std::fill(firsts + live, firsts + S, 0);  // bucket padding
+  const float* x = logits.typed_data();
+  parallel_blocks(pool, live, [&](int64_t r) {
+    float max;
+    row_first_max(x + r * V, V, max, firsts[r]);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_first_max, FirstMax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_log_normalizer, LogNormalizer,
                               ffi::Ffi::Bind()

@@ -196,6 +196,9 @@ def test_greedy_tokens_and_logprobs_through_the_normalizer():
     np.testing.assert_allclose(log_total[[0, 1, 2, 4]], np.asarray(jax.nn.logsumexp(logits[[0, 1, 2, 4]], axis=1)),
                                rtol=1e-6)
     assert first[5] == 0 and log_total[5] == 0.0
+    # the greedy tokens alone (steps that need no logprob): the same indices, NaN rows and padding included
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_kernels.first_max)(jnp.asarray(logits),
+                                                                           np.array([5], np.int32))), first)
     rows = [row(temperature=0.0, logprobs=None, best_of=2) for _ in range(4)]  # the token's logprob needed
     tensors, flags = build_sampling_tensors(rows, 4, vocab, 0)
     clean = np.delete(logits, 3, axis=0)[:4]
