@@ -356,7 +356,8 @@ JAXSERVE_AVX512_BF16 void store_gated_pairs(const float* sums, int64_t m0, int64
                      activation + r * kTileDim, kTileDim);
     const int64_t real = std::min<int64_t>(kTileDim, tokens - g * kTileDim);
     const __mmask16 columns = _cvtu32_mask16(real == kTileDim ? 0xFFFFu : (1u << real) - 1);
-    uint32_t* tile = pairs + ((m0 / kTileDim + g) * blocks + o0 / kBlock) * kPairTile + half * (kTileDim / 2) * kTileDim;
+    uint32_t* tile =
+        pairs + ((m0 / kTileDim + g) * blocks + o0 / kBlock) * kPairTile + half * (kTileDim / 2) * kTileDim;
     for (int i = 0; i < kTileDim / 2; ++i) {
       const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_load_ps(activation + (2 * i + 1) * kTileDim),
                                                 _mm512_load_ps(activation + 2 * i * kTileDim));
@@ -394,8 +395,8 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
   const int64_t width = gated ? N / 2 : N;
   // Steps of more than two token groups (the panels) stream y's rows where they are whole aligned lines; the
   // short steps' y is small and read next, from the cache.
-  const bool streaming = groups > 2 && reinterpret_cast<uintptr_t>(y_pairs ? static_cast<void*>(y_pairs) : y) % 64 == 0 &&
-                         width % kTileDim == 0;
+  const void* out = y_pairs ? static_cast<void*>(y_pairs) : y;
+  const bool streaming = groups > 2 && reinterpret_cast<uintptr_t>(out) % 64 == 0 && width % kTileDim == 0;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
   const int64_t per_task = (panels + tasks - 1) / tasks, used_tasks = (panels + per_task - 1) / per_task;
   // With y_argmax: each task's running maxima over its panels (-inf, its first output, no NaN), merged below
