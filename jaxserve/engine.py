@@ -270,7 +270,7 @@ class LLMEngine:
         for row in launched.pending_rows.values():
             scheduled[row].seq.num_pending_tokens -= 1
         token_ids = np.asarray(sampled.token_ids).tolist()  # Python ints: indexed per row below
-        logprob = np.asarray(sampled.logprob).tolist() if launched.flags.needs_logprob else [None] * len(token_ids)
+        logprob = np.asarray(sampled.logprob).tolist() if launched.flags.token_logprob else [None] * len(token_ids)
         tops = None
         if launched.flags.num_logprobs:
             tops = (np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs), np.asarray(sampled.rank))

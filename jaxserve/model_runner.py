@@ -221,10 +221,8 @@ class ModelRunner:
         """(SamplerOutput, its token ids padded to max_sample_rows: the next step's previous_tokens). Plain
         greedy rows that need no logprob take their tokens from the LM head's kernel where it can give them
         (LlamaForCausalLM.greedy_tokens: the same tokens, no [S, V] logits written and read back)."""
-        plain_greedy = (flags.all_greedy and not flags.needs_logprob and flags.num_logprobs == 0
-                        and not (flags.needs_logit_bias or flags.needs_bitmask or flags.needs_penalties))
         tokens = (greedy_tokens_from_hidden(self.kernel_split, outer, last_hidden, tensors.live_rows)
-                  if plain_greedy and self.config.cpu_sampling else None)
+                  if flags.plain_greedy and self.config.cpu_sampling else None)
         if tokens is not None:
             out = SamplerOutput(tokens, jnp.zeros(tokens.shape, jnp.float32))
         else:

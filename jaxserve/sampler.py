@@ -44,6 +44,17 @@ class SamplerFlags:
     logit_bias_width: int = 0  # B of logit_bias_ids [S, B] (bucketed); 0 when no logit bias
     filter_window: int = 0  # K of the lax.top_k candidate window used by top_k / top_p
 
+    @property
+    def token_logprob(self) -> bool:
+        """Whether SamplerOutput.logprob holds the sampled tokens' logprobs (zeros otherwise)."""
+        return self.needs_logprob or self.num_logprobs > 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row greedy on the raw logits and no logprob wanted: the tokens are the logits' first maxima."""
+        return (self.all_greedy and not self.token_logprob
+                and not (self.needs_logit_bias or self.needs_bitmask or self.needs_penalties))
+
 
 class SamplingTensors(NamedTuple):
     """Per-row sampler inputs of one step, all fixed-shape (S = sequence bucket)."""
@@ -89,7 +100,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
     if flags.needs_penalties:
         logits = apply_penalties(logits, tensors)
 
-    if flags.all_greedy and cpu_kernel and not flags.needs_logprob and flags.num_logprobs == 0:
+    if flags.all_greedy and cpu_kernel and not flags.token_logprob:
         tokens = cpu_kernels.first_max(logits, tensors.live_rows)
         return SamplerOutput(tokens, jnp.zeros(tokens.shape, jnp.float32))
     if flags.all_greedy and cpu_kernel:
@@ -110,7 +121,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags,
         elif flags.needs_filtering:
             threshold, row_max = filter_threshold(scaled, tensors, flags.filter_window)
         tokens = _sample_categorical(scaled, uniforms, is_greedy, threshold, row_max)
-    if not flags.needs_logprob and flags.num_logprobs == 0:
+    if not flags.token_logprob:
         return SamplerOutput(tokens.astype(jnp.int32), jnp.zeros(tokens.shape, jnp.float32))
     return token_logprobs(raw, tokens, flags.num_logprobs, cpu_kernel, tensors.live_rows)
 

@@ -303,9 +303,15 @@ class MLP(nnx.Module):
     def _pairs_fit(self) -> bool:
         """Both projections multiply in bfloat16 AMX tiles (block_quant.amx_fits) and down is a plain block one."""
         fused, down = self.gate_up_proj, self.down_proj
-        return (down.cpu_kernel in BLOCK_FORMATS and down.bias is None and fused.activation_dtype == jnp.float32
-                and fused.multiply_dtype == jnp.bfloat16 and down.multiply_dtype == jnp.bfloat16
-                and block_quant.amx_fits(down.in_features))
+        return (down.bias is None and fused.activation_dtype == jnp.float32 and fused.multiply_dtype == jnp.bfloat16
+                and _in_tiles(down, down.in_features))
+
+
+def _in_tiles(module: nnx.Module, width: int) -> bool:
+    """A block-format module (Linear or BlockEmbed) multiplying in bfloat16 AMX tiles, where block_quant.matmul's
+    AMX-only options fit `width` (block_quant.amx_fits)."""
+    block = getattr(module, "cpu_kernel", None) in BLOCK_FORMATS or isinstance(module, BlockEmbed)
+    return block and module.multiply_dtype == jnp.bfloat16 and block_quant.amx_fits(width)
 
 
 def norms_on_cpu(backend: str, activation_dtype) -> bool:
@@ -410,11 +416,9 @@ class LlamaForCausalLM(nnx.Module):
         never writes the logits (block_quant.matmul's argmax: the sampler's greedy token of compute_logits);
         None where the head is not such a one."""
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
-        if not (getattr(head, "cpu_kernel", None) in BLOCK_FORMATS or isinstance(head, BlockEmbed)):
+        if not _in_tiles(head, self.cfg.vocab_size):
             return None
-        if head.multiply_dtype != jnp.bfloat16 or not block_quant.amx_fits(self.cfg.vocab_size):
-            return None
-        return block_quant.matmul(hidden, head.qweight[...], *_scales_mins(head), rows=rows, bf16=True, argmax=True)
+        return _block_matmul(head, hidden, rows=rows, argmax=True)
 
 
 class ScannedModel(NamedTuple):
