@@ -370,11 +370,14 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
 
 
 def describe_attention(attention: str, kv_cache_dtype: str, head_dim: int) -> str:
-    """For the start-up log: the attention path, and on the CPU which kernel (AVX-512 or AVX2) runs it."""
+    """For the start-up log: the attention path, and on the CPU which kernel (AVX-512, with its products in AMX
+    tiles, or AVX2) runs it."""
     if attention != "cpu":
         return attention
     wide = (cpu_kernels.has_avx512_attention() and head_dim % 32 == 0
             and jnp.dtype(kv_cache_dtype) in (jnp.float32, jnp.bfloat16))
+    if wide and jnp.dtype(kv_cache_dtype) == jnp.bfloat16 and cpu_kernels.attention_in_tiles():
+        return "cpu (AVX-512, AMX tiles)"
     return f"cpu ({'AVX-512' if wide else 'AVX2'})"
 
 

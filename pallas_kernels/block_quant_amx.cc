@@ -29,74 +29,25 @@
 #include "block_quant.h"
 #include "cpu_math.h"
 #include "block_quant_bf16.h"
+#include "cpu_amx.h"
 #include "cpu_parallel.h"
-
-// AMX intrinsics came with GCC 11 and Clang 12; with older compilers the library builds without this path.
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
-#define JAXSERVE_HAVE_AMX 1
-#else
-#define JAXSERVE_HAVE_AMX 0
-#endif
-
-#define JAXSERVE_AMX \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace jaxserve::block_quant {
 #if JAXSERVE_HAVE_AMX
 namespace {
 
-constexpr int kTileDim = 16;                       // an AMX tile: 16 rows of 64 bytes
 constexpr int kGroupOutputs = 2 * kTileDim;        // two A tiles of outputs per panel
 constexpr int64_t kChunkValues = kGroupOutputs * kBlock;  // one block of each of the group's outputs (2 KiB)
 constexpr int64_t kPairTile = kTileDim * kTileDim;  // a B tile: 16 pair-rows x 16 tokens, as uint32 pairs
 
 // Tiles 0-3 hold sums (A0.B0, A1.B0, A0.B1, A1.B1), 4-5 the weights (16 x 64 bytes), 6-7 the activations; all
 // 16 rows.
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 // Token groups narrower than 16 get narrower B and sum tiles: a tile multiply's time follows its width (one
 // token: half a full tile's). Each sum is the same chain of multiplies at any width, so rows still get the
 // same sums alone or batched (tests/test_block_quant.py).
 JAXSERVE_AMX void load_tile_config(int tokens0, int tokens1) {
-  TileConfig config = {};
-  config.palette = 1;
-  const int widths[8] = {tokens0, tokens0, tokens1, tokens1, kTileDim, kTileDim, tokens0, tokens1};
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = widths[t] > 0 ? kTileDim : 0;
-    config.colsb[t] = static_cast<uint16_t>(4 * widths[t]);
-  }
-  // GCC 12 does not see ldtilecfg read the config and dropped the stores above (tiles left unconfigured)
-  asm volatile("" : : "r"(&config) : "memory");
-  _tile_loadconfig(&config);
-}
-
-// rows[0..15] transposed in place (16 x 16 float32): unpack pairs, then 4 x 4 blocks, then 128-bit lanes.
-JAXSERVE_AVX512_BF16 inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
-    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
-  }
-  // u[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3
-  for (int c = 0; c < 4; ++c) {
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
-    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
-    r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
-  }
+  configure_tiles({tokens0, tokens0, tokens1, tokens1, kTileDim, kTileDim, tokens0, tokens1});
 }
 
 // Token group g of x [M, K] float32 rounded to bfloat16 and laid out as B tiles: pairs[b] (b < nb) holds its

@@ -9,7 +9,9 @@
 
 #include "block_quant.h"
 
+#ifndef JAXSERVE_AVX512_BF16
 #define JAXSERVE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
 
 namespace jaxserve::block_quant {
 namespace {

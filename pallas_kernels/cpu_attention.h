@@ -13,6 +13,7 @@ struct AttentionShape {
   int64_t num_tokens, num_heads, head_dim, page_size, num_kv_heads, pages_per_seq, group;
   float sm_scale, soft_cap;
   int64_t sliding_window;
+  bool tiles = false;  // the AVX-512 kernel's products in AMX tiles (bfloat16 pages, has_amx_attention())
 };
 
 constexpr int kMaxHeadDim = 256;
@@ -73,5 +74,28 @@ void attend_tokens_avx512(const AttentionShape& a, const float* q_first, int64_t
                           const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk,
                           const float* k_pages, const float* v_pages, const int32_t* pages,
                           SoftmaxState* const* states);
+
+// One (query token, query head) lane of a KV head's block in the AVX-512 kernel: its query (float32, in the
+// kernel's order), which of the block's positions it sees (bit j: the block's position j), its softmax state
+// and head.
+struct Lane {
+  const float* q;
+  uint64_t visible;
+  SoftmaxState* state;
+  int64_t head;
+};
+
+// Its two products in AMX tiles for bfloat16 pages (cpu_attention_amx.cc; head_dim a multiple of 32), between
+// begin_amx_attention() and end_amx_attention() on the calling thread; the queries in natural order:
+//  - amx_scores: scores[l * kWideBlock + j] = sm_scale * q_l . k_rows[j] for the block's n <= 64 positions
+//    (rows `stride` values apart within a page);
+//  - amx_values: out[l * D + d] = sum over j < n of p[l * kWideBlock + j] * v_rows[j][d], where p holds `subs`
+//    groups of 16 weights.
+bool has_amx_attention();
+void begin_amx_attention();
+void end_amx_attention();
+void amx_scores(const Lane* lanes, int64_t count, const uint16_t* const* k_rows, int64_t stride, int n, int64_t D,
+                float sm_scale, float* scores);
+void amx_values(int64_t count, const float* p, int subs, const uint16_t* const* v_rows, int n, int64_t D, float* out);
 
 }  // namespace jaxserve::attention

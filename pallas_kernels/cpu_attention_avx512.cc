@@ -122,15 +122,6 @@ JAXSERVE_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
 }
 
-// One (query token, query head) lane of a KV head's block: its query (kernel order), which of the block's
-// positions it sees (bit j: position p0 + j), its softmax state and head.
-struct Lane {
-  const float* q;
-  uint64_t visible;
-  SoftmaxState* state;
-  int64_t head;
-};
-
 // Scores of every lane for the block's positions [j0, j0 + 16) ∩ [0, n), times sm_scale, into
 // scores[l * kBlock + j0]: four positions at a time, their rows widened once for all lanes (zero past n, where
 // no lane looks) and each lane's four product vectors (kernel order) summed into a quad in registers; a lane's
@@ -223,7 +214,9 @@ JAXSERVE_AVX512 void lane_values(const Lane* lanes, int count, const float* corr
   }
 }
 
-template <typename Page, int DV>
+// kTiles: the products in AMX tiles (bfloat16 pages; cpu_attention_amx.cc), the queries and accumulators in
+// natural order.
+template <typename Page, int DV, bool kTiles>
 JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64_t token_stride, int64_t count,
                             const int64_t* lo, const int64_t* hi, const int64_t* first, const int64_t* chunk,
                             const Page* k_pages, const Page* v_pages, const int32_t* pages,
@@ -245,7 +238,8 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
   float* q = thread_scratch<float, 10>(count * H * D);
   for (int64_t t = 0; t < count; ++t) {
     std::memcpy(q + t * H * D, q_first + t * token_stride, H * D * sizeof(float));
-    for (int64_t i = 0; i < H; ++i) reorder<Page>(q + (t * H + i) * D, D, true);
+    if constexpr (!kTiles)
+      for (int64_t i = 0; i < H; ++i) reorder<Page>(q + (t * H + i) * D, D, true);
   }
   const int64_t max_lanes = count * G;
   float* quads = thread_scratch<float, 11>(max_lanes * 64);
@@ -253,6 +247,8 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
   float* p = thread_scratch<float, 13>(max_lanes * kBlock);
   float* correction = thread_scratch<float, 14>(max_lanes);
   Lane* lanes = thread_scratch<Lane, 15>(max_lanes);
+  float* values = kTiles ? thread_scratch<float, 21>(max_lanes * D) : nullptr;
+  if constexpr (kTiles) begin_amx_attention();
   auto slot_offset = [&](int64_t pos) {
     return (static_cast<int64_t>(pages[pos / a.page_size]) * a.page_size + pos % a.page_size) * row;
   };
@@ -294,6 +290,20 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
         }
       }
       if (live == 0) continue;
+      if constexpr (kTiles) {
+        amx_scores(lanes, live, reinterpret_cast<const uint16_t* const*>(k_rows), row, n, D, a.sm_scale, scores);
+        for (int64_t l = 0; l < live; ++l)
+          correction[l] = softmax_update(a, lanes[l], scores + l * kBlock, subs, p + l * kBlock);
+        amx_values(live, p, subs, reinterpret_cast<const uint16_t* const*>(v_rows), n, D, values);
+        for (int64_t l = 0; l < live; ++l) {
+          float* acc = lanes[l].state->acc + lanes[l].head * D;
+          const __m512 c = _mm512_set1_ps(correction[l]);
+          for (int v = 0; v < DV; ++v)
+            _mm512_storeu_ps(acc + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(acc + 16 * v), c,
+                                                           _mm512_loadu_ps(values + l * D + 16 * v)));
+        }
+        continue;
+      }
       for (int b = 0; b < subs; ++b)
         lane_scores<Page, DV>(lanes, live, k_rows, b * kSub, n, a.sm_scale, quads, scores, v_rows, k_next,
                               n_next);
@@ -304,6 +314,10 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
         lane_values<Page, DV, kGroup>(lanes + l0, size, correction + l0, p + l0 * kBlock, v_rows, n, D);
       }
     }
+  }
+  if constexpr (kTiles) {
+    end_amx_attention();
+    return;
   }
   for (int64_t t = 0; t < count; ++t)
     for (int64_t k = 0; k < part_count(first[t], chunk[t], hi[t]); ++k)
@@ -317,8 +331,12 @@ void attend_any(const AttentionShape& a, const float* q_first, int64_t token_str
   switch (a.head_dim) {
 #define JAXSERVE_HEAD_DIM(d)                                                                                     \
   case d:                                                                                                          \
-    return attend<Page, d / 16>(a, q_first, token_stride, count, lo, hi, first, chunk, k_pages, v_pages, pages, \
-                                states);
+    if constexpr (std::is_same_v<Page, uint16_t>)                                                              \
+      if (a.tiles)                                                                                                 \
+        return attend<Page, d / 16, true>(a, q_first, token_stride, count, lo, hi, first, chunk, k_pages, v_pages, \
+                                          pages, states);                                                          \
+    return attend<Page, d / 16, false>(a, q_first, token_stride, count, lo, hi, first, chunk, k_pages, v_pages,    \
+                                       pages, states);
     JAXSERVE_HEAD_DIM(32)
     JAXSERVE_HEAD_DIM(64)
     JAXSERVE_HEAD_DIM(96)

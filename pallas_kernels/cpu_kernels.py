@@ -43,10 +43,11 @@ logger = logging.getLogger(__name__)
 HERE = pathlib.Path(__file__).parent
 # One library; block_quant.py wraps block_quant*.cc
 SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_glue.cc", HERE / "cpu_attention.cc", HERE / "cpu_attention_avx512.cc",
+           HERE / "cpu_attention_amx.cc",
            HERE / "cpu_sampling.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc",
            HERE / "block_quant_amx.cc")
 HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "cpu_attention.h", HERE / "block_quant.h",
-           HERE / "block_quant_bf16.h")
+           HERE / "block_quant_bf16.h", HERE / "cpu_amx.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
 # references' roundings where they promise to.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC")
@@ -179,6 +180,12 @@ def has_avx512_attention() -> bool:
     return handle is not None and handle.jaxserve_has_avx512_attention() == 1
 
 
+def attention_in_tiles() -> bool:
+    """Whether ragged_paged_attention multiplies in AMX tiles by default here over bfloat16 pages: the CPU has
+    them (has_amx_tiles) and JAXSERVE_CPU_AMX_ATTENTION is not 0."""
+    return has_amx_tiles() and os.environ.get("JAXSERVE_CPU_AMX_ATTENTION", "1") != "0"
+
+
 def kernel_matmul(x: jax.Array, w: jax.Array, w_transposed: bool = False) -> jax.Array:
     """x[M, K] . w[K, N] (or . w[N, K]^T when `w_transposed`) -> float32 [M, N]; x and w bfloat16."""
     n = w.shape[0] if w_transposed else w.shape[1]
@@ -226,13 +233,19 @@ def int8_project(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
-                           sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           tiles: bool | None = None) -> jax.Array:
     """The FFI attention kernel: float32 q [T, H, D] against pages [P, page_size, Hkv, D] of one of
     ATTENTION_PAGE_DTYPES, with pallas_kernels/reference.py's semantics (ragged query lengths, causal, GQA,
-    window, soft cap)."""
+    window, soft cap). `tiles`: over bfloat16 pages on CPUs with AMX (has_amx_tiles), the AVX-512 kernel's two
+    products in AMX tiles, its queries and softmax weights rounded to bfloat16 for them (cpu_attention_amx.cc);
+    by default where attention_in_tiles() (read at trace time)."""
+    if tiles is None:
+        tiles = attention_in_tiles()
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=np.float32(sm_scale),
-                sliding_window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
+                sliding_window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0),
+                tiles=np.int64(bool(tiles)))
 
 
 def write_rows(pages, rows, slots) -> jax.Array:

@@ -159,8 +159,9 @@ def _with_extremes(pages, dtype, seed, largest: bool):
 @pytest.mark.parametrize("shapes,options", BFLOAT16_CASES)
 def test_attention_kernel_reads_a_narrow_cache(shapes, options, dtype):
     """A bfloat16 or float8 cache gives what the reference gives on the same (rounded) values, widened exactly
-    (float8's subnormals, largest values and signed zeros included)."""
-    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.35, **options))
+    (float8's subnormals, largest values and signed zeros included). The float32 products: AMX tiles' are
+    checked below."""
+    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.35, tiles=False, **options))
     for seed, decode_only in ((0, False), (1, True)):
         batch = random_batch(shapes, seed, decode_only=decode_only)
         rounded = {**batch, "k_pages": cast_to_cache(_with_extremes(batch["k_pages"], dtype, seed, False), dtype),
@@ -264,9 +265,33 @@ def test_an_unloadable_library_turns_the_kernels_off(tmp_path, monkeypatch):
         assert cpu_kernels.available()  # the real library again, for the tests after this one
 
 
+@pytest.mark.parametrize("shapes,options", BFLOAT16_CASES)
+def test_attention_in_amx_tiles_rounds_only_queries_and_weights(shapes, options):
+    """With its products in AMX tiles the kernel rounds the queries and the softmax weights to bfloat16 for
+    them: against the reference on bf16-rounded queries, only the weights' rounding (a relative 2^-9 each)
+    is left, and without the rounded queries the error is bf16-sized, not more."""
+    if not cpu_kernels.attention_in_tiles():
+        pytest.skip("no AMX tiles here")
+    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.35, tiles=True, **options))
+    for seed, decode_only in ((0, False), (1, True)):
+        batch = random_batch(shapes, seed, decode_only=decode_only)
+        pages = {name: cast_to_cache(batch[name], "bfloat16") for name in ("k_pages", "v_pages")}
+        got = np.asarray(kernel(**{**batch, **pages}))
+        widened = {name: page.astype(jnp.float32) for name, page in pages.items()}
+        q_rounded = batch["q"].astype(jnp.bfloat16).astype(jnp.float32)
+        want = np.asarray(ref_ragged_paged_attention(**{**batch, **widened, "q": q_rounded}, sm_scale=0.35,
+                                                     **options))
+        largest = float(jnp.abs(widened["v_pages"]).max())
+        np.testing.assert_allclose(got, want, atol=2.0 ** -8 * largest, rtol=0)
+        exact_q = np.asarray(ref_ragged_paged_attention(**{**batch, **widened}, sm_scale=0.35, **options))
+        np.testing.assert_allclose(got, exact_q, atol=2.0 ** -5 * largest, rtol=0)
+        assert not np.array_equal(got, exact_q) or shapes.head_dim % 32  # the tiles did run (head_dim 40: not)
+
+
+@pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 100}])
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
-def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_heads):
+def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_heads, tiles):
     """A decoding token's output is bit-identical alone, among other sequences (few or many, which once
     changed how its positions were split over the threads), as the last token of a prefill chunk (where
     it shares the kernel's lanes with other tokens' heads: with grouped or one query head per KV head) and of
@@ -278,7 +303,8 @@ def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_hea
                         for _ in range(2))
     tables = np.stack([rng.choice(np.arange(1, 200), pages_per_seq, replace=False) for _ in kv_lens]).astype(np.int32)
     q = rng.standard_normal((len(kv_lens), heads, dim)).astype(np.float32)
-    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.125, **options))
+    kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.125, tiles=tiles,
+                                       **options))
 
     def run(seqs, q_lens, slots=8):
         """Sequences `seqs` with their query lengths; the last query token of each is q[s]."""
@@ -297,7 +323,8 @@ def test_attention_a_token_gets_the_same_sums_in_any_step(options, heads, kv_hea
     for s in range(8):
         np.testing.assert_array_equal(run([s], [1]), together[s:s + 1])
         np.testing.assert_array_equal(run([s, (s + 1) % 8], [1, 1]), together[[s, (s + 1) % 8]])
-        for chunk in (9, 10, 11):  # the end of a prefill chunk, after 0, 1 or 2 others in its query block
+        for chunk in (9, 10, 11, 17, 18):  # the end of a prefill chunk, after others in its query block (of 8 or
+            # 16 tokens: AMX tiles take 16)
             np.testing.assert_array_equal(run([s], [chunk]), together[s:s + 1])
         for q_len in (2, 5, 8):  # a decoding token after its drafts' rows: one query block, split by its parts
             np.testing.assert_array_equal(run([s], [q_len]), together[s:s + 1])
@@ -322,6 +349,8 @@ def test_the_start_up_log_names_the_attention_kernel():
     from jaxserve.engine_setup import describe_attention
     assert describe_attention("xla", "bfloat16", 64) == "xla"
     wide = "AVX-512" if cpu_kernels.has_avx512_attention() else "AVX2"
-    assert describe_attention("cpu", "bfloat16", 64) == f"cpu ({wide})"
+    tiles = ", AMX tiles" if cpu_kernels.attention_in_tiles() else ""
+    assert describe_attention("cpu", "bfloat16", 64) == f"cpu ({wide}{tiles})"
+    assert describe_attention("cpu", "float32", 64) == f"cpu ({wide})"
     assert describe_attention("cpu", "float8_e4m3fn", 64) == "cpu (AVX2)"  # float8 pages: the AVX2 kernel
     assert describe_attention("cpu", "float32", 80) == "cpu (AVX2)"  # head_dim not a multiple of 32
