@@ -91,11 +91,13 @@ struct Lane {
 //    (rows `stride` values apart within a page);
 //  - amx_values: out[l * D + d] = sum over j < n of p[l * kWideBlock + j] * v_rows[j][d], where p holds `subs`
 //    groups of 16 weights.
+// Each asks for rows ahead[0..n_ahead) (the next rows the kernel reads) while it works.
 bool has_amx_attention();
 void begin_amx_attention();
 void end_amx_attention();
 void amx_scores(const Lane* lanes, int64_t count, const uint16_t* const* k_rows, int64_t stride, int n, int64_t D,
-                float sm_scale, float* scores);
-void amx_values(int64_t count, const float* p, int subs, const uint16_t* const* v_rows, int n, int64_t D, float* out);
+                float sm_scale, float* scores, const uint16_t* const* ahead, int n_ahead);
+void amx_values(int64_t count, const float* p, int subs, const uint16_t* const* v_rows, int n, int64_t D, float* out,
+                const uint16_t* const* ahead, int n_ahead);
 
 }  // namespace jaxserve::attention

@@ -34,6 +34,13 @@ namespace {
 constexpr int kPairTile = kTileDim * kTileDim;  // one tile of 32-bit pairs or float32 sums
 constexpr int kPositionsPerTile = 2 * kTileDim;  // a bfloat16 A tile's row: 32 positions (or 32 values)
 
+// Rows [from, to) asked for ahead, into L1.
+JAXSERVE_AMX inline void prefetch_rows(const uint16_t* const* rows, int from, int to, int64_t D) {
+  for (int j = from; j < to; ++j)
+    for (int64_t line = 0; line < D * 2; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[j]) + line, _MM_HINT_T0);
+}
+
 // Lanes l0.. (up to 16) of a block's queries as B tiles: pairs[c] holds values 32c..32c + 31, pair r of lane n
 // at [r][n]; lanes past `count` are zero.
 JAXSERVE_AMX void pair_queries(const Lane* lanes, int count, int64_t D, uint32_t* pairs) {
@@ -87,7 +94,8 @@ JAXSERVE_AMX inline void score_chunk(const uint32_t* query_pairs, const uint16_t
 
 // The V rows of positions [32k, 32k + 32) as B tiles: pairs[k * groups + c] holds values 16c..16c + 15, row r
 // interleaving positions 32k + 2r and 32k + 2r + 1 (zero from n on).
-JAXSERVE_AMX void pair_values(const uint16_t* const* rows, int n, int64_t D, uint32_t* pairs) {
+JAXSERVE_AMX void pair_values(const uint16_t* const* rows, int n, int64_t D, uint32_t* pairs,
+                              const uint16_t* const* ahead, int n_ahead) {
   const int64_t groups = D / kTileDim;
   alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
@@ -95,6 +103,7 @@ JAXSERVE_AMX void pair_values(const uint16_t* const* rows, int n, int64_t D, uin
   for (int k = 0; k * kPositionsPerTile < n; ++k) {
     for (int r = 0; r < kTileDim; ++r) {
       const int j = k * kPositionsPerTile + 2 * r;
+      prefetch_rows(ahead, j, std::min(n_ahead, j + 2), D);
       for (int64_t piece = 0; piece < D / kPositionsPerTile; ++piece) {  // 32 values: two B tiles' rows
         const __m512i even = j < n ? _mm512_loadu_si512(rows[j] + piece * 32) : _mm512_setzero_si512();
         const __m512i odd = j + 1 < n ? _mm512_loadu_si512(rows[j + 1] + piece * 32) : _mm512_setzero_si512();
@@ -144,7 +153,8 @@ JAXSERVE_AMX void load_attention_tiles() { configure_tiles({16, 16, 16, 16, 16, 
 JAXSERVE_AMX void release_tiles() { _tile_release(); }
 
 JAXSERVE_AMX void scores_in_tiles(const Lane* lanes, int64_t count, const uint16_t* const* k_rows, int64_t stride,
-                                  int n, int64_t D, float sm_scale, float* scores) {
+                                  int n, int64_t D, float sm_scale, float* scores, const uint16_t* const* ahead,
+                                  int n_ahead) {
   const int groups = (n + kTileDim - 1) / kTileDim;
   uint32_t* query_pairs = thread_scratch<uint32_t, 16>(D / kPositionsPerTile * kPairTile);
   uint16_t* spare = thread_scratch<uint16_t, 17>(4 * kTileDim * D);
@@ -166,6 +176,7 @@ JAXSERVE_AMX void scores_in_tiles(const Lane* lanes, int64_t count, const uint16
     }
     store_sums(sums, groups);
     for (int g = 0; g < groups; ++g) {  // [position][lane] -> the lanes' rows
+      if (l0 == 0) prefetch_rows(ahead, g * kTileDim, std::min(n_ahead, (g + 1) * kTileDim), D);
       __m512 r[kTileDim];
       for (int i = 0; i < kTileDim; ++i) r[i] = _mm512_load_ps(sums + g * kPairTile + i * kTileDim);
       transpose16(r);
@@ -176,12 +187,12 @@ JAXSERVE_AMX void scores_in_tiles(const Lane* lanes, int64_t count, const uint16
 }
 
 JAXSERVE_AMX void values_in_tiles(int64_t count, const float* p, int subs, const uint16_t* const* v_rows, int n,
-                                  int64_t D, float* out) {
+                                  int64_t D, float* out, const uint16_t* const* ahead, int n_ahead) {
   const int64_t groups = D / kTileDim, chunks = (n + kPositionsPerTile - 1) / kPositionsPerTile;
   uint32_t* value_pairs = thread_scratch<uint32_t, 19>(chunks * groups * kPairTile);
   uint16_t* weights = thread_scratch<uint16_t, 20>(chunks * kTileDim * kPositionsPerTile);
   float* sums = thread_scratch<float, 18>(4 * kPairTile);
-  pair_values(v_rows, n, D, value_pairs);
+  pair_values(v_rows, n, D, value_pairs, ahead, n_ahead);
   for (int64_t l0 = 0; l0 < count; l0 += kTileDim) {
     const int here = static_cast<int>(std::min<int64_t>(kTileDim, count - l0));
     for (int64_t k = 0; k < chunks; ++k)  // the lanes' weights of positions 32k.. as an A tile
@@ -228,15 +239,16 @@ void end_amx_attention() {
 }
 
 void amx_scores(const Lane* lanes, int64_t count, const uint16_t* const* k_rows, int64_t stride, int n, int64_t D,
-                float sm_scale, float* scores) {
+                float sm_scale, float* scores, const uint16_t* const* ahead, int n_ahead) {
 #if JAXSERVE_HAVE_AMX
-  scores_in_tiles(lanes, count, k_rows, stride, n, D, sm_scale, scores);
+  scores_in_tiles(lanes, count, k_rows, stride, n, D, sm_scale, scores, ahead, n_ahead);
 #endif
 }
 
-void amx_values(int64_t count, const float* p, int subs, const uint16_t* const* v_rows, int n, int64_t D, float* out) {
+void amx_values(int64_t count, const float* p, int subs, const uint16_t* const* v_rows, int n, int64_t D, float* out,
+                const uint16_t* const* ahead, int n_ahead) {
 #if JAXSERVE_HAVE_AMX
-  values_in_tiles(count, p, subs, v_rows, n, D, out);
+  values_in_tiles(count, p, subs, v_rows, n, D, out, ahead, n_ahead);
 #endif
 }
 

@@ -291,10 +291,14 @@ JAXSERVE_AVX512 void attend(const AttentionShape& a, const float* q_first, int64
       }
       if (live == 0) continue;
       if constexpr (kTiles) {
-        amx_scores(lanes, live, reinterpret_cast<const uint16_t* const*>(k_rows), row, n, D, a.sm_scale, scores);
+        // The same rows asked for ahead as lane_scores asks for them, spread over the work in tiles: this
+        // head's V rows while the scores are put in rows, the next K rows while the V rows are paired.
+        amx_scores(lanes, live, reinterpret_cast<const uint16_t* const*>(k_rows), row, n, D, a.sm_scale, scores,
+                   reinterpret_cast<const uint16_t* const*>(v_rows), n);
         for (int64_t l = 0; l < live; ++l)
           correction[l] = softmax_update(a, lanes[l], scores + l * kBlock, subs, p + l * kBlock);
-        amx_values(live, p, subs, reinterpret_cast<const uint16_t* const*>(v_rows), n, D, values);
+        amx_values(live, p, subs, reinterpret_cast<const uint16_t* const*>(v_rows), n, D, values,
+                   reinterpret_cast<const uint16_t* const*>(k_next), n_next);
         for (int64_t l = 0; l < live; ++l) {
           float* acc = lanes[l].state->acc + lanes[l].head * D;
           const __m512 c = _mm512_set1_ps(correction[l]);
