@@ -61,7 +61,9 @@ JAXSERVE_AMX void pair_queries(const Lane* lanes, int count, int64_t D, uint32_t
 const uint16_t* rows_in_place(const uint16_t* const* rows, int g, int n, int64_t stride, int64_t D,
                               uint16_t* spare) {
   const int j0 = g * kTileDim;
-  if (j0 + kTileDim <= n && rows[j0 + kTileDim - 1] == rows[j0] + (kTileDim - 1) * stride) return rows[j0];
+  bool in_place = j0 + kTileDim <= n;
+  for (int j = 1; in_place && j < kTileDim; ++j) in_place = rows[j0 + j] == rows[j0] + j * stride;
+  if (in_place) return rows[j0];
   for (int j = 0; j < kTileDim; ++j) {
     if (j0 + j < n)
       std::memcpy(spare + j * D, rows[j0 + j], D * sizeof(uint16_t));

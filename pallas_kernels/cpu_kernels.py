@@ -7,7 +7,8 @@ passes over the vocabulary.
 - Attention over the paged KV cache (float32, bfloat16 or float8; decode steps and prefill chunks): XLA's path
   copies every chunk of gathered pages (gather, head-major transpose, mask); `ragged_paged_attention` walks the
   pages in place with an online softmax (cpu_attention.cc; on AVX-512 CPUs cpu_attention_avx512.cc for float32
-  and bfloat16 pages). pallas_kernels/reference.py is its oracle.
+  and bfloat16 pages, with its products in AMX tiles over bfloat16 ones where the CPU has them,
+  cpu_attention_amx.cc). pallas_kernels/reference.py is its oracle.
 - The elementwise work between a layer's projections (cpu_glue.cc): RMSNorm with the residual add before it,
   and RoPE with the KV write, one threaded pass each where XLA CPU ran several single-threaded ones.
 - The sampler's passes over the vocabulary (cpu_sampling.cc): the top_k / top_p / min_p threshold per row
