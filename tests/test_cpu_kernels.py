@@ -265,11 +265,13 @@ def test_an_unloadable_library_turns_the_kernels_off(tmp_path, monkeypatch):
         assert cpu_kernels.available()  # the real library again, for the tests after this one
 
 
-@pytest.mark.parametrize("shapes,options", BFLOAT16_CASES)
+@pytest.mark.parametrize("shapes,options", BFLOAT16_CASES + [case for case in ATTENTION_CASES
+                                                             if case[0].head_dim % 32 == 0])
 def test_attention_in_amx_tiles_rounds_only_queries_and_weights(shapes, options):
     """With its products in AMX tiles the kernel rounds the queries and the softmax weights to bfloat16 for
     them: against the reference on bf16-rounded queries, only the weights' rounding (a relative 2^-9 each)
-    is left, and without the rounded queries the error is bf16-sized, not more."""
+    is left, and without the rounded queries the error is bf16-sized, not more. Pages of 8 put a tile's 16
+    positions in two pages (copied, not loaded in place)."""
     if not cpu_kernels.attention_in_tiles():
         pytest.skip("no AMX tiles here")
     kernel = jax.jit(functools.partial(cpu_kernels.ragged_paged_attention, sm_scale=0.35, tiles=True, **options))
