@@ -74,8 +74,8 @@ def test_a_rows_sums_do_not_depend_on_the_rows_beside_it(fmt, bf16):
     """Every row count takes the same sums per row, bit for bit: alone, in a few rows (blocks multiplied as
     unpacked) or many (panels, rows in threes), padded or not. This is what keeps a sequence's greedy tokens
     and logprobs the same whatever it is batched with (bf16 where the CPU has AVX512-BF16, else float32). On
-    AMX CPUs the bf16 rows also cross the tile paths: one token group of 1-16 (narrow tiles), two (17-32,
-    streamed), more (panels, pairs of groups and a last odd one)."""
+    AMX CPUs the bf16 rows also cross the tile paths: one token group of 1-16 (streamed, narrow tiles), two
+    (17-32: a panel, the second group's tiles narrow), more (panels, pairs of groups and a last odd one)."""
     rng = np.random.default_rng(21)
     w = random_blocks(rng, fmt, 2 * 4 * 5 + 2, 160)  # 21 tiles: panels of four outputs and a last one of two
     x = rng.standard_normal((70, 160)).astype(np.float32)
