@@ -47,17 +47,19 @@ JAXSERVE_AMX void pair_queries(const Lane* lanes, int count, int64_t D, uint32_t
   for (int64_t c = 0; c < D / kPositionsPerTile; ++c) {
     __m512 r[kTileDim];
     for (int n = 0; n < kTileDim; ++n) {
+      r[n] = _mm512_setzero_ps();
+      if (n >= count) continue;
       const float* q = lanes[n].q + c * kPositionsPerTile;
-      r[n] = n < count ? reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 16), _mm512_loadu_ps(q)))
-                       : _mm512_setzero_ps();
+      r[n] = reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 16), _mm512_loadu_ps(q)));
     }
     transpose16(r);
-    for (int i = 0; i < kTileDim; ++i) _mm512_store_ps(reinterpret_cast<float*>(pairs + c * kPairTile) + i * 16, r[i]);
+    float* tile = reinterpret_cast<float*>(pairs + c * kPairTile);
+    for (int i = 0; i < kTileDim; ++i) _mm512_store_ps(tile + i * kTileDim, r[i]);
   }
 }
 
-// Where position group g's K (or V) rows are as one A tile: in place when its 16 rows lie in one page, else
-// copied into `spare` (zero past n).
+// Where position group g's K rows are as one A tile: in place when its 16 rows lie at the page's row stride
+// (one page holds them), else copied into `spare` (zero past n).
 const uint16_t* rows_in_place(const uint16_t* const* rows, int g, int n, int64_t stride, int64_t D,
                               uint16_t* spare) {
   const int j0 = g * kTileDim;
