@@ -483,6 +483,11 @@ def _merge_layer(split: ScannedModel, leaves):
     return nnx.merge(split.layer_graphdef, jax.tree.unflatten(split.layer_treedef, leaves))
 
 
+def _outer_module(split: ScannedModel, outer_leaves) -> LlamaForCausalLM:
+    """The model outside its layers, rebuilt from the split's outer leaves (inside a jitted step)."""
+    return nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+
+
 def scanned_forward(split: ScannedModel, outer_leaves, layer_leaves, token_ids, positions, kv_cache,
                     meta: AttentionMetadata, num_pages: int):
     """Final hidden states [T, hidden] and the updated (k, v) cache, one scanned layer body.
@@ -491,7 +496,7 @@ def scanned_forward(split: ScannedModel, outer_leaves, layer_leaves, token_ids, 
     before its dots, which costs ~40% of a small-batch step (see unrolled_forward). Block-quantized weights
     (BLOCK_LEAVES) are not sliced: their kernels read the stacked arrays in place at the layer's index.
     """
-    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    outer = _outer_module(split, outer_leaves)
     page_size = kv_cache[0].shape[1]
     in_place = [path[-1] in BLOCK_LEAVES for path in split.layer_paths]
 
@@ -515,7 +520,7 @@ def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_
                      meta: AttentionMetadata, num_pages: int):
     """As scanned_forward, with one array per layer weight and the layers unrolled: the dots read the
     weights in place (no per-layer slice copy), at the price of a longer compile."""
-    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    outer = _outer_module(split, outer_leaves)
     page_size = kv_cache[0].shape[1]
     x, cache = outer.residual_stream(outer.embed(token_ids)), tuple(kv_cache)
     for index, leaves in enumerate(per_layer_leaves):
@@ -525,13 +530,13 @@ def unrolled_forward(split: ScannedModel, outer_leaves, per_layer_leaves, token_
 
 
 def logits_from_hidden(split: ScannedModel, outer_leaves, hidden, rows=None):
-    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    outer = _outer_module(split, outer_leaves)
     return outer.compute_logits(hidden, rows)
 
 
 def greedy_tokens_from_hidden(split: ScannedModel, outer_leaves, hidden, rows=None):
     """LlamaForCausalLM.greedy_tokens of the outer module's leaves (None where its head cannot)."""
-    outer = nnx.merge(split.outer_graphdef, jax.tree.unflatten(split.outer_treedef, outer_leaves))
+    outer = _outer_module(split, outer_leaves)
     return outer.greedy_tokens(hidden, rows)
 
 

@@ -38,7 +38,6 @@ namespace {
 
 constexpr int kGroupOutputs = 2 * kTileDim;        // two A tiles of outputs per panel
 constexpr int64_t kChunkValues = kGroupOutputs * kBlock;  // one block of each of the group's outputs (2 KiB)
-constexpr int64_t kPairTile = kTileDim * kTileDim;  // a B tile: 16 pair-rows x 16 tokens, as uint32 pairs
 
 // Tiles 0-3 hold sums (A0.B0, A1.B0, A0.B1, A1.B1), 4-5 the weights (16 x 64 bytes), 6-7 the activations; all
 // 16 rows.
@@ -111,18 +110,9 @@ JAXSERVE_AVX512_BF16 void unpack_group(const Weights& w, PanelTiles tiles, int c
   }
 }
 
-// The tile steps shared by the panels and the stream: the sums zeroed; one block's two A tiles (32 outputs x
-// 32 values, `weights`) against one or two token groups' B tiles; the sums out, in tile order 0-3.
-template <bool kTwo>
-JAXSERVE_AMX inline void zero_sums() {
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (kTwo) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
-}
-
+// The tile step shared by the panels and the stream, between zero_sum_tiles and store_sum_tiles (cpu_amx.h):
+// one block's two A tiles (32 outputs x 32 values, `weights`) against one or two token groups' B tiles, into
+// sum tiles 0-1 (and 2-3).
 template <bool kTwo>
 JAXSERVE_AMX inline void multiply_block(const uint16_t* weights, const uint32_t* tokens0, const uint32_t* tokens1) {
   _tile_loadd(4, weights, 64);
@@ -137,22 +127,12 @@ JAXSERVE_AMX inline void multiply_block(const uint16_t* weights, const uint32_t*
   }
 }
 
-template <bool kTwo>
-JAXSERVE_AMX inline void store_tile_sums(float* sums) {
-  _tile_stored(0, sums, 64);
-  _tile_stored(1, sums + kPairTile, 64);
-  if constexpr (kTwo) {
-    _tile_stored(2, sums + 2 * kPairTile, 64);
-    _tile_stored(3, sums + 3 * kPairTile, 64);
-  }
-}
-
 // One or two token groups (kTwo) against a panel: the group's sums, [outputs, tokens] per tile, into `sums`
 // (four 16 x 16 float32 tiles, in tile order 0-3).
 template <bool kTwo>
 JAXSERVE_AMX void multiply_groups(const uint16_t* panel, const uint32_t* pairs0, const uint32_t* pairs1, int64_t nb,
                                   float* sums) {
-  zero_sums<kTwo>();
+  zero_sum_tiles(kTwo ? 4 : 2);
   for (int64_t b = 0; b < nb; ++b) {
     // The tokens' next tiles into L1: tile loads left to the hardware waited on L2 (a quarter of the loop).
     if (b + 2 < nb)
@@ -163,7 +143,7 @@ JAXSERVE_AMX void multiply_groups(const uint16_t* panel, const uint32_t* pairs0,
       }
     multiply_block<kTwo>(panel + b * kChunkValues, pairs0 + b * kPairTile, kTwo ? pairs1 + b * kPairTile : nullptr);
   }
-  store_tile_sums<kTwo>(sums);
+  store_sum_tiles(sums, kTwo ? 4 : 2);
 }
 
 // Steps of one token group (up to 16 tokens) stream the weights instead: a group of outputs is unpacked one
@@ -180,7 +160,7 @@ JAXSERVE_AMX void stream_group(const Weights& w, PanelTiles panel, PanelTiles ne
   // The next panel's two halves (16 outputs each, one contiguous region per array), a slice per block.
   const Weights ahead[2] = {tile_at<kRowBytes>(w, next.first), tile_at<kRowBytes>(w, next.second)};
   const int64_t half_bytes = kTileDim / kTile * w.nb * kTileBlockBytes, half_scales = kTileDim * w.nb * sizeof(float);
-  zero_sums<false>();
+  zero_sum_tiles(2);
   if (count < kGroupOutputs)
     for (int c = 0; c < 2; ++c) std::memset(chunks + c * kChunkValues, 0, sizeof(uint16_t) * kChunkValues);
   // Block b + 1 is unpacked before block b's tiles load: a tile load right behind the stores that fill its
@@ -206,10 +186,8 @@ JAXSERVE_AMX void stream_group(const Weights& w, PanelTiles panel, PanelTiles ne
     const uint16_t* chunk = chunks + (b & 1) * kChunkValues;
     multiply_block<false>(chunk, tokens + b * kPairTile, nullptr);
   }
-  store_tile_sums<false>(sums);
+  store_sum_tiles(sums, 2);
 }
-
-JAXSERVE_AMX void release_tiles() { _tile_release(); }
 
 // 16 float32 outputs of a token's row into y at `out`: `streaming` (a whole aligned 64-byte line) past the
 // caches, else masked to `valid`. A long step's y is written one 64-byte piece a row per panel, rows N * 4 bytes

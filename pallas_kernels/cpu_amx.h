@@ -24,6 +24,7 @@
 namespace jaxserve {
 
 constexpr int kTileDim = 16;  // an AMX tile: 16 rows of 64 bytes (16 float32 sums, or 16 bfloat16 pairs)
+constexpr int kPairTile = kTileDim * kTileDim;  // one tile's 32-bit values: bfloat16 pairs or float32 sums
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -44,6 +45,25 @@ JAXSERVE_AMX inline void configure_tiles(const int (&widths)[8]) {
   asm volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
 }
+
+// Sum tiles 0..count-1 (count <= 4) zeroed, or stored tile after tile into `sums` (16 x 16 float32 each). Tile
+// numbers are immediates the intrinsics spell into the instruction, hence the unrolled tiles; with a constant
+// count the branches fold away.
+JAXSERVE_AMX inline void zero_sum_tiles(int count) {
+  _tile_zero(0);
+  if (count > 1) _tile_zero(1);
+  if (count > 2) _tile_zero(2);
+  if (count > 3) _tile_zero(3);
+}
+
+JAXSERVE_AMX inline void store_sum_tiles(float* sums, int count) {
+  _tile_stored(0, sums, 64);
+  if (count > 1) _tile_stored(1, sums + kPairTile, 64);
+  if (count > 2) _tile_stored(2, sums + 2 * kPairTile, 64);
+  if (count > 3) _tile_stored(3, sums + 3 * kPairTile, 64);
+}
+
+JAXSERVE_AMX inline void release_tiles() { _tile_release(); }
 #endif
 
 // rows[0..15] transposed in place (16 x 16 float32): unpack pairs, then 4 x 4 blocks, then 128-bit lanes.

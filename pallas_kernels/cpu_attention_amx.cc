@@ -31,7 +31,6 @@ bool has_amx_attention() {
 #if JAXSERVE_HAVE_AMX
 namespace {
 
-constexpr int kPairTile = kTileDim * kTileDim;  // one tile of 32-bit pairs or float32 sums
 constexpr int kPositionsPerTile = 2 * kTileDim;  // a bfloat16 A tile's row: 32 positions (or 32 values)
 
 // Rows [from, to) asked for ahead, into L1.
@@ -138,23 +137,7 @@ JAXSERVE_AMX inline void value_chunk(const uint32_t* value_pairs, int count) {
   }
 }
 
-JAXSERVE_AMX inline void zero_sums() {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-}
-
-JAXSERVE_AMX inline void store_sums(float* sums, int count) {
-  _tile_stored(0, sums, 64);
-  if (count > 1) _tile_stored(1, sums + kPairTile, 64);
-  if (count > 2) _tile_stored(2, sums + 2 * kPairTile, 64);
-  if (count > 3) _tile_stored(3, sums + 3 * kPairTile, 64);
-}
-
 JAXSERVE_AMX void load_attention_tiles() { configure_tiles({16, 16, 16, 16, 16, 16, 16, 16}); }
-
-JAXSERVE_AMX void release_tiles() { _tile_release(); }
 
 JAXSERVE_AMX void scores_in_tiles(const Lane* lanes, int64_t count, const uint16_t* const* k_rows, int64_t stride,
                                   int n, int64_t D, float sm_scale, float* scores, const uint16_t* const* ahead,
@@ -172,13 +155,13 @@ JAXSERVE_AMX void scores_in_tiles(const Lane* lanes, int64_t count, const uint16
   for (int64_t l0 = 0; l0 < count; l0 += kTileDim) {
     const int here = static_cast<int>(std::min<int64_t>(kTileDim, count - l0));
     pair_queries(lanes + l0, here, D, query_pairs);
-    zero_sums();
+    zero_sum_tiles(groups);
     for (int64_t c = 0; c < D / kPositionsPerTile; ++c) {
       const uint16_t* chunk_tiles[4];
       for (int g = 0; g < groups; ++g) chunk_tiles[g] = k_tiles[g] + c * kPositionsPerTile;
       score_chunk(query_pairs + c * kPairTile, chunk_tiles, k_strides, groups);
     }
-    store_sums(sums, groups);
+    store_sum_tiles(sums, groups);
     for (int g = 0; g < groups; ++g) {  // [position][lane] -> the lanes' rows
       if (l0 == 0) prefetch_rows(ahead, g * kTileDim, std::min(n_ahead, (g + 1) * kTileDim), D);
       __m512 r[kTileDim];
@@ -210,13 +193,13 @@ JAXSERVE_AMX void values_in_tiles(int64_t count, const float* p, int subs, const
       }
     for (int64_t c0 = 0; c0 < groups; c0 += 4) {  // four sums tiles: 64 of the head's values
       const int here_groups = static_cast<int>(std::min<int64_t>(4, groups - c0));
-      zero_sums();
+      zero_sum_tiles(here_groups);
       for (int64_t k = 0; k < chunks; ++k) {
         const uint32_t* pairs = value_pairs + (k * groups + c0) * kPairTile;
         _tile_loadd(4, weights + k * kTileDim * kPositionsPerTile, 64);
         value_chunk(pairs, here_groups);
       }
-      store_sums(sums, here_groups);
+      store_sum_tiles(sums, here_groups);
       for (int c = 0; c < here_groups; ++c)
         for (int l = 0; l < here; ++l)
           _mm512_storeu_ps(out + (l0 + l) * D + (c0 + c) * kTileDim,
