@@ -200,6 +200,12 @@ JAXSERVE_AVX512_BF16 inline void store_row(float* out, __m512 values, __mmask16 
     _mm512_mask_storeu_ps(out, valid, values);
 }
 
+// silu(gate) * up over a gated pair of sums tiles (16 x 16 each), cpu_math.h's arithmetic on 16 lanes.
+JAXSERVE_AVX512_BF16 inline void silu_times_tile(const float* gate, const float* up, float* activation) {
+  for (int i = 0; i < kPairTile; i += kTileDim)
+    _mm512_store_ps(activation + i, silu_times16(_mm512_load_ps(gate + i), _mm512_load_ps(up + i)));
+}
+
 // The group's sums (tile a + 2 * g: outputs 16a.., tokens 16g..; [output][token]) into y's rows m0.. for its
 // real tokens and outputs.
 JAXSERVE_AVX512_BF16 void store_sums(const float* sums, int64_t m0, int64_t tokens, int64_t o0, int count, float* y,
@@ -225,9 +231,7 @@ JAXSERVE_AVX512_BF16 void store_gated(const float* sums, int64_t m0, int64_t tok
                                       int64_t width, bool streaming) {
   for (int g = 0; g * kTileDim < tokens; ++g) {
     alignas(64) float activation[kTileDim * kTileDim];
-    for (int r = 0; r < kTileDim; ++r)
-      silu_times_row(sums + 2 * g * kPairTile + r * kTileDim, sums + (2 * g + 1) * kPairTile + r * kTileDim,
-                     activation + r * kTileDim, kTileDim);
+    silu_times_tile(sums + 2 * g * kPairTile, sums + (2 * g + 1) * kPairTile, activation);
     __m512 rows[kTileDim];
     for (int r = 0; r < kTileDim; ++r) rows[r] = _mm512_load_ps(activation + r * kTileDim);
     transpose16(rows);
@@ -282,9 +286,7 @@ JAXSERVE_AVX512_BF16 void store_gated_pairs(const float* sums, int64_t m0, int64
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int g = 0; g * kTileDim < tokens; ++g) {
     alignas(64) float activation[kTileDim * kTileDim];
-    for (int r = 0; r < kTileDim; ++r)
-      silu_times_row(sums + 2 * g * kPairTile + r * kTileDim, sums + (2 * g + 1) * kPairTile + r * kTileDim,
-                     activation + r * kTileDim, kTileDim);
+    silu_times_tile(sums + 2 * g * kPairTile, sums + (2 * g + 1) * kPairTile, activation);
     const int64_t real = std::min<int64_t>(kTileDim, tokens - g * kTileDim);
     const __mmask16 columns = _cvtu32_mask16(real == kTileDim ? 0xFFFFu : (1u << real) - 1);
     uint32_t* tile =

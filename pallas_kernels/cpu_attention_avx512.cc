@@ -107,21 +107,6 @@ JAXSERVE_AVX512 inline __m512 lane_sums(const float* quads) {
                        _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// e^x for x <= 0: cpu_math.h's exp_nonpositive, its constants, on 16 lanes.
-JAXSERVE_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2High), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Low), x);
-  __m512 y = _mm512_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly[i]));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x);
-  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
-  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
-}
-
 // Scores of every lane for the block's positions [j0, j0 + 16) ∩ [0, n), times sm_scale, into
 // scores[l * kBlock + j0]: four positions at a time, their rows widened once for all lanes (zero past n, where
 // no lane looks) and each lane's four product vectors (kernel order) summed into a quad in registers; a lane's

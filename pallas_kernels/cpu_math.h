@@ -85,6 +85,32 @@ inline __m256 silu_times(__m256 g, __m256 u) {
   return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), u);
 }
 
+// The same two on 16 lanes (AVX-512 CPUs), the same operations lane for lane, so either width gives a value
+// the same bits.
+#define JAXSERVE_MATH_AVX512 __attribute__((target("avx512f,avx512dq")))
+
+JAXSERVE_MATH_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2High), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Low), x);
+  __m512 y = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly[i]));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+}
+
+JAXSERVE_MATH_AVX512 inline __m512 silu_times16(__m512 g, __m512 u) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 e = exp_nonpositive16(_mm512_or_ps(g, _mm512_set1_ps(-0.f)));
+  const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(g));  // blendv's sign-bit select
+  const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+  return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
+}
+
 // out[i] = silu(g[i]) * u[i] for i < n: the MLP's activation out of block_quant's gated projections (the AMX
 // panels' store, or a pass after the other paths' product), the same arithmetic either way.
 inline void silu_times_row(const float* g, const float* u, float* out, int64_t n) {
