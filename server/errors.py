@@ -35,6 +35,15 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+class ParamError(ValueError):
+    """A request model validator's ValueError naming the parameter at fault (pydantic keeps the exception in the
+    error's ctx, so a check across fields still reports its `param`)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(message, 400, param)
 
@@ -53,7 +62,7 @@ def from_validation_error(exc: ValidationError) -> APIError:
     parts, param = [], None
     for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p is not None)
-        param = param or (loc or None)
+        param = param or getattr((err.get("ctx") or {}).get("error"), "param", None) or (loc or None)
         # Pydantic's error type is kept as vLLM reports it ("[type=less_than_equal, ...]").
         text = f"{err.get('msg')} [type={err.get('type')}]"
         parts.append(f"{loc}: {text}" if loc else text)

@@ -7,14 +7,16 @@ engine cannot do is refused with a 400 naming the parameter instead of being sil
 """
 from __future__ import annotations
 
+import functools
 import json
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jaxserve.beam_search import BeamSearchParams
 from jaxserve.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams, truncate_prompt
-from jaxserve.server.errors import bad_request
+from jaxserve.server.errors import ParamError, bad_request
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
@@ -25,9 +27,28 @@ class OpenAIModel(BaseModel):
     # NaN and Infinity (which Python's JSON parser accepts) are refused with a 400.
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI documents its optional parameters as nullable, and its Python client sends a `None` argument as
+        null: an explicit null takes the default of a field that has no meaning for None (`"n": null` is n=1)."""
+        if not isinstance(data, dict):
+            return data
+        defaulted = _defaulted_when_null(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+@functools.cache
+def _defaulted_when_null(model: type[BaseModel]) -> frozenset[str]:
+    """The keys (names and aliases) of a model's optional fields whose type does not take None."""
+    def allows_none(annotation: Any) -> bool:
+        return annotation is Any or annotation is None or type(None) in typing.get_args(annotation)
+    return frozenset(key for name, f in model.model_fields.items()
+                     if not f.is_required() and not allows_none(f.annotation) for key in (name, f.alias) if key)
+
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool | None = True
+    include_usage: bool | None = False  # OpenAI's and vLLM's: no usage chunk unless asked for
     continuous_usage_stats: bool | None = False
 
 
@@ -106,6 +127,14 @@ class _GenerationRequest(OpenAIModel):
     # Refused unless empty: no custom logits processors
     logits_processors: list[Any] | None = None
 
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, temperature: float | None) -> float | None:
+        # OpenAI's range (and vLLM's); below 0 is the sampler's own check
+        if temperature is not None and temperature > 2:
+            raise ValueError(f"temperature must be in [0, 2], got {temperature}.")
+        return temperature
+
     @field_validator("cache_salt")
     @classmethod
     def _check_cache_salt(cls, salt: str | None) -> str | None:
@@ -126,7 +155,7 @@ class _GenerationRequest(OpenAIModel):
     def _check_stream_options(self):
         # An empty object passes, as in vLLM (it checks the options' truthiness).
         if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
-            raise ValueError("stream_options can only be set when stream is true")
+            raise ParamError("stream_options can only be set when stream is true", "stream_options")
         return self
 
     def truncated(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
@@ -361,11 +390,12 @@ class ChatCompletionRequest(_GenerationRequest):
     @model_validator(mode="after")
     def _check_chat(self):
         if not self.messages:
-            raise ValueError("messages must contain at least one message")
+            raise ParamError("messages must contain at least one message", "messages")
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise ParamError("top_logprobs requires logprobs to be true", "top_logprobs")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+            raise ParamError("continue_final_message and add_generation_prompt cannot both be true",
+                             "continue_final_message")
         return self
 
     @property
@@ -401,7 +431,7 @@ class TokenizeRequest(OpenAIModel):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise ParamError("give exactly one of prompt or messages", "prompt")
         return self
 
 

@@ -92,7 +92,8 @@ def resolve_max_tokens(max_model_len: int, prompt_len: int, requested: int | Non
         raise bad_request(f"max_tokens must be at least 1, got {requested}.", "max_tokens")
     needed = prompt_len + (requested if requested is not None else 1)
     if needed > max_model_len:
-        if requested is None:
+        prompt_too_long = prompt_len >= max_model_len  # whatever max_tokens says
+        if prompt_too_long:
             message = (f"This model's maximum context length is {max_model_len} tokens. However, your "
                        f"{what} has {prompt_len} tokens, leaving no room for a completion. "
                        f"Please reduce the length of the {what}.")
@@ -100,7 +101,7 @@ def resolve_max_tokens(max_model_len: int, prompt_len: int, requested: int | Non
             message = (f"This model's maximum context length is {max_model_len} tokens. However, you "
                        f"requested {needed} tokens ({prompt_len} in the {what}, {requested} in the "
                        f"completion). Please reduce the length of the {what} or completion.")
-        raise APIError(message, 400, "max_tokens" if requested is not None else what.split()[0])
+        raise APIError(message, 400, what.split()[0] if prompt_too_long else "max_tokens")
     if requested is not None:
         return requested
     return min(max_model_len - prompt_len, (defaults or {}).get("max_tokens", max_model_len))

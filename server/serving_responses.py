@@ -14,10 +14,10 @@ import json
 import uuid
 from typing import Any, AsyncIterator, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from sanic import response
 
-from jaxserve.server.errors import APIError, bad_request
+from jaxserve.server.errors import APIError, bad_request, from_validation_error
 from jaxserve.server.protocol import ChatCompletionRequest, OpenAIModel
 from jaxserve.server.responses import now
 from jaxserve.server.serving_chat import _chat_logprobs
@@ -120,7 +120,10 @@ class ResponsesRequest(OpenAIModel):
                                                                                 "schema": fmt.schema_}}
         extra = self.model_extra or {}
         fields.update({k: extra[k] for k in _SAMPLING_EXTRAS if k in extra})
-        return ChatCompletionRequest.model_validate(fields)
+        try:
+            return ChatCompletionRequest.model_validate(fields)
+        except ValidationError as exc:  # a passed-through extra of the wrong type: the client's mistake
+            raise from_validation_error(exc)
 
 
 def _text_format(request: ResponsesRequest) -> dict:

@@ -162,6 +162,8 @@ async def test_streaming_n_choices_interleave(fake):
     ({"prompt": "x", "logits_processors": ["my.module:Processor"]}, "logits_processors"),
     ({"prompt": "x", "cache_salt": ""}, "cache_salt"),
     ({"prompt": "x", "prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),  # OpenAI's (and vLLM's) range is [0, 2]
+    ({"prompt": [1] * 600, "max_tokens": 5}, "prompt"),  # the prompt alone is too long, not max_tokens
 ])
 async def test_invalid_parameters_answer_400(fake, body, param):
     url, _ = fake
@@ -170,6 +172,44 @@ async def test_invalid_parameters_answer_400(fake, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "BadRequestError" and err["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": []}, "messages"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+    ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt's default
+    ({"temperature": 3}, "temperature"),
+])
+async def test_invalid_chat_parameters_name_their_param(fake, body, param):
+    url, _ = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/chat/completions",
+                         json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "BadRequestError"
+
+
+async def test_explicit_nulls_take_the_defaults(fake):
+    """The openai client sends a None argument as null; OpenAI's optional parameters are nullable."""
+    url, _ = fake
+    c = client(url)
+    messages = [{"role": "user", "content": "hi"}]
+    r = await c.chat.completions.create(model="fake-model", messages=messages, max_tokens=2, n=None, stream=None,
+                                        logprobs=None, extra_body={"ignore_eos": None, "priority": None})
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None and r.usage.completion_tokens == 2
+    r = await c.completions.create(model="fake-model", prompt="Hi", max_tokens=2, n=None, stream=None, echo=None)
+    assert len(r.choices) == 1 and not r.choices[0].text.startswith("Hi")
+
+
+async def test_empty_stream_options_send_no_usage_chunk(fake):
+    url, _ = fake
+    for path, body in (("/v1/completions", {"prompt": "Hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        lines = await sse_events(url, path, {"model": "fake-model", "max_tokens": 3, "stream": True,
+                                             "stream_options": {}, **body})
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert all(c["choices"] and "usage" not in c for c in chunks), chunks  # include_usage unset: none
 
 
 async def test_malformed_json_and_client_error_types(fake):
@@ -619,3 +659,11 @@ async def test_responses_pass_vllms_request_options_on(fake):
     assert r.status_code == 200, r.text
     assert engine.seen_prompts[-1]["cache_salt"] == "tenant-a"
     assert engine.seen_params[-1].bad_words == ["no"] and engine.seen_params[-1].top_k == 5
+
+
+@pytest.mark.parametrize("extra,param", [({"top_k": "abc"}, "top_k"), ({"temperature": 3}, "temperature")])
+async def test_responses_bad_passed_on_options_are_400(fake, extra, param):
+    url, _ = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/responses", json={"model": "fake-model", "input": "Hi", **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

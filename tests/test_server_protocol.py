@@ -140,6 +140,21 @@ def test_empty_stream_options_pass_without_stream():
     assert not req.stream and req.to_sampling_params(5).max_tokens == 5
 
 
+def test_explicit_nulls_take_the_defaults():
+    req = ChatCompletionRequest.model_validate({"messages": MSGS, "n": None, "stream": None, "logprobs": None,
+                                                "ignore_eos": None, "max_tokens": None, "top_logprobs": None})
+    assert (req.n, req.stream, req.logprobs, req.ignore_eos, req.max_tokens) == (1, False, False, False, None)
+    req = CompletionRequest.model_validate({"prompt": "x", "echo": None, "max_tokens": None})
+    assert req.echo is False and req.max_tokens is None  # null max_tokens keeps its own meaning
+
+
+def test_stream_options_include_no_usage_unless_asked():
+    body = {"messages": MSGS, "stream": True}
+    assert not ChatCompletionRequest.model_validate({**body, "stream_options": {}}).include_usage_in_stream
+    assert ChatCompletionRequest.model_validate(
+        {**body, "stream_options": {"include_usage": True}}).include_usage_in_stream
+
+
 def test_tool_choice_defaults():
     assert ChatCompletionRequest.model_validate({"messages": MSGS}).effective_tool_choice == "none"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
