@@ -30,6 +30,8 @@ class ToolMode:
 def tool_mode_for(request: ChatCompletionRequest, enable_auto: bool, parser_name: str | None,
                   tokenizer) -> ToolMode:
     choice = request.effective_tool_choice
+    if request.tools is not None:
+        _check_tools(request.tools)
     if not request.tools:
         if choice not in ("none", "auto"):
             raise bad_request("tool_choice needs tools to choose from.", "tool_choice")
@@ -60,6 +62,21 @@ def tool_mode_for(request: ChatCompletionRequest, enable_auto: bool, parser_name
     except ValueError as exc:
         raise bad_request(str(exc), "tool_choice")
     return ToolMode("guided", guided=guided)
+
+
+def _check_tools(tools: list) -> None:
+    """The tools' shape, whatever tool_choice says: OpenAI and vLLM refuse an empty or malformed list even
+    with "none" (the chat template still renders it)."""
+    if not tools:
+        raise bad_request("Invalid 'tools': empty array. Give at least one tool, or leave tools out.", "tools")
+    try:
+        from jaxserve.server.tools import ToolRequestError, validate_tools
+    except ImportError:
+        return  # refused below when the tools are used
+    try:
+        validate_tools(tools)
+    except ToolRequestError as exc:
+        raise bad_request(str(exc), exc.param)
 
 
 def guided_tool_calls(text: str, request: ChatCompletionRequest) -> list[dict] | None:

@@ -190,6 +190,17 @@ async def test_invalid_chat_parameters_name_their_param(fake, body, param):
     assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "BadRequestError"
 
 
+@pytest.mark.parametrize("tools", [[], [{"type": "function"}], [{"type": "web_search"}],
+                                   [{"type": "function", "function": {"name": "f", "parameters": "x"}}]])
+async def test_empty_or_malformed_tools_are_400_even_with_tool_choice_none(fake, tools):
+    url, _ = fake
+    async with httpx.AsyncClient() as h:
+        r = await h.post(url + "/v1/chat/completions", json={
+            "model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "tools": tools, "tool_choice": "none"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+
+
 async def test_explicit_nulls_take_the_defaults(fake):
     """The openai client sends a None argument as null; OpenAI's optional parameters are nullable."""
     url, _ = fake
