@@ -170,6 +170,8 @@ class _GenerationRequest(OpenAIModel):
         if self.logits_processors:
             raise bad_request("logits_processors (custom logits processors) are not supported by jaxserve.",
                               "logits_processors")
+        if self.stream and self.prompt_logprobs is not None:  # a stream's chunks have no place for them
+            raise bad_request("prompt_logprobs are not available when streaming (stream=true).", "prompt_logprobs")
         if self.use_beam_search:
             return
         if self.length_penalty != 1.0:

@@ -163,6 +163,7 @@ async def test_streaming_n_choices_interleave(fake):
     ({"prompt": "x", "cache_salt": ""}, "cache_salt"),
     ({"prompt": "x", "prompt_embeds": "AAAA"}, "prompt_embeds"),
     ({"prompt": "x", "temperature": 2.5}, "temperature"),  # OpenAI's (and vLLM's) range is [0, 2]
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),  # streams cannot carry them
     ({"prompt": [1] * 600, "max_tokens": 5}, "prompt"),  # the prompt alone is too long, not max_tokens
 ])
 async def test_invalid_parameters_answer_400(fake, body, param):
