@@ -142,6 +142,16 @@ class _GenerationRequest(OpenAIModel):
             raise ValueError("cache_salt must be a non-empty string when given")
         return salt
 
+    @property
+    def guided_param(self) -> str | None:
+        """The parameter that asks for guided decoding, which an error in its constraint names."""
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+            if getattr(self, name) is not None:
+                return name
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return None
+
     def engine_prompt(self, text: str | None, token_ids: list[int]) -> dict:
         """What the engine gets for one prompt."""
         prompt = {"prompt_token_ids": token_ids, "prompt": text}

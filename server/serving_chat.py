@@ -60,13 +60,15 @@ async def create_chat_completion(ctx: ServingContext, request: ChatCompletionReq
     max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_ids), request.requested_max_tokens,
                                     "messages", ctx.default_sampling)
     params = request.to_sampling_params(max_tokens, tools.guided, ctx.default_sampling)
-    validate_params(ctx, params)
+    guided_param = request.guided_param or ("tools" if tools.guided is not None else None)
+    validate_params(ctx, params, guided_param)
     # a constrained answer (guided decoding, forced tool calls) has no room to think: all of it is content
     reasoning = ctx.reasoning_parser if getattr(params, "guided_decoding", None) is None else None
     request_id = request.request_id or random_id("chatcmpl")
     ctx.log_request(request_id, prompt_text, params)
     role = ctx.response_role if request.add_generation_prompt else request.messages[-1].role
-    gens = MergedGenerations(ctx, [request.engine_prompt(prompt_text, prompt_ids)], [params], request_id)
+    gens = MergedGenerations(ctx, [request.engine_prompt(prompt_text, prompt_ids)], [params], request_id,
+                             guided_param)
     try:
         await gens.first()
         if request.stream:

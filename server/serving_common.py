@@ -107,11 +107,12 @@ def resolve_max_tokens(max_model_len: int, prompt_len: int, requested: int | Non
     return min(max_model_len - prompt_len, (defaults or {}).get("max_tokens", max_model_len))
 
 
-def validate_params(ctx: ServingContext, params: SamplingParams) -> None:
+def validate_params(ctx: ServingContext, params: SamplingParams, guided_param: str | None = None) -> None:
+    """`guided_param`: the request's parameter that asked for guided decoding (its constraint's errors name it)."""
     try:
         params.validate(max_logprobs=ctx.max_logprobs(), vocab_size=ctx.engine.model_config.vocab_size)
     except ValueError as exc:
-        raise bad_request(str(exc), _param_named_in(str(exc)))
+        raise bad_request(str(exc), _param_named_in(str(exc), guided_param))
     for tok in params.stop_token_ids or []:
         if not 0 <= tok < ctx.engine.model_config.vocab_size:
             raise bad_request(f"stop_token_ids: token id {tok} out of vocabulary range.", "stop_token_ids")
@@ -122,10 +123,10 @@ _GUIDED_ERROR_PARAMS = {"Invalid regex": "guided_regex", "Invalid JSON schema": 
                         "Invalid grammar": "guided_grammar"}
 
 
-def _param_named_in(message: str) -> str | None:
+def _param_named_in(message: str, guided_param: str | None = None) -> str | None:
     for prefix, param in _GUIDED_ERROR_PARAMS.items():
         if message.startswith(prefix):
-            return param
+            return guided_param or param
     word = message.split(" ", 1)[0].strip(":")
     if word == "Requested":  # "Requested logprobs of 30, which is greater than max allowed"
         word = message.split(" ")[1]
@@ -171,8 +172,9 @@ class MergedGenerations:
     """
 
     def __init__(self, ctx: ServingContext, prompts: list[Any], params: list[SamplingParams],
-                 request_id: str):
+                 request_id: str, guided_param: str | None = None):
         self.ctx = ctx
+        self.guided_param = guided_param  # what a guided-decoding error names (see validate_params)
         self.request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self.unfinished = set(self.request_ids)
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -207,7 +209,7 @@ class MergedGenerations:
                 continue
             if isinstance(item, Exception):
                 if isinstance(item, ValueError):
-                    raise bad_request(str(item), _param_named_in(str(item)))
+                    raise bad_request(str(item), _param_named_in(str(item), self.guided_param))
                 raise item
             self._record(item)
             return index, item

@@ -76,13 +76,13 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest, htt
     for text, ids in prompts:
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(ids), requested, "prompt", ctx.default_sampling)
         p = request.to_sampling_params(max_tokens, ctx.default_sampling)
-        validate_params(ctx, p)
+        validate_params(ctx, p, request.guided_param)
         params.append(p)
     request_id = request.request_id or random_id("cmpl")
     for i, ((text, ids), p) in enumerate(zip(prompts, params)):
         ctx.log_request(f"{request_id}-{i}", text, p)
     engine_prompts = [request.engine_prompt(text, ids) for text, ids in prompts]
-    gens = MergedGenerations(ctx, engine_prompts, params, request_id)
+    gens = MergedGenerations(ctx, engine_prompts, params, request_id, request.guided_param)
     try:
         await gens.first()
         if request.stream:

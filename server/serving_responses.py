@@ -183,10 +183,12 @@ async def create_response(ctx: ServingContext, request: ResponsesRequest, http_r
     max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_ids), chat.requested_max_tokens, "input",
                                     ctx.default_sampling)
     params = chat.to_sampling_params(max_tokens, defaults=ctx.default_sampling)
-    validate_params(ctx, params)
+    guided_param = "text" if chat.guided_param else None  # text.format asked for it
+    validate_params(ctx, params, guided_param)
     request_id = chat.request_id or f"resp_{uuid.uuid4().hex}"
     ctx.log_request(request_id, prompt_text, params)
-    gens = MergedGenerations(ctx, [chat.engine_prompt(prompt_text, prompt_ids)], [params], request_id)
+    gens = MergedGenerations(ctx, [chat.engine_prompt(prompt_text, prompt_ids)], [params], request_id,
+                             guided_param)
     reply = _Reply(request, model, request_id)
     try:
         await gens.first()

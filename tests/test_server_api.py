@@ -257,6 +257,31 @@ async def test_engine_value_error_is_a_400_streaming_or_not(tokenizer):
             assert "invalid JSON schema" in str(err.value)
 
 
+async def test_a_bad_constraint_names_the_parameter_the_request_used(tokenizer):
+    class StrictEngine(FakeAsyncEngine):
+        async def generate(self, prompt, params, request_id):
+            if params.guided_decoding is not None:
+                raise ValueError("Invalid JSON schema: Invalid type: foo")
+            async for out in super().generate(prompt, params, request_id):
+                yield out
+
+    bad = {"type": "foo"}
+    schema_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": bad}}
+    cases = [
+        ("/v1/chat/completions", {"response_format": schema_format}, "response_format"),
+        ("/v1/chat/completions", {"structured_outputs": {"json": bad}}, "structured_outputs"),
+        ("/v1/chat/completions", {"guided_json": bad}, "guided_json"),
+        ("/v1/completions", {"structured_outputs": {"json": bad}}, "structured_outputs"),
+        ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": bad}}}, "text"),
+    ]
+    inputs = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+              "/v1/completions": {"prompt": "hi"}, "/v1/responses": {"input": "hi"}}
+    async with running(StrictEngine(tokenizer)) as url, httpx.AsyncClient() as h:
+        for path, body, param in cases:
+            r = await h.post(url + path, json={"model": "fake-model", **inputs[path], **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+
+
 async def test_api_key_guards_api_routes_only(tokenizer):
     async with running(FakeAsyncEngine(tokenizer), ServerConfig(api_key="sekrit")) as url:
         with pytest.raises(openai.AuthenticationError):
