@@ -252,6 +252,9 @@ class _GenerationRequest(OpenAIModel):
                                 ("grammar", so.grammar), ("json_object", so.json_object or None)):
                 if value is not None:
                     found.append(("structured_outputs", kind, value))
+            if not any(param == "structured_outputs" for param, _, _ in found):  # asked for, but no constraint
+                raise bad_request("structured_outputs needs one constraint: json, regex, choice, grammar or "
+                                  "json_object.", "structured_outputs")
         if extra is not None:
             found.extend(("tools", kind, None) for kind in extra.constraint_kinds())
         if len(found) > 1:

@@ -112,6 +112,11 @@ def test_response_format_and_structured_outputs():
                                                 "guided_choice": ["b"]})
     with pytest.raises(APIError):
         req.to_sampling_params(8)
+    for empty in ({}, {"whitespace_pattern": " "}, {"json_object": False}):  # no constraint: refused, as vLLM
+        req = ChatCompletionRequest.model_validate({"messages": MSGS, "structured_outputs": empty})
+        with pytest.raises(APIError) as err:
+            req.to_sampling_params(8)
+        assert err.value.param == "structured_outputs"
 
 
 def test_chat_logprobs_and_max_completion_tokens():
