@@ -86,25 +86,24 @@ class ServingContext:
 
 def resolve_max_tokens(max_model_len: int, prompt_len: int, requested: int | None, what: str,
                        defaults: dict | None = None) -> int:
-    """`requested` None = up to the context limit (or the model's generation_config default, `defaults`'
-    max_tokens, when smaller); too long = 400 giving the token counts."""
+    """The completion's token limit. `requested` None = up to the context limit (or the model's
+    generation_config default, `defaults`' max_tokens, when smaller); a request past the room the prompt leaves
+    is capped to it, as vLLM caps it (the completion then ends with finish_reason "length"). A 400 giving the
+    token counts only for a prompt that leaves no room, or max_tokens beyond the whole context."""
     if requested is not None and requested < 1:
         raise bad_request(f"max_tokens must be at least 1, got {requested}.", "max_tokens")
-    needed = prompt_len + (requested if requested is not None else 1)
-    if needed > max_model_len:
-        prompt_too_long = prompt_len >= max_model_len  # whatever max_tokens says
-        if prompt_too_long:
-            message = (f"This model's maximum context length is {max_model_len} tokens. However, your "
-                       f"{what} has {prompt_len} tokens, leaving no room for a completion. "
-                       f"Please reduce the length of the {what}.")
-        else:
-            message = (f"This model's maximum context length is {max_model_len} tokens. However, you "
-                       f"requested {needed} tokens ({prompt_len} in the {what}, {requested} in the "
-                       f"completion). Please reduce the length of the {what} or completion.")
-        raise APIError(message, 400, what.split()[0] if prompt_too_long else "max_tokens")
+    if prompt_len >= max_model_len:  # whatever max_tokens says
+        raise APIError(f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
+                       f"has {prompt_len} tokens, leaving no room for a completion. Please reduce the length of "
+                       f"the {what}.", 400, what.split()[0])
+    if requested is not None and requested > max_model_len:
+        raise APIError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                       f"{requested} tokens for the completion alone ({prompt_len} in the {what}). Please reduce "
+                       f"max_tokens.", 400, "max_tokens")
+    room = max_model_len - prompt_len
     if requested is not None:
-        return requested
-    return min(max_model_len - prompt_len, (defaults or {}).get("max_tokens", max_model_len))
+        return min(requested, room)
+    return min(room, (defaults or {}).get("max_tokens", max_model_len))
 
 
 def validate_params(ctx: ServingContext, params: SamplingParams, guided_param: str | None = None) -> None:

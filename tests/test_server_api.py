@@ -175,6 +175,15 @@ async def test_invalid_parameters_answer_400(fake, body, param):
     assert err["param"] == param and err["type"] == "BadRequestError" and err["message"]
 
 
+async def test_max_tokens_past_the_context_ends_the_completion_there(fake):
+    """vLLM's answer to a prompt that leaves less room than max_tokens: the completion is capped at the
+    context's end (finish_reason "length"), not refused."""
+    url, _ = fake
+    r = await client(url).completions.create(model="fake-model", prompt=[1] * 500, max_tokens=50)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == 500 and r.usage.completion_tokens == 12
+
+
 @pytest.mark.parametrize("body,param", [
     ({"messages": []}, "messages"),
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs

@@ -25,11 +25,19 @@ def test_explicit_null_max_tokens_means_context_limit():
     assert resolve_max_tokens(512, 12, req.max_tokens, "prompt") == 500
 
 
-def test_too_long_request_names_token_counts():
+def test_max_tokens_past_the_context_is_capped_to_the_room_left():
+    """As vLLM: a completion that would run past the context is capped there; only a prompt that leaves no room
+    or max_tokens beyond the whole context are a 400, naming the token counts and the parameter at fault."""
+    assert resolve_max_tokens(512, 500, 20, "messages") == 12
+    assert resolve_max_tokens(512, 12, 512, "prompt") == 500
+    assert resolve_max_tokens(512, 12, 30, "prompt") == 30
     with pytest.raises(APIError) as err:
-        resolve_max_tokens(512, 500, 20, "messages")
-    assert err.value.status == 400
-    assert "512" in err.value.message and "520" in err.value.message and "500 in the messages" in err.value.message
+        resolve_max_tokens(512, 12, 513, "prompt")
+    assert err.value.status == 400 and err.value.param == "max_tokens"
+    assert "512" in err.value.message and "513" in err.value.message and "12 in the prompt" in err.value.message
+    with pytest.raises(APIError) as err:
+        resolve_max_tokens(512, 512, 1, "messages")
+    assert err.value.param == "messages" and "has 512 tokens" in err.value.message
 
 
 def test_vllm_extras_reach_sampling_params():
