@@ -69,10 +69,7 @@ def _check_tools(tools: list) -> None:
     with "none" (the chat template still renders it)."""
     if not tools:
         raise bad_request("Invalid 'tools': empty array. Give at least one tool, or leave tools out.", "tools")
-    try:
-        from jaxserve.server.tools import ToolRequestError, validate_tools
-    except ImportError:
-        return  # refused below when the tools are used
+    from jaxserve.server.tools import ToolRequestError, validate_tools
     try:
         validate_tools(tools)
     except ToolRequestError as exc:
