@@ -76,8 +76,8 @@ void attend_tokens_avx512(const AttentionShape& a, const float* q_first, int64_t
                           SoftmaxState* const* states);
 
 // One (query token, query head) lane of a KV head's block in the AVX-512 kernel: its query (float32, in the
-// kernel's order; in natural order for the tiles), which of the block's positions it sees (bit j: the block's position j), its softmax state
-// and head.
+// kernel's order; in natural order for the tiles), which of the block's positions it sees (bit j: the block's
+// position j), its softmax state and head.
 struct Lane {
   const float* q;
   uint64_t visible;

@@ -56,7 +56,7 @@ inline __m256 widen8(const Fp8E4M3* p) {
 }
 
 // e^x for x <= 0 (scores minus their running max), a Cephes-style polynomial: ~1e-7 relative error. Its
-// constants, shared with the 16-lane version in cpu_attention_avx512.cc: x is clamped at kExpLowest, split as
+// constants, shared with the 16-lane version below: x is clamped at kExpLowest, split as
 // n ln2 + r (ln2 in two parts), e^r = 1 + r + r^2 (kExpPoly in r, highest power first), times 2^n.
 constexpr float kExpLowest = -87.0f, kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f,
                 kLn2Low = -2.12194440e-4f;

@@ -250,15 +250,20 @@ async def test_malformed_json_and_client_error_types(fake):
     assert (await client(url).models.retrieve("fake-model")).id == "fake-model"
 
 
-async def test_engine_value_error_is_a_400_streaming_or_not(tokenizer):
-    class PickyEngine(FakeAsyncEngine):
+def refusing_guided(tokenizer, message: str) -> FakeAsyncEngine:
+    """A fake engine whose guided requests fail with `message`, as the real one's bad constraints do."""
+    class RefusingEngine(FakeAsyncEngine):
         async def generate(self, prompt, params, request_id):
             if params.guided_decoding is not None:
-                raise ValueError("guided_json: invalid JSON schema")
+                raise ValueError(message)
             async for out in super().generate(prompt, params, request_id):
                 yield out
 
-    async with running(PickyEngine(tokenizer)) as url:
+    return RefusingEngine(tokenizer)
+
+
+async def test_engine_value_error_is_a_400_streaming_or_not(tokenizer):
+    async with running(refusing_guided(tokenizer, "guided_json: invalid JSON schema")) as url:
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as err:
                 await client(url).completions.create(model="fake-model", prompt="x", stream=stream,
@@ -267,13 +272,6 @@ async def test_engine_value_error_is_a_400_streaming_or_not(tokenizer):
 
 
 async def test_a_bad_constraint_names_the_parameter_the_request_used(tokenizer):
-    class StrictEngine(FakeAsyncEngine):
-        async def generate(self, prompt, params, request_id):
-            if params.guided_decoding is not None:
-                raise ValueError("Invalid JSON schema: Invalid type: foo")
-            async for out in super().generate(prompt, params, request_id):
-                yield out
-
     bad = {"type": "foo"}
     schema_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": bad}}
     cases = [
@@ -285,7 +283,8 @@ async def test_a_bad_constraint_names_the_parameter_the_request_used(tokenizer):
     ]
     inputs = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
               "/v1/completions": {"prompt": "hi"}, "/v1/responses": {"input": "hi"}}
-    async with running(StrictEngine(tokenizer)) as url, httpx.AsyncClient() as h:
+    engine = refusing_guided(tokenizer, "Invalid JSON schema: Invalid type: foo")
+    async with running(engine) as url, httpx.AsyncClient() as h:
         for path, body, param in cases:
             r = await h.post(url + path, json={"model": "fake-model", **inputs[path], **body})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
