@@ -30,6 +30,7 @@
 #include "cpu_math.h"
 #include "block_quant_bf16.h"
 #include "cpu_amx.h"
+#include "amx_stores.h"
 #include "cpu_parallel.h"
 
 namespace jaxserve::block_quant {
@@ -189,88 +190,6 @@ JAXSERVE_AMX void stream_group(const Weights& w, PanelTiles panel, PanelTiles ne
   store_sum_tiles(sums, 2);
 }
 
-// 16 float32 outputs of a token's row into y at `out`: `streaming` (a whole aligned 64-byte line) past the
-// caches, else masked to `valid`. A long step's y is written one 64-byte piece a row per panel, rows N * 4 bytes
-// apart, so an ordinary store first reads its line from memory; a streaming store does not (a 128-row decode
-// step 5% faster, alternated step by step; prefill steps even).
-JAXSERVE_AVX512_BF16 inline void store_row(float* out, __m512 values, __mmask16 valid, bool streaming) {
-  if (streaming)
-    _mm512_stream_ps(out, values);
-  else
-    _mm512_mask_storeu_ps(out, valid, values);
-}
-
-// silu(gate) * up over a gated pair of sums tiles (16 x 16 each), cpu_math.h's arithmetic on 16 lanes.
-JAXSERVE_AVX512_BF16 inline void silu_times_tile(const float* gate, const float* up, float* activation) {
-  for (int i = 0; i < kPairTile; i += kTileDim)
-    _mm512_store_ps(activation + i, silu_times16(_mm512_load_ps(gate + i), _mm512_load_ps(up + i)));
-}
-
-// The group's sums (tile a + 2 * g: outputs 16a.., tokens 16g..; [output][token]) into y's rows m0.. for its
-// real tokens and outputs.
-JAXSERVE_AVX512_BF16 void store_sums(const float* sums, int64_t m0, int64_t tokens, int64_t o0, int count, float* y,
-                                     int64_t N, bool streaming) {
-  for (int g = 0; g * kTileDim < tokens; ++g)
-    for (int a = 0; a * kTileDim < count; ++a) {
-      __m512 rows[kTileDim];
-      for (int r = 0; r < kTileDim; ++r) rows[r] = _mm512_load_ps(sums + (a + 2 * g) * kPairTile + r * kTileDim);
-      transpose16(rows);
-      const int valid = std::min(kTileDim, count - a * kTileDim);
-      const __mmask16 outputs = _cvtu32_mask16((1u << valid) - 1);
-      for (int j = 0; j < std::min<int64_t>(kTileDim, tokens - g * kTileDim); ++j)
-        store_row(y + (m0 + g * kTileDim + j) * N + o0 + a * kTileDim, rows[j], outputs,
-                  streaming && valid == kTileDim);
-    }
-}
-
-// A gated panel's sums (tile 2g: 16 gate outputs, tile 2g + 1: the same 16 up outputs, tokens 16g..) as
-// silu(gate) * up into y's rows m0.. [tokens, width], columns o0..o0 + 16. The activation is elementwise, so it
-// is taken in the tiles' [output][token] order and only its result transposed (one transpose, not two: a 4 x 128
-// prefill ~5% faster, alternated).
-JAXSERVE_AVX512_BF16 void store_gated(const float* sums, int64_t m0, int64_t tokens, int64_t o0, float* y,
-                                      int64_t width, bool streaming) {
-  for (int g = 0; g * kTileDim < tokens; ++g) {
-    alignas(64) float activation[kTileDim * kTileDim];
-    silu_times_tile(sums + 2 * g * kPairTile, sums + (2 * g + 1) * kPairTile, activation);
-    __m512 rows[kTileDim];
-    for (int r = 0; r < kTileDim; ++r) rows[r] = _mm512_load_ps(activation + r * kTileDim);
-    transpose16(rows);
-    for (int j = 0; j < std::min<int64_t>(kTileDim, tokens - g * kTileDim); ++j)
-      store_row(y + (m0 + g * kTileDim + j) * width + o0, rows[j], 0xFFFF, streaming);
-  }
-}
-
-// Where each token's largest output so far is, for one task (a contiguous range of panels, walked in order):
-// per token, the value, its index, and whether any output was a NaN.
-struct RunningMax {
-  float* value;
-  int32_t* index;
-  int32_t* nan;
-};
-
-// The group's sums (as store_sums reads them) folded into the task's running maxima instead of written out:
-// per token, the first index of its largest output (a strictly larger one replaces it, so ties keep the
-// earlier output), and whether it saw a NaN. Tokens are the tiles' columns, so it is vertical compares.
-JAXSERVE_AVX512_BF16 void fold_max(const float* sums, int64_t m0, int64_t tokens, int64_t o0, int count,
-                                   RunningMax& best) {
-  for (int g = 0; g * kTileDim < tokens; ++g) {
-    const int64_t t0 = m0 + g * kTileDim;
-    __m512 value = _mm512_loadu_ps(best.value + t0);
-    __m512i index = _mm512_loadu_si512(best.index + t0), nan = _mm512_loadu_si512(best.nan + t0);
-    for (int a = 0; a * kTileDim < count; ++a)
-      for (int r = 0; r < std::min(kTileDim, count - a * kTileDim); ++r) {
-        const __m512 v = _mm512_load_ps(sums + (a + 2 * g) * kPairTile + r * kTileDim);
-        const __mmask16 larger = _mm512_cmp_ps_mask(v, value, _CMP_GT_OQ);
-        value = _mm512_mask_mov_ps(value, larger, v);
-        index = _mm512_mask_mov_epi32(index, larger, _mm512_set1_epi32(static_cast<int32_t>(o0 + a * kTileDim + r)));
-        nan = _mm512_mask_mov_epi32(nan, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(1));
-      }
-    _mm512_storeu_ps(best.value + t0, value);
-    _mm512_storeu_si512(best.index + t0, index);
-    _mm512_storeu_si512(best.nan + t0, nan);
-  }
-}
-
 // A gated panel's activations (as store_gated computes them) rounded to bfloat16 straight into the B tiles the
 // down projection multiplies (pair_group's layout for a [M, width] input: token group G's block kb at
 // pairs + (G * width / 32 + kb) * kPairTile, pair r of token j at [r][j]). The panel's 16 outputs are half a
@@ -376,18 +295,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
     release_tiles();
     if (streaming) _mm_sfence();  // the streamed rows are in memory before the caller reads y
   });
-  for (int64_t m = 0; y_argmax && m < M; ++m) {  // tasks in panel order: a later one wins only if larger
-    float value = max_value[m];
-    int32_t index = max_index[m], nan = max_nan[m];
-    for (int64_t t = 1; t < used_tasks; ++t) {
-      if (max_value[t * padded + m] > value) {
-        value = max_value[t * padded + m];
-        index = max_index[t * padded + m];
-      }
-      nan |= max_nan[t * padded + m];
-    }
-    y_argmax[m] = nan ? static_cast<int32_t>(N - 1) : index;
-  }
+  if (y_argmax) merge_maxima(max_value.data(), max_index.data(), max_nan.data(), used_tasks, padded, M, N, y_argmax);
 }
 
 }  // namespace

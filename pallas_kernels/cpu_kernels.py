@@ -46,9 +46,9 @@ HERE = pathlib.Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cc", HERE / "cpu_glue.cc", HERE / "cpu_attention.cc", HERE / "cpu_attention_avx512.cc",
            HERE / "cpu_attention_amx.cc",
            HERE / "cpu_sampling.cc", HERE / "block_quant.cc", HERE / "block_quant_avx512.cc",
-           HERE / "block_quant_amx.cc")
+           HERE / "block_quant_amx.cc", HERE / "int8_rows_amx.cc")
 HEADERS = (HERE / "cpu_math.h", HERE / "cpu_parallel.h", HERE / "cpu_attention.h", HERE / "block_quant.h",
-           HERE / "block_quant_bf16.h", HERE / "cpu_amx.h")
+           HERE / "block_quant_bf16.h", HERE / "cpu_amx.h", HERE / "amx_stores.h")
 # No contraction of a * b + c into one FMA where the source keeps them apart: the kernels match their
 # references' roundings where they promise to.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC")
@@ -62,7 +62,8 @@ LOGPROBS_TARGET = "jaxserve_token_logprobs"
 NORMALIZER_TARGET = "jaxserve_log_normalizer"
 FIRST_MAX_TARGET = "jaxserve_first_max"
 GLUE_TARGETS = ("jaxserve_add_rms_norm", "jaxserve_rope_write_kv")
-BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul")
+BLOCK_QUANT_TARGETS = ("jaxserve_q4_matmul", "jaxserve_q8_matmul", "jaxserve_bf16_block_matmul",
+                       "jaxserve_int8_rows_matmul")
 # Rows (tokens) up to which the kernels beat XLA's dot on this class of machine, by weight layout
 # (w_transposed); above them the per-row work outgrows the weight stream (docs/benchmarks.md).
 MAX_KERNEL_ROWS = {False: 2, True: 4}
@@ -147,6 +148,7 @@ def _library() -> ctypes.CDLL | None:
         targets = {name: getattr(handle, name) for name in names}
         handle.jaxserve_has_bf16_dots.restype = ctypes.c_int
         handle.jaxserve_has_avx512_attention.restype = ctypes.c_int
+        handle.jaxserve_has_amx_int8.restype = ctypes.c_int
     except (OSError, AttributeError) as err:  # a stale or foreign file under the expected name
         logger.warning("CPU kernels off: loading %s failed: %s", library, err)
         return None
@@ -172,6 +174,12 @@ def has_amx_tiles() -> bool:
     """Whether the bfloat16 block steps run in AMX tiles here (Intel Sapphire Rapids and later, with the OS's
     grant, unless JAXSERVE_CPU_AMX=0 or JAXSERVE_CPU_AVX512=0)."""
     return has_fast_bf16_dots() and _library().jaxserve_has_amx() == 1
+
+
+def has_amx_int8_tiles() -> bool:
+    """Whether int8 projections (pallas_kernels/int8_rows) run here: AMX with int8 tiles, under the same switches
+    as has_amx_tiles."""
+    return has_amx_tiles() and _library().jaxserve_has_amx_int8() == 1
 
 
 def has_avx512_attention() -> bool:

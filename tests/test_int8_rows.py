@@ -1,0 +1,90 @@
+"""Int8 rows (pallas_kernels/int8_rows): the AMX int8 kernel against its pure-JAX reference, bit for bit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.pallas_kernels import int8_rows
+
+needs_kernel = pytest.mark.skipif(not int8_rows.available(), reason="needs AMX int8 tiles")
+
+
+def _weight(rng, n, k):
+    return int8_rows.pack(rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+
+
+def test_rotation_is_orthonormal_and_its_own_inverse():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    r = int8_rows.rotate(x)
+    np.testing.assert_allclose(np.linalg.norm(r, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(int8_rows.rotate(r), x, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(int8_rows.rotate(jnp.asarray(x))), r)  # numpy and JAX agree
+    # a lone spike spreads evenly over its own 64-value block and no further
+    spike = np.zeros((1, 128), np.float32)
+    spike[0, 70] = 8.0
+    np.testing.assert_array_equal(np.abs(int8_rows.rotate(spike))[0], [0.0] * 64 + [1.0] * 64)
+
+
+def test_pack_keeps_the_weight_and_lookup_reads_its_rows():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((48, 192)).astype(np.float32)
+    packed = int8_rows.pack(w)
+    assert packed["qweight"].shape == (3, 192 * 16) and packed["qweight"].dtype == np.int8
+    assert packed["scales"].shape == (3, 16)
+    back = np.asarray(int8_rows.dequantize(packed["qweight"], packed["scales"]))
+    # one step of a row's int8 grid, in the rotated basis, bounds each value's error
+    assert np.abs(back - w).max() < 0.02 * np.abs(w).max()
+    ids = np.array([0, 17, 47, 17])
+    np.testing.assert_array_equal(np.asarray(int8_rows.lookup_rows(jnp.asarray(packed["qweight"]),
+                                                                   jnp.asarray(packed["scales"]), ids)), back[ids])
+    assert not int8_rows.fits(40, 192) and not int8_rows.fits(48, 96) and int8_rows.fits(48, 192)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(64, 128), (96, 576), (48, 64)])
+def test_kernel_matches_reference_exactly(n, k):
+    rng = np.random.default_rng(2)
+    packed = _weight(rng, n, k)
+    q, s = jnp.asarray(packed["qweight"]), jnp.asarray(packed["scales"])
+    for m in (1, 3, 16, 17, 33, 130):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[0, 5] = 40.0  # an outlier
+        want = np.asarray(int8_rows.reference_matmul(x, q, s))
+        np.testing.assert_array_equal(np.asarray(int8_rows.matmul(jnp.asarray(x), q, s)), want)
+        np.testing.assert_array_equal(np.asarray(int8_rows.matmul(jnp.asarray(x), q, s, argmax=True)),
+                                      want.argmax(axis=1))
+        if n % 32 == 0:
+            gated = np.asarray(int8_rows.matmul(jnp.asarray(x), q, s, gated=True))
+            np.testing.assert_allclose(gated, jax.nn.silu(want[:, : n // 2]) * want[:, n // 2:], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_a_row_gets_the_same_outputs_alone_and_in_any_batch():
+    rng = np.random.default_rng(3)
+    packed = _weight(rng, 96, 576)
+    q, s = jnp.asarray(packed["qweight"]), jnp.asarray(packed["scales"])
+    x = rng.standard_normal((70, 576)).astype(np.float32)
+    batched = np.asarray(int8_rows.matmul(jnp.asarray(x), q, s))
+    gated = np.asarray(int8_rows.matmul(jnp.asarray(x), q, s, gated=True))
+    for i in (0, 15, 16, 31, 69):
+        np.testing.assert_array_equal(np.asarray(int8_rows.matmul(jnp.asarray(x[i:i + 1]), q, s))[0], batched[i])
+        np.testing.assert_array_equal(np.asarray(int8_rows.matmul(jnp.asarray(x[i:i + 1]), q, s, gated=True))[0],
+                                      gated[i])
+
+
+@needs_kernel
+def test_rows_layers_and_special_values():
+    rng = np.random.default_rng(4)
+    layers = [_weight(rng, 64, 128) for _ in range(3)]
+    q = jnp.asarray(np.stack([p["qweight"] for p in layers]))
+    s = jnp.asarray(np.stack([p["scales"] for p in layers]))
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    x[1] = 0.0
+    x[2, 7] = np.nan
+    y = np.asarray(int8_rows.matmul(jnp.asarray(x), q, s, layer=2, rows=4))
+    want = np.asarray(int8_rows.reference_matmul(x, layers[2]["qweight"], layers[2]["scales"]))
+    np.testing.assert_array_equal(y[[0, 3]], want[[0, 3]])
+    assert (y[1] == 0).all() and np.isnan(y[2]).all() and (y[4] == 0).all()  # row 4 is past `rows`
+    am = np.asarray(int8_rows.matmul(jnp.asarray(x), q, s, layer=2, rows=4, argmax=True))
+    assert am[2] == 63 and am[4] == 0 and am[0] == want[0].argmax()
