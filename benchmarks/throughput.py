@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokenizer", default=None, help="for a model without its own (e.g. a GGUF without one)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--quantization", default=None, choices=["int8", "gguf", "none"])
+    ap.add_argument("--quantization", default=None, choices=["int8", "gguf", "w8a8", "none"])
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=128)

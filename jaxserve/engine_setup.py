@@ -20,7 +20,7 @@ from jaxserve.model_runner import ModelRunner, RunnerConfig, allocate_kv_cache
 from jaxserve.models.checkpoint_cache import prune_lru
 from jaxserve.models.sharding import plan_tensor_parallel, replica_devices, tensor_parallel_mesh
 from jaxserve.multihost import agree_on_minimum, check_mesh_spans_hosts, connect_hosts, join_hosts
-from jaxserve.pallas_kernels import block_quant, cpu_kernels
+from jaxserve.pallas_kernels import block_quant, cpu_kernels, int8_rows
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def resolve_attention_backend(backend: str, num_devices: int = 1) -> str:
     return backend
 
 
-QUANTIZATIONS = ("gguf", "int8", "none")
+QUANTIZATIONS = ("gguf", "int8", "w8a8", "none")
 BLOCK_LAYOUT_VERSION = 2  # bump when the packed layout or the block modules change (2: fused q/k/v and gate/up)
 
 
@@ -133,8 +133,9 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool, 
     file's blocks, or a bfloat16 checkpoint's weights in the same tiles (bf16_block_formats).
 
     `quantization`: None (auto: "gguf" for a .gguf model where the kernels run), "gguf" (keep the file's
-    Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, as llama.cpp and vLLM's GGUF support run them), "none" (dequantize to the
-    compute dtype), "int8" (see load_engine_model). `kernels_here`: one CPU device with the CPU kernels."""
+    Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, as llama.cpp and vLLM's GGUF support run them), "w8a8" (int8 rows with
+    int8 activations in AMX tiles: int8_rows_formats), "none" (dequantize to the compute dtype), "int8" (see
+    load_engine_model). `kernels_here`: one CPU device with the CPU kernels."""
     from jaxserve.models.gguf_reader import block_formats, read_gguf_header
 
     if quantization not in (None, *QUANTIZATIONS):
@@ -144,6 +145,11 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool, 
     if quantization == "gguf" and not kernels_here:
         raise ValueError("--quantization gguf needs the CPU kernels: one CPU device, AVX2 and a C++ compiler "
                          "(elsewhere GGUF weights are dequantized: --quantization none)")
+    if quantization == "w8a8":
+        if not (kernels_here and int8_rows.available()):
+            raise ValueError("--quantization w8a8 needs one CPU device with AMX int8 tiles (Intel Sapphire Rapids "
+                             "or later) and the CPU kernels")
+        return int8_rows_formats(cfg, block_formats(read_gguf_header(source.path)) if source.is_gguf else {})
     if not kernels_here or quantization == "int8":
         return ()
     if not source.is_gguf:
@@ -157,6 +163,17 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool, 
     return tuple(sorted(block_formats(read_gguf_header(source.path)).items()))
 
 
+def _weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The [out, in] shape of each block-capable module's weights."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h),
+              "up_proj": (i, h), "down_proj": (h, i), "embed_tokens": (v, h)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (v, h)
+    return shapes
+
+
 def bf16_block_formats(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
     """(module, "bf16_blocks") for a bfloat16 checkpoint's projections and embedding on one CPU device: their
     weights go into block_quant's tiles and through its float32 loops, which give a row the same sums at
@@ -164,14 +181,21 @@ def bf16_block_formats(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
     not tile (input not a multiple of 32 values, an odd number of outputs) stay dense."""
     from jaxserve.pallas_kernels import block_quant
 
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h),
-              "up_proj": (i, h), "down_proj": (h, i), "embed_tokens": (v, h)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (v, h)
-    return tuple(sorted((module, "bf16_blocks") for module, (rows, cols) in shapes.items()
+    return tuple(sorted((module, "bf16_blocks") for module, (rows, cols) in _weight_shapes(cfg).items()
                         if rows % block_quant.TILE == 0 and cols % block_quant.BLOCK == 0))
+
+
+def int8_rows_formats(cfg: ModelConfig, fallback: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """(module, "int8_rows") for every projection and the embedding whose shape fits int8 rows
+    (pallas_kernels/int8_rows: outputs a multiple of 16, inputs of 64); the others keep `fallback`'s format
+    (a GGUF file's blocks) or stay dense. A fused projection's parts (q/k/v, gate/up) all fit or none does."""
+    shapes = _weight_shapes(cfg)
+    fits = {module: int8_rows.fits(*shape) for module, shape in shapes.items()}
+    for parts in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        if not all(fits[part] for part in parts):
+            fits.update(dict.fromkeys(parts, False))
+    formats = {module: "int8_rows" if fits[module] else fallback.get(module) for module in shapes}
+    return tuple(sorted((module, fmt) for module, fmt in formats.items() if fmt))
 
 
 def weight_bytes(flat: dict) -> int:
@@ -257,7 +281,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     # Block layouts carry their own version: a cache entry's arrays are used as they are.
     blocks = {"blocks": formats, "block_layout": BLOCK_LAYOUT_VERSION} if formats else {}
     key = {"source": source_identity(source), "dtype": dtype, "format": 1, **blocks}
-    keep_blocks = frozenset(module for module, _ in formats)
+    # int8 rows are packed from the float weights (models/llama.flat_params_from_hf), the rest kept in blocks
+    keep_blocks = frozenset(module for module, fmt in formats if fmt != "int8_rows")
     # Sharded: each device's slice is read from the safetensors files when it is placed, so no host holds a
     # whole split weight and each host reads only its own devices' slices.
     checkpoint_files = CheckpointFiles() if not source.is_gguf and (mesh.size > 1 or multihost) else None

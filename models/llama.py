@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.lazy_tensors import StackedTensors, is_lazy
-from jaxserve.pallas_kernels import block_quant, cpu_kernels
+from jaxserve.pallas_kernels import block_quant, cpu_kernels, int8_rows
 from jaxserve.pallas_kernels.attention import ragged_paged_attention, write_kv
 
 
@@ -37,7 +37,7 @@ class AttentionMetadata(NamedTuple):
 
 # The block formats (pallas_kernels/block_quant): GGUF's 4- and 8-bit blocks, and a bfloat16 model's weights
 # in the same tiles.
-BLOCK_FORMATS = ("q4", "q8", "bf16_blocks")
+BLOCK_FORMATS = ("q4", "q8", "bf16_blocks", "int8_rows")
 # Leaves of block-quantized weights (pallas_kernels/block_quant). A scanned step reads them from the stacked
 # [num_layers, ...] arrays in place (the kernels take the layer index), so the scan never slices them.
 BLOCK_LEAVES = ("qweight", "scales", "mins")
@@ -121,7 +121,8 @@ class Linear(nnx.Linear):
     power-of-two `weight_scale` and multiplies through the int8 kernel; "q4" / "q8" / "bf16_blocks" hold no
     kernel but GGUF's blocks or bfloat16 weights in the same tiles (`qweight`[, `scales`, `mins`]:
     pallas_kernels/block_quant), multiplied through its kernels at every batch size, possibly stacked over
-    layers and picked by `layer_index`."""
+    layers and picked by `layer_index`; "int8_rows" likewise holds int8 rows (`qweight`, `scales`:
+    pallas_kernels/int8_rows), multiplied with int8 activations in AMX tiles."""
 
     def __init__(self, din, dout, bias, dtype, activation_dtype, rngs, cpu_kernel: str | None = None):
         super().__init__(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
@@ -155,6 +156,13 @@ def _block_params(module: nnx.Module, fmt: str, rows: int, cols: int, dtype) -> 
     for name in ("kernel", "embedding"):
         if hasattr(module, name):
             setattr(module, name, None)
+    module.block_format = fmt
+    if fmt == "int8_rows":
+        module.qweight = nnx.Param(jnp.zeros((rows // int8_rows.ROWS, cols * int8_rows.ROWS), jnp.int8))
+        module.scales = nnx.Param(jnp.ones((rows // int8_rows.ROWS, int8_rows.ROWS), jnp.float32))
+        module.mins = None
+        module.multiply_dtype = jnp.dtype(jnp.int8)
+        return
     qtype = {"q4": jnp.uint8, "q8": jnp.int8, "bf16_blocks": jnp.uint16}[fmt]
     module.qweight = nnx.Param(jnp.zeros((tiles, per_tile * (16 if fmt == "q4" else 32)), qtype))
     module.scales = None if fmt == "bf16_blocks" else nnx.Param(jnp.ones((tiles, per_tile), jnp.float32))
@@ -173,6 +181,10 @@ def _block_matmul(module: nnx.Module, x, meta: AttentionMetadata | None = None, 
     padding rows skipped (or past `rows`, int32 [1], when given instead). `gated`, `pairs` (paired_out,
     num_rows): block_quant.matmul's."""
     layer = meta.layer_index if meta is not None and module.qweight[...].ndim == 3 else 0
+    if module.block_format == "int8_rows":  # no paired activations: the next projection quantizes its own
+        return int8_rows.matmul(x, module.qweight[...], module.scales[...], layer,
+                                meta.num_tokens() if meta is not None else rows, gated=gated,
+                                argmax=pairs.get("argmax", False))
     return block_quant.matmul(x, module.qweight[...], *_scales_mins(module), layer,
                               meta.num_tokens() if meta is not None else rows,
                               bf16=module.multiply_dtype == jnp.bfloat16, gated=gated, **pairs)
@@ -186,11 +198,12 @@ class BlockEmbed(nnx.Module):
         _block_params(self, fmt, vocab_size, hidden_size, dtype)
 
     def lookup(self, token_ids):
+        if self.block_format == "int8_rows":
+            return int8_rows.lookup_rows(self.qweight[...], self.scales[...], token_ids)
         return block_quant.lookup_rows(self.qweight[...], *_scales_mins(self), token_ids)
 
     def attend(self, hidden, rows=None):
-        return block_quant.matmul(hidden, self.qweight[...], *_scales_mins(self), rows=rows,
-                                  bf16=self.multiply_dtype == jnp.bfloat16)
+        return _block_matmul(self, hidden, rows=rows)
 
 
 # Projections that read the same input, held as one block-quantized weight when all their parts share a block
@@ -304,13 +317,16 @@ class MLP(nnx.Module):
         """Both projections multiply in bfloat16 AMX tiles (block_quant.amx_fits) and down is a plain block one."""
         fused, down = self.gate_up_proj, self.down_proj
         return (down.bias is None and fused.activation_dtype == jnp.float32 and fused.multiply_dtype == jnp.bfloat16
-                and _in_tiles(down, down.in_features))
+                and down.multiply_dtype == jnp.bfloat16 and _in_tiles(down, down.in_features))
 
 
 def _in_tiles(module: nnx.Module, width: int) -> bool:
-    """A block-format module (Linear or BlockEmbed) multiplying in bfloat16 AMX tiles, where block_quant.matmul's
-    AMX-only options fit `width` (block_quant.amx_fits)."""
+    """A block-format module (Linear or BlockEmbed) multiplying in AMX tiles, where its kernel's AMX-only
+    options (argmax; block_quant.matmul's paired activations, with bfloat16 ones) fit `width`
+    (block_quant.amx_fits; int8 rows always have them)."""
     block = getattr(module, "cpu_kernel", None) in BLOCK_FORMATS or isinstance(module, BlockEmbed)
+    if block and module.block_format == "int8_rows":
+        return True
     return block and module.multiply_dtype == jnp.bfloat16 and block_quant.amx_fits(width)
 
 
@@ -580,19 +596,29 @@ def hf_name_for(path: tuple) -> tuple[str, bool]:
 def flat_params_from_hf(cfg: ModelConfig, tensors, dtype, block_formats=()) -> dict[str, np.ndarray]:
     """HF-named float32 tensors → {"/"-joined NNX path: array in the model's layout and dtype}. The modules in
     `block_formats` come as block_quant's packed arrays (models/gguf_reader.iter_gguf_hf_tensors), kept as
-    they are."""
+    they are, except int8 rows, which are packed here from the float [out, in] weights."""
     model = abstract_model(cfg, dtype, "xla", block_formats=block_formats)
+    int8_modules = {module for module, fmt in block_formats if fmt == "int8_rows"}
+    packed = {}
+
+    def tensor(name):  # int8 rows packed once for all their leaves
+        if name.rsplit(".", 2)[-2] not in int8_modules or name not in tensors:
+            return tensors.get(name)
+        if name not in packed:
+            packed[name] = int8_rows.pack(np.asarray(tensors[name], np.float32))
+        return packed[name]
+
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = hf_name_for(path)
         module, leaf = str(path[-2]), str(path[-1])
         if module in FUSED_PROJECTIONS:  # the parts' tiles, stacked along the output rows
-            parts = [tensors.get(name.replace(module, part)) for part in FUSED_PROJECTIONS[module]]
+            parts = [tensor(name.replace(module, part)) for part in FUSED_PROJECTIONS[module]]
             if any(not isinstance(part, dict) or leaf not in part for part in parts):
                 raise ValueError(f"checkpoint lacks the blocks of {name!r}'s parts")
             arr = {leaf: np.concatenate([part[leaf] for part in parts])}
         elif name in tensors:
-            arr = tensors[name]
+            arr = tensor(name)
         else:
             raise ValueError(f"checkpoint has no tensor {name!r} needed by {cfg.architecture}")
         if leaf in BLOCK_LEAVES:
