@@ -475,7 +475,7 @@ def test_block_engine_agrees_with_dequantized_weights_and_across_batches(tmp_pat
 def test_quantization_choices(random_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="quantization gguf needs a .gguf model"):
         LLM(model=str(random_llama_dir), quantization="gguf", precompile=False, max_model_len=64)
-    with pytest.raises(ValueError, match="quantization must be one of gguf, int8, none"):
+    with pytest.raises(ValueError, match="quantization must be one of gguf, int8, w8a8, none"):
         LLM(model=str(random_llama_dir), quantization="q4", precompile=False, max_model_len=64)
     write_tiny_gguf(tmp_path / "tiny.gguf")
     dense = LLM(model=str(tmp_path / "tiny.gguf"), tokenizer=default_gguf_path(), quantization="none",

@@ -1,4 +1,6 @@
 """Int8 rows (pallas_kernels/int8_rows): the AMX int8 kernel against its pure-JAX reference, bit for bit."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,45 @@ def test_rows_layers_and_special_values():
     assert (y[1] == 0).all() and np.isnan(y[2]).all() and (y[4] == 0).all()  # row 4 is past `rows`
     am = np.asarray(int8_rows.matmul(jnp.asarray(x), q, s, layer=2, rows=4, argmax=True))
     assert am[2] == 63 and am[4] == 0 and am[0] == want[0].argmax()
+
+
+@needs_kernel
+def test_w8a8_engine_is_batch_invariant_and_close_to_the_dequantized_model(tmp_path):
+    from test_block_quant import write_q4_k_gguf
+
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.engine_setup import int8_rows_formats, resolve_block_formats
+    from jaxserve.models.weights import default_gguf_path, resolve_model_source
+
+    write_q4_k_gguf(tmp_path / "k.gguf", np.random.default_rng(11))
+    kw = dict(model=str(tmp_path / "k.gguf"), tokenizer=default_gguf_path(), checkpoint_cache_dir=None,
+              precompile=False, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              kv_cache_dtype="float32", dtype="float32")
+    w8a8, dense = LLM(quantization="w8a8", **kw), LLM(quantization="none", **kw)
+    formats = dict(w8a8.engine.runner.config.block_formats)
+    assert set(formats.values()) == {"int8_rows"} and {"q_proj", "down_proj", "embed_tokens"} <= set(formats)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 60, size=int(rng.integers(2, 14))).tolist() for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
+    together = w8a8.generate(prompts, params)
+    for prompt, batched in zip(prompts, together):  # exact integer sums: the same alone and batched
+        alone = w8a8.generate([prompt], params)[0].outputs[0]
+        assert alone.token_ids == batched.outputs[0].token_ids
+        assert [{t: lp.logprob for t, lp in step.items()} for step in alone.logprobs] == \
+               [{t: lp.logprob for t, lp in step.items()} for step in batched.outputs[0].logprobs]
+    first = dense.generate(prompts, SamplingParams(temperature=0, max_tokens=1, logprobs=3))
+    # int8 weights and activations: close, not equal. A random model's logits are large (its top logprobs
+    # here run from -1e-4 to -13), so its rank-2 and -3 logprobs move by up to ~0.8.
+    for got, want in zip(together, first):
+        assert got.outputs[0].token_ids[0] == want.outputs[0].token_ids[0]
+        for token, lp in want.outputs[0].logprobs[0].items():
+            assert abs(got.outputs[0].logprobs[0][token].logprob - lp.logprob) < (0.1 if lp.rank == 1 else 1.0)
+    source, cfg = resolve_model_source(kw["model"]), w8a8.engine.model_config
+    with pytest.raises(ValueError, match="w8a8 needs one CPU device with AMX int8 tiles"):
+        resolve_block_formats("w8a8", source, False, cfg, "float32")
+    # a module that does not fit int8 rows keeps the file's blocks; a fused part that does not, its group too
+    odd = dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size + 8)
+    fallback = {"gate_proj": "q4", "up_proj": "q4", "down_proj": "q4"}
+    formats = dict(int8_rows_formats(odd, fallback))
+    assert formats["gate_proj"] == formats["up_proj"] == "q4" and formats["down_proj"] == "q4"
+    assert formats["q_proj"] == formats["o_proj"] == "int8_rows"
