@@ -44,6 +44,9 @@ def servers() -> dict[str, dict]:
         "jaxserve": {"port": 8110, "cmd": jaxserve + ["--port", "8110"], "env": {"JAX_PLATFORMS": "cpu"}},
         "jaxserve-nospec": {"port": 8111, "cmd": jaxserve + ["--port", "8111", "--num-speculative-tokens", "0"],
                             "env": {"JAX_PLATFORMS": "cpu"}},
+        # the GGUF's own blocks in bfloat16 tiles (the default before int8 rows, on AMX machines)
+        "jaxserve-gguf": {"port": 8112, "cmd": jaxserve + ["--port", "8112", "--quantization", "gguf"],
+                          "env": {"JAX_PLATFORMS": "cpu"}},
         "vllm": {"port": 8102,
                  "cmd": [os.path.join(PEERS, "vllm", "bin", "python"), "-m", "vllm.entrypoints.openai.api_server",
                          "--model", hf, "--host", "127.0.0.1", "--port", "8102", "--dtype", "bfloat16",

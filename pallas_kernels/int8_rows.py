@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.pallas_kernels import cpu_kernels
+from . import cpu_kernels
 
 TARGET = "jaxserve_int8_rows_matmul"
 CHUNK = 64  # K values per rotated block and per tile row

@@ -70,9 +70,10 @@ _ENGINE_HELP = {
     "scheduling_policy": "fcfs: requests in arrival order; priority: by the requests' priority (lower first), "
                          "then arrival, and the last in that order is preempted when KV pages run out.",
     "quantization": "gguf: keep a .gguf model's Q4_0 / Q4_1 / Q4_K / Q8_0 weights in their blocks and multiply through "
-                    "the CPU block kernels (the default for .gguf models on one CPU device with the kernels); "
-                    "w8a8: int8 weights with one scale per output row and int8 activations with one per token, "
-                    "both rotated by a blockwise Hadamard transform, in AMX int8 tiles (Intel CPUs with AMX); "
+                    "the CPU block kernels (the default for .gguf models on one CPU device with the kernels, "
+                    "unless the CPU has AMX int8); w8a8: int8 weights with one scale per output row and int8 "
+                    "activations with one per token, both rotated by a blockwise Hadamard transform, in AMX int8 "
+                    "tiles (the default for .gguf models on Intel CPUs with AMX); "
                     "none: dequantize GGUF weights to --dtype; int8: round the layers' projection weights to int8 "
                     "with per-column power-of-two scales for the CPU int8 kernel (one CPU device, bfloat16 "
                     "weights).",

@@ -407,7 +407,7 @@ def test_q4_k_model_runs_in_blocks_like_its_dequantized_weights(tmp_path, mixed_
     kw = dict(model=str(tmp_path / "k.gguf"), tokenizer=default_gguf_path(), checkpoint_cache_dir=None,
               precompile=False, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
               kv_cache_dtype="float32", dtype="float32")
-    blocks, dense = LLM(**kw), LLM(quantization="none", **kw)
+    blocks, dense = LLM(quantization="gguf", **kw), LLM(quantization="none", **kw)
     assert dict(blocks.engine.runner.config.block_formats)["gate_proj"] == "q4"
     assert {"qkv_proj", "gate_up_proj"} <= {str(path[-2]) for path in blocks.engine.runner.split.layer_paths}
     rng = np.random.default_rng(5)
@@ -451,7 +451,7 @@ def test_block_engine_agrees_with_dequantized_weights_and_across_batches(tmp_pat
     kw = dict(model=str(tmp_path / "tiny.gguf"), tokenizer=default_gguf_path(), checkpoint_cache_dir=None,
               precompile=False, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=11, block_size=4,
               kv_cache_dtype="float32")
-    blocks = LLM(dtype=dtype, **kw)
+    blocks = LLM(dtype=dtype, quantization="gguf", **kw)  # the file's blocks, not int8 rows (AMX machines)
     assert dict(blocks.engine.runner.config.block_formats)["q_proj"] == "q4"
     assert blocks.engine.model_config.qk_norm == (arch == "qwen3")
     modules = {str(path[-2]) for path in blocks.engine.runner.split.layer_paths}
