@@ -82,8 +82,7 @@ def lookup_rows(qweight, scales, ids):
     tiles, per = qweight.shape
     k = per // ROWS
     ids = jnp.asarray(ids, jnp.int32)
-    grouped = qweight.reshape(tiles, k // CHUNK, ROWS, CHUNK)[ids // ROWS]  # [T, K / 64, 16, 64]
-    rows = jnp.take_along_axis(grouped, (ids % ROWS)[:, None, None, None], axis=2)[:, :, 0, :].reshape(-1, k)
+    rows = qweight.reshape(tiles, k // CHUNK, ROWS, CHUNK)[ids // ROWS, :, ids % ROWS, :].reshape(-1, k)
     return rotate(rows.astype(jnp.float32) * scales.reshape(-1)[ids][:, None])
 
 

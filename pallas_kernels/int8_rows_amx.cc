@@ -227,11 +227,11 @@ void matmul(ffi::ThreadPool& pool, const float* x, const int8_t* w, const float*
       const int count = gated ? kPanelOutputs : static_cast<int>(std::min<int64_t>(kPanelOutputs, N - o0));
       const int8_t* a0 = w + first * chunks * kTileBytes;
       const int8_t* a1 = w + second * chunks * kTileBytes;
-      // one token group streams the weights: the next panel's, a chunk of each tile row per chunk, ahead
-      const bool ahead = groups == 1 && p + 1 < last;
-      const int8_t* next0 = ahead ? w + next_first * chunks * kTileBytes : nullptr;
+      // The next panel's weights, a chunk of each tile row per chunk, asked for while the first group pair
+      // meets this one (the later pairs find this panel in the caches).
       const int8_t* next1 = w + next_second * chunks * kTileBytes;
       for (int64_t g = 0; g < groups; g += 2) {
+        const int8_t* next0 = g == 0 && p + 1 < last ? w + next_first * chunks * kTileBytes : nullptr;
         const int8_t* tokens0 = tiles + g * chunks * kTileBytes;
         const bool two = g + 1 < groups;
         if (two)
