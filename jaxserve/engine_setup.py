@@ -133,10 +133,10 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool, 
     file's blocks, or a bfloat16 checkpoint's weights in the same tiles (bf16_block_formats).
 
     `quantization`: None (auto: for a .gguf model where the kernels run, "w8a8" where the CPU has AMX int8
-    tiles, else "gguf"), "gguf" (keep the file's
-    Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, as llama.cpp and vLLM's GGUF support run them), "w8a8" (int8 rows with
-    int8 activations in AMX tiles: int8_rows_formats), "none" (dequantize to the compute dtype), "int8" (see
-    load_engine_model). `kernels_here`: one CPU device with the CPU kernels."""
+    tiles, else "gguf"), "gguf" (keep the file's Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, as llama.cpp and vLLM's GGUF
+    support run them), "w8a8" (int8 rows with int8 activations in AMX tiles: int8_rows_formats), "none"
+    (dequantize to the compute dtype), "int8" (see load_engine_model). `kernels_here`: one CPU device with the
+    CPU kernels."""
     from jaxserve.models.gguf_reader import block_formats, read_gguf_header
 
     if quantization not in (None, *QUANTIZATIONS):

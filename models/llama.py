@@ -314,10 +314,11 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(gate) * up, meta)
 
     def _pairs_fit(self) -> bool:
-        """Both projections multiply in bfloat16 AMX tiles (block_quant.amx_fits) and down is a plain block one."""
+        """Both projections multiply in bfloat16 AMX tiles (block_quant.amx_fits) and down is a plain block one
+        (not int8 rows, which quantize their float32 input themselves)."""
         fused, down = self.gate_up_proj, self.down_proj
         return (down.bias is None and fused.activation_dtype == jnp.float32 and fused.multiply_dtype == jnp.bfloat16
-                and down.multiply_dtype == jnp.bfloat16 and _in_tiles(down, down.in_features))
+                and _in_tiles(down, down.in_features) and down.block_format != "int8_rows")
 
 
 def _in_tiles(module: nnx.Module, width: int) -> bool:
