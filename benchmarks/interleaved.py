@@ -38,8 +38,11 @@ def servers() -> dict[str, dict]:
     gguf = os.path.join(PEERS, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
     hf = os.path.join(PEERS, "models", "smollm2-hf")
     jaxserve = [os.path.join(PROJECT, ".venv", "bin", "jaxserve"), "--host", "127.0.0.1"]
-    llama = [os.path.join(PEERS, "src", "llama.cpp", "build", "bin", "llama-server"), "-m", gguf,
-             "--host", "127.0.0.1", "-t", "2", "-tb", "2", "-c", "16384", "--kv-unified", "-cb", "--no-webui"]
+    # LLAMA_SERVER: another build of it (this version's AMX kernels died of SIGILL on the AMX machine; round 32)
+    llama_server = os.environ.get("LLAMA_SERVER") or os.path.join(PEERS, "src", "llama.cpp", "build", "bin",
+                                                                  "llama-server")
+    llama = [llama_server, "-m", gguf, "--host", "127.0.0.1", "-t", "2", "-tb", "2", "-c", "16384", "--kv-unified",
+             "-cb", "--no-webui"]
     return {
         "jaxserve": {"port": 8110, "cmd": jaxserve + ["--port", "8110"], "env": {"JAX_PLATFORMS": "cpu"}},
         "jaxserve-nospec": {"port": 8111, "cmd": jaxserve + ["--port", "8111", "--num-speculative-tokens", "0"],
