@@ -7,7 +7,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_amx.h"
 #include "cpu_math.h"
@@ -97,23 +99,49 @@ JAXSERVE_AVX512_BF16 void fold_max(const float* sums, int64_t m0, int64_t tokens
   }
 }
 
-// Each task's running maxima (`padded` tokens apiece, tasks in panel order) into y_argmax [M]: a later task's
-// value wins only if larger, so ties keep the first index; a row that saw a NaN gets N - 1.
-inline void merge_maxima(const float* max_value, const int32_t* max_index, const int32_t* max_nan, int64_t tasks,
-                         int64_t padded, int64_t M, int64_t N, int32_t* y_argmax) {
-  for (int64_t m = 0; m < M; ++m) {
-    float value = max_value[m];
-    int32_t index = max_index[m], nan = max_nan[m];
-    for (int64_t t = 1; t < tasks; ++t) {
-      if (max_value[t * padded + m] > value) {
-        value = max_value[t * padded + m];
-        index = max_index[t * padded + m];
-      }
-      nan |= max_nan[t * padded + m];
-    }
-    y_argmax[m] = nan ? static_cast<int32_t>(N - 1) : index;
+// A projection's panels split over the pool's threads: `tasks` contiguous ranges of `per_task` panels (about
+// four a thread, so a slow thread's share is taken up by the others).
+struct PanelTasks {
+  PanelTasks(int64_t panels, int64_t threads) {
+    const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(panels / 2, threads * 4));
+    per_task = (panels + wanted - 1) / wanted;
+    tasks = (panels + per_task - 1) / per_task;
   }
-}
+  int64_t per_task, tasks;
+};
+
+// An argmax call's running maxima, one set per task (`padded` tokens apiece; -inf, the task's first output, no
+// NaN to start), merged in task order: a later task's value wins only if larger, so ties keep the first index;
+// a row that saw a NaN gets N - 1.
+struct TaskMaxima {
+  TaskMaxima(bool on, int64_t tasks, int64_t padded, int64_t outputs_per_task)
+      : padded(padded), value(on ? tasks * padded : 0, -INFINITY), index(value.size()), nan(value.size()) {
+    for (int64_t t = 0; on && t < tasks; ++t)
+      std::fill_n(index.begin() + t * padded, padded, static_cast<int32_t>(t * outputs_per_task));
+  }
+  RunningMax of(int64_t t) {
+    if (value.empty()) return {nullptr, nullptr, nullptr};
+    return {value.data() + t * padded, index.data() + t * padded, nan.data() + t * padded};
+  }
+  void merge(int64_t M, int64_t N, int32_t* y_argmax) const {
+    const int64_t tasks = static_cast<int64_t>(value.size()) / padded;
+    for (int64_t m = 0; m < M; ++m) {
+      float best = value[m];
+      int32_t at = index[m], saw_nan = nan[m];
+      for (int64_t t = 1; t < tasks; ++t) {
+        if (value[t * padded + m] > best) {
+          best = value[t * padded + m];
+          at = index[t * padded + m];
+        }
+        saw_nan |= nan[t * padded + m];
+      }
+      y_argmax[m] = saw_nan ? static_cast<int32_t>(N - 1) : at;
+    }
+  }
+  int64_t padded;
+  std::vector<float> value;
+  std::vector<int32_t> index, nan;
+};
 
 }  // namespace
 }  // namespace jaxserve::block_quant

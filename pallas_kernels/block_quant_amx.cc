@@ -249,22 +249,15 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
   // short steps' y is small and read next, from the cache.
   const void* out = y_pairs ? static_cast<void*>(y_pairs) : y;
   const bool streaming = groups > 2 && reinterpret_cast<uintptr_t>(out) % 64 == 0 && width % kTileDim == 0;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
-  const int64_t per_task = (panels + tasks - 1) / tasks, used_tasks = (panels + per_task - 1) / per_task;
-  // With y_argmax: each task's running maxima over its panels (-inf, its first output, no NaN), merged below
-  const int64_t padded = groups * kTileDim;
-  std::vector<float> max_value(y_argmax ? used_tasks * padded : 0, -INFINITY);
-  std::vector<int32_t> max_index(y_argmax ? used_tasks * padded : 0), max_nan(y_argmax ? used_tasks * padded : 0);
-  for (int64_t t = 0; y_argmax && t < used_tasks; ++t)
-    std::fill_n(max_index.begin() + t * padded, padded, static_cast<int32_t>(t * per_task * kGroupOutputs));
-  parallel_blocks(pool, used_tasks, [&](int64_t t) {
-    RunningMax best{nullptr, nullptr, nullptr};
-    if (y_argmax) best = {max_value.data() + t * padded, max_index.data() + t * padded, max_nan.data() + t * padded};
+  const PanelTasks split(panels, pool.num_threads());
+  TaskMaxima maxima(y_argmax != nullptr, split.tasks, groups * kTileDim, split.per_task * kGroupOutputs);
+  parallel_blocks(pool, split.tasks, [&](int64_t t) {
+    RunningMax best = maxima.of(t);
     uint16_t* panel = thread_scratch<uint16_t, 1>(std::max<int64_t>(nb, 2) * kChunkValues);  // or two chunks
     float* sums = thread_scratch<float, 2>(4 * kPairTile);
     load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
                      groups > 2 ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim)));
-    for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
+    for (int64_t p = t * split.per_task; p < std::min(panels, (t + 1) * split.per_task); ++p) {
       const int64_t o0 = gated ? p * kTileDim : p * kGroupOutputs;  // y's first column of the panel
       const int count = gated ? kGroupOutputs : static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));
       auto store = [&](int64_t m0, int64_t tokens) {
@@ -295,7 +288,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
     release_tiles();
     if (streaming) _mm_sfence();  // the streamed rows are in memory before the caller reads y
   });
-  if (y_argmax) merge_maxima(max_value.data(), max_index.data(), max_nan.data(), used_tasks, padded, M, N, y_argmax);
+  if (y_argmax) maxima.merge(M, N, y_argmax);
 }
 
 }  // namespace

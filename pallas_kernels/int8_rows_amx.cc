@@ -35,8 +35,9 @@ namespace jaxserve::int8_rows {
 namespace {
 
 using block_quant::fold_max;
-using block_quant::merge_maxima;
+using block_quant::PanelTasks;
 using block_quant::RunningMax;
+using block_quant::TaskMaxima;
 using block_quant::store_gated;
 using block_quant::store_sums;
 
@@ -205,21 +206,15 @@ void matmul(ffi::ThreadPool& pool, const float* x, const int8_t* w, const float*
   };
   const int64_t width = gated ? N / 2 : N;
   const bool streaming = groups > 2 && reinterpret_cast<uintptr_t>(y) % 64 == 0 && width % kTileDim == 0;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels / 2, pool.num_threads() * 4));
-  const int64_t per_task = (panels + tasks - 1) / tasks, used_tasks = (panels + per_task - 1) / per_task;
-  const int64_t padded = groups * kTileDim;
-  std::vector<float> max_value(y_argmax ? used_tasks * padded : 0, -INFINITY);
-  std::vector<int32_t> max_index(y_argmax ? used_tasks * padded : 0), max_nan(y_argmax ? used_tasks * padded : 0);
-  for (int64_t t = 0; y_argmax && t < used_tasks; ++t)
-    std::fill_n(max_index.begin() + t * padded, padded, static_cast<int32_t>(t * per_task * kPanelOutputs));
-  parallel_blocks(pool, used_tasks, [&](int64_t t) {
-    RunningMax best{nullptr, nullptr, nullptr};
-    if (y_argmax) best = {max_value.data() + t * padded, max_index.data() + t * padded, max_nan.data() + t * padded};
+  const PanelTasks split(panels, pool.num_threads());
+  TaskMaxima maxima(y_argmax != nullptr, split.tasks, groups * kTileDim, split.per_task * kPanelOutputs);
+  parallel_blocks(pool, split.tasks, [&](int64_t t) {
+    RunningMax best = maxima.of(t);
     float* sums = thread_scratch<float, 2>(4 * kPairTile);
     load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
                      groups > 2 ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim)));
-    const int64_t last = std::min(panels, (t + 1) * per_task);
-    for (int64_t p = t * per_task; p < last; ++p) {
+    const int64_t last = std::min(panels, (t + 1) * split.per_task);
+    for (int64_t p = t * split.per_task; p < last; ++p) {
       int64_t first, second, next_first, next_second;
       tile_rows(p, first, second);
       tile_rows(std::min(p + 1, panels - 1), next_first, next_second);
@@ -252,7 +247,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, const int8_t* w, const float*
     release_tiles();
     if (streaming) _mm_sfence();
   });
-  if (y_argmax) merge_maxima(max_value.data(), max_index.data(), max_nan.data(), used_tasks, padded, M, N, y_argmax);
+  if (y_argmax) maxima.merge(M, N, y_argmax);
 }
 #endif  // JAXSERVE_HAVE_AMX
 
