@@ -52,7 +52,8 @@ def _quantize(r, xp):
     ok = (peak > 0) & xp.isfinite(peak)
     inverse = xp.where(ok, np.float32(127) / xp.where(ok, peak, np.float32(1)), np.float32(0)).astype(np.float32)
     q = xp.clip(xp.round(r * inverse[..., None]), -127, 127).astype(np.int8)
-    return q, (peak * (np.float32(1) / np.float32(127))).astype(np.float32)
+    scale = xp.where(xp.isfinite(peak), peak * (np.float32(1) / np.float32(127)), np.float32(np.nan))
+    return q, scale.astype(np.float32)  # a row with a NaN or inf: every output NaN
 
 
 def pack(w: np.ndarray) -> dict[str, np.ndarray]:

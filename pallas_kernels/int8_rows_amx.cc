@@ -1,7 +1,7 @@
 // Projections in AMX int8 tiles (tdpbssd): int8 weights with one scale per output row against activations
 // quantized to int8 with one scale per token. Both sides are first rotated by the same orthonormal transform,
 // a 64-point Walsh-Hadamard transform of each 64-value block of K (the weights once at load,
-// int8_rows.pack_int8_rows; the activations here), so x . w is unchanged while the outliers that a per-token
+// int8_rows.pack; the activations here), so x . w is unchanged while the outliers that a per-token
 // scale cannot hold are spread over their block (perplexity of the default model: docs/benchmarks.md round 32).
 //
 // Every product and sum is an exact integer (int32 over K), and the float part is the same three roundings
@@ -11,25 +11,17 @@
 // loaded straight from memory, at one byte a value against the 4-bit blocks' 0.625 and bfloat16's two.
 
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cpuid.h>
 #include <cstdint>
 #include <cstring>
-#include <string>
-#include <vector>
 
 #include "amx_stores.h"
 #include "block_quant.h"
 #include "cpu_amx.h"
 #include "cpu_parallel.h"
-
-namespace jaxserve::block_quant {
-bool has_amx();  // block_quant_amx.cc
-}
 
 namespace jaxserve::int8_rows {
 namespace {
@@ -106,8 +98,9 @@ JAXSERVE_AVX512_BF16 void quantize_group(const float* x, int64_t M, int64_t K, i
     }
     // (max_ps drops NaNs, so they are caught apart and carried into every output through the scale)
     const float peak = nan ? NAN : _mm512_reduce_max_ps(largest);
-    x_scale[g * kTileDim + j] = peak * (1.0f / 127.0f);  // NaN or inf carry into every output
-    const float inverse = peak > 0.0f && std::isfinite(peak) ? 127.0f / peak : 0.0f;
+    const bool finite = std::isfinite(peak);
+    x_scale[g * kTileDim + j] = finite ? peak * (1.0f / 127.0f) : NAN;  // a NaN or inf: every output NaN
+    const float inverse = finite && peak > 0.0f ? 127.0f / peak : 0.0f;
     int8_t* bytes = reinterpret_cast<int8_t*>(quads + j * (K / 4));
     for (int64_t k = 0; k < K; k += 16) {
       const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(rotated + k), _mm512_set1_ps(inverse)));
