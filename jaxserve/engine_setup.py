@@ -417,9 +417,13 @@ def describe_projection_kernels(formats, cpu_kernel: bool, int8_weights: bool, d
     dense = ("int8" if int8_weights else "bf16") if cpu_kernel else "off"
     if not formats:
         return dense
-    blocks = ", ".join(f"{module} {fmt}" for module, fmt in formats)
-    if block_quant.multiply_dtype(dtype) != jnp.bfloat16:
-        multiply = "float32"
-    else:
-        multiply = "bfloat16 in AMX tiles" if cpu_kernels.has_amx_tiles() else "bfloat16 (AVX512-BF16)"
-    return f"blocks ({blocks}; 4/8-bit ones multiplied in {multiply}), other weights {dense}"
+    rows = [module for module, fmt in formats if fmt == "int8_rows"]
+    described = [f"int8 rows ({', '.join(rows)}; int8 activations, AMX int8 tiles)"] if rows else []
+    if len(rows) < len(formats):
+        blocks = ", ".join(f"{module} {fmt}" for module, fmt in formats if fmt != "int8_rows")
+        if block_quant.multiply_dtype(dtype) != jnp.bfloat16:
+            multiply = "float32"
+        else:
+            multiply = "bfloat16 in AMX tiles" if cpu_kernels.has_amx_tiles() else "bfloat16 (AVX512-BF16)"
+        described.append(f"blocks ({blocks}; 4/8-bit ones multiplied in {multiply})")
+    return f"{', '.join(described)}, other weights {dense}"

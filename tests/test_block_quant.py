@@ -521,3 +521,7 @@ def test_the_start_up_log_names_the_multiply_path():
             if cpu_kernels.has_fast_bf16_dots() else "float32")
     assert f"multiplied in {path})" in describe_projection_kernels(formats, True, False, "bfloat16")
     assert describe_projection_kernels((), True, True, "bfloat16") == "int8"
+    assert describe_projection_kernels((("down_proj", "int8_rows"), ("q_proj", "int8_rows")), False, False) == (
+        "int8 rows (down_proj, q_proj; int8 activations, AMX int8 tiles), other weights off")
+    mixed = describe_projection_kernels((("down_proj", "q4"), ("q_proj", "int8_rows")), False, False)
+    assert mixed.startswith("int8 rows (q_proj; ") and "blocks (down_proj q4; 4/8-bit ones multiplied in" in mixed
