@@ -22,6 +22,7 @@ def test_rotation_is_orthonormal_and_its_own_inverse():
     np.testing.assert_allclose(np.linalg.norm(r, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
     np.testing.assert_allclose(int8_rows.rotate(r), x, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(int8_rows.rotate(jnp.asarray(x))), r)  # numpy and JAX agree
+    np.testing.assert_allclose(int8_rows._rotate_fast(x), r, atol=1e-5)  # the load-time matrix form
     # a lone spike spreads evenly over its own 64-value block and no further
     spike = np.zeros((1, 128), np.float32)
     spike[0, 70] = 8.0
