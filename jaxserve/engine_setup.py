@@ -133,7 +133,7 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool, 
     file's blocks, or a bfloat16 checkpoint's weights in the same tiles (bf16_block_formats).
 
     `quantization`: None (auto: for a .gguf model where the kernels run, "w8a8" where the CPU has AMX int8
-    tiles, else "gguf"), "gguf" (keep the file's Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, as llama.cpp and vLLM's GGUF
+    tiles and the model runs in bfloat16, else "gguf"), "gguf" (keep the file's Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, as llama.cpp and vLLM's GGUF
     support run them), "w8a8" (int8 rows with int8 activations in AMX tiles: int8_rows_formats), "none"
     (dequantize to the compute dtype), "int8" (see load_engine_model). `kernels_here`: one CPU device with the
     CPU kernels."""
@@ -146,9 +146,11 @@ def resolve_block_formats(quantization: str | None, source, kernels_here: bool, 
     if quantization == "gguf" and not kernels_here:
         raise ValueError("--quantization gguf needs the CPU kernels: one CPU device, AVX2 and a C++ compiler "
                          "(elsewhere GGUF weights are dequantized: --quantization none)")
-    if quantization is None and source.is_gguf and kernels_here and int8_rows.available():
+    if (quantization is None and source.is_gguf and kernels_here and int8_rows.available()
+            and block_quant.multiply_dtype(dtype) == jnp.bfloat16):
         # A GGUF's weights are already quantized; int8 activations are what llama.cpp multiplies them with too
         # (perplexity +0.4% on the default model; one-token steps ~35% faster: docs/benchmarks.md round 32).
+        # An explicit --dtype float32 keeps the blocks' float32 loops.
         quantization = "w8a8"
     if quantization == "w8a8":
         if not (kernels_here and int8_rows.available()):

@@ -73,7 +73,7 @@ _ENGINE_HELP = {
                     "the CPU block kernels (the default for .gguf models on one CPU device with the kernels, "
                     "unless the CPU has AMX int8); w8a8: int8 weights with one scale per output row and int8 "
                     "activations with one per token, both rotated by a blockwise Hadamard transform, in AMX int8 "
-                    "tiles (the default for .gguf models on Intel CPUs with AMX); "
+                    "tiles (the default for .gguf models on Intel CPUs with AMX, unless --dtype float32); "
                     "none: dequantize GGUF weights to --dtype; int8: round the layers' projection weights to int8 "
                     "with per-column power-of-two scales for the CPU int8 kernel (one CPU device, bfloat16 "
                     "weights).",

@@ -129,6 +129,9 @@ def test_w8a8_engine_is_batch_invariant_and_close_to_the_dequantized_model(tmp_p
     source, cfg = resolve_model_source(kw["model"]), w8a8.engine.model_config
     with pytest.raises(ValueError, match="w8a8 needs one CPU device with AMX int8 tiles"):
         resolve_block_formats("w8a8", source, False, cfg, "float32")
+    # unset: a GGUF running in bfloat16 takes int8 rows here; --dtype float32 keeps the file's blocks
+    assert set(dict(resolve_block_formats(None, source, True, cfg, "bfloat16")).values()) == {"int8_rows"}
+    assert set(dict(resolve_block_formats(None, source, True, cfg, "float32")).values()) == {"q4"}
     # a module that does not fit int8 rows keeps the file's blocks; a fused part that does not, its group too
     odd = dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size + 8)
     fallback = {"gate_proj": "q4", "up_proj": "q4", "down_proj": "q4"}
