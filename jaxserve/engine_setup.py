@@ -196,9 +196,11 @@ def int8_rows_formats(cfg: ModelConfig, fallback: dict[str, str]) -> tuple[tuple
     """(module, "int8_rows") for every projection and the embedding whose shape fits int8 rows
     (pallas_kernels/int8_rows: outputs a multiple of 16, inputs of 64); the others keep `fallback`'s format
     (a GGUF file's blocks) or stay dense. A fused projection's parts (q/k/v, gate/up) all fit or none does."""
+    from jaxserve.models.llama import FUSED_PROJECTIONS
+
     shapes = _weight_shapes(cfg)
     fits = {module: int8_rows.fits(*shape) for module, shape in shapes.items()}
-    for parts in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+    for parts in FUSED_PROJECTIONS.values():
         if not all(fits[part] for part in parts):
             fits.update(dict.fromkeys(parts, False))
     formats = {module: "int8_rows" if fits[module] else fallback.get(module) for module in shapes}

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
+from jaxserve.models.gguf_reader import module_of
 from jaxserve.models.lazy_tensors import StackedTensors, is_lazy
 from jaxserve.pallas_kernels import block_quant, cpu_kernels, int8_rows
 from jaxserve.pallas_kernels.attention import ragged_paged_attention, write_kv
@@ -603,7 +604,7 @@ def flat_params_from_hf(cfg: ModelConfig, tensors, dtype, block_formats=()) -> d
     packed = {}
 
     def tensor(name):  # int8 rows packed once for all their leaves
-        if name.rsplit(".", 2)[-2] not in int8_modules or name not in tensors:
+        if module_of(name) not in int8_modules or name not in tensors:
             return tensors.get(name)
         if name not in packed:
             packed[name] = int8_rows.pack(np.asarray(tensors[name], np.float32))

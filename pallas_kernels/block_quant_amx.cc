@@ -40,15 +40,8 @@ namespace {
 constexpr int kGroupOutputs = 2 * kTileDim;        // two A tiles of outputs per panel
 constexpr int64_t kChunkValues = kGroupOutputs * kBlock;  // one block of each of the group's outputs (2 KiB)
 
-// Tiles 0-3 hold sums (A0.B0, A1.B0, A0.B1, A1.B1), 4-5 the weights (16 x 64 bytes), 6-7 the activations; all
-// 16 rows.
-
-// Token groups narrower than 16 get narrower B and sum tiles: a tile multiply's time follows its width (one
-// token: half a full tile's). Each sum is the same chain of multiplies at any width, so rows still get the
-// same sums alone or batched (tests/test_block_quant.py).
-JAXSERVE_AMX void load_tile_config(int tokens0, int tokens1) {
-  configure_tiles({tokens0, tokens0, tokens1, tokens1, kTileDim, kTileDim, tokens0, tokens1});
-}
+// Tiles as cpu_amx.h's configure_panel_tiles lays them out. A tile multiply's sums are the same chain of
+// multiplies at any width, so rows get the same sums alone or batched (tests/test_block_quant.py).
 
 // Token group g of x [M, K] float32 rounded to bfloat16 and laid out as B tiles: pairs[b] (b < nb) holds its
 // block b, pair r of token j at [r][j] (a 16 x 16 transpose of the tokens' 32-bit pairs); tokens past M are
@@ -255,8 +248,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Weights& w, float* y, i
     RunningMax best = maxima.of(t);
     uint16_t* panel = thread_scratch<uint16_t, 1>(std::max<int64_t>(nb, 2) * kChunkValues);  // or two chunks
     float* sums = thread_scratch<float, 2>(4 * kPairTile);
-    load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
-                     groups > 2 ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim)));
+    configure_panel_tiles(M);
     for (int64_t p = t * split.per_task; p < std::min(panels, (t + 1) * split.per_task); ++p) {
       const int64_t o0 = gated ? p * kTileDim : p * kGroupOutputs;  // y's first column of the panel
       const int count = gated ? kGroupOutputs : static_cast<int>(std::min<int64_t>(kGroupOutputs, N - o0));

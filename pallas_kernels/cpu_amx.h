@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 // AMX intrinsics came with GCC 11 and Clang 12; with older compilers the library builds without these paths.
@@ -44,6 +45,17 @@ JAXSERVE_AMX inline void configure_tiles(const int (&widths)[8]) {
   // GCC 12 does not see ldtilecfg read the config and dropped the stores above (tiles left unconfigured)
   asm volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
+}
+
+// The projections' tiles for a step of M tokens (block_quant_amx.cc, int8_rows_amx.cc): 0-3 the sums of a
+// panel's two output tiles against two token groups (A0.B0, A1.B0, A0.B1, A1.B1), 4-5 the weights (16 rows of
+// 64 bytes), 6-7 the groups' activations; all 16 rows. Token groups narrower than 16 get narrower B and sum
+// tiles (a tile multiply's time follows its width: one token's is half a full tile's); from three groups on
+// every pair is full width, the last zero-padded.
+JAXSERVE_AMX inline void configure_panel_tiles(int64_t M) {
+  const int tokens0 = static_cast<int>(std::min<int64_t>(kTileDim, M));
+  const int tokens1 = M > 2 * kTileDim ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim));
+  configure_tiles({tokens0, tokens0, tokens1, tokens1, kTileDim, kTileDim, tokens0, tokens1});
 }
 
 // Sum tiles 0..count-1 (count <= 4) zeroed, or stored tile after tile into `sums` (16 x 16 float32 each). Tile

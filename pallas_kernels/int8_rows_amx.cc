@@ -118,10 +118,6 @@ JAXSERVE_AVX512_BF16 void quantize_group(const float* x, int64_t M, int64_t K, i
   }
 }
 
-JAXSERVE_AMX_INT8 void load_tile_config(int tokens0, int tokens1) {
-  configure_tiles({tokens0, tokens0, tokens1, tokens1, kTileDim, kTileDim, tokens0, tokens1});
-}
-
 // A panel's two A tiles (`first`, `second`: 16 outputs each, their rows of 64 values `chunks` tiles long)
 // against one or two token groups' B tiles, over all of K, into int32 sum tiles 0-1 (and 2-3), stored to `sums`.
 // With next_first, the next panel's tile rows are asked for a chunk at a time: a one-group step reads little else.
@@ -204,8 +200,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, const int8_t* w, const float*
   parallel_blocks(pool, split.tasks, [&](int64_t t) {
     RunningMax best = maxima.of(t);
     float* sums = thread_scratch<float, 2>(4 * kPairTile);
-    load_tile_config(static_cast<int>(std::min<int64_t>(kTileDim, M)),
-                     groups > 2 ? kTileDim : static_cast<int>(std::clamp<int64_t>(M - kTileDim, 0, kTileDim)));
+    configure_panel_tiles(M);
     const int64_t last = std::min(panels, (t + 1) * split.per_task);
     for (int64_t p = t * split.per_task; p < last; ++p) {
       int64_t first, second, next_first, next_second;
